@@ -1,0 +1,18 @@
+"""spatialscale: a Dask-distributed engine for spatial isoform statistics.
+
+Ingest an AnnData of isoform counts into an isoform store, then test every
+gene for spatial variability (and, later, differential usage) on a laptop,
+a GPU or a cluster::
+
+    import spatialscale
+    store = spatialscale.ingest("sample.h5ad", "sample.zarr")
+    ds = spatialscale.sv_test(store, method="hsic-ir", null="liu")
+"""
+
+from spatialscale._version import __version__
+from spatialscale.api import sv_test
+from spatialscale.errors import InputError
+from spatialscale.results import open_results
+from spatialscale.store import IsoformStore, ingest, open_store
+
+__all__ = ["__version__", "InputError", "IsoformStore", "ingest", "open_results", "open_store", "sv_test"]

@@ -1,0 +1,166 @@
+"""User-facing tests: store in, xarray Dataset out."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from spatialscale._version import __version__
+from spatialscale.engine import Batch, execution, fingerprint, plan_batches, run_batches
+from spatialscale.errors import InputError
+from spatialscale.results import make_dataset, prepare_output, write_dataset
+from spatialscale.stats.multitest import bh_adjust
+from spatialscale.stats.nulls import NULLS
+from spatialscale.stats.responses import TRANSFORMS, response_width
+from spatialscale.stats.sv import NAN_FILLINGS, SV_METHODS, sv_batch
+from spatialscale.store import IsoformStore, open_store, read_count_columns
+from spatialscale.worker import kernel_operator
+
+__all__ = ["sv_test", "parse_bytes"]
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``"512MB"`` / ``"2GiB"`` / ``1e9`` -> bytes."""
+    if isinstance(value, int | float):
+        return int(value)
+    from dask.utils import parse_bytes as _pb
+
+    return int(_pb(value))
+
+
+def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], batch: Batch) -> dict[str, np.ndarray]:
+    """One Dask task: test the genes of ``batch`` (runs on a worker)."""
+    op, sums = kernel_operator(store_path, token, device)
+    flat = read_count_columns(store_path, batch.col_start, batch.col_stop)
+    counts = flat.reshape(flat.shape[0], batch.n_genes, batch.n_isoforms).transpose(1, 0, 2)
+    return sv_batch(counts, op, sums, **params)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}.")
+
+
+def sv_test(
+    store: IsoformStore | str | os.PathLike,
+    *,
+    method: str = "hsic-ir",
+    null: str = "liu",
+    transformation: str = "none",
+    nan_filling: str = "mean",
+    n_perms: int = 1000,
+    perm_seed: int = 0,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    batch_memory: int | str = "256MB",
+    batch_size: int | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Test every gene of a section for spatial variability (HSIC).
+
+    Parameters
+    ----------
+    store
+        An opened store or its path.
+    method
+        ``hsic-ir`` (isoform ratios), ``hsic-ic`` (isoform counts) or
+        ``hsic-gc`` (gene counts).
+    null
+        ``liu`` (default), ``welch`` or ``perm``.
+    transformation
+        Ratio transformation for ``hsic-ir``: none, clr, ilr, alr, radial.
+    nan_filling
+        ``mean`` or ``none`` for spots where a gene has no counts.
+    n_perms, perm_seed
+        Permutations for ``null="perm"`` (one seeded set shared by all genes).
+    client, scheduler, workers
+        Where to run: a ``distributed.Client``; a scheduler address; or a new
+        LocalCluster with ``workers`` processes.  With none of them, the
+        active Dask client if any, else local threads.
+    device
+        ``cpu``, ``cuda`` or ``auto`` (resolved on each worker).
+    batch_memory
+        Working-memory budget of one task (bytes or ``"256MB"``).
+    batch_size
+        Cap on genes per batch (results do not depend on it).
+    out
+        Results zarr path; batches are recorded as they finish, so an
+        interrupted run resumes.  ``None`` keeps results in memory only.
+    overwrite
+        Replace ``out`` if it holds other results.
+    progress
+        Show a progress bar of batches.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``sv_statistic``, ``sv_pvalue``, ``sv_pvalue_adj``, ``n_isoforms`` and
+        ``n_spots_used`` over ``gene``, with provenance attributes.
+    """
+    _check_choice("method", method, SV_METHODS)
+    _check_choice("null", null, NULLS)
+    _check_choice("transformation", transformation, TRANSFORMS)
+    _check_choice("nan_filling", nan_filling, NAN_FILLINGS)
+    if device not in ("cpu", "cuda", "auto"):
+        raise InputError(f"unknown device {device!r}; choose cpu, cuda or auto.")
+    if null == "perm" and int(n_perms) < 1:
+        raise InputError("n_perms must be >= 1 for null='perm'.")
+    if not isinstance(store, IsoformStore):
+        store = open_store(store)
+    n = store.n_spots
+    params = {"method": method, "transformation": transformation, "nan_filling": nan_filling, "null": null,
+              "n_perms": int(n_perms), "perm_seed": int(perm_seed)}
+    kernel = store.kernel_attrs
+    fp = fingerprint(kind="sv", store=str(store.path.resolve()), kernel=kernel["token"],
+                     genes=list(store.genes.index), **params)
+    attrs = {
+        "test": "spatial_variability", "method": method, "null": null, "transformation": transformation,
+        "nan_filling": nan_filling, "n_spots": n, "n_genes": store.n_genes, "store": str(store.path),
+        "spatialscale_version": __version__, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        **({"n_perms": int(n_perms), "perm_seed": int(perm_seed)} if null == "perm" else {}),
+        **{f"kernel_{k}": v for k, v in kernel.items() if k != "power_sums"},
+        "kernel_power_sums": list(kernel["power_sums"]),
+    }
+    partial = None
+    if out is not None:
+        partial, existing = prepare_output(out, fp, overwrite=overwrite)
+        if existing is not None:
+            return existing
+
+    def bytes_per_gene(p: int) -> float:
+        d = response_width(method, p, transformation)
+        perm = 2 * 32 * d if null == "perm" else 0
+        return 8.0 * n * (p + 5 * d + perm)
+
+    batches = plan_batches(store.genes, n, bytes_per_gene=bytes_per_gene,
+                           memory_bytes=parse_bytes(batch_memory), batch_size=batch_size)
+    task = functools.partial(_sv_task, str(store.path.resolve()), store.kernel_token, device, params)
+    with execution(client, scheduler=scheduler, workers=workers, device=device) as runner:
+        parts = run_batches(task, batches, runner, partial=partial, progress=progress, label=f"sv {method}")
+    data = {k: np.concatenate([r[k] for r in parts]) for k in ("statistic", "pvalue", "n_spots_used")}
+    ds = make_dataset(
+        store.genes.index.to_numpy(),
+        {
+            "sv_statistic": data["statistic"],
+            "sv_pvalue": data["pvalue"],
+            "sv_pvalue_adj": bh_adjust(data["pvalue"]),
+            "n_isoforms": store.genes["n_isoforms"].to_numpy(),
+            "n_spots_used": data["n_spots_used"],
+        },
+        {**attrs, "execution": runner.kind},
+    )
+    if out is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            write_dataset(ds, out, fp)
+    return ds

@@ -1,0 +1,118 @@
+"""Results as xarray Datasets: the variable registry, assembly and zarr I/O."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from spatialscale.engine import PartialStore
+
+__all__ = ["VARIABLES", "make_dataset", "prepare_output", "write_dataset", "open_results"]
+
+#: name -> (dims, description); one registry for every result variable
+VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
+    "sv_statistic": (("gene",), "HSIC spatial-variability statistic tr(Y'HKHY)/(n-1)^2"),
+    "sv_pvalue": (("gene",), "spatial-variability p-value"),
+    "sv_pvalue_adj": (("gene",), "Benjamini-Hochberg adjusted sv_pvalue over genes"),
+    "n_isoforms": (("gene",), "isoforms of the gene kept after filtering"),
+    "n_spots_used": (("gene",), "spots entering the gene's test"),
+}
+
+
+def make_dataset(genes: list[str] | np.ndarray, data: dict[str, np.ndarray], attrs: dict[str, Any]) -> xr.Dataset:
+    """Build a results Dataset from registry variables.
+
+    Parameters
+    ----------
+    genes
+        Gene names (the ``gene`` coordinate).
+    data
+        Variable name -> array; each name must be in :data:`VARIABLES`.
+    attrs
+        Provenance attributes (flat, JSON-serialisable).
+    """
+    variables = {}
+    for name, values in data.items():
+        dims, doc = VARIABLES[name]
+        variables[name] = xr.Variable(dims, np.asarray(values), attrs={"description": doc})
+    ds = xr.Dataset(variables, coords={"gene": np.asarray(genes, dtype=str)})
+    ds.attrs.update(attrs)
+    return ds
+
+
+def _attrs_of(path: Path) -> dict:
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def prepare_output(out: str | os.PathLike, fp: str, *, overwrite: bool = False) -> tuple[PartialStore | None, xr.Dataset | None]:
+    """Get ``out`` ready for a run with fingerprint ``fp``.
+
+    Returns
+    -------
+    partial, existing
+        ``existing`` is the finished Dataset when ``out`` already holds the
+        results of the same run (nothing to compute); otherwise ``partial``
+        records batches (resuming those already done).
+
+    Raises
+    ------
+    FileExistsError
+        When ``out`` holds something else and ``overwrite`` is false.
+    """
+    import zarr
+
+    out = Path(out)
+    if out.exists():
+        attrs = _attrs_of(out)
+        same = attrs.get("fingerprint") == fp
+        if attrs.get("spatialscale_results") and same and not overwrite:
+            return None, open_results(out)
+        if attrs.get("spatialscale_partial") and same and not overwrite:
+            return PartialStore(out, fp), None
+        if not overwrite:
+            what = "results of a run with other options" if attrs.get("fingerprint") else "something else"
+            raise FileExistsError(f"{out} already holds {what}; pass overwrite=True (--overwrite) or another path.")
+        shutil.rmtree(out)
+    g = zarr.open_group(str(out), mode="w", zarr_format=3)
+    g.attrs.update({"spatialscale_partial": True, "fingerprint": fp})
+    return PartialStore(out, fp), None
+
+
+def write_dataset(ds: xr.Dataset, out: str | os.PathLike, fp: str) -> None:
+    """Write final results to ``out`` atomically (temporary sibling, then swap).
+
+    If writing fails (e.g. a full disk), ``out`` keeps its finished batches,
+    so a re-run resumes rather than recomputes.
+    """
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.final-{uuid.uuid4().hex[:8]}")
+    ds = ds.copy()
+    ds.attrs.update({"spatialscale_results": True, "fingerprint": fp})
+    try:
+        ds.to_zarr(tmp, mode="w-", consolidated=True, zarr_format=3)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OSError(
+                f"could not write results to {out} ({exc}); finished batches are kept in {out}/_batches "
+                "and re-running the same command resumes from them."
+            ) from exc
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def open_results(path: str | os.PathLike) -> xr.Dataset:
+    """Open a results store (loaded into memory; results are small)."""
+    return xr.open_zarr(str(path), consolidated=None).load()

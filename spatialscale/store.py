@@ -1,0 +1,545 @@
+"""The isoform store: AnnData in, a column-chunked zarr v3 group out.
+
+An isoform store is an AnnData zarr (``anndata.read_zarr`` opens it) laid out
+for gene batches:
+
+- ``layers/counts``: dense integer counts, ``(n_spots, n_isoforms)``, chunked
+  by isoform columns only, with genes sorted by (number of isoforms, name),
+  so every batch of genes with equal isoform count is one contiguous column
+  range;
+- ``var``: the kept isoforms in that order (``gene``, ``n_isoforms``);
+- ``obs``: the kept spots and their covariates; ``obsm/spatial``;
+- ``obsp/spatialscale_precision`` and ``obsp/spatialscale_adjacency``: the
+  spatial kernel (see :mod:`spatialscale.kernel`); its power sums, token and
+  parameters live in ``uns/spatialscale``.
+
+Ingest validates everything first, writes to a temporary sibling and renames
+it into place only when complete, so a failed ingest never leaves anything
+that looks like a store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse
+import scipy.sparse.csgraph
+
+from spatialscale._version import __version__
+from spatialscale.errors import InputError
+from spatialscale.kernel import KernelParams, SpatialKernel, build_kernel, knn_adjacency, symmetrise_adjacency
+
+__all__ = ["ingest", "open_store", "IsoformStore", "STORE_FORMAT"]
+
+STORE_FORMAT = 1
+PRECISION_KEY = "spatialscale_precision"
+ADJACENCY_KEY = "spatialscale_adjacency"
+
+
+# --------------------------------------------------------------------------- sources
+class _Source:
+    """Lazy view of an AnnData's counts layer, coordinates and annotations."""
+
+    def __init__(self, source: Any, layer: str) -> None:
+        import anndata as ad
+
+        self._file = None
+        self.label = str(source) if not isinstance(source, ad.AnnData) else "<AnnData>"
+        if isinstance(source, ad.AnnData):
+            self._init_anndata(source, layer)
+            return
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"input {path} does not exist.")
+        if path.suffix == ".h5ad" or path.is_file():
+            import h5py
+
+            self._file = h5py.File(path, "r")
+            root = self._file
+        else:
+            import zarr
+
+            try:
+                root = zarr.open_group(str(path), mode="r")
+            except Exception as exc:  # noqa: BLE001 - zarr raises many kinds
+                raise InputError(f"{path} is neither an .h5ad file nor an AnnData zarr store ({exc}).") from exc
+        self._init_group(root, layer)
+
+    # -- in-memory AnnData
+    def _init_anndata(self, adata: Any, layer: str) -> None:
+        self.n_obs = adata.n_obs
+        self.obs = adata.obs.copy()
+        self.var = adata.var.copy()
+        if layer not in adata.layers:
+            raise InputError(f"layer {layer!r} not found in adata.layers (available: {sorted(adata.layers)}).")
+        x = adata.layers[layer]
+        self._matrix = x.tocsc() if scipy.sparse.issparse(x) else np.asarray(x)
+        self.obsm = {k: np.asarray(v) for k, v in adata.obsm.items() if not isinstance(v, pd.DataFrame)}
+        self.obsp = dict(adata.obsp.items())
+        self._shape = tuple(self._matrix.shape)
+
+    # -- on-disk h5ad / zarr
+    def _init_group(self, root: Any, layer: str) -> None:
+        from anndata.io import read_elem, sparse_dataset
+
+        for key in ("obs", "var"):
+            if key not in root:
+                raise InputError(f"{self.label} has no {key!r}: not an AnnData file.")
+        self.obs = read_elem(root["obs"])
+        self.var = read_elem(root["var"])
+        self.n_obs = len(self.obs)
+        layers = root["layers"] if "layers" in root else {}
+        if layer not in layers:
+            raise InputError(f"layer {layer!r} not found in layers of {self.label} (available: {sorted(layers)}).")
+        elem = layers[layer]
+        enc = dict(elem.attrs).get("encoding-type", "array")
+        if enc in ("csr_matrix", "csc_matrix"):
+            ds = sparse_dataset(elem)
+            self._matrix = ds.to_memory().tocsc() if enc == "csc_matrix" or _small(ds) else ds
+        else:
+            self._matrix = elem
+        self._shape = tuple(self._matrix.shape)
+        self.obsm = {}
+        if "obsm" in root:
+            for k in root["obsm"]:
+                with contextlib.suppress(Exception):
+                    v = read_elem(root["obsm"][k])
+                    if not isinstance(v, pd.DataFrame):
+                        self.obsm[k] = np.asarray(v)
+        self.obsp = {}
+        if "obsp" in root:
+            for k in root["obsp"]:
+                self.obsp[k] = read_elem(root["obsp"][k])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape  # type: ignore[return-value]
+
+    def read_columns(self, cols: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Dense float64 ``(n_rows, len(cols))`` block of the counts layer."""
+        cols = np.asarray(cols, dtype=np.int64)
+        order = np.argsort(cols, kind="stable")
+        sorted_cols = cols[order]
+        m = self._matrix
+        if isinstance(m, np.ndarray) or scipy.sparse.issparse(m):
+            block = m[:, sorted_cols]
+        elif hasattr(m, "format") and getattr(m, "format", None) == "csr":
+            block = self._scan_csr(m, sorted_cols)
+        else:  # dense on-disk dataset / zarr array: sorted fancy index on columns
+            block = m[:, sorted_cols] if len(sorted_cols) else np.zeros((self.n_obs, 0))
+        block = block.toarray() if scipy.sparse.issparse(block) else np.asarray(block)
+        out = np.empty_like(block, dtype=np.float64)
+        out[:, order] = block
+        return out if rows is None else out[rows]
+
+    def _scan_csr(self, ds: Any, cols: np.ndarray, row_block: int = 200_000) -> scipy.sparse.csr_matrix:
+        parts = [ds[s : min(s + row_block, self.n_obs)][:, cols] for s in range(0, self.n_obs, row_block)]
+        return scipy.sparse.vstack(parts).tocsr()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _small(ds: Any, limit: int = 2 << 30) -> bool:
+    """Whether a backed sparse matrix is small enough to load whole."""
+    nnz = ds.group["data"].shape[0] if hasattr(ds, "group") else 0
+    return nnz * 16 < limit
+
+
+# --------------------------------------------------------------------------- validation
+def _validate_coords(coords: np.ndarray, obs_names: pd.Index, spatial_key: str) -> np.ndarray:
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[0] != len(obs_names) or coords.shape[1] < 1:
+        raise InputError(
+            f"obsm[{spatial_key!r}] has shape {coords.shape}; expected ({len(obs_names)}, 2) (one row per spot)."
+        )
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        raise InputError(
+            f"obsm[{spatial_key!r}] has {int(bad.sum())} spot(s) with NaN or infinite coordinates "
+            f"(first: {obs_names[np.flatnonzero(bad)[0]]!r}); remove or fix them before ingest."
+        )
+    dup = pd.DataFrame(coords).duplicated(keep=False).to_numpy()
+    if dup.any():
+        first = np.flatnonzero(dup)[:2]
+        raise InputError(
+            f"obsm[{spatial_key!r}] has {int(dup.sum())} spots sharing coordinates with another spot "
+            f"(e.g. {obs_names[first[0]]!r} and {obs_names[first[-1]]!r} at {tuple(coords[first[0]])}); "
+            "duplicate coordinates make the neighbour graph ambiguous. Merge or drop duplicated spots."
+        )
+    return coords
+
+
+def _check_counts(block: np.ndarray, names: pd.Index, layer: str) -> None:
+    """Raise if a counts block has non-finite, negative or non-integer values."""
+    if not np.isfinite(block).all():
+        j = int(np.flatnonzero(~np.isfinite(block).all(axis=0))[0])
+        raise InputError(f"layers[{layer!r}] has NaN or infinite counts (isoform {names[j]!r}).")
+    neg = (block < 0).any(axis=0)
+    if neg.any():
+        raise InputError(f"layers[{layer!r}] has negative counts (isoform {names[int(np.flatnonzero(neg)[0])]!r}).")
+    frac = (block != np.round(block)).any(axis=0)
+    if frac.any():
+        raise InputError(
+            f"layers[{layer!r}] has non-integer counts (isoform {names[int(np.flatnonzero(frac)[0])]!r}); "
+            "the tests model integer counts: round estimated counts or pass the raw count layer."
+        )
+
+
+def _column_blocks(n_cols: int, n_rows: int, block_bytes: int) -> Iterator[slice]:
+    width = max(1, int(block_bytes // max(8 * n_rows, 1)))
+    for s in range(0, n_cols, width):
+        yield slice(s, min(s + width, n_cols))
+
+
+# --------------------------------------------------------------------------- ingest
+def ingest(
+    source: Any,
+    store_path: str | os.PathLike,
+    *,
+    layer: str = "counts",
+    gene_key: str = "gene_symbol",
+    spatial_key: str = "spatial",
+    adj_key: str | None = None,
+    min_counts: float = 10,
+    min_bin_pct: float = 0.0,
+    filter_single_iso_genes: bool = True,
+    min_component_size: int = 1,
+    k_neighbors: int = 4,
+    rho: float = 0.99,
+    standardize_cov: bool = True,
+    block_bytes: int = 256 << 20,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> IsoformStore:
+    """Ingest an AnnData of isoform counts into an isoform store.
+
+    Parameters
+    ----------
+    source
+        An ``AnnData``, or the path of an ``.h5ad`` file or AnnData ``.zarr``.
+        On-disk inputs are read in column blocks of at most ``block_bytes``.
+    store_path
+        Where to write the store (a directory).
+    layer
+        Layer holding isoform counts (spots x isoforms).
+    gene_key
+        ``var`` column naming each isoform's gene.
+    spatial_key
+        ``obsm`` key of the spot coordinates.
+    adj_key
+        ``obsp`` key of a user adjacency to use instead of the kNN graph.
+    min_counts, min_bin_pct
+        Keep an isoform with total count >= ``min_counts`` and a fraction of
+        spots with counts >= ``min_bin_pct`` (values > 1 are percentages).
+    filter_single_iso_genes
+        Drop genes left with fewer than two isoforms.
+    min_component_size
+        Drop spots in graph components smaller than this.
+    k_neighbors, rho, standardize_cov
+        Spatial kernel parameters (see :class:`spatialscale.kernel.KernelParams`).
+    block_bytes
+        Memory budget of one column block while ingesting.
+    overwrite
+        Replace an existing store at ``store_path``.
+    progress
+        Show a progress bar over column blocks.
+
+    Returns
+    -------
+    IsoformStore
+        The opened store.
+
+    Raises
+    ------
+    InputError
+        On missing keys, bad coordinates or counts, or nothing left after
+        filtering; nothing is written in that case.
+    """
+    store_path = Path(store_path)
+    if store_path.exists() and not overwrite:
+        raise FileExistsError(f"{store_path} already exists; pass overwrite=True (--overwrite) to replace it.")
+    params = KernelParams(k_neighbors=k_neighbors, rho=rho, standardize_cov=standardize_cov)
+    src = _Source(source, layer)
+    try:
+        return _ingest(src, store_path, params, layer=layer, gene_key=gene_key, spatial_key=spatial_key,
+                       adj_key=adj_key, min_counts=min_counts, min_bin_pct=min_bin_pct,
+                       filter_single_iso_genes=filter_single_iso_genes,
+                       min_component_size=min_component_size, block_bytes=block_bytes, progress=progress)
+    finally:
+        src.close()
+
+
+def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str, gene_key: str,
+            spatial_key: str, adj_key: str | None, min_counts: float, min_bin_pct: float,
+            filter_single_iso_genes: bool, min_component_size: int, block_bytes: int,
+            progress: bool) -> IsoformStore:
+    from tqdm.auto import tqdm
+
+    n_obs, n_var = src.shape
+    if n_obs != len(src.obs) or n_var != len(src.var):
+        raise InputError(
+            f"layers[{layer!r}] has shape {src.shape} but the AnnData has {len(src.obs)} spots x {len(src.var)} isoforms."
+        )
+    if gene_key not in src.var.columns:
+        raise InputError(f"var has no column {gene_key!r} naming each isoform's gene (columns: {list(src.var.columns)}).")
+    if src.var[gene_key].isna().any():
+        raise InputError(f"var[{gene_key!r}] has missing gene names.")
+    adjacency = None
+    if adj_key is not None:
+        if adj_key not in src.obsp:
+            raise InputError(f"obsp has no adjacency {adj_key!r} (available: {sorted(src.obsp)}).")
+        adjacency = symmetrise_adjacency(src.obsp[adj_key])
+        if adjacency.shape[0] != n_obs:
+            raise InputError(f"obsp[{adj_key!r}] has shape {adjacency.shape}; expected ({n_obs}, {n_obs}).")
+    coords = None
+    if spatial_key in src.obsm:
+        coords = _validate_coords(src.obsm[spatial_key], src.obs.index, spatial_key)
+    elif adjacency is None:
+        raise InputError(f"obsm has no coordinates {spatial_key!r} (available: {sorted(src.obsm)}).")
+
+    # spots: drop small graph components
+    keep_spots = np.ones(n_obs, dtype=bool)
+    if min_component_size > 1:
+        graph = adjacency if adjacency is not None else knn_adjacency(coords, params.k_neighbors)
+        _, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
+        keep_spots = np.bincount(labels)[labels] >= min_component_size
+        if not keep_spots.any():
+            raise InputError(f"no spots left after removing graph components smaller than {min_component_size}.")
+        if not keep_spots.all():
+            warnings.warn(f"removed {int((~keep_spots).sum())} spot(s) in graph components smaller than "
+                          f"{min_component_size}; {int(keep_spots.sum())} remain.", UserWarning, stacklevel=3)
+    rows = None if keep_spots.all() else np.flatnonzero(keep_spots)
+    n_spots = int(keep_spots.sum())
+
+    # isoforms: validate counts and compute filter statistics, block by block
+    names = src.var.index.astype(str)
+    totals = np.zeros(n_var)
+    nonzero = np.zeros(n_var)
+    all_cols = np.arange(n_var)
+    for sl in tqdm(list(_column_blocks(n_var, n_obs, block_bytes)), desc="ingest: check", disable=not progress):
+        block = src.read_columns(all_cols[sl], rows)
+        _check_counts(block, names[sl], layer)
+        totals[sl] = block.sum(axis=0)
+        nonzero[sl] = (block > 0).sum(axis=0)
+    min_frac = float(min_bin_pct) / 100.0 if min_bin_pct > 1 else float(min_bin_pct)
+    keep_iso = (totals >= min_counts) & (nonzero / max(n_spots, 1) >= min_frac)
+    var = pd.DataFrame({"gene": src.var[gene_key].astype(str).to_numpy(), "source_index": all_cols,
+                        "total_counts": totals}, index=names)
+    var = var[keep_iso]
+    gene_totals = var.groupby("gene", sort=False)["total_counts"].sum()
+    empty = gene_totals.index[gene_totals <= 0]
+    if len(empty):
+        warnings.warn(f"dropping {len(empty)} gene(s) with no counts at all (e.g. {list(empty[:3])}).",
+                      UserWarning, stacklevel=3)
+        var = var[~var["gene"].isin(empty)]
+    n_iso = var.groupby("gene", sort=False)["gene"].transform("size")
+    if filter_single_iso_genes:
+        var = var[n_iso.loc[var.index] >= 2]
+    if var.empty:
+        raise InputError(
+            f"no genes left after filtering (min_counts={min_counts}, min_bin_pct={min_bin_pct}, "
+            f"filter_single_iso_genes={filter_single_iso_genes}); lower the thresholds or check the counts layer."
+        )
+    var = var.assign(n_isoforms=var.groupby("gene", sort=False)["gene"].transform("size").astype(np.int64),
+                     first_seen=np.arange(len(var)))
+    var = var.sort_values(["n_isoforms", "gene", "first_seen"], kind="stable").drop(columns="first_seen")
+
+    # kernel on the kept spots
+    if adjacency is not None:
+        kernel = build_kernel(adjacency=adjacency[keep_spots][:, keep_spots], params=params)
+    else:
+        kernel = build_kernel(coords[keep_spots], params=params)
+
+    tmp = store_path.with_name(f".{store_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        _write_store(tmp, src, var, keep_spots, rows, coords, kernel, layer=layer, block_bytes=block_bytes,
+                     progress=progress, meta={
+                         "format": STORE_FORMAT, "spatialscale_version": __version__, "source": src.label,
+                         "layer": layer, "gene_key": gene_key, "spatial_key": spatial_key,
+                         "adj_key": adj_key or "", "min_counts": float(min_counts),
+                         "min_bin_pct": float(min_bin_pct), "filter_single_iso_genes": bool(filter_single_iso_genes),
+                         "min_component_size": int(min_component_size), "n_spots_input": int(n_obs),
+                     })
+        if store_path.exists():
+            shutil.rmtree(store_path)
+        os.replace(tmp, store_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return open_store(store_path)
+
+
+def _write_store(path: Path, src: _Source, var: pd.DataFrame, keep_spots: np.ndarray, rows: np.ndarray | None,
+                 coords: np.ndarray | None, kernel: SpatialKernel, *, layer: str, block_bytes: int,
+                 progress: bool, meta: dict) -> None:
+    import anndata as ad
+    import zarr
+    from tqdm.auto import tqdm
+
+    n_spots = int(keep_spots.sum())
+    obs = src.obs.iloc[np.flatnonzero(keep_spots)].copy()
+    obs.index = obs.index.astype(str)
+    out_var = var[["gene", "n_isoforms", "total_counts"]].copy()
+    out_var["source_name"] = var.index
+    meta = {**meta, "n_spots": n_spots, "n_isoforms": len(var), "n_genes": int(var["gene"].nunique()),
+            "kernel": kernel.attrs(), "complete": False}
+    skeleton = ad.AnnData(obs=obs, var=out_var,
+                          obsp={PRECISION_KEY: kernel.precision, ADJACENCY_KEY: kernel.adjacency},
+                          uns={"spatialscale": meta})
+    if coords is not None:
+        skeleton.obsm["spatial"] = coords[keep_spots]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with ad.settings.override(zarr_write_format=3):
+            skeleton.write_zarr(path)
+        root = zarr.open_group(str(path), mode="a")
+        max_total = float(var["total_counts"].max()) if len(var) else 0.0
+        dtype = "int32" if max_total < 2**31 else "int64"
+        chunk_cols = max(1, min(len(var), (16 << 20) // max(4 * n_spots, 1)))
+        arr = root.create_array("layers/counts", shape=(n_spots, len(var)), chunks=(n_spots, chunk_cols),
+                                dtype=dtype, fill_value=0)
+        arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        src_idx = var["source_index"].to_numpy()
+        step = max(chunk_cols, (block_bytes // max(8 * n_spots, 1)) // chunk_cols * chunk_cols)
+        for s in tqdm(range(0, len(var), step), desc="ingest: write", disable=not progress):
+            e = min(s + step, len(var))
+            arr[:, s:e] = src.read_columns(src_idx[s:e], rows).astype(dtype)
+        root.attrs["spatialscale"] = {"complete": True, "format": STORE_FORMAT}
+        zarr.consolidate_metadata(str(path))
+
+
+# --------------------------------------------------------------------------- open
+@dataclass
+class IsoformStore:
+    """An opened isoform store (cheap: reads only metadata and gene tables).
+
+    Attributes
+    ----------
+    path
+        Location of the store.
+    genes
+        One row per gene in store order: ``n_isoforms``, ``start``, ``stop``
+        (its isoform column range).
+    isoforms
+        The ``var`` table.
+    meta
+        ``uns/spatialscale``: ingest parameters and kernel description.
+    """
+
+    path: Path
+    genes: pd.DataFrame
+    isoforms: pd.DataFrame
+    meta: dict
+
+    @property
+    def n_spots(self) -> int:
+        return int(self.meta["n_spots"])
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def kernel_attrs(self) -> dict:
+        return dict(self.meta["kernel"])
+
+    @property
+    def kernel_token(self) -> str:
+        return str(self.meta["kernel"]["token"])
+
+    def __repr__(self) -> str:
+        return (f"IsoformStore({str(self.path)!r}, n_spots={self.n_spots}, n_genes={self.n_genes}, "
+                f"n_isoforms={len(self.isoforms)})")
+
+    def _group(self) -> Any:
+        import zarr
+
+        return zarr.open_group(str(self.path), mode="r")
+
+    def read_counts(self, start: int, stop: int) -> np.ndarray:
+        """Counts of isoform columns ``start:stop`` as float64 ``(n_spots, m)``."""
+        return np.asarray(self._group()["layers/counts"][:, start:stop], dtype=np.float64)
+
+    def gene_counts(self, gene: str) -> np.ndarray:
+        """Counts ``(n_spots, p)`` of one gene."""
+        row = self.genes.loc[gene]
+        return self.read_counts(int(row["start"]), int(row["stop"]))
+
+    def coords(self) -> np.ndarray | None:
+        """Spot coordinates, if the store has them."""
+        g = self._group()
+        return np.asarray(g["obsm/spatial"][:]) if "obsm" in g and "spatial" in g["obsm"] else None
+
+    def obs(self) -> pd.DataFrame:
+        """Spot annotations (covariates)."""
+        from anndata.io import read_elem
+
+        return read_elem(self._group()["obs"])
+
+    def precision(self) -> scipy.sparse.csr_matrix:
+        """The standardised CAR precision of the section."""
+        from anndata.io import read_elem
+
+        return scipy.sparse.csr_matrix(read_elem(self._group()[f"obsp/{PRECISION_KEY}"]))
+
+
+def open_store(path: str | os.PathLike) -> IsoformStore:
+    """Open an isoform store written by :func:`ingest`.
+
+    Raises
+    ------
+    InputError
+        If ``path`` is not a complete isoform store.
+    """
+    import zarr
+    from anndata.io import read_elem
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no isoform store at {path}; create one with `spatialscale ingest`.")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        ok = bool(dict(root.attrs).get("spatialscale", {}).get("complete", False))
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{path} is not an isoform store ({exc}).") from exc
+    if not ok:
+        raise InputError(f"{path} is not a complete isoform store (was its ingest interrupted?). Re-run ingest.")
+    meta = read_elem(root["uns/spatialscale"])
+    var = read_elem(root["var"])
+    gene = var["gene"].astype(str).to_numpy()
+    change = np.flatnonzero(np.r_[True, gene[1:] != gene[:-1]])
+    stops = np.r_[change[1:], len(gene)]
+    genes = pd.DataFrame({"n_isoforms": stops - change, "start": change, "stop": stops},
+                         index=pd.Index(gene[change], name="gene"))
+    return IsoformStore(path=path, genes=genes, isoforms=var, meta=_plain(meta))
+
+
+def _plain(x: Any) -> Any:
+    """numpy scalars/arrays in nested metadata -> Python types."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def read_count_columns(store_path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
+    """Counts of isoform columns ``start:stop`` without opening the whole store."""
+    import zarr
+
+    arr = zarr.open_array(str(Path(store_path) / "layers" / "counts"), mode="r")
+    return np.asarray(arr[:, start:stop], dtype=np.float64)

@@ -1,0 +1,80 @@
+"""What runs inside a worker process: device choice and the kernel cache.
+
+The task graph carries only a store path and the kernel's content token;
+each worker process loads the kernel once, factorises it for its device and
+keeps it in a small cache keyed by ``(path, token, device)``.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+__all__ = ["resolve_device", "kernel_operator", "DENSE_GPU_MAX_SPOTS"]
+
+#: largest section whose dense centred kernel is put on a GPU
+DENSE_GPU_MAX_SPOTS = 40_000
+_lock = threading.Lock()
+
+
+def resolve_device(device: str) -> str:
+    """Map ``cpu`` / ``cuda`` / ``auto`` to a torch device string on this worker.
+
+    Inside a dask-cuda worker, ``CUDA_VISIBLE_DEVICES`` already pins one GPU,
+    which torch sees as ``cuda:0``.
+    """
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"Unknown device {device!r}; choose cpu, cuda or auto.")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda:0"
+    if device == "cuda":
+        raise RuntimeError("device='cuda' was requested but this worker sees no CUDA device.")
+    return "cpu"
+
+
+def kernel_operator(store_path: str, token: str, device: str = "cpu") -> tuple[Any, np.ndarray]:
+    """The section's kernel operator and power sums, cached per process.
+
+    Parameters
+    ----------
+    store_path
+        Isoform store path (readable by this worker).
+    token
+        The kernel's content token; a changed kernel gets a new cache entry.
+    device
+        ``cpu``, ``cuda`` or ``auto``.
+    """
+    dev = resolve_device(device)
+    with _lock:
+        return _load(str(store_path), token, dev)
+
+
+@lru_cache(maxsize=4)
+def _load(store_path: str, token: str, device: str) -> tuple[Any, np.ndarray]:
+    from spatialscale.kernel import DenseKernelOperator, SparseCAROperator
+    from spatialscale.store import open_store
+
+    store = open_store(store_path)
+    if store.kernel_token != token:
+        raise RuntimeError(
+            f"the kernel in {store_path} changed during the run (token {store.kernel_token} != {token}); restart it."
+        )
+    sums = np.asarray(store.kernel_attrs["power_sums"], dtype=np.float64)
+    precision = store.precision()
+    if device.startswith("cuda"):
+        if precision.shape[0] <= DENSE_GPU_MAX_SPOTS:
+            return DenseKernelOperator(precision, device=device), sums
+        warnings.warn(
+            f"{precision.shape[0]} spots is too many for a dense GPU kernel; using CPU sparse solves.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return SparseCAROperator(precision), sums
