@@ -166,7 +166,9 @@ def knn_adjacency(coords: np.ndarray, k_neighbors: int = 4) -> scipy.sparse.csr_
     """
     from sklearn.neighbors import NearestNeighbors
 
-    coords = np.asarray(coords, dtype=np.float64)
+    # Neighbours are searched on float32-rounded coordinates: on lattices many
+    # neighbours tie, and the rounding decides which win, exactly as in SPLISOSM.
+    coords = np.asarray(coords, dtype=np.float32).astype(np.float64)
     n = coords.shape[0]
     n_nb = min(int(k_neighbors) + 1, n)
     nn = NearestNeighbors(n_neighbors=n_nb, algorithm="auto", metric="euclidean")

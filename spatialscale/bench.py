@@ -1,0 +1,90 @@
+"""``spatialscale bench``: SPLISOSM 1.2.0 and spatialscale on the same data, in one run."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["run_bench", "compare"]
+
+
+def compare(ref: pd.DataFrame, ours: pd.DataFrame) -> dict[str, float]:
+    """Agreement of two per-gene tables with ``statistic`` and ``pvalue``."""
+    from scipy.stats import spearmanr
+
+    j = ref.join(ours, lsuffix="_ref", how="inner")
+    rel = np.abs(j["pvalue"] - j["pvalue_ref"]) / np.maximum(j["pvalue_ref"], 1e-12)
+    k = min(20, len(j))
+    top_ref = set(j.nsmallest(k, "pvalue_ref").index)
+    top = set(j.nsmallest(k, "pvalue").index)
+    return {
+        "genes": float(len(j)),
+        "p_max_rel_diff": float(rel.max()),
+        "p_spearman": float(spearmanr(j["pvalue_ref"], j["pvalue"]).statistic),
+        "stat_spearman": float(spearmanr(j["statistic_ref"], j["statistic"]).statistic),
+        "top20_overlap": len(top_ref & top) / max(k, 1),
+    }
+
+
+def _splisosm(adata, method: str, null: str) -> tuple[pd.DataFrame, float]:
+    from splisosm import SplisosmNP
+
+    t = time.perf_counter()
+    model = SplisosmNP()
+    model.setup_data(adata, layer="counts", group_iso_by="gene_symbol")
+    res = model.test_spatial_variability(method=method, null_method=null, print_progress=False,
+                                         return_results=True)
+    wall = time.perf_counter() - t
+    names = [str(g) for g in model.gene_names]
+    return pd.DataFrame({"statistic": res["statistic"], "pvalue": res["pvalue"]}, index=names), wall
+
+
+def _spatialscale(adata, client, method: str, null: str, tmp: Path) -> tuple[pd.DataFrame, float]:
+    from spatialscale.api import sv_test
+    from spatialscale.store import ingest
+
+    t = time.perf_counter()
+    store = ingest(adata, tmp / "bench.zarr", overwrite=True)
+    ds = sv_test(store, method=method, null=null, client=client, progress=False)
+    wall = time.perf_counter() - t
+    return pd.DataFrame({"statistic": ds["sv_statistic"].values, "pvalue": ds["sv_pvalue"].values},
+                        index=ds["gene"].values), wall
+
+
+def run_bench(spots: list[int], genes: list[int], *, method: str = "hsic-ir", null: str = "liu",
+              workers: int = 2, seed: int = 0) -> pd.DataFrame:
+    """Time SplisosmNP (setup_data + test_spatial_variability) against spatialscale
+    (ingest + sv_test, kernel build included) on the same simulated AnnData.
+
+    The LocalCluster is started before timing (it is started once per
+    session in practice); its start-up time is printed separately.
+    """
+    from distributed import Client, LocalCluster
+
+    from spatialscale.simulate import simulate_section
+
+    warnings.filterwarnings("ignore")
+    rows = []
+    t = time.perf_counter()
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client, tempfile.TemporaryDirectory() as tmpdir:
+        print(f"LocalCluster with {workers} workers started in {time.perf_counter() - t:.1f}s (not timed below)")
+        for n in spots:
+            for g in genes:
+                adata = simulate_section(n, g, n_sv=max(1, g // 5), seed=seed)
+                ref, t_ref = _splisosm(adata, method, null)
+                ours, t_ours = _spatialscale(adata, client, method, null, Path(tmpdir))
+                row = {"spots": n, "genes": g, "splisosm_s": t_ref, "spatialscale_s": t_ours,
+                       "speedup": t_ref / t_ours, **compare(ref, ours)}
+                rows.append(row)
+                print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    table = pd.DataFrame(rows)
+    print(f"\n{method} / {null}: SPLISOSM 1.2.0 SplisosmNP (setup_data + test_spatial_variability) vs "
+          f"spatialscale (ingest + sv_test on {workers} workers)")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return table

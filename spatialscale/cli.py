@@ -1,0 +1,148 @@
+"""Command line: ``spatialscale ingest | sv | demo | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _add_execution(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("execution")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="address of an existing Dask scheduler")
+    where.add_argument("--workers", type=int, metavar="N", help="start a LocalCluster with N worker processes")
+    g.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="torch device of the workers (cuda with --workers starts dask-cuda GPU workers)")
+    g.add_argument("--batch-memory", default="256MB", help="working memory of one batch task (default 256MB)")
+    g.add_argument("--batch-size", type=int, default=None, help="cap on genes per batch")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from spatialscale._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="spatialscale",
+        description="Spatial isoform statistics (SPLISOSM's HSIC tests) at scale on Dask.",
+    )
+    parser.add_argument("--version", action="version", version=f"spatialscale {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="AnnData (.h5ad or .zarr) -> isoform store",
+                       description="Ingest isoform counts from an AnnData into an isoform store (zarr).")
+    p.add_argument("input", help="AnnData .h5ad file or .zarr store")
+    p.add_argument("store", help="isoform store to create (directory)")
+    p.add_argument("--layer", default="counts", help="layer with isoform counts (default counts)")
+    p.add_argument("--gene-key", default="gene_symbol", help="var column naming each isoform's gene")
+    p.add_argument("--spatial-key", default="spatial", help="obsm key of spot coordinates")
+    p.add_argument("--adj-key", default=None, help="obsp key of a user adjacency (instead of the kNN graph)")
+    p.add_argument("--min-counts", type=float, default=10, help="min total count of a kept isoform (10)")
+    p.add_argument("--min-bin-pct", type=float, default=0.0, help="min fraction (or %% if > 1) of spots with counts")
+    p.add_argument("--keep-single-isoform-genes", action="store_true", help="keep genes with one isoform")
+    p.add_argument("--min-component-size", type=int, default=1, help="drop spots in smaller graph components")
+    p.add_argument("--k-neighbors", type=int, default=4, help="neighbours of the kNN graph (4)")
+    p.add_argument("--rho", type=float, default=0.99, help="CAR autocorrelation, 0 <= rho < 1 (0.99)")
+    p.add_argument("--no-standardize-cov", action="store_true", help="keep the CAR covariance unstandardised")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    p = sub.add_parser("sv", help="spatial-variability tests of every gene",
+                       description="Test every gene of an isoform store for spatial variability.")
+    p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
+    p.add_argument("--out", required=True, help="results zarr (resumes if interrupted)")
+    p.add_argument("--method", default="hsic-ir", help="hsic-ir | hsic-ic | hsic-gc (default hsic-ir)")
+    p.add_argument("--null", default="liu", help="liu | welch | perm (default liu)")
+    p.add_argument("--transformation", default="none", help="hsic-ir ratios: none | clr | ilr | alr | radial")
+    p.add_argument("--nan-filling", default="mean", help="mean | none (spots where a gene has no counts)")
+    p.add_argument("--n-perms", type=int, default=1000, help="permutations for --null perm (1000)")
+    p.add_argument("--perm-seed", type=int, default=0, help="seed of the permutations (0)")
+    p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
+    p.add_argument("--top", type=int, default=10, help="print the N most significant genes (10)")
+    _add_execution(p)
+
+    p = sub.add_parser("demo", help="simulate a section, ingest it and run hsic-ir on a LocalCluster",
+                       description="End-to-end demo on simulated data with known spatially variable genes.")
+    p.add_argument("--spots", type=int, default=2500, help="spots (default 2500)")
+    p.add_argument("--genes", type=int, default=400, help="genes (default 400)")
+    p.add_argument("--sv-genes", type=int, default=60, help="truly spatially variable genes (60)")
+    p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (2)")
+    p.add_argument("--out-dir", default="demo-output", help="where the store and results go")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("bench", help="time spatialscale against SPLISOSM on the same simulated data",
+                       description="Run SPLISOSM 1.2.0 and spatialscale on the same data in one run.")
+    p.add_argument("--spots", type=int, nargs="+", default=[10_000], help="section sizes (10000)")
+    p.add_argument("--genes", type=int, nargs="+", default=[300], help="gene counts (300)")
+    p.add_argument("--method", default="hsic-ir", help="SV method (hsic-ir)")
+    p.add_argument("--null", default="liu", help="null (liu)")
+    p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for spatialscale (2)")
+    p.add_argument("--test", default="sv", choices=("sv",), help="which test to time")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "ingest":
+        from spatialscale.store import ingest
+
+        store = ingest(
+            args.input, args.store, layer=args.layer, gene_key=args.gene_key, spatial_key=args.spatial_key,
+            adj_key=args.adj_key, min_counts=args.min_counts, min_bin_pct=args.min_bin_pct,
+            filter_single_iso_genes=not args.keep_single_isoform_genes,
+            min_component_size=args.min_component_size, k_neighbors=args.k_neighbors, rho=args.rho,
+            standardize_cov=not args.no_standardize_cov, overwrite=args.overwrite, progress=not args.no_progress,
+        )
+        print(f"wrote {store!r}")
+        return 0
+    if args.command == "sv":
+        from spatialscale.api import sv_test
+
+        ds = sv_test(
+            args.store, method=args.method, null=args.null, transformation=args.transformation,
+            nan_filling=args.nan_filling, n_perms=args.n_perms, perm_seed=args.perm_seed,
+            scheduler=args.scheduler, workers=args.workers, device=args.device,
+            batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out,
+            overwrite=args.overwrite, progress=not args.no_progress,
+        )
+        n_sig = int((ds["sv_pvalue_adj"] < 0.05).sum())
+        print(f"{ds.sizes['gene']} genes tested ({args.method}, {args.null} null); "
+              f"{n_sig} with BH-adjusted p < 0.05; results in {args.out}")
+        if args.top:
+            print(ds[["sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms"]].to_dataframe()
+                  .nsmallest(args.top, "sv_pvalue").to_string())
+        return 0
+    if args.command == "demo":
+        from spatialscale.demo import run_demo
+
+        run_demo(n_spots=args.spots, n_genes=args.genes, n_sv=args.sv_genes, workers=args.workers,
+                 out_dir=args.out_dir, seed=args.seed)
+        return 0
+    if args.command == "bench":
+        from spatialscale.bench import run_bench
+
+        run_bench(spots=args.spots, genes=args.genes, method=args.method, null=args.null,
+                  workers=args.workers, seed=args.seed)
+        return 0
+    raise AssertionError(args.command)  # pragma: no cover - argparse enforces choices
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spatialscale`` command."""
+    from spatialscale.errors import InputError
+
+    args = _parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message="zarr v3 autosharding")
+    warnings.filterwarnings("ignore", message="Consolidated metadata")
+    try:
+        return _run(args)
+    except (InputError, FileExistsError) as exc:
+        print(f"spatialscale {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

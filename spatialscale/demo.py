@@ -1,0 +1,66 @@
+"""``spatialscale demo``: simulated section -> store -> hsic-ir on a LocalCluster."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import xarray as xr
+
+__all__ = ["run_demo"]
+
+
+def run_demo(
+    n_spots: int = 2500,
+    n_genes: int = 400,
+    n_sv: int = 60,
+    workers: int = 2,
+    out_dir: str | Path = "demo-output",
+    seed: int = 0,
+) -> xr.Dataset:
+    """Simulate a section with known SV genes, ingest it and test it on a LocalCluster.
+
+    Prints each step's time, the most significant genes with their truth, and
+    how many true SV genes were recovered at 5% FDR.
+
+    Returns
+    -------
+    xarray.Dataset
+        The SV results (also written to ``<out_dir>/sv.zarr``).
+    """
+    from distributed import Client, LocalCluster
+
+    from spatialscale.api import sv_test
+    from spatialscale.simulate import simulate_section, truth
+    from spatialscale.store import ingest
+
+    warnings.filterwarnings("ignore", message="zarr v3 autosharding")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    adata = simulate_section(n_spots, n_genes, n_sv=n_sv, seed=seed)
+    h5ad = out / "demo.h5ad"
+    adata.write_h5ad(h5ad)
+    print(f"[1/3] simulated {adata.n_obs} spots x {adata.n_vars} isoforms of {n_genes} genes "
+          f"({n_sv} spatially variable) -> {h5ad}  ({time.perf_counter() - t0:.1f}s)")
+    t1 = time.perf_counter()
+    store = ingest(h5ad, out / "demo.zarr", overwrite=True)
+    print(f"[2/3] ingested {store!r}  ({time.perf_counter() - t1:.1f}s)")
+    t2 = time.perf_counter()
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        print(f"      LocalCluster with {workers} workers up ({time.perf_counter() - t2:.1f}s)")
+        t3 = time.perf_counter()
+        ds = sv_test(store, method="hsic-ir", null="liu", client=client, out=out / "sv.zarr", overwrite=True)
+    print(f"[3/3] hsic-ir / liu on {ds.sizes['gene']} genes  ({time.perf_counter() - t3:.1f}s) -> {out / 'sv.zarr'}")
+    df = ds[["sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms"]].to_dataframe()
+    is_sv = truth(adata).reindex(df.index).fillna(False).astype(bool)
+    df["truly_sv"] = is_sv
+    print("\nTop 10 genes:")
+    print(df.nsmallest(10, "sv_pvalue").to_string(float_format=lambda v: f"{v:.3g}"))
+    sig = df["sv_pvalue_adj"] < 0.05
+    tp, fp = int((sig & is_sv).sum()), int((sig & ~is_sv).sum())
+    print(f"\nRecovered {tp}/{int(is_sv.sum())} true SV genes at 5% FDR, with {fp} false discoveries "
+          f"(observed FDR {fp / max(tp + fp, 1):.1%}); total {time.perf_counter() - t0:.1f}s.")
+    return ds
