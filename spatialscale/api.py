@@ -84,9 +84,10 @@ def sv_test(
     n_perms, perm_seed
         Permutations for ``null="perm"`` (one seeded set shared by all genes).
     client, scheduler, workers
-        Where to run: a ``distributed.Client``; a scheduler address; or a new
-        LocalCluster with ``workers`` processes.  With none of them, the
-        active Dask client if any, else local threads.
+        Where to run: a ``distributed.Client``; a scheduler address (or
+        ``"threads"`` for local threads); or a new LocalCluster with
+        ``workers`` processes.  With none of them, the active Dask client if
+        any, else local threads.
     device
         ``cpu``, ``cuda`` or ``auto`` (resolved on each worker).
     batch_memory

@@ -71,7 +71,7 @@ def run_bench(spots: list[int], genes: list[int], *, method: str = "hsic-ir", nu
     warnings.filterwarnings("ignore")
     rows = []
     t = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster) as client, tempfile.TemporaryDirectory() as tmpdir:
         print(f"LocalCluster with {workers} workers started in {time.perf_counter() - t:.1f}s (not timed below)")
         for n in spots:

@@ -48,7 +48,7 @@ def run_demo(
     store = ingest(h5ad, out / "demo.zarr", overwrite=True)
     print(f"[2/3] ingested {store!r}  ({time.perf_counter() - t1:.1f}s)")
     t2 = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         print(f"      LocalCluster with {workers} workers up ({time.perf_counter() - t2:.1f}s)")
         t3 = time.perf_counter()

@@ -215,7 +215,8 @@ def execution(
 ) -> Iterator[Any]:
     """Resolve where tasks run, and clean up what was started.
 
-    Order: an explicit ``client``; a ``scheduler`` address; a new
+    Order: an explicit ``client``; a ``scheduler`` address (or
+    ``"threads"`` for local threads even when a Dask client is active); a new
     ``LocalCluster`` (or dask-cuda ``LocalCUDACluster`` for ``device``
     ``cuda``) with ``workers`` processes; the active Dask client if there is
     one; else local threads.
@@ -230,6 +231,13 @@ def execution(
         return
     from distributed import Client
 
+    if scheduler == "threads":
+        runner = _ThreadRunner(threads or os.cpu_count() or 1)
+        try:
+            yield runner
+        finally:
+            runner.close()
+        return
     if scheduler:
         with Client(scheduler) as c:
             yield _DaskRunner(c, retries)
@@ -266,10 +274,10 @@ def _local_cluster(n_workers: int, device: str) -> Any:
             raise RuntimeError(
                 "device='cuda' with --workers needs dask-cuda: pip install 'spatialscale[cuda]'."
             ) from exc
-        return LocalCUDACluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=None)
+        return LocalCUDACluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0")
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
 
 
 # --------------------------------------------------------------------------- running
@@ -323,9 +331,14 @@ def run_batches(
         futures[fut] = i
     with tqdm(total=len(batches), initial=len(batches) - len(todo), desc=label, unit="batch",
               disable=not progress) as bar:
-        for fut in runner.as_completed(list(futures)):
-            results[futures[fut]] = fut.result()
-            bar.update(1)
+        try:
+            for fut in runner.as_completed(list(futures)):
+                results[futures[fut]] = fut.result()
+                bar.update(1)
+        except BaseException:
+            for fut in futures:  # batches already recorded stay; the rest are dropped
+                fut.cancel()
+            raise
     return [results[i] for i in range(len(batches))]
 
 

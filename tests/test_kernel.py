@@ -1,0 +1,87 @@
+"""Spatial kernel: graph, precision, standardisation and power sums."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from conftest import coords_for
+
+from spatialscale import kernel as K
+
+
+@pytest.mark.parametrize("geometry", ["grid", "hex", "random"])
+def test_knn_graph_matches_splisosm(geometry):
+    splisosm_kernel = pytest.importorskip("splisosm.kernel")
+    xy = coords_for(geometry, 400, np.random.default_rng(0))
+    ref = splisosm_kernel._build_adj_from_coords(xy.astype(np.float32), 4, mutual_neighbors=True)
+    ours = K.knn_adjacency(xy, 4)
+    assert (ours != ref).nnz == 0
+    assert (ours != ours.T).nnz == 0
+    assert ours.diagonal().sum() == np.sum(np.asarray(ours.sum(1)).ravel() == ours.diagonal())
+
+
+def test_isolated_spot_gets_self_loop():
+    xy = np.r_[coords_for("grid", 16, np.random.default_rng(0)), [[100.0, 100.0]]]
+    w = K.knn_adjacency(xy, 4)
+    assert w[16, 16] == 1.0 and w[16].nnz == 1
+
+
+@pytest.mark.parametrize("geometry", ["grid", "random"])
+def test_inverse_diagonal_is_exact(geometry):
+    xy = coords_for(geometry, 900, np.random.default_rng(1))
+    m = K.car_precision(K.knn_adjacency(xy, 4), 0.99)
+    expected = np.diag(np.linalg.inv(m.toarray()))
+    np.testing.assert_allclose(K.inverse_diagonal(m), expected, rtol=1e-10)
+    # the wide-graph fallback agrees too
+    np.testing.assert_allclose(K.inverse_diagonal(m, max_band=1), expected, rtol=1e-10)
+
+
+def test_standardised_kernel_has_unit_diagonal_and_exact_power_sums():
+    xy = coords_for("random", 300, np.random.default_rng(2))
+    kern = K.build_kernel(xy)
+    cov = np.linalg.inv(kern.precision.toarray())
+    np.testing.assert_allclose(np.diag(cov), 1.0, rtol=1e-10)
+    h = np.eye(300) - 1.0 / 300
+    lam = np.linalg.eigvalsh(h @ cov @ h)
+    lam = lam[lam > 1e-8]
+    np.testing.assert_allclose(kern.power_sums, [np.sum(lam**r) for r in range(1, 5)], rtol=1e-9)
+    assert kern.power_sum_method == "exact"
+
+
+def test_hutchinson_power_sums_are_seeded_and_close():
+    xy = coords_for("grid", 400, np.random.default_rng(0))
+    exact = K.build_kernel(xy).power_sums
+    params = K.KernelParams(exact_threshold=10, n_probes=400)
+    a, b = K.build_kernel(xy, params=params), K.build_kernel(xy, params=params)
+    assert a.power_sum_method == "hutchinson"
+    np.testing.assert_array_equal(a.power_sums, b.power_sums)
+    assert a.token == b.token
+    np.testing.assert_allclose(a.power_sums, exact, rtol=0.1)
+
+
+def test_user_adjacency_is_symmetrised_and_weighted():
+    a = sp.csr_matrix(np.array([[0, 2.0, 0], [0, 0, 1.0], [0, 1.0, 0]]))
+    w = K.symmetrise_adjacency(a)
+    np.testing.assert_allclose(w.toarray(), [[0, 1.0, 0], [1.0, 0, 1.0], [0, 1.0, 0]])
+    with pytest.raises(ValueError, match="non-negative"):
+        K.symmetrise_adjacency(-a)
+
+
+def test_operators_agree():
+    xy = coords_for("hex", 250, np.random.default_rng(3))
+    kern = K.build_kernel(xy)
+    y = np.random.default_rng(4).normal(size=(250, 5))
+    y -= y.mean(0)
+    sparse_q = K.SparseCAROperator(kern.precision).quadratic_columns(y)
+    dense_q = K.DenseKernelOperator(kern.precision, "cpu").quadratic_columns(y)
+    np.testing.assert_allclose(sparse_q, dense_q, rtol=1e-9)
+    np.testing.assert_allclose(
+        K.SparseCAROperator(kern.precision).apply(y), K.DenseKernelOperator(kern.precision).apply(y), atol=1e-9
+    )
+
+
+@pytest.mark.parametrize("rho", [-0.1, 1.0, float("nan")])
+def test_invalid_rho(rho):
+    with pytest.raises(ValueError, match="rho"):
+        K.KernelParams(rho=rho)

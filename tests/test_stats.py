@@ -1,0 +1,77 @@
+"""The pure statistics: nulls, responses and the per-batch SV function."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from spatialscale.stats import bh_adjust, liu_pvalue, permutation_pvalue, welch_pvalue
+from spatialscale.stats.responses import helmert_basis, ratio_response
+
+
+def test_liu_matches_splisosm_on_random_mixtures():
+    hsic = pytest.importorskip("splisosm.utils.hsic")
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lam = rng.gamma(0.5, 1.0, size=rng.integers(1, 40))
+        c = np.array([np.sum(lam**r) for r in range(1, 5)])
+        t = rng.uniform(0, 3) * c[0]
+        ref = hsic.liu_sf_from_cumulants(t, {r + 1: c[r] for r in range(4)})
+        np.testing.assert_allclose(liu_pvalue(np.array([t]), c[None])[0], ref, rtol=1e-10, atol=1e-15)
+
+
+def test_liu_is_exact_for_a_single_chi2():
+    # one component: Q = chi2_1, Liu reduces to the exact tail
+    c = np.ones((1, 4))
+    for t in (0.1, 1.0, 3.84, 10.0):
+        np.testing.assert_allclose(liu_pvalue(np.array([t]), c), stats.chi2.sf(t, 1), rtol=1e-6)
+
+
+def test_liu_tracks_monte_carlo_tail():
+    rng = np.random.default_rng(1)
+    lam = np.array([3.0, 1.0, 0.5, 0.2, 0.2, 0.1])
+    draws = (rng.chisquare(1, size=(200_000, lam.size)) * lam).sum(1)
+    c = np.array([[np.sum(lam**r) for r in range(1, 5)]])
+    for q in (0.5, 0.9, 0.99):
+        t = np.quantile(draws, q)
+        assert abs(liu_pvalue(np.array([t]), c)[0] - (1 - q)) < 0.15 * (1 - q) + 2e-3
+
+
+def test_welch_matches_scaled_chi2():
+    c = np.array([[4.0, 2.0, 0, 0]])
+    g, h = 2.0 / 4.0, 16.0 / 2.0
+    np.testing.assert_allclose(welch_pvalue(np.array([6.0]), c), stats.chi2.sf(6.0 / g, h))
+
+
+def test_degenerate_null_gives_p_one():
+    c = np.zeros((1, 4))
+    assert liu_pvalue(np.array([1.0]), c)[0] == 1.0
+    assert welch_pvalue(np.array([0.0]), c)[0] == 1.0
+
+
+def test_permutation_pvalue_counts_ties_and_floor():
+    p = permutation_pvalue(np.array([5.0, 0.0]), np.array([[1.0, 5.0, 6.0], [1.0, 2.0, 3.0]]))
+    np.testing.assert_allclose(p, [3 / 4, 4 / 4])
+
+
+def test_bh_matches_scipy_and_keeps_nan():
+    p = np.array([0.01, 0.04, np.nan, 0.03, 0.5])
+    out = bh_adjust(p)
+    assert np.isnan(out[2])
+    np.testing.assert_allclose(out[[0, 1, 3, 4]], stats.false_discovery_control(p[[0, 1, 3, 4]]))
+
+
+def test_helmert_basis_is_orthonormal_contrast():
+    v = helmert_basis(5)
+    np.testing.assert_allclose(v.T @ v, np.eye(4), atol=1e-12)
+    np.testing.assert_allclose(v.sum(0), 0, atol=1e-12)
+
+
+def test_ratio_response_fills_uncovered_spots_with_the_mean():
+    counts = np.array([[[2, 2], [0, 0], [3, 1], [1, 3]]], dtype=float)
+    y, covered = ratio_response(counts)
+    assert covered.tolist() == [[True, False, True, True]]
+    ratios = np.array([[0.5, 0.5], [0.75, 0.25], [0.25, 0.75]])
+    np.testing.assert_allclose(y[0, [0, 2, 3]], ratios - ratios.mean(0))
+    np.testing.assert_allclose(y[0, 1], 0)

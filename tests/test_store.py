@@ -1,0 +1,191 @@
+"""Ingest: layout, sources, filters, and clear errors that leave nothing behind."""
+
+from __future__ import annotations
+
+import anndata as ad
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from conftest import make_adata
+
+import spatialscale
+from spatialscale import InputError
+
+
+def _leftovers(tmp_path):
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_layout_sorted_by_isoform_count_and_counts_round_trip(tmp_path, small_adata):
+    store = spatialscale.ingest(small_adata, tmp_path / "s.zarr")
+    genes = store.genes
+    assert list(genes["n_isoforms"]) == sorted(genes["n_isoforms"])
+    order = list(zip(genes["n_isoforms"], genes.index))
+    assert order == sorted(order)
+    # columns of each gene are contiguous and equal the input columns
+    dense = small_adata.layers["counts"].toarray()
+    for gene in genes.index[[0, len(genes) // 2, -1]]:
+        cols = np.flatnonzero(small_adata.var["gene_symbol"] == gene)
+        np.testing.assert_array_equal(store.gene_counts(gene), dense[:, cols])
+    assert store.n_spots == small_adata.n_obs
+    # the store is a genuine AnnData zarr
+    back = ad.read_zarr(tmp_path / "s.zarr")
+    assert back.shape == (store.n_spots, len(store.isoforms))
+    assert "spatialscale_precision" in back.obsp
+    assert list(back.obs["region"].cat.categories) == ["A", "B"]
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr", "memory-dense"])
+def test_sources_give_identical_stores(tmp_path, small_adata, fmt):
+    ref = spatialscale.ingest(small_adata, tmp_path / "ref.zarr")
+    if fmt == "h5ad":
+        small_adata.write_h5ad(tmp_path / "in.h5ad")
+        src = tmp_path / "in.h5ad"
+    elif fmt == "zarr":
+        small_adata.write_zarr(tmp_path / "in.zarr")
+        src = tmp_path / "in.zarr"
+    else:
+        src = small_adata.copy()
+        src.layers["counts"] = src.layers["counts"].toarray()
+    # tiny blocks force many column blocks
+    store = spatialscale.ingest(src, tmp_path / "s.zarr", block_bytes=small_adata.n_obs * 8 * 3)
+    assert store.kernel_token == ref.kernel_token
+    np.testing.assert_array_equal(store.read_counts(0, len(store.isoforms)), ref.read_counts(0, len(ref.isoforms)))
+
+
+def test_dense_h5ad_on_disk_is_read_in_column_blocks(tmp_path):
+    adata = make_adata(n=200, n_genes=10, sparse=False)
+    adata.write_h5ad(tmp_path / "d.h5ad")
+    store = spatialscale.ingest(tmp_path / "d.h5ad", tmp_path / "s.zarr", block_bytes=200 * 8 * 2)
+    ref = spatialscale.ingest(adata, tmp_path / "r.zarr")
+    np.testing.assert_array_equal(store.read_counts(0, 10), ref.read_counts(0, 10))
+
+
+def test_filters_follow_splisosm(tmp_path):
+    adata = make_adata(n=300, n_genes=15, seed=2)
+    splisosm = pytest.importorskip("splisosm")
+    model = splisosm.SplisosmNP()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.setup_data(adata, min_counts=60, min_bin_pct=20)
+    store = spatialscale.ingest(adata, tmp_path / "s.zarr", min_counts=60, min_bin_pct=20)
+    assert sorted(store.genes.index) == sorted(str(g) for g in model.gene_names)
+    kept = {(str(g), int(c.shape[1])) for g, c in zip(model.gene_names, model._data)}
+    assert set(zip(store.genes.index, store.genes["n_isoforms"].astype(int))) == kept
+
+
+def test_min_component_size_drops_small_islands(tmp_path):
+    adata = make_adata(n=100, n_genes=6)
+    adata.obsm["spatial"][:3] += 1000.0  # an island of three spots far away
+    with pytest.warns(UserWarning, match="removed 3 spot"):
+        store = spatialscale.ingest(adata, tmp_path / "s.zarr", min_component_size=10)
+    assert store.n_spots == 97
+
+
+def test_user_adjacency_from_obsp(tmp_path, small_adata):
+    from spatialscale.kernel import knn_adjacency
+
+    small_adata.obsp["graph"] = knn_adjacency(small_adata.obsm["spatial"], 6)
+    store = spatialscale.ingest(small_adata, tmp_path / "s.zarr", adj_key="graph")
+    assert store.kernel_attrs["source"] == "adjacency"
+    default = spatialscale.ingest(small_adata, tmp_path / "d.zarr")
+    assert store.kernel_token != default.kernel_token
+
+
+def test_existing_store_is_not_overwritten(tmp_path, small_adata):
+    spatialscale.ingest(small_adata, tmp_path / "s.zarr")
+    before = (tmp_path / "s.zarr" / "zarr.json").read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        spatialscale.ingest(small_adata, tmp_path / "s.zarr")
+    assert (tmp_path / "s.zarr" / "zarr.json").read_bytes() == before
+    spatialscale.ingest(small_adata[:, :20].copy(), tmp_path / "s.zarr", overwrite=True, min_counts=0,
+                        filter_single_iso_genes=False)
+    assert len(spatialscale.open_store(tmp_path / "s.zarr").isoforms) == 20
+
+
+def _bad(kind: str) -> tuple[ad.AnnData, dict, str]:
+    a = make_adata(n=120, n_genes=8, seed=1)
+    kw: dict = {}
+    if kind == "layer":
+        kw["layer"] = "raw"
+        msg = "layer 'raw' not found"
+    elif kind == "gene_key":
+        kw["gene_key"] = "gene_id"
+        msg = "no column 'gene_id'"
+    elif kind == "spatial_key":
+        kw["spatial_key"] = "xy"
+        msg = "no coordinates 'xy'"
+    elif kind == "nan_coords":
+        a.obsm["spatial"][5, 0] = np.nan
+        msg = "NaN or infinite coordinates"
+    elif kind == "inf_coords":
+        a.obsm["spatial"][7, 1] = np.inf
+        msg = "NaN or infinite coordinates"
+    elif kind == "duplicate_coords":
+        a.obsm["spatial"][9] = a.obsm["spatial"][3]
+        msg = "sharing coordinates"
+    elif kind == "negative":
+        x = a.layers["counts"].toarray()
+        x[2, 4] = -1
+        a.layers["counts"] = sp.csr_matrix(x)
+        msg = "negative counts"
+    elif kind == "non_integer":
+        x = a.layers["counts"].toarray()
+        x[2, 4] = 1.5
+        a.layers["counts"] = x
+        msg = "non-integer counts"
+    elif kind == "nan_counts":
+        x = a.layers["counts"].toarray()
+        x[0, 0] = np.nan
+        a.layers["counts"] = x
+        msg = "NaN or infinite counts"
+    elif kind == "nothing_left":
+        kw["min_counts"] = 10**9
+        msg = "no genes left after filtering"
+    else:
+        raise AssertionError(kind)
+    return a, kw, msg
+
+
+@pytest.mark.parametrize("kind", ["layer", "gene_key", "spatial_key", "nan_coords", "inf_coords",
+                                  "duplicate_coords", "negative", "non_integer", "nan_counts", "nothing_left"])
+def test_bad_input_is_named_and_leaves_nothing(tmp_path, kind):
+    adata, kw, msg = _bad(kind)
+    with pytest.raises(InputError, match=msg):
+        spatialscale.ingest(adata, tmp_path / "s.zarr", **kw)
+    assert _leftovers(tmp_path) == []
+
+
+def test_shape_mismatch_in_file_is_named(tmp_path, small_adata):
+    small_adata.write_h5ad(tmp_path / "in.h5ad")
+    with h5py.File(tmp_path / "in.h5ad", "a") as f:
+        xy = f["obsm/spatial"][:]
+        del f["obsm/spatial"]
+        f.create_dataset("obsm/spatial", data=xy[:-5])
+    with pytest.raises(InputError, match="expected"):
+        spatialscale.ingest(tmp_path / "in.h5ad", tmp_path / "s.zarr")
+    assert _leftovers(tmp_path) == ["in.h5ad"]
+
+
+def test_missing_input_and_incomplete_store(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        spatialscale.ingest(tmp_path / "nope.h5ad", tmp_path / "s.zarr")
+    (tmp_path / "broken.zarr").mkdir()
+    with pytest.raises(InputError, match="not .*store"):
+        spatialscale.open_store(tmp_path / "broken.zarr")
+
+
+def test_interrupted_ingest_leaves_no_store(tmp_path, small_adata, monkeypatch):
+    import zarr
+
+    def boom(*a, **k):
+        raise OSError("No space left on device")
+
+    # fails at the very end, after all counts were written to the temporary store
+    monkeypatch.setattr(zarr, "consolidate_metadata", boom)
+    with pytest.raises(OSError, match="No space"):
+        spatialscale.ingest(small_adata, tmp_path / "s.zarr")
+    assert _leftovers(tmp_path) == []
