@@ -1,0 +1,56 @@
+"""The command line, run as a user would (separate processes, real files)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+from conftest import make_adata
+
+import spatialscale
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spatialscale.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("cmd", ["ingest", "sv", "demo", "bench"])
+def test_help(cmd):
+    r = cli(cmd, "--help")
+    assert r.returncode == 0 and "usage: spatialscale" in r.stdout
+
+
+def test_ingest_then_sv_on_local_cluster(tmp_path):
+    adata = make_adata(n=300, n_genes=12, seed=4)
+    adata.write_h5ad(tmp_path / "sample.h5ad")
+    r = cli("ingest", str(tmp_path / "sample.h5ad"), str(tmp_path / "sample.zarr"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "n_spots=300" in r.stdout
+    r = cli("sv", str(tmp_path / "sample.zarr"), "--out", str(tmp_path / "sv.zarr"), "--method", "hsic-ir",
+            "--null", "liu", "--workers", "2", "--top", "3")
+    assert r.returncode == 0, r.stderr
+    assert "12 genes tested" in r.stdout
+    assert "sv hsic-ir: 100%" in r.stderr  # the progress bar reached the end
+    ds = xr.open_zarr(tmp_path / "sv.zarr")
+    ref = spatialscale.sv_test(spatialscale.open_store(tmp_path / "sample.zarr"), scheduler="threads",
+                               progress=False)
+    np.testing.assert_allclose(ds["sv_pvalue"].values, ref["sv_pvalue"].values, rtol=1e-12)
+
+
+def test_errors_are_named_with_exit_code_2(tmp_path):
+    adata = make_adata(n=100, n_genes=5)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    r = cli("ingest", str(tmp_path / "a.h5ad"), str(tmp_path / "s.zarr"), "--layer", "raw")
+    assert r.returncode == 2
+    assert "layer 'raw' not found" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "s.zarr").exists()
+    cli("ingest", str(tmp_path / "a.h5ad"), str(tmp_path / "s.zarr"), "--no-progress")
+    r = cli("ingest", str(tmp_path / "a.h5ad"), str(tmp_path / "s.zarr"))
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    r = cli("sv", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o.zarr"), "--method", "nope")
+    assert r.returncode == 2 and "unknown method 'nope'" in r.stderr
+    assert not (tmp_path / "o.zarr").exists()
