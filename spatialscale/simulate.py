@@ -66,6 +66,7 @@ def simulate_section(
     effect: float = 1.0,
     n_du: int = 0,
     zero_spot_frac: float = 0.0,
+    library_sd: float = 0.0,
     sparse: bool = True,
     seed: int = 0,
 ):
@@ -89,6 +90,10 @@ def simulate_section(
         Non-SV genes whose usage depends on ``obs["celltype"] == "ct1"``.
     zero_spot_frac
         Fraction of spots with zero coverage, per gene.
+    library_sd
+        SD of a log-normal per-spot size factor shared by all genes (0: none).
+        A shared factor correlates every gene's totals with one random field,
+        so gene-count tests over many genes then reflect that one draw.
     sparse
         Store counts as CSR (else dense).
     seed
@@ -117,7 +122,7 @@ def simulate_section(
     order = rng.permutation(n_genes)
     is_sv, is_du, p_of = is_sv[order], is_du[order], p_of[order]
     celltype = rng.choice(["ct0", "ct1", "ct2"], n)
-    size = rng.lognormal(0.0, 0.3, n)
+    size = rng.lognormal(0.0, library_sd, n) if library_sd > 0 else np.ones(n)
     kinds = np.array(["gradient", "blob", "stripes"])
     blocks = []
     for g in range(n_genes):
@@ -152,7 +157,8 @@ def simulate_section(
     adata.uns["simulation"] = {"n_spots": int(n), "n_genes": int(n_genes), "n_sv": int(n_sv), "n_du": int(n_du),
                                "isoforms": [int(v) for v in isoforms], "geometry": geometry,
                                "mean_depth": float(mean_depth), "effect": float(effect),
-                               "zero_spot_frac": float(zero_spot_frac), "seed": int(seed)}
+                               "zero_spot_frac": float(zero_spot_frac), "library_sd": float(library_sd),
+                               "seed": int(seed)}
     return adata
 
 

@@ -1,0 +1,60 @@
+"""Known truth: calibration under the null, power under the alternative."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import spatialscale
+from spatialscale.simulate import null_section, simulate_section, truth
+
+
+@pytest.fixture(scope="module")
+def null_store(tmp_path_factory):
+    # 2000 genes with gene-specific depths and zero-coverage spots, no spatial effect
+    adata = null_section(n_spots=900, n_genes=2000, mean_depth=10.0, zero_spot_frac=0.05, seed=22)
+    return spatialscale.ingest(adata, tmp_path_factory.mktemp("null") / "null.zarr")
+
+
+@pytest.mark.parametrize("null", ["liu", "welch"])
+@pytest.mark.parametrize("method", ["hsic-ir", "hsic-ic", "hsic-gc"])
+def test_null_calibration(null_store, client, method, null):
+    ds = spatialscale.sv_test(null_store, method=method, null=null, client=client, progress=False)
+    p = ds["sv_pvalue"].values
+    assert p.size >= 2000
+    frac = float(np.mean(p < 0.05))
+    assert 0.035 <= frac <= 0.065, f"{method}/{null}: {frac:.4f} of null p-values below 0.05"
+    if null == "liu":
+        # Liu matches the third and fourth cumulants, so its far tail holds up too;
+        # Welch matches two and its far tail is light (a few BH "discoveries" for gene counts)
+        assert int(np.sum(ds["sv_pvalue_adj"].values < 0.05)) <= 1
+
+
+def test_permutation_null_calibration(null_store):
+    sub = spatialscale.ingest(null_section(n_spots=400, n_genes=300, seed=5), null_store.path.parent / "small.zarr")
+    p = spatialscale.sv_test(sub, null="perm", n_perms=199, scheduler="threads", progress=False)["sv_pvalue"].values
+    assert 0.02 <= float(np.mean(p < 0.05)) <= 0.09
+
+
+def test_power_at_least_splisosm(tmp_path):
+    from splisosm import SplisosmNP
+
+    adata = simulate_section(n_spots=900, n_genes=200, n_sv=50, effect=0.6, mean_depth=6.0, seed=8)
+    store = spatialscale.ingest(adata, tmp_path / "sv.zarr")
+    ds = spatialscale.sv_test(store, scheduler="threads", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = SplisosmNP()
+        model.setup_data(adata)
+        ref = model.test_spatial_variability(print_progress=False, return_results=True)
+    is_sv = truth(adata)
+    ours = ds["sv_pvalue_adj"].to_series() < 0.05
+    theirs = dict(zip([str(g) for g in model.gene_names], ref["pvalue_adj"] < 0.05))
+    power = ours[is_sv[is_sv].index].mean()
+    power_ref = np.mean([theirs[g] for g in is_sv[is_sv].index])
+    assert power >= power_ref
+    assert power > 0.6
+    fdr = (ours & ~is_sv.reindex(ours.index)).sum() / max(ours.sum(), 1)
+    assert fdr < 0.15
