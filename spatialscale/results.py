@@ -54,7 +54,9 @@ def _attrs_of(path: Path) -> dict:
         return {}
 
 
-def prepare_output(out: str | os.PathLike, fp: str, *, overwrite: bool = False) -> tuple[PartialStore | None, xr.Dataset | None]:
+def prepare_output(
+    out: str | os.PathLike, fp: str, *, overwrite: bool = False
+) -> tuple[PartialStore | None, xr.Dataset | None]:
     """Get ``out`` ready for a run with fingerprint ``fp``.
 
     Returns

@@ -290,10 +290,13 @@ def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str,
     n_obs, n_var = src.shape
     if n_obs != len(src.obs) or n_var != len(src.var):
         raise InputError(
-            f"layers[{layer!r}] has shape {src.shape} but the AnnData has {len(src.obs)} spots x {len(src.var)} isoforms."
+            f"layers[{layer!r}] has shape {src.shape} but the AnnData has "
+            f"{len(src.obs)} spots x {len(src.var)} isoforms."
         )
     if gene_key not in src.var.columns:
-        raise InputError(f"var has no column {gene_key!r} naming each isoform's gene (columns: {list(src.var.columns)}).")
+        raise InputError(
+            f"var has no column {gene_key!r} naming each isoform's gene (columns: {list(src.var.columns)})."
+        )
     if src.var[gene_key].isna().any():
         raise InputError(f"var[{gene_key!r}] has missing gene names.")
     adjacency = None
