@@ -44,25 +44,34 @@ def _splisosm(adata, method: str, null: str) -> tuple[pd.DataFrame, float]:
     return pd.DataFrame({"statistic": res["statistic"], "pvalue": res["pvalue"]}, index=names), wall
 
 
-def _spatialscale(adata, client, method: str, null: str, tmp: Path) -> tuple[pd.DataFrame, float]:
+def _worker_peak_mb() -> float:
+    """Peak resident memory of this worker process (MB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _spatialscale(adata, client, method: str, null: str, tmp: Path, batch_memory: str) -> tuple[pd.DataFrame, float]:
     from spatialscale.api import sv_test
     from spatialscale.store import ingest
 
     t = time.perf_counter()
     store = ingest(adata, tmp / "bench.zarr", overwrite=True)
-    ds = sv_test(store, method=method, null=null, client=client, progress=False)
+    ds = sv_test(store, method=method, null=null, client=client, batch_memory=batch_memory, progress=False)
     wall = time.perf_counter() - t
     return pd.DataFrame({"statistic": ds["sv_statistic"].values, "pvalue": ds["sv_pvalue"].values},
                         index=ds["gene"].values), wall
 
 
 def run_bench(spots: list[int], genes: list[int], *, method: str = "hsic-ir", null: str = "liu",
-              workers: int = 2, seed: int = 0) -> pd.DataFrame:
+              workers: int = 2, seed: int = 0, batch_memory: str = "256MB") -> pd.DataFrame:
     """Time SplisosmNP (setup_data + test_spatial_variability) against spatialscale
     (ingest + sv_test, kernel build included) on the same simulated AnnData.
 
     The LocalCluster is started before timing (it is started once per
-    session in practice); its start-up time is printed separately.
+    session in practice); its start-up time is printed separately.  Workers
+    are restarted before each size, so ``worker_peak_MB`` is that run's peak
+    resident memory of the busiest worker.
     """
     from distributed import Client, LocalCluster
 
@@ -78,9 +87,11 @@ def run_bench(spots: list[int], genes: list[int], *, method: str = "hsic-ir", nu
             for g in genes:
                 adata = simulate_section(n, g, n_sv=max(1, g // 5), seed=seed)
                 ref, t_ref = _splisosm(adata, method, null)
-                ours, t_ours = _spatialscale(adata, client, method, null, Path(tmpdir))
+                client.restart()  # fresh worker processes: the peak memory below is this run's
+                ours, t_ours = _spatialscale(adata, client, method, null, Path(tmpdir), batch_memory)
+                peak = max(client.run(_worker_peak_mb).values())
                 row = {"spots": n, "genes": g, "splisosm_s": t_ref, "spatialscale_s": t_ours,
-                       "speedup": t_ref / t_ours, **compare(ref, ours)}
+                       "speedup": t_ref / t_ours, "worker_peak_MB": peak, **compare(ref, ours)}
                 rows.append(row)
                 print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     table = pd.DataFrame(rows)

@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--null", default="liu", help="null (liu)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for spatialscale (2)")
     p.add_argument("--test", default="sv", choices=("sv",), help="which test to time")
+    p.add_argument("--batch-memory", default="256MB", help="spatialscale's per-task memory budget (256MB)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -125,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         from spatialscale.bench import run_bench
 
         run_bench(spots=args.spots, genes=args.genes, method=args.method, null=args.null,
-                  workers=args.workers, seed=args.seed)
+                  workers=args.workers, seed=args.seed, batch_memory=args.batch_memory)
         return 0
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces choices
 

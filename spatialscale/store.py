@@ -410,7 +410,8 @@ def _write_store(path: Path, src: _Source, var: pd.DataFrame, keep_spots: np.nda
         root = zarr.open_group(str(path), mode="a")
         max_total = float(var["total_counts"].max()) if len(var) else 0.0
         dtype = "int32" if max_total < 2**31 else "int64"
-        chunk_cols = max(1, min(len(var), (16 << 20) // max(4 * n_spots, 1)))
+        # ~16 MB chunks of whole columns, never wider than one ingest block
+        chunk_cols = max(1, min(len(var), (16 << 20) // max(4 * n_spots, 1), block_bytes // max(8 * n_spots, 1)))
         arr = root.create_array("layers/counts", shape=(n_spots, len(var)), chunks=(n_spots, chunk_cols),
                                 dtype=dtype, fill_value=0)
         arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
