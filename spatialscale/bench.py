@@ -45,10 +45,18 @@ def _splisosm(adata, method: str, null: str) -> tuple[pd.DataFrame, float]:
 
 
 def _worker_peak_mb() -> float:
-    """Peak resident memory of this worker process (MB)."""
-    import resource
+    """Peak resident memory of this worker process (MB; Linux ``VmHWM``).
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    ``ru_maxrss`` is not used: a forked worker inherits its parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
 
 
 def _spatialscale(adata, client, method: str, null: str, tmp: Path, batch_memory: str) -> tuple[pd.DataFrame, float]:
