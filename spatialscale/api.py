@@ -24,6 +24,11 @@ from spatialscale.worker import kernel_operator
 
 __all__ = ["sv_test", "parse_bytes"]
 
+#: Genes are split into at least this many batches (when there are enough) so
+#: that every worker gets work.  A constant, not the cluster size, so that a
+#: resumed run on a different cluster finds the same batches.
+MIN_BATCHES = 16
+
 
 def parse_bytes(value: int | float | str) -> int:
     """``"512MB"`` / ``"2GiB"`` / ``1e9`` -> bytes."""
@@ -143,8 +148,8 @@ def sv_test(
         perm = 2 * 32 * d if null == "perm" else 0
         return 8.0 * n * (p + 5 * d + perm)
 
-    batches = plan_batches(store.genes, n, bytes_per_gene=bytes_per_gene,
-                           memory_bytes=parse_bytes(batch_memory), batch_size=batch_size)
+    batches = plan_batches(store.genes, n, bytes_per_gene=bytes_per_gene, memory_bytes=parse_bytes(batch_memory),
+                           batch_size=batch_size, min_batches=MIN_BATCHES)
     task = functools.partial(_sv_task, str(store.path.resolve()), store.kernel_token, device, params)
     with execution(client, scheduler=scheduler, workers=workers, device=device) as runner:
         parts = run_batches(task, batches, runner, partial=partial, progress=progress, label=f"sv {method}")

@@ -62,6 +62,7 @@ def plan_batches(
     bytes_per_gene: Callable[[int], float],
     memory_bytes: float = 256 << 20,
     batch_size: int | None = None,
+    min_batches: int = 1,
 ) -> list[Batch]:
     """Split genes (in store order) into batches of equal isoform count.
 
@@ -79,6 +80,9 @@ def plan_batches(
         Budget of one task; a batch holds as many genes as fit.
     batch_size
         Upper bound on genes per batch (``None``: only the budget).
+    min_batches
+        Split into at least this many batches when there are enough genes,
+        so that every worker gets work.
 
     Returns
     -------
@@ -89,8 +93,10 @@ def plan_batches(
     stops = genes["stop"].to_numpy()
     out: list[Batch] = []
     bounds = np.flatnonzero(np.r_[True, p[1:] != p[:-1], True])
+    balance = max(1, int(np.ceil(len(p) / max(int(min_batches), 1))))
     for a, b in zip(bounds[:-1], bounds[1:]):
         size = max(1, int(memory_bytes // max(bytes_per_gene(int(p[a])), 1.0)))
+        size = min(size, balance)
         if batch_size is not None:
             size = max(1, min(size, int(batch_size)))
         for s in range(a, b, size):

@@ -430,10 +430,14 @@ class SparseCAROperator:
         u = self._lu.solve(np.asfortranarray(xc, dtype=np.float64))
         return u - u.mean(axis=0, keepdims=True)
 
+    def apply_centred(self, yc: np.ndarray) -> np.ndarray:
+        """``M^-1 Y`` for column-centred ``Y``: equals ``K_eff Y`` up to a
+        constant per column, so ``Z' (M^-1 Y) = Z' K_eff Y`` for centred ``Z``."""
+        return self._lu.solve(np.asfortranarray(yc, dtype=np.float64))
+
     def quadratic_columns(self, yc: np.ndarray) -> np.ndarray:
         """``diag(Y' K_eff Y)`` for column-centred ``Y`` (``(n, m)`` -> ``(m,)``)."""
-        u = self._lu.solve(np.asfortranarray(yc, dtype=np.float64))
-        return np.einsum("ij,ij->j", yc, u)
+        return np.einsum("ij,ij->j", yc, self.apply_centred(yc))
 
 
 class DenseKernelOperator:
@@ -466,6 +470,10 @@ class DenseKernelOperator:
 
         xt = torch.as_tensor(np.asarray(x, dtype=np.float64), device=self.device)
         return (self._k @ xt).cpu().numpy()
+
+    def apply_centred(self, yc: np.ndarray) -> np.ndarray:
+        """``K_eff Y`` (``Y`` column-centred)."""
+        return self.apply(yc)
 
     def quadratic_columns(self, yc: np.ndarray) -> np.ndarray:
         """``diag(Y' K_eff Y)`` for column-centred ``Y``."""

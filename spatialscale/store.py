@@ -54,6 +54,8 @@ class _Source:
         import anndata as ad
 
         self._file = None
+        self._whole: np.ndarray | None = None
+        self._whole_rows: np.ndarray | None = None
         self.label = str(source) if not isinstance(source, ad.AnnData) else "<AnnData>"
         if isinstance(source, ad.AnnData):
             self._init_anndata(source, layer)
@@ -126,8 +128,14 @@ class _Source:
         return self._shape  # type: ignore[return-value]
 
     def read_columns(self, cols: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """Dense float64 ``(n_rows, len(cols))`` block of the counts layer."""
+        """Dense float64 ``(n_rows, len(cols))`` block of the counts layer.
+
+        When one block held every column (small inputs), it is kept and later
+        reads are served from it instead of densifying the layer again.
+        """
         cols = np.asarray(cols, dtype=np.int64)
+        if self._whole is not None and rows is self._whole_rows:
+            return self._whole[:, cols]
         order = np.argsort(cols, kind="stable")
         sorted_cols = cols[order]
         m = self._matrix
@@ -140,13 +148,39 @@ class _Source:
         block = block.toarray() if scipy.sparse.issparse(block) else np.asarray(block)
         out = np.empty_like(block, dtype=np.float64)
         out[:, order] = block
-        return out if rows is None else out[rows]
+        out = out if rows is None else out[rows]
+        if len(cols) == self.shape[1] and np.array_equal(cols, np.arange(self.shape[1])):
+            self._whole, self._whole_rows = out, rows
+        return out
+
+    def column_stats(self, cols: np.ndarray, rows: np.ndarray | None, names: pd.Index,
+                     layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """Validate a column block and return its totals and non-zero counts.
+
+        In-memory sparse layers are checked on their stored values, without
+        densifying; everything else through :meth:`read_columns`.
+        """
+        m = self._matrix
+        if scipy.sparse.issparse(m):
+            sub = m[:, cols] if rows is None else m[rows][:, cols]
+            sub = scipy.sparse.csc_matrix(sub)
+            d = sub.data
+            if not (np.isfinite(d).all() and (d >= 0).all() and (d == np.round(d)).all()):
+                _check_counts(sub.toarray(), names, layer)
+            col_of = np.repeat(np.arange(sub.shape[1]), np.diff(sub.indptr))
+            totals = np.bincount(col_of, weights=d, minlength=sub.shape[1])
+            nonzero = np.bincount(col_of[d > 0], minlength=sub.shape[1]).astype(np.float64)
+            return totals, nonzero
+        block = self.read_columns(cols, rows)
+        _check_counts(block, names, layer)
+        return block.sum(axis=0), (block > 0).sum(axis=0).astype(np.float64)
 
     def _scan_csr(self, ds: Any, cols: np.ndarray, row_block: int = 200_000) -> scipy.sparse.csr_matrix:
         parts = [ds[s : min(s + row_block, self.n_obs)][:, cols] for s in range(0, self.n_obs, row_block)]
         return scipy.sparse.vstack(parts).tocsr()
 
     def close(self) -> None:
+        self._whole = None
         if self._file is not None:
             self._file.close()
 
@@ -332,10 +366,7 @@ def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str,
     nonzero = np.zeros(n_var)
     all_cols = np.arange(n_var)
     for sl in tqdm(list(_column_blocks(n_var, n_obs, block_bytes)), desc="ingest: check", disable=not progress):
-        block = src.read_columns(all_cols[sl], rows)
-        _check_counts(block, names[sl], layer)
-        totals[sl] = block.sum(axis=0)
-        nonzero[sl] = (block > 0).sum(axis=0)
+        totals[sl], nonzero[sl] = src.column_stats(all_cols[sl], rows, names[sl], layer)
     min_frac = float(min_bin_pct) / 100.0 if min_bin_pct > 1 else float(min_bin_pct)
     keep_iso = (totals >= min_counts) & (nonzero / max(n_spots, 1) >= min_frac)
     var = pd.DataFrame({"gene": src.var[gene_key].astype(str).to_numpy(), "source_index": all_cols,
@@ -410,8 +441,8 @@ def _write_store(path: Path, src: _Source, var: pd.DataFrame, keep_spots: np.nda
         root = zarr.open_group(str(path), mode="a")
         max_total = float(var["total_counts"].max()) if len(var) else 0.0
         dtype = "int32" if max_total < 2**31 else "int64"
-        # ~16 MB chunks of whole columns, never wider than one ingest block
-        chunk_cols = max(1, min(len(var), (16 << 20) // max(4 * n_spots, 1), block_bytes // max(8 * n_spots, 1)))
+        # ~4 MB chunks of whole columns, never wider than one ingest block
+        chunk_cols = max(1, min(len(var), (4 << 20) // max(4 * n_spots, 1), block_bytes // max(8 * n_spots, 1)))
         arr = root.create_array("layers/counts", shape=(n_spots, len(var)), chunks=(n_spots, chunk_cols),
                                 dtype=dtype, fill_value=0)
         arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,31 +13,57 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 
 
-def _kernel_name(tmp_path: Path, monkeypatch) -> str:
-    """A kernel running this interpreter (installed into a temp dir if needed)."""
+def _kernel_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``python3`` if that kernelspec exists, else one for this interpreter installed into a temp dir."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if "python3" in KernelSpecManager().find_kernel_specs():
+        return "python3"
     from ipykernel.kernelspec import install
 
-    prefix = tmp_path / "kernels"
-    install(kernel_name="spatialscale-test", prefix=str(prefix))
-    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
-    return "spatialscale-test"
+    prefix = tmp_path / "jupyter"
+    install(kernel_name="python3", prefix=str(prefix))
+    monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(
+        p for p in (str(prefix / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")) if p))
+    return "python3"
+
+
+def _text(cell) -> str:
+    """Text of a code cell's outputs (streams, plain-text reprs and errors)."""
+    parts = []
+    for out in cell.get("outputs", []):
+        parts.append(out.get("text", ""))
+        parts.append(str(out.get("data", {}).get("text/plain", "")))
+    return "".join(parts)
+
+
+def test_committed_notebook_has_no_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
 
 
 def test_quickstart_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    pythonpath = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in pythonpath if p))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name=_kernel_name(tmp_path, monkeypatch),
                                      resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
-    def text_of(cell) -> str:
-        return "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in cell.outputs)
+    client.execute()  # raises CellExecutionError if any cell fails
 
-    outputs = {i: text_of(c) for i, c in enumerate(nb.cells) if c.cell_type == "code"}
-    text = "\n".join(outputs.values())
-    assert "sv_pvalue_adj" in text
-    recovered = next(v for v in outputs.values() if "true SV genes recovered" in v)
-    found = int(recovered.split(" of ")[0].split("; ")[1])
-    assert found >= 20  # of 30 true SV genes
-    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    table = next(c for c in code if "table.head(10)" in c.source)
+    assert "sv_pvalue" in _text(table) and "truly_sv" in _text(table)
+    summary = next(_text(c) for c in code if "true SV genes recovered" in c.source)
+    recovered = int(summary.split("; ")[1].split(" of ")[0])
+    assert recovered >= 20, summary  # of 30 simulated SV genes
+    assert any("image/png" in out.get("data", {}) for c in code for out in c.outputs)
+    assert "sv_pvalue_adj" in _text(next(c for c in code if "xr.open_zarr" in c.source))
+    assert list(tmp_path.iterdir()) == [], "the notebook must not write into its working directory"
+    print(sys.executable, summary)

@@ -75,3 +75,16 @@ def test_ratio_response_fills_uncovered_spots_with_the_mean():
     ratios = np.array([[0.5, 0.5], [0.75, 0.25], [0.25, 0.75]])
     np.testing.assert_allclose(y[0, [0, 2, 3]], ratios - ratios.mean(0))
     np.testing.assert_allclose(y[0, 1], 0)
+
+
+def test_simplex_statistic_equals_full_statistic():
+    from conftest import coords_for
+
+    from spatialscale.kernel import SparseCAROperator, build_kernel
+    from spatialscale.stats.hsic import quadratic_statistic, quadratic_statistic_simplex
+
+    rng = np.random.default_rng(0)
+    op = SparseCAROperator(build_kernel(coords_for("random", 200, rng)).precision)
+    counts = rng.poisson(2.0, size=(5, 200, 4)).astype(float)
+    y, _ = ratio_response(counts)
+    np.testing.assert_allclose(quadratic_statistic_simplex(op, y), quadratic_statistic(op, y), rtol=1e-10)

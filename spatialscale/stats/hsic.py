@@ -8,7 +8,8 @@ import numpy as np
 
 from spatialscale.kernel import EIG_FLOOR
 
-__all__ = ["KernelOperator", "quadratic_statistic", "feature_power_sums", "mixture_cumulants"]
+__all__ = ["KernelOperator", "quadratic_statistic", "quadratic_statistic_simplex", "feature_power_sums",
+           "mixture_cumulants"]
 
 
 class KernelOperator(Protocol):
@@ -18,6 +19,9 @@ class KernelOperator(Protocol):
 
     def quadratic_columns(self, yc: np.ndarray) -> np.ndarray:  # pragma: no cover - protocol
         """``diag(Y' K_eff Y)`` for column-centred ``Y`` of shape ``(n, m)``."""
+
+    def apply_centred(self, yc: np.ndarray) -> np.ndarray:  # pragma: no cover - protocol
+        """``K_eff Y`` up to a per-column constant, for column-centred ``Y``."""
 
 
 def _stack_columns(y: np.ndarray) -> np.ndarray:
@@ -44,6 +48,29 @@ def quadratic_statistic(op: KernelOperator, y: np.ndarray) -> np.ndarray:
     b, _, d = y.shape
     q_cols = op.quadratic_columns(_stack_columns(y))
     return q_cols.reshape(b, d).sum(axis=1)
+
+
+def quadratic_statistic_simplex(op: KernelOperator, y: np.ndarray) -> np.ndarray:
+    """``Q_g`` for responses whose columns sum to zero in every spot.
+
+    Isoform ratios (and clr coordinates) are linearly dependent: the last
+    column is minus the sum of the others, so with ``A = Y_q' K_eff Y_q`` over
+    the first ``q = p - 1`` columns, ``Q = tr(A) + sum(A)``.  One solve per
+    isoform is saved.
+
+    Parameters
+    ----------
+    op
+        Kernel operator (needs ``apply_centred``).
+    y
+        ``(B, n, p)`` column-centred responses with ``y.sum(axis=2) == 0``.
+    """
+    b, n, p = y.shape
+    yq = y[:, :, : p - 1]
+    stacked = _stack_columns(yq)
+    u = op.apply_centred(stacked).reshape(n, b, p - 1)
+    a = np.einsum("nbi,nbj->bij", stacked.reshape(n, b, p - 1), u)
+    return np.trace(a, axis1=1, axis2=2) + a.sum(axis=(1, 2))
 
 
 def feature_power_sums(y: np.ndarray, floor: float = EIG_FLOOR) -> np.ndarray:

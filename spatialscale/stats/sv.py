@@ -14,6 +14,7 @@ from spatialscale.stats.hsic import (
     feature_power_sums,
     mixture_cumulants,
     quadratic_statistic,
+    quadratic_statistic_simplex,
 )
 from spatialscale.stats.nulls import liu_pvalue, permutation_pvalue, welch_pvalue
 from spatialscale.stats.responses import (
@@ -133,7 +134,10 @@ def sv_batch(
     y, covered = sv_responses(counts, method, transformation)
     finite = np.isfinite(y).all(axis=(1, 2))
     y = np.where(finite[:, None, None], y, 0.0)
-    q = quadratic_statistic(op, y)
+    if method == "hsic-ir" and transformation in ("none", "clr") and y.shape[2] > 1:
+        q = quadratic_statistic_simplex(op, y)
+    else:
+        q = quadratic_statistic(op, y)
     f = feature_power_sums(y)
     n_eff = np.full(b, n, dtype=np.float64)
     k = np.broadcast_to(np.asarray(kernel_sums, dtype=np.float64), (b, 4)).copy()
