@@ -190,3 +190,12 @@ def test_unknown_options_fail_before_writing(store, tmp_path, kw, msg):
     with pytest.raises(InputError, match=msg):
         spatialscale.sv_test(store, out=tmp_path / "sv.zarr", **kw)
     assert not (tmp_path / "sv.zarr").exists()
+
+
+def test_device_auto_falls_back_to_cpu_without_cuda(store, reference):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert_same(spatialscale.sv_test(store, device="auto", scheduler="threads", progress=False), reference)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        spatialscale.sv_test(store, device="cuda", scheduler="threads", progress=False)

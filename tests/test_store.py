@@ -54,10 +54,11 @@ def test_sources_give_identical_stores(tmp_path, small_adata, fmt):
     np.testing.assert_array_equal(store.read_counts(0, len(store.isoforms)), ref.read_counts(0, len(ref.isoforms)))
 
 
-def test_dense_h5ad_on_disk_is_read_in_column_blocks(tmp_path):
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_dense_layer_on_disk_is_read_in_column_blocks(tmp_path, fmt):
     adata = make_adata(n=200, n_genes=10, sparse=False)
-    adata.write_h5ad(tmp_path / "d.h5ad")
-    store = spatialscale.ingest(tmp_path / "d.h5ad", tmp_path / "s.zarr", block_bytes=200 * 8 * 2)
+    getattr(adata, f"write_{fmt}")(tmp_path / f"d.{fmt}")
+    store = spatialscale.ingest(tmp_path / f"d.{fmt}", tmp_path / "s.zarr", block_bytes=200 * 8 * 2)
     ref = spatialscale.ingest(adata, tmp_path / "r.zarr")
     np.testing.assert_array_equal(store.read_counts(0, 10), ref.read_counts(0, 10))
 
