@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import hashlib
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,7 @@ from spatialscale.stats.sv import NAN_FILLINGS, SV_METHODS, sv_batch
 from spatialscale.store import IsoformStore, open_store, read_count_columns
 from spatialscale.worker import kernel_operator
 
-__all__ = ["sv_test", "parse_bytes"]
+__all__ = ["sv_test", "du_test", "parse_bytes"]
 
 #: Genes are split into at least this many batches (when there are enough) so
 #: that every worker gets work.  A constant, not the cluster size, so that a
@@ -37,6 +39,53 @@ def parse_bytes(value: int | float | str) -> int:
     from dask.utils import parse_bytes as _pb
 
     return int(_pb(value))
+
+
+@dataclass
+class _Run:
+    parts: list[dict[str, np.ndarray]]
+    kind: str
+    fp: str
+    existing: xr.Dataset | None = None
+
+
+def _provenance(store: IsoformStore) -> dict[str, Any]:
+    """Attributes every results Dataset carries."""
+    kernel = store.kernel_attrs
+    return {
+        "n_spots": store.n_spots, "n_genes": store.n_genes, "store": str(store.path),
+        "spatialscale_version": __version__, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        **{f"kernel_{k}": v for k, v in kernel.items() if k != "power_sums"},
+        "kernel_power_sums": list(kernel["power_sums"]),
+    }
+
+
+def _execute(store: IsoformStore, *, kind: str, params: dict[str, Any], task: Any, bytes_per_gene: Any,
+             batch_memory: int | str, batch_size: int | None, client: Any, scheduler: str | None,
+             workers: int | None, device: str, out: str | os.PathLike | None, overwrite: bool, progress: bool,
+             label: str, shared: Any = None, fingerprint_extra: Any = None) -> _Run:
+    """Plan batches, run them where asked (resuming from ``out``), return the per-batch results."""
+    fp = fingerprint(kind=kind, store=str(store.path.resolve()), kernel=store.kernel_token,
+                     genes=list(store.genes.index), extra=fingerprint_extra, **params)
+    partial = None
+    if out is not None:
+        partial, existing = prepare_output(out, fp, overwrite=overwrite)
+        if existing is not None:
+            return _Run([], "existing", fp, existing)
+    batches = plan_batches(store.genes, store.n_spots, bytes_per_gene=bytes_per_gene,
+                           memory_bytes=parse_bytes(batch_memory), batch_size=batch_size, min_batches=MIN_BATCHES)
+    with execution(client, scheduler=scheduler, workers=workers, device=device) as runner:
+        extra = () if shared is None else (runner.share(shared),)
+        parts = run_batches(task, batches, runner, partial=partial, progress=progress, label=label, extra=extra)
+    return _Run(parts, runner.kind, fp)
+
+
+def _finish(ds: xr.Dataset, out: str | os.PathLike | None, fp: str) -> xr.Dataset:
+    if out is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            write_dataset(ds, out, fp)
+    return ds
 
 
 def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], batch: Batch) -> dict[str, np.ndarray]:
@@ -126,34 +175,26 @@ def sv_test(
     n = store.n_spots
     params = {"method": method, "transformation": transformation, "nan_filling": nan_filling, "null": null,
               "n_perms": int(n_perms), "perm_seed": int(perm_seed)}
-    kernel = store.kernel_attrs
-    fp = fingerprint(kind="sv", store=str(store.path.resolve()), kernel=kernel["token"],
-                     genes=list(store.genes.index), **params)
     attrs = {
         "test": "spatial_variability", "method": method, "null": null, "transformation": transformation,
-        "nan_filling": nan_filling, "n_spots": n, "n_genes": store.n_genes, "store": str(store.path),
-        "spatialscale_version": __version__, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "nan_filling": nan_filling,
         **({"n_perms": int(n_perms), "perm_seed": int(perm_seed)} if null == "perm" else {}),
-        **{f"kernel_{k}": v for k, v in kernel.items() if k != "power_sums"},
-        "kernel_power_sums": list(kernel["power_sums"]),
+        **_provenance(store),
     }
-    partial = None
-    if out is not None:
-        partial, existing = prepare_output(out, fp, overwrite=overwrite)
-        if existing is not None:
-            return existing
 
     def bytes_per_gene(p: int) -> float:
         d = response_width(method, p, transformation)
         perm = 2 * 32 * d if null == "perm" else 0
         return 8.0 * n * (p + 5 * d + perm)
 
-    batches = plan_batches(store.genes, n, bytes_per_gene=bytes_per_gene, memory_bytes=parse_bytes(batch_memory),
-                           batch_size=batch_size, min_batches=MIN_BATCHES)
     task = functools.partial(_sv_task, str(store.path.resolve()), store.kernel_token, device, params)
-    with execution(client, scheduler=scheduler, workers=workers, device=device) as runner:
-        parts = run_batches(task, batches, runner, partial=partial, progress=progress, label=f"sv {method}")
-    data = {k: np.concatenate([r[k] for r in parts]) for k in ("statistic", "pvalue", "n_spots_used")}
+    run = _execute(store, kind="sv", params=params, task=task, bytes_per_gene=bytes_per_gene,
+                   batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
+                   workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
+                   label=f"sv {method}")
+    if run.existing is not None:
+        return run.existing
+    data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
     ds = make_dataset(
         store.genes.index.to_numpy(),
         {
@@ -163,10 +204,93 @@ def sv_test(
             "n_isoforms": store.genes["n_isoforms"].to_numpy(),
             "n_spots_used": data["n_spots_used"],
         },
-        {**attrs, "execution": runner.kind},
+        {**attrs, "execution": run.kind},
     )
-    if out is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            write_dataset(ds, out, fp)
-    return ds
+    return _finish(ds, out, run.fp)
+
+
+DU_METHODS = ("glmm-score",)
+DU_MODELS = ("glm",)
+
+
+def _du_glm_task(store_path: str, method: str, batch: Batch, z: np.ndarray) -> dict[str, np.ndarray]:
+    """One Dask task: DU score test of the genes of ``batch`` against every covariate."""
+    from spatialscale.glmm import fit_glm, score_test
+
+    flat = read_count_columns(store_path, batch.col_start, batch.col_stop)
+    counts = flat.reshape(flat.shape[0], batch.n_genes, batch.n_isoforms).transpose(1, 0, 2)
+    fit = fit_glm(counts)
+    stat, pval = score_test(counts, fit["probs"], z)
+    return {"statistic": stat, "pvalue": pval}
+
+
+def du_test(
+    store: IsoformStore | str | os.PathLike,
+    covariates: Any,
+    *,
+    method: str = "glmm-score",
+    model: str = "glm",
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    batch_memory: int | str = "256MB",
+    batch_size: int | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Test every gene x covariate pair for differential isoform usage.
+
+    Parameters
+    ----------
+    store
+        An opened store or its path.
+    covariates
+        obs column name(s) (a list, or ``"a,b"``; categorical columns are
+        one-hot with every level kept), or an array / DataFrame with one row
+        per spot.
+    method
+        ``glmm-score``: score test of each covariate against the multinomial
+        model fitted without covariates, ``stat = s' I^-1 s ~ chi2(p - 1)``.
+    model
+        The null model the score test reads: ``glm`` (multinomial GLM,
+        fitted exactly by IWLS).
+    client, scheduler, workers, batch_memory, batch_size, out, overwrite, progress
+        As in :func:`sv_test`.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``du_statistic``, ``du_pvalue``, ``du_pvalue_adj`` (BH over genes,
+        per covariate) over ``(gene, covariate)``, and ``n_isoforms``.
+    """
+    from spatialscale.covariates import resolve_covariates
+
+    _check_choice("method", method, DU_METHODS)
+    _check_choice("model", model, DU_MODELS)
+    if not isinstance(store, IsoformStore):
+        store = open_store(store)
+    names, z = resolve_covariates(store.obs(), covariates)
+    n = store.n_spots
+    params = {"method": method, "model": model}
+    task = functools.partial(_du_glm_task, str(store.path.resolve()), method)
+    f = z.shape[1]
+    run = _execute(store, kind="du", params=params, task=task,
+                   bytes_per_gene=lambda p: 8.0 * n * (4 * p + p * p + f),
+                   batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
+                   workers=workers, device="cpu", out=out, overwrite=overwrite, progress=progress,
+                   label=f"du {method}", shared=z,
+                   fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
+    if run.existing is not None:
+        return run.existing
+    stat = np.concatenate([r["statistic"] for r in run.parts])
+    pval = np.concatenate([r["pvalue"] for r in run.parts])
+    ds = make_dataset(
+        store.genes.index.to_numpy(),
+        {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
+         "n_isoforms": store.genes["n_isoforms"].to_numpy()},
+        {"test": "differential_usage", "method": method, "model": model, **_provenance(store),
+         "execution": run.kind},
+        covariates=names,
+    )
+    return _finish(ds, out, run.fp)

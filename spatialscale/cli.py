@@ -64,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="print the N most significant genes (10)")
     _add_execution(p)
 
+    p = sub.add_parser("du", help="differential isoform usage: every gene x covariate",
+                       description="Test every gene x covariate pair for differential isoform usage.")
+    p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
+    p.add_argument("--covariates", required=True, help="obs columns, comma separated (categorical: one-hot)")
+    p.add_argument("--out", required=True, help="results zarr (resumes if interrupted)")
+    p.add_argument("--method", default="glmm-score", help="glmm-score (default)")
+    p.add_argument("--model", default="glm", help="null model of the score test: glm (default)")
+    p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
+    p.add_argument("--top", type=int, default=10, help="print the N most significant pairs (10)")
+    _add_execution(p)
+
     p = sub.add_parser("demo", help="simulate a section, ingest it and run hsic-ir on a LocalCluster",
                        description="End-to-end demo on simulated data with known spatially variable genes.")
     p.add_argument("--spots", type=int, default=2500, help="spots (default 2500)")
@@ -115,6 +126,23 @@ def _run(args: argparse.Namespace) -> int:
         if args.top:
             print(ds[["sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms"]].to_dataframe()
                   .nsmallest(args.top, "sv_pvalue").to_string())
+        return 0
+    if args.command == "du":
+        from spatialscale.api import du_test
+
+        if args.device != "cpu":
+            print("spatialscale du: note: the GLM score test runs on CPU workers", file=sys.stderr)
+        ds = du_test(
+            args.store, args.covariates, method=args.method, model=args.model, scheduler=args.scheduler,
+            workers=args.workers, batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out,
+            overwrite=args.overwrite, progress=not args.no_progress,
+        )
+        n_sig = int((ds["du_pvalue_adj"] < 0.05).sum())
+        print(f"{ds.sizes['gene']} genes x {ds.sizes['covariate']} covariates tested ({args.method}); "
+              f"{n_sig} pairs with BH-adjusted p < 0.05; results in {args.out}")
+        if args.top:
+            table = ds[["du_statistic", "du_pvalue", "du_pvalue_adj"]].to_dataframe()
+            print(table.nsmallest(args.top, "du_pvalue").to_string())
         return 0
     if args.command == "demo":
         from spatialscale.demo import run_demo

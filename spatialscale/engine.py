@@ -168,6 +168,10 @@ class _ThreadRunner:
     def submit(self, fn: Callable, *args: Any, key: str) -> Any:
         return self._pool.submit(fn, *args)
 
+    def share(self, value: Any) -> Any:
+        """Make a value available to tasks (in-process: the value itself)."""
+        return value
+
     def as_completed(self, futures: Sequence[Any]) -> Iterator[Any]:
         from concurrent.futures import as_completed
 
@@ -188,6 +192,10 @@ class _DaskRunner:
 
     def submit(self, fn: Callable, *args: Any, key: str) -> Any:
         return self.client.submit(fn, *args, key=key, retries=self.retries, pure=False)
+
+    def share(self, value: Any) -> Any:
+        """One plain future of ``value`` (no broadcast: see DESIGN.md's traps)."""
+        return self.client.scatter(value, hash=False)
 
     def as_completed(self, futures: Sequence[Any]) -> Iterator[Any]:
         from distributed import as_completed
@@ -287,8 +295,8 @@ def _local_cluster(n_workers: int, device: str) -> Any:
 
 
 # --------------------------------------------------------------------------- running
-def _run_one(task: Callable, batch: Batch, partial: PartialStore | None) -> dict[str, np.ndarray]:
-    result = task(batch)
+def _run_one(task: Callable, batch: Batch, partial: PartialStore | None, *extra: Any) -> dict[str, np.ndarray]:
+    result = task(batch, *extra)
     if partial is not None:
         partial.write(batch, result)
     return result
@@ -302,6 +310,7 @@ def run_batches(
     partial: PartialStore | None = None,
     progress: bool = True,
     label: str = "batches",
+    extra: tuple = (),
 ) -> list[dict[str, np.ndarray]]:
     """Run ``task`` on every batch not already done; return results in batch order.
 
@@ -320,6 +329,9 @@ def run_batches(
         Show a progress bar of batches done.
     label
         Progress bar label.
+    extra
+        More arguments of ``task`` after the batch (e.g. a scattered
+        design matrix: futures given here are resolved on the worker).
     """
     from tqdm.auto import tqdm
 
@@ -333,7 +345,7 @@ def run_batches(
     tag = uuid.uuid4().hex[:8]
     futures = {}
     for i in todo:
-        fut = runner.submit(_run_one, task, batches[i], partial, key=f"{label}-{tag}-{batches[i].name}")
+        fut = runner.submit(_run_one, task, batches[i], partial, *extra, key=f"{label}-{tag}-{batches[i].name}")
         futures[fut] = i
     with tqdm(total=len(batches), initial=len(batches) - len(todo), desc=label, unit="batch",
               disable=not progress) as bar:

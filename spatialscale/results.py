@@ -23,16 +23,22 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "sv_pvalue_adj": (("gene",), "Benjamini-Hochberg adjusted sv_pvalue over genes"),
     "n_isoforms": (("gene",), "isoforms of the gene kept after filtering"),
     "n_spots_used": (("gene",), "spots entering the gene's test"),
+    "du_statistic": (("gene", "covariate"), "differential-usage statistic"),
+    "du_pvalue": (("gene", "covariate"), "differential-usage p-value"),
+    "du_pvalue_adj": (("gene", "covariate"), "Benjamini-Hochberg adjusted du_pvalue over genes, per covariate"),
 }
 
 
-def make_dataset(genes: list[str] | np.ndarray, data: dict[str, np.ndarray], attrs: dict[str, Any]) -> xr.Dataset:
+def make_dataset(genes: list[str] | np.ndarray, data: dict[str, np.ndarray], attrs: dict[str, Any],
+                 covariates: list[str] | None = None) -> xr.Dataset:
     """Build a results Dataset from registry variables.
 
     Parameters
     ----------
     genes
         Gene names (the ``gene`` coordinate).
+    covariates
+        Covariate names (the ``covariate`` coordinate of DU results).
     data
         Variable name -> array; each name must be in :data:`VARIABLES`.
     attrs
@@ -42,7 +48,10 @@ def make_dataset(genes: list[str] | np.ndarray, data: dict[str, np.ndarray], att
     for name, values in data.items():
         dims, doc = VARIABLES[name]
         variables[name] = xr.Variable(dims, np.asarray(values), attrs={"description": doc})
-    ds = xr.Dataset(variables, coords={"gene": np.asarray(genes, dtype=str)})
+    coords = {"gene": np.asarray(genes, dtype=str)}
+    if covariates is not None:
+        coords["covariate"] = np.asarray(covariates, dtype=str)
+    ds = xr.Dataset(variables, coords=coords)
     ds.attrs.update(attrs)
     return ds
 

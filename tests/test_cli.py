@@ -18,7 +18,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("cmd", ["ingest", "sv", "demo", "bench"])
+@pytest.mark.parametrize("cmd", ["ingest", "sv", "du", "demo", "bench"])
 def test_help(cmd):
     r = cli(cmd, "--help")
     assert r.returncode == 0 and "usage: spatialscale" in r.stdout
@@ -39,6 +39,11 @@ def test_ingest_then_sv_on_local_cluster(tmp_path):
     ref = spatialscale.sv_test(spatialscale.open_store(tmp_path / "sample.zarr"), scheduler="threads",
                                progress=False)
     np.testing.assert_allclose(ds["sv_pvalue"].values, ref["sv_pvalue"].values, rtol=1e-12)
+    r = cli("du", str(tmp_path / "sample.zarr"), "--covariates", "region", "--out", str(tmp_path / "du.zarr"),
+            "--workers", "2", "--top", "2")
+    assert r.returncode == 0, r.stderr
+    assert "12 genes x 2 covariates tested" in r.stdout
+    assert xr.open_zarr(tmp_path / "du.zarr")["du_pvalue"].shape == (12, 2)
 
 
 def test_errors_are_named_with_exit_code_2(tmp_path):

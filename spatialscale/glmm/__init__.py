@@ -1,0 +1,11 @@
+"""Multinomial GLM / GLMM for isoform usage (STATISTICS.md section 5).
+
+Pure, batched torch/numpy math: a batch is ``B`` genes with equal isoform
+count, fitted at once; nothing here knows Dask.
+"""
+
+from spatialscale.glmm.glm import fit_glm
+from spatialscale.glmm.likelihood import multinomial_loglik, probabilities
+from spatialscale.glmm.tests import score_test, wald_test
+
+__all__ = ["fit_glm", "multinomial_loglik", "probabilities", "score_test", "wald_test"]
