@@ -1,0 +1,269 @@
+"""Multinomial GLMM with a spatial random effect, fitted for a batch of genes at once.
+
+Model (STATISTICS.md section 5), for one gene with ``p`` isoforms and
+``q = p - 1`` logits against the last isoform::
+
+    Y_i ~ Multinomial(N_i, softmax([eta_i, 0]))
+    eta = X beta + b + nu
+    nu_j ~ N(0, sigma^2 (theta K + (1 - theta) I)),   theta = sigmoid(theta_logit)
+
+With eigenpairs ``K = V diag(lambda) V'`` the covariance has eigenvalues
+``c = sigma^2 (theta lambda + 1 - theta)``; a rank-``r`` ``V`` keeps the
+remaining ``n - r`` directions at the isotropic ``d = sigma^2 (1 - theta)``
+(Woodbury).  ``glmm-null`` fixes ``theta = 0`` (white noise); ``glm`` has
+no ``nu`` (see :mod:`spatialscale.glmm.glm`).
+
+``joint_gd`` maximises the joint log-likelihood of ``(nu, beta, b, theta,
+[sigma])`` with Adam.  Every gene has its own Adam state and stops on its
+own (after ``patience`` epochs without an improvement of at least ``tol``):
+a converged gene no longer changes, so the fit of a gene does not depend on
+the other genes of its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["GLMMConfig", "fit_glmm", "initial_sigma", "neg_log_joint"]
+
+#: total variance sigma^2 is floored at this value in the likelihood (as SPLISOSM)
+VAR_FLOOR = 1e-2
+_PRIOR_DEFAULTS = {"gamma": {"alpha": 2.0, "beta": 0.3}, "inv_gamma": {"alpha": 2.0, "beta": 0.1}}
+
+
+@dataclass(frozen=True)
+class GLMMConfig:
+    """Model and fitting options (defaults follow SPLISOSM's ``SplisosmGLMM``).
+
+    Parameters
+    ----------
+    model
+        ``glmm-full`` (spatial kernel) or ``glmm-null`` (white noise, theta = 0).
+    share_variance
+        One (sigma, theta) per gene (else one per logit).
+    var_fix_sigma
+        Keep sigma at its Fano-factor start value.
+    var_prior
+        ``none``, ``gamma`` (on sigma) or ``inv_gamma`` (on sigma^2).
+    prior_params
+        ``alpha`` / ``beta`` of the prior.
+    init_ratio
+        ``uniform`` (nu = 0) or ``observed`` (nu = observed log-ratios).
+    lr, tol, patience, max_epochs
+        Adam learning rate and the per-gene stopping rule.
+    dtype
+        ``float32`` (as SPLISOSM) or ``float64``.
+    """
+
+    model: str = "glmm-full"
+    share_variance: bool = True
+    var_fix_sigma: bool = True
+    var_prior: str = "none"
+    prior_params: dict = field(default_factory=dict)
+    init_ratio: str = "uniform"
+    lr: float = 1e-2
+    tol: float = 1e-5
+    patience: int = 5
+    max_epochs: int = 500
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        checks = {"model": ("glmm-full", "glmm-null"), "var_prior": ("none", "gamma", "inv_gamma"),
+                  "init_ratio": ("uniform", "observed"), "dtype": ("float32", "float64")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}.")
+        if self.max_epochs < 0 or self.patience < 1 or self.lr <= 0:
+            raise ValueError("max_epochs >= 0, patience >= 1 and lr > 0 are required.")
+
+
+def initial_sigma(counts: np.ndarray) -> np.ndarray:
+    """Fano-factor start ``sqrt(clamp(mean_j var_i(C_ij) / max(mean_i N_i, 1), 1e-4, 0.9))`` per gene."""
+    c = np.asarray(counts, dtype=np.float64)
+    fano = c.var(axis=1, ddof=1).mean(axis=1) / np.maximum(c.sum(axis=2).mean(axis=1), 1.0)
+    return np.sqrt(np.clip(fano, 1e-4, 0.9))
+
+
+def _log_prior(sigma, cfg: GLMMConfig):
+    import torch
+
+    if cfg.var_prior == "none":
+        return torch.zeros(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
+    par = {**_PRIOR_DEFAULTS[cfg.var_prior], **cfg.prior_params}
+    a, b = float(par["alpha"]), float(par["beta"])
+    var = torch.clamp(sigma**2, min=VAR_FLOOR)
+    if cfg.var_prior == "gamma":  # Gamma(a, rate b) on sigma
+        x = var.sqrt()
+        lp = a * math.log(b) - math.lgamma(a) + (a - 1) * torch.log(x) - b * x
+    else:  # InverseGamma(a, scale b) on sigma^2
+        lp = a * math.log(b) - math.lgamma(a) - (a + 1) * torch.log(var) - b / var
+    return lp.sum(-1)
+
+
+def neg_log_joint(params: dict, data: dict, cfg: GLMMConfig):
+    """``-log p(Y, nu | beta, b, sigma, theta)`` per gene, ``(B,)``.
+
+    ``params``: ``nu (B, n, q)``, ``beta (B, F, q)``, ``bias (B, q)``,
+    ``sigma (B, v)``, ``theta_logit (B, v)``.  ``data``: ``counts (B, n, p)``,
+    ``x (n, F)``, ``eigvals (r,)``, ``eigvecs (n, r)`` and ``lgamma_const (B,)``.
+    """
+    import torch
+
+    nu, beta, bias = params["nu"], params["beta"], params["bias"]
+    counts = data["counts"]
+    b, n, q = nu.shape
+    eta = nu + torch.einsum("nf,bfq->bnq", data["x"], beta) + bias[:, None, :]
+    full = torch.cat([eta, torch.zeros(b, n, 1, dtype=eta.dtype, device=eta.device)], dim=-1)
+    loglik = (counts * torch.log_softmax(full, dim=-1)).sum((1, 2)) + data["lgamma_const"]
+
+    var = torch.clamp(params["sigma"] ** 2, min=VAR_FLOOR)  # (B, v)
+    var = var.expand(b, q) if var.shape[1] == 1 else var
+    if cfg.model == "glmm-null":
+        quad = (nu**2).sum(1) / var  # (B, q)
+        logdet = n * torch.log(var)
+    else:
+        theta = torch.sigmoid(params["theta_logit"])
+        theta = theta.expand(b, q) if theta.shape[1] == 1 else theta
+        lam, vec = data["eigvals"], data["eigvecs"]
+        r = lam.shape[0]
+        c = var[..., None] * (theta[..., None] * lam + 1.0 - theta[..., None])  # (B, q, r)
+        proj = torch.einsum("nr,bnq->bqr", vec, nu)
+        quad = (proj**2 / c).sum(-1)
+        logdet = torch.log(c).sum(-1)
+        if r < n:  # isotropic remainder outside the leading eigenvectors
+            d = var * (1.0 - theta)
+            quad = quad + ((nu**2).sum(1) - (proj**2).sum(-1)) / d
+            logdet = logdet + (n - r) * torch.log(d)
+    log_mvn = -0.5 * (n * math.log(2 * math.pi) + logdet + quad).sum(-1)
+    return -(loglik + log_mvn + _log_prior(params["sigma"], cfg))
+
+
+def fit_glmm(
+    counts: np.ndarray,
+    eigvals: np.ndarray | None,
+    eigvecs: np.ndarray | None,
+    *,
+    design: np.ndarray | None = None,
+    config: GLMMConfig | None = None,
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Fit the GLMM of every gene in a batch by ``joint_gd``.
+
+    Parameters
+    ----------
+    counts
+        ``(B, n, p)`` isoform counts.
+    eigvals, eigvecs
+        Leading eigenpairs of the standardised spatial covariance ``K``
+        (``(r,)``, ``(n, r)``; ``r = n`` for the full kernel).  Unused for
+        ``glmm-null``.
+    design
+        ``(n, F)`` fixed-effect covariates (intercepts are always fitted).
+    config
+        :class:`GLMMConfig`.
+    device
+        Torch device.
+
+    Returns
+    -------
+    dict
+        ``nu (B, n, q)``, ``beta (B, F, q)``, ``intercept (B, q)``,
+        ``sigma (B, v)``, ``theta (B, v)``, ``probs (B, n, p)``, ``loss``
+        ``(B,)`` (best negative log joint), ``epochs`` and ``converged`` ``(B,)``.
+    """
+    import torch
+
+    cfg = config or GLMMConfig()
+    dt = torch.float32 if cfg.dtype == "float32" else torch.float64
+    c_np = np.asarray(counts, dtype=np.float64)
+    b, n, p = c_np.shape
+    if p < 2:
+        raise ValueError("the GLMM needs genes with at least two isoforms.")
+    q = p - 1
+    v = 1 if cfg.share_variance else q
+    z = np.zeros((n, 0)) if design is None else np.asarray(design, dtype=np.float64).reshape(n, -1)
+    counts_t = torch.as_tensor(c_np, dtype=dt, device=device)
+    lgamma_const = (torch.lgamma(counts_t.sum(-1) + 1).sum(1) - torch.lgamma(counts_t + 1).sum((1, 2)))
+    data = {"counts": counts_t, "x": torch.as_tensor(z, dtype=dt, device=device), "lgamma_const": lgamma_const}
+    if cfg.model == "glmm-full":
+        if eigvals is None or eigvecs is None:
+            raise ValueError("glmm-full needs the kernel's eigenpairs.")
+        data["eigvals"] = torch.as_tensor(np.asarray(eigvals), dtype=dt, device=device)
+        data["eigvecs"] = torch.as_tensor(np.asarray(eigvecs), dtype=dt, device=device)
+
+    nu0 = np.zeros((b, n, q))
+    if cfg.init_ratio == "observed":
+        props = c_np / (c_np.sum(-1, keepdims=True) + 1e-5)
+        nu0 = np.log((props[..., :-1] + 1e-5) / (props[..., -1:] + 1e-5))
+    params = {
+        "nu": torch.as_tensor(nu0, dtype=dt, device=device),
+        "beta": torch.zeros(b, z.shape[1], q, dtype=dt, device=device),
+        "bias": torch.zeros(b, q, dtype=dt, device=device),
+        "sigma": torch.as_tensor(np.repeat(initial_sigma(c_np)[:, None], v, 1), dtype=dt, device=device),
+        "theta_logit": torch.full((b, v), -3.0, dtype=dt, device=device),
+    }
+    learn = ["nu", "beta", "bias"] + ([] if cfg.model == "glmm-null" else ["theta_logit"])
+    if not cfg.var_fix_sigma:
+        learn.append("sigma")
+    if cfg.model == "glmm-null":
+        params["theta_logit"] = torch.full((b, v), -math.inf, dtype=dt, device=device)
+    for k in learn:
+        params[k].requires_grad_(True)
+
+    # per-gene Adam (torch.optim.Adam's update, with each gene's own step count)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    m = {k: torch.zeros_like(params[k]) for k in learn}
+    s = {k: torch.zeros_like(params[k]) for k in learn}
+    steps = torch.zeros(b, dtype=dt, device=device)
+    best_loss = torch.full((b,), math.inf, dtype=torch.float64, device=device)
+    best = {k: params[k].detach().clone() for k in params}
+    wait = torch.zeros(b, dtype=torch.int64, device=device)
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    epochs = torch.zeros(b, dtype=torch.int64, device=device)
+
+    def shape(mask, like):
+        return mask.view(-1, *([1] * (like.dim() - 1)))
+
+    for _ in range(cfg.max_epochs):
+        if not bool(active.any()):
+            break
+        loss = neg_log_joint(params, data, cfg)
+        grads = torch.autograd.grad(loss.sum(), [params[k] for k in learn])
+        with torch.no_grad():
+            steps += active.to(dt)
+            bc1 = 1 - beta1 ** steps.clamp(min=1)
+            bc2 = 1 - beta2 ** steps.clamp(min=1)
+            for k, g in zip(learn, grads):
+                a = shape(active, g)
+                g = torch.nan_to_num(g)
+                m[k] = torch.where(a, beta1 * m[k] + (1 - beta1) * g, m[k])
+                s[k] = torch.where(a, beta2 * s[k] + (1 - beta2) * g * g, s[k])
+                upd = cfg.lr * (m[k] / shape(bc1, g)) / ((s[k] / shape(bc2, g)).sqrt() + eps)
+                params[k].sub_(torch.where(a, upd, torch.zeros_like(upd)))
+            new = neg_log_joint(params, data, cfg).double()
+            new = torch.where(torch.isfinite(new), new, torch.full_like(new, math.inf))
+            improved = active & (new < best_loss - cfg.tol)
+            for k in params:
+                best[k] = torch.where(shape(improved, params[k]), params[k].detach(), best[k])
+            best_loss = torch.where(improved, new, best_loss)
+            wait = torch.where(improved, torch.zeros_like(wait), wait + active.long())
+            epochs += active.long()
+            active &= (wait < cfg.patience) & torch.isfinite(new)
+
+    with torch.no_grad():
+        eta = best["nu"] + torch.einsum("nf,bfq->bnq", data["x"], best["beta"]) + best["bias"][:, None, :]
+        full = torch.cat([eta, torch.zeros(b, n, 1, dtype=dt, device=device)], dim=-1)
+        probs = torch.softmax(full.double(), dim=-1)
+
+    def out(t):
+        return t.detach().cpu().numpy()
+
+    theta = torch.sigmoid(best["theta_logit"])
+    return {
+        "nu": out(best["nu"]), "beta": out(best["beta"]), "intercept": out(best["bias"]),
+        "sigma": out(best["sigma"].abs()), "theta": out(theta), "probs": out(probs),
+        "loss": out(best_loss), "epochs": out(epochs), "converged": out(~active),
+    }
