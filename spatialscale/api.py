@@ -210,16 +210,37 @@ def sv_test(
 
 
 DU_METHODS = ("glmm-score",)
-DU_MODELS = ("glm",)
+DU_MODELS = ("glm", "glmm-full", "glmm-null")
 
 
-def _du_glm_task(store_path: str, method: str, batch: Batch, z: np.ndarray) -> dict[str, np.ndarray]:
-    """One Dask task: DU score test of the genes of ``batch`` against every covariate."""
-    from spatialscale.glmm import fit_glm, score_test
-
+def _batch_counts(store_path: str, batch: Batch) -> np.ndarray:
     flat = read_count_columns(store_path, batch.col_start, batch.col_stop)
-    counts = flat.reshape(flat.shape[0], batch.n_genes, batch.n_isoforms).transpose(1, 0, 2)
-    fit = fit_glm(counts)
+    return flat.reshape(flat.shape[0], batch.n_genes, batch.n_isoforms).transpose(1, 0, 2)
+
+
+def _fit_batch(store_path: str, token: str, model: str, glmm: dict[str, Any], device: str, counts: np.ndarray,
+               design: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Fit the batch's genes with the GLM or GLMM."""
+    from spatialscale.glmm import fit_glm
+    from spatialscale.glmm.glmm import GLMMConfig, fit_glmm
+    from spatialscale.worker import kernel_eigenpairs, resolve_device
+
+    if model == "glm":
+        return fit_glm(counts, design)
+    lam = vec = None
+    if model == "glmm-full":
+        lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))
+    cfg = GLMMConfig(model=model, **{k: v for k, v in glmm.items() if k != "rank"})
+    return fit_glmm(counts, lam, vec, design=design, config=cfg, device=resolve_device(device))
+
+
+def _du_task(store_path: str, token: str, model: str, glmm: dict[str, Any], device: str, batch: Batch,
+             z: np.ndarray) -> dict[str, np.ndarray]:
+    """One Dask task: fit the null model of the batch's genes, then score-test every covariate."""
+    from spatialscale.glmm import score_test
+
+    counts = _batch_counts(store_path, batch)
+    fit = _fit_batch(store_path, token, model, glmm, device, counts)
     stat, pval = score_test(counts, fit["probs"], z)
     return {"statistic": stat, "pvalue": pval}
 
@@ -230,9 +251,11 @@ def du_test(
     *,
     method: str = "glmm-score",
     model: str = "glm",
+    glmm: dict[str, Any] | None = None,
     client: Any = None,
     scheduler: str | None = None,
     workers: int | None = None,
+    device: str = "cpu",
     batch_memory: int | str = "256MB",
     batch_size: int | None = None,
     out: str | os.PathLike | None = None,
@@ -254,8 +277,15 @@ def du_test(
         model fitted without covariates, ``stat = s' I^-1 s ~ chi2(p - 1)``.
     model
         The null model the score test reads: ``glm`` (multinomial GLM,
-        fitted exactly by IWLS).
-    client, scheduler, workers, batch_memory, batch_size, out, overwrite, progress
+        fitted exactly by IWLS), ``glmm-full`` (spatial random effect) or
+        ``glmm-null`` (white-noise random effect), both by ``joint_gd``.
+    glmm
+        GLMM options: those of :class:`spatialscale.glmm.glmm.GLMMConfig`
+        (``share_variance``, ``var_fix_sigma``, ``var_prior``, ``init_ratio``,
+        ``lr``, ``tol``, ``patience``, ``max_epochs``, ``dtype``) and ``rank``
+        (kernel eigenpairs kept; default all up to 5,000 spots, else
+        ``ceil(4 sqrt(n))`` with the isotropic remainder).
+    client, scheduler, workers, device, batch_memory, batch_size, out, overwrite, progress
         As in :func:`sv_test`.
 
     Returns
@@ -271,14 +301,15 @@ def du_test(
     if not isinstance(store, IsoformStore):
         store = open_store(store)
     names, z = resolve_covariates(store.obs(), covariates)
+    glmm = _glmm_options(store, model, glmm)
     n = store.n_spots
-    params = {"method": method, "model": model}
-    task = functools.partial(_du_glm_task, str(store.path.resolve()), method)
+    params = {"method": method, "model": model, "glmm": glmm}
+    task = functools.partial(_du_task, str(store.path.resolve()), store.kernel_token, model, glmm, device)
     f = z.shape[1]
     run = _execute(store, kind="du", params=params, task=task,
-                   bytes_per_gene=lambda p: 8.0 * n * (4 * p + p * p + f),
+                   bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + f),
                    batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
-                   workers=workers, device="cpu", out=out, overwrite=overwrite, progress=progress,
+                   workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
                    label=f"du {method}", shared=z,
                    fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
     if run.existing is not None:
@@ -289,8 +320,31 @@ def du_test(
         store.genes.index.to_numpy(),
         {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
          "n_isoforms": store.genes["n_isoforms"].to_numpy()},
-        {"test": "differential_usage", "method": method, "model": model, **_provenance(store),
+        {"test": "differential_usage", "method": method, "model": model,
+         **{f"glmm_{k}": v for k, v in glmm.items() if v is not None}, **_provenance(store),
          "execution": run.kind},
         covariates=names,
     )
     return _finish(ds, out, run.fp)
+
+
+def _glmm_options(store: IsoformStore, model: str, glmm: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate GLMM options and make sure the eigenpairs a GLMM needs are in the store."""
+    from spatialscale.glmm.glmm import GLMMConfig
+
+    opts = dict(glmm or {})
+    if model == "glm":
+        if opts:
+            raise InputError(f"model='glm' takes no GLMM options (got {sorted(opts)}).")
+        return opts
+    rank = opts.pop("rank", None)
+    try:
+        GLMMConfig(model=model, **opts)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"invalid GLMM options: {exc}") from exc
+    if model == "glmm-full":
+        from spatialscale.kernel import default_rank
+
+        rank = default_rank(store.n_spots) if rank is None else min(int(rank), store.n_spots)
+        store.eigenpairs(rank)  # computed once, on the client, before any task needs them
+    return {**opts, "rank": rank}

@@ -32,6 +32,8 @@ __all__ = [
     "build_kernel",
     "SparseCAROperator",
     "DenseKernelOperator",
+    "kernel_eigenpairs",
+    "default_rank",
 ]
 
 #: Eigenvalue floor below which a kernel or feature eigenvalue counts as zero.
@@ -315,9 +317,7 @@ def standardised_precision(m: scipy.sparse.spmatrix) -> scipy.sparse.csr_matrix:
 
 def _dense_centred_kernel(precision: scipy.sparse.spmatrix) -> np.ndarray:
     """Dense ``H precision^-1 H`` (small sections only)."""
-    m = precision.toarray()
-    k = scipy.linalg.cho_solve(scipy.linalg.cho_factor(m, lower=True), np.eye(m.shape[0]))
-    k = 0.5 * (k + k.T)
+    k = _dense_kernel(precision)
     k -= k.mean(axis=0, keepdims=True)
     k -= k.mean(axis=1, keepdims=True)
     return k
@@ -481,3 +481,47 @@ class DenseKernelOperator:
 
         yt = torch.as_tensor(np.asarray(yc, dtype=np.float64), device=self.device)
         return torch.einsum("ij,ij->j", yt, self._k @ yt).cpu().numpy()
+
+
+def default_rank(n: int, exact_threshold: int = 5000) -> int:
+    """Eigenpairs kept for the GLMM: all up to ``exact_threshold`` spots, else ``ceil(4 sqrt(n))``."""
+    return n if n <= exact_threshold else int(np.ceil(4.0 * np.sqrt(n)))
+
+
+def kernel_eigenpairs(precision: scipy.sparse.spmatrix, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Leading eigenpairs of the covariance ``K = precision^-1`` (uncentred).
+
+    Parameters
+    ----------
+    precision
+        Sparse SPD precision of the (standardised) covariance.
+    rank
+        Eigenpairs to keep; ``None`` or ``>= n`` gives all of them from a dense
+        decomposition, otherwise the ``rank`` largest come from shift-invert
+        Lanczos on the sparse precision (its smallest eigenvalues).
+
+    Returns
+    -------
+    eigvals, eigvecs
+        ``(r,)`` in descending order and ``(n, r)``.
+    """
+    n = precision.shape[0]
+    if rank is None or rank >= n - 1:
+        k = _dense_kernel(precision)
+        lam, vec = np.linalg.eigh(k)
+    else:
+        mu, vec = scipy.sparse.linalg.eigsh(scipy.sparse.csc_matrix(precision), k=int(rank), sigma=0.0, which="LM",
+                                            v0=np.ones(n) / np.sqrt(n))
+        lam = 1.0 / mu
+    order = np.argsort(lam)[::-1]
+    vec = vec[:, order]
+    # a deterministic sign per eigenvector (largest-magnitude entry positive)
+    signs = np.sign(vec[np.argmax(np.abs(vec), axis=0), np.arange(vec.shape[1])])
+    return lam[order], vec * np.where(signs == 0, 1.0, signs)
+
+
+def _dense_kernel(precision: scipy.sparse.spmatrix) -> np.ndarray:
+    """Dense ``precision^-1`` (small sections only)."""
+    m = precision.toarray()
+    k = scipy.linalg.cho_solve(scipy.linalg.cho_factor(m, lower=True), np.eye(m.shape[0]))
+    return 0.5 * (k + k.T)

@@ -523,6 +523,38 @@ class IsoformStore:
 
         return read_elem(self._group()["obs"])
 
+    def eigenpairs(self, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Leading eigenpairs of the section's covariance, computed once and kept in the store.
+
+        Parameters
+        ----------
+        rank
+            ``None``: all eigenpairs up to 5,000 spots, else ``ceil(4 sqrt(n))``
+            (see :func:`spatialscale.kernel.default_rank`).
+
+        Returns
+        -------
+        eigvals, eigvecs
+            ``(r,)`` descending and ``(n, r)``; stored as
+            ``uns/spatialscale_eigvals_r<r>`` and ``obsm/spatialscale_eigvecs_r<r>``.
+        """
+        import zarr
+
+        from spatialscale.kernel import default_rank, kernel_eigenpairs
+
+        r = min(int(rank), self.n_spots) if rank is not None else default_rank(self.n_spots)
+        vals_key, vecs_key = f"uns/spatialscale_eigvals_r{r}", f"obsm/spatialscale_eigvecs_r{r}"
+        root = zarr.open_group(str(self.path), mode="r", use_consolidated=False)
+        if vals_key in root and vecs_key in root:
+            return np.asarray(root[vals_key][:]), np.asarray(root[vecs_key][:])
+        lam, vec = kernel_eigenpairs(self.precision(), None if r >= self.n_spots else r)
+        _write_array_atomic(self.path, vecs_key, vec)
+        _write_array_atomic(self.path, vals_key, lam)  # written last: its presence marks both complete
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(str(self.path))
+        return lam, vec
+
     def precision(self) -> scipy.sparse.csr_matrix:
         """The standardised CAR precision of the section."""
         from anndata.io import read_elem
@@ -578,3 +610,23 @@ def read_count_columns(store_path: str | os.PathLike, start: int, stop: int) -> 
 
     arr = zarr.open_array(str(Path(store_path) / "layers" / "counts"), mode="r")
     return np.asarray(arr[:, start:stop], dtype=np.float64)
+
+
+def _write_array_atomic(store_path: Path, key: str, values: np.ndarray) -> None:
+    """Write one AnnData-encoded array into the store: temporary name, then rename."""
+    import zarr
+
+    final = Path(store_path) / key
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    rel = str(tmp.relative_to(store_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = zarr.open_group(str(store_path), mode="a", use_consolidated=False)
+        arr = root.create_array(rel, shape=values.shape, dtype=values.dtype,
+                                chunks=(values.shape[0],) + values.shape[1:2])
+        arr[...] = values
+        arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    if final.exists():
+        shutil.rmtree(tmp, ignore_errors=True)  # another worker got there first
+        return
+    os.replace(tmp, final)

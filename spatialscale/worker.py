@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["resolve_device", "kernel_operator", "DENSE_GPU_MAX_SPOTS"]
+__all__ = ["resolve_device", "kernel_operator", "kernel_eigenpairs", "DENSE_GPU_MAX_SPOTS"]
 
 #: largest section whose dense centred kernel is put on a GPU
 DENSE_GPU_MAX_SPOTS = 40_000
@@ -78,3 +78,19 @@ def _load(store_path: str, token: str, device: str) -> tuple[Any, np.ndarray]:
             stacklevel=2,
         )
     return SparseCAROperator(precision), sums
+
+
+def kernel_eigenpairs(store_path: str, token: str, rank: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The section's kernel eigenpairs (already written to the store), cached per process."""
+    with _lock:
+        return _load_eigenpairs(str(store_path), token, rank)
+
+
+@lru_cache(maxsize=2)
+def _load_eigenpairs(store_path: str, token: str, rank: int | None) -> tuple[np.ndarray, np.ndarray]:
+    from spatialscale.store import open_store
+
+    store = open_store(store_path)
+    if store.kernel_token != token:
+        raise RuntimeError(f"the kernel in {store_path} changed during the run; restart it.")
+    return store.eigenpairs(rank)

@@ -1,0 +1,128 @@
+"""Multinomial GLMM (joint_gd) against SPLISOSM 1.2.0 and known truth."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import spatialscale
+from spatialscale import InputError
+from spatialscale.glmm.glmm import GLMMConfig, fit_glmm, neg_log_joint
+from spatialscale.kernel import build_kernel, kernel_eigenpairs
+from spatialscale.simulate import simulate_section
+
+splisosm = pytest.importorskip("splisosm")
+
+
+@pytest.fixture(scope="module")
+def section(tmp_path_factory):
+    adata = simulate_section(400, 16, n_sv=4, n_du=6, effect=1.0, isoforms=(2, 4), seed=2)
+    store = spatialscale.ingest(adata, tmp_path_factory.mktemp("glmm") / "s.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = splisosm.SplisosmGLMM(model_type="glmm-full")
+        ref.setup_data(adata, design_mtx=["celltype", "rbp"], group_iso_by="gene_symbol")
+        ref.fit(print_progress=False, batch_size=1)
+        ref.test_differential_usage(method="score", print_progress=False)
+    return adata, store, ref
+
+
+def _their_params(model):
+    return {k: getattr(model, a).detach().double() for k, a in
+            [("nu", "nu"), ("beta", "beta"), ("bias", "bias_eta"), ("sigma", "sigma"), ("theta_logit", "theta_logit")]}
+
+
+def test_objective_is_splisosms_and_fit_at_least_as_good(section):
+    adata, store, ref = section
+    lam, vec = store.eigenpairs()
+    for i, model in enumerate(ref.get_fitted_models()):
+        counts = ref._get_gene_counts(i).to_dense().numpy().astype(float)
+        with torch.no_grad():
+            theirs = -float(model())
+        ct = torch.tensor(counts)
+        data = {"counts": ct, "x": torch.zeros(counts.shape[1], 0, dtype=torch.float64),
+                "lgamma_const": torch.lgamma(ct.sum(-1) + 1).sum(1) - torch.lgamma(ct + 1).sum((1, 2)),
+                "eigvals": torch.tensor(lam), "eigvecs": torch.tensor(vec)}
+        # the same objective: ours evaluated at SPLISOSM's optimum equals SPLISOSM's own value
+        np.testing.assert_allclose(float(neg_log_joint(_their_params(model), data, GLMMConfig())), theirs, rtol=1e-5)
+        ours = float(fit_glmm(counts, lam, vec)["loss"][0])
+        assert ours <= theirs * (1 + 1e-3)
+
+
+def test_du_score_matches_splisosm(section):
+    adata, store, ref = section
+    from scipy.stats import spearmanr
+
+    ds = spatialscale.du_test(store, ["celltype", "rbp"], model="glmm-full", scheduler="threads", progress=False)
+    names = [str(g) for g in ref.gene_names]
+    ours = ds["du_pvalue"].to_pandas().loc[names].to_numpy().ravel()
+    theirs = np.maximum(ref._du_test_results["pvalue"].numpy().ravel(), 1e-300)
+    assert spearmanr(-np.log10(ours), -np.log10(theirs)).statistic >= 0.98
+    np.testing.assert_allclose(ds["du_statistic"].to_pandas().loc[names].to_numpy(),
+                               ref._du_test_results["statistic"].numpy(), rtol=2e-2, atol=1e-3)
+
+
+def test_glmm_fit_is_batch_invariant_and_converged_genes_stop(section):
+    adata, store, _ = section
+    lam, vec = store.eigenpairs()
+    counts = np.stack([store.gene_counts(g) for g in store.genes.index[store.genes["n_isoforms"] == 2]])
+    cfg = GLMMConfig(max_epochs=150, patience=3, tol=1.0, dtype="float64")
+    together = fit_glmm(counts, lam, vec, config=cfg)
+    alone = fit_glmm(counts[:1], lam, vec, config=cfg)
+    np.testing.assert_allclose(together["loss"][0], alone["loss"][0], rtol=1e-10)
+    np.testing.assert_allclose(together["nu"][0], alone["nu"][0], atol=1e-8)
+    done = together["converged"]
+    assert done.any() and (together["epochs"][done] < 150).all()
+    # a converged gene no longer changes, however long its batch-mates keep going
+    longer = fit_glmm(counts, lam, vec, config=GLMMConfig(max_epochs=400, patience=3, tol=1.0, dtype="float64"))
+    np.testing.assert_array_equal(longer["nu"][done], together["nu"][done])
+    np.testing.assert_array_equal(longer["epochs"][done], together["epochs"][done])
+
+
+def test_gradient_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3.0, size=(2, 30, 3)).astype(float)
+    kern = build_kernel(rng.uniform(0, 6, (30, 2)))
+    lam, vec = kernel_eigenpairs(kern.precision)
+    ct = torch.tensor(counts)
+    data = {"counts": ct, "x": torch.zeros(30, 0, dtype=torch.float64), "lgamma_const": torch.zeros(2),
+            "eigvals": torch.tensor(lam), "eigvecs": torch.tensor(vec)}
+    params = {"nu": torch.tensor(rng.normal(0, 0.3, (2, 30, 2)), requires_grad=True),
+              "beta": torch.zeros(2, 0, 2, dtype=torch.float64), "bias": torch.zeros(2, 2, dtype=torch.float64),
+              "sigma": torch.full((2, 1), 0.5, dtype=torch.float64),
+              "theta_logit": torch.tensor([[0.3], [-1.0]], dtype=torch.float64, requires_grad=True)}
+    cfg = GLMMConfig()
+    assert torch.autograd.gradcheck(lambda nu, th: neg_log_joint({**params, "nu": nu, "theta_logit": th}, data, cfg),
+                                    (params["nu"], params["theta_logit"]))
+    # low rank with the isotropic remainder equals the full kernel when all eigenpairs are kept
+    low = {**data, "eigvals": data["eigvals"][:29], "eigvecs": data["eigvecs"][:, :29]}
+    full_val = neg_log_joint(params, data, cfg)
+    assert torch.all(torch.abs(neg_log_joint(params, low, cfg) - full_val) < 5.0)
+
+
+def test_glmm_options_are_checked(section, tmp_path):
+    _, store, _ = section
+    with pytest.raises(InputError, match="GLMM options"):
+        spatialscale.du_test(store, "rbp", model="glmm-full", glmm={"init_ratio": "random"}, out=tmp_path / "o.zarr")
+    with pytest.raises(InputError, match="unknown model"):
+        spatialscale.du_test(store, "rbp", model="glmm-xx", out=tmp_path / "o.zarr")
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_glmm_score_test_is_not_anti_conservative(tmp_path):
+    """SPLISOSM's GLMM score test ignores that nu was fitted (no nuisance adjustment of the
+    information), so with a random effect it is conservative; it must never be anti-conservative.
+    The GLM score test, which has no random effect, is calibrated (test_glm.py)."""
+    adata = simulate_section(225, 120, n_sv=0, isoforms=(3, 3), mean_depth=10, seed=9)
+    store = spatialscale.ingest(adata, tmp_path / "null.zarr")
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(store.n_spots, 10))  # 1200 null gene x covariate pairs
+    ds = spatialscale.du_test(store, z, model="glmm-null", glmm={"max_epochs": 200}, scheduler="threads",
+                              progress=False)
+    frac = float((ds["du_pvalue"] < 0.05).mean())
+    assert frac <= 0.07, frac
+    glm = spatialscale.du_test(store, z, model="glm", scheduler="threads", progress=False)
+    assert 0.03 <= float((glm["du_pvalue"] < 0.05).mean()) <= 0.07
