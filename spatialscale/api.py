@@ -119,16 +119,20 @@ def sv_test(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    glmm: dict[str, Any] | None = None,
 ) -> xr.Dataset:
-    """Test every gene of a section for spatial variability (HSIC).
+    """Test every gene of a section for spatial variability (HSIC or GLMM likelihood ratio).
 
     Parameters
     ----------
     store
         An opened store or its path.
     method
-        ``hsic-ir`` (isoform ratios), ``hsic-ic`` (isoform counts) or
-        ``hsic-gc`` (gene counts).
+        ``hsic-ir`` (isoform ratios), ``hsic-ic`` (isoform counts),
+        ``hsic-gc`` (gene counts), or ``glmm-llr``: ``2 (l_full - l_null)``
+        of the Laplace marginal likelihoods of glmm-full and glmm-null
+        (``~ chi2(1)``, or ``chi2(p-1)`` without shared variance; dense in
+        ``n q``, so for sections of a few thousand spots).
     null
         ``liu`` (default), ``welch`` or ``perm``.
     transformation
@@ -155,6 +159,8 @@ def sv_test(
         Replace ``out`` if it holds other results.
     progress
         Show a progress bar of batches.
+    glmm
+        GLMM options for ``glmm-llr`` (see :func:`du_test`).
 
     Returns
     -------
@@ -162,7 +168,11 @@ def sv_test(
         ``sv_statistic``, ``sv_pvalue``, ``sv_pvalue_adj``, ``n_isoforms`` and
         ``n_spots_used`` over ``gene``, with provenance attributes.
     """
-    _check_choice("method", method, SV_METHODS)
+    _check_choice("method", method, SV_METHODS + ("glmm-llr",))
+    if method == "glmm-llr":
+        return _sv_llr(store, glmm=glmm, client=client, scheduler=scheduler, workers=workers, device=device,
+                       batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
+                       progress=progress)
     _check_choice("null", null, NULLS)
     _check_choice("transformation", transformation, TRANSFORMS)
     _check_choice("nan_filling", nan_filling, NAN_FILLINGS)
@@ -209,7 +219,7 @@ def sv_test(
     return _finish(ds, out, run.fp)
 
 
-DU_METHODS = ("glmm-score",)
+DU_METHODS = ("glmm-score", "glmm-wald")
 DU_MODELS = ("glm", "glmm-full", "glmm-null")
 
 
@@ -234,15 +244,38 @@ def _fit_batch(store_path: str, token: str, model: str, glmm: dict[str, Any], de
     return fit_glmm(counts, lam, vec, design=design, config=cfg, device=resolve_device(device))
 
 
-def _du_task(store_path: str, token: str, model: str, glmm: dict[str, Any], device: str, batch: Batch,
-             z: np.ndarray) -> dict[str, np.ndarray]:
-    """One Dask task: fit the null model of the batch's genes, then score-test every covariate."""
-    from spatialscale.glmm import score_test
+def _du_task(store_path: str, token: str, method: str, model: str, glmm: dict[str, Any], device: str,
+             batch: Batch, z: np.ndarray) -> dict[str, np.ndarray]:
+    """One Dask task: score test (fit without covariates) or Wald test (fit with them) of every covariate."""
+    from spatialscale.glmm import score_test, wald_test
 
     counts = _batch_counts(store_path, batch)
-    fit = _fit_batch(store_path, token, model, glmm, device, counts)
-    stat, pval = score_test(counts, fit["probs"], z)
+    if method == "glmm-score":
+        fit = _fit_batch(store_path, token, model, glmm, device, counts)
+        stat, pval = score_test(counts, fit["probs"], z)
+    else:
+        fit = _fit_batch(store_path, token, model, glmm, device, counts, design=z)
+        stat, pval = wald_test(counts, fit["probs"], z, fit["beta"])
     return {"statistic": stat, "pvalue": pval}
+
+
+def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str,
+                 batch: Batch) -> dict[str, np.ndarray]:
+    """One Dask task: fit glmm-null and glmm-full, compare their Laplace marginal likelihoods."""
+    from spatialscale.glmm import llr_test
+    from spatialscale.glmm.glmm import GLMMConfig, laplace_log_marginal
+    from spatialscale.worker import kernel_eigenpairs
+
+    counts = _batch_counts(store_path, batch)
+    lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))
+    opts = {k: v for k, v in glmm.items() if k != "rank"}
+    marg = {}
+    for model in ("glmm-null", "glmm-full"):
+        fit = _fit_batch(store_path, token, model, glmm, device, counts)
+        marg[model] = laplace_log_marginal(fit, counts, lam, vec, config=GLMMConfig(model=model, **opts))
+    df = 1 if opts.get("share_variance", True) else batch.n_isoforms - 1
+    stat, pval = llr_test(marg["glmm-full"], marg["glmm-null"], df)
+    return {"statistic": stat, "pvalue": pval, "n_spots_used": np.full(batch.n_genes, counts.shape[1])}
 
 
 def du_test(
@@ -274,7 +307,9 @@ def du_test(
         per spot.
     method
         ``glmm-score``: score test of each covariate against the multinomial
-        model fitted without covariates, ``stat = s' I^-1 s ~ chi2(p - 1)``.
+        model fitted without covariates, ``stat = s' I^-1 s ~ chi2(p - 1)``;
+        ``glmm-wald``: Wald test ``beta' I beta ~ chi2(p - 1)`` of each
+        covariate in the model fitted with all of them.
     model
         The null model the score test reads: ``glm`` (multinomial GLM,
         fitted exactly by IWLS), ``glmm-full`` (spatial random effect) or
@@ -304,7 +339,7 @@ def du_test(
     glmm = _glmm_options(store, model, glmm)
     n = store.n_spots
     params = {"method": method, "model": model, "glmm": glmm}
-    task = functools.partial(_du_task, str(store.path.resolve()), store.kernel_token, model, glmm, device)
+    task = functools.partial(_du_task, str(store.path.resolve()), store.kernel_token, method, model, glmm, device)
     f = z.shape[1]
     run = _execute(store, kind="du", params=params, task=task,
                    bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + f),
@@ -348,3 +383,29 @@ def _glmm_options(store: IsoformStore, model: str, glmm: dict[str, Any] | None) 
         rank = default_rank(store.n_spots) if rank is None else min(int(rank), store.n_spots)
         store.eigenpairs(rank)  # computed once, on the client, before any task needs them
     return {**opts, "rank": rank}
+
+
+def _sv_llr(store: IsoformStore | str | os.PathLike, *, glmm: dict[str, Any] | None, client: Any,
+            scheduler: str | None, workers: int | None, device: str, batch_memory: int | str,
+            batch_size: int | None, out: str | os.PathLike | None, overwrite: bool, progress: bool) -> xr.Dataset:
+    if not isinstance(store, IsoformStore):
+        store = open_store(store)
+    glmm = _glmm_options(store, "glmm-full", glmm)
+    n = store.n_spots
+    task = functools.partial(_sv_llr_task, str(store.path.resolve()), store.kernel_token, glmm, device)
+    run = _execute(store, kind="sv", params={"method": "glmm-llr", "glmm": glmm}, task=task,
+                   bytes_per_gene=lambda p: 8.0 * (n * (p - 1)) ** 2 * 3, batch_memory=batch_memory,
+                   batch_size=batch_size, client=client, scheduler=scheduler, workers=workers, device=device,
+                   out=out, overwrite=overwrite, progress=progress, label="sv glmm-llr")
+    if run.existing is not None:
+        return run.existing
+    data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
+    ds = make_dataset(
+        store.genes.index.to_numpy(),
+        {"sv_statistic": data["statistic"], "sv_pvalue": data["pvalue"], "sv_pvalue_adj": bh_adjust(data["pvalue"]),
+         "n_isoforms": store.genes["n_isoforms"].to_numpy(), "n_spots_used": data["n_spots_used"]},
+        {"test": "spatial_variability", "method": "glmm-llr", **{f"glmm_{k}": v for k, v in glmm.items()
+                                                                  if v is not None},
+         **_provenance(store), "execution": run.kind},
+    )
+    return _finish(ds, out, run.fp)

@@ -126,3 +126,34 @@ def test_glmm_score_test_is_not_anti_conservative(tmp_path):
     assert frac <= 0.07, frac
     glm = spatialscale.du_test(store, z, model="glm", scheduler="threads", progress=False)
     assert 0.03 <= float((glm["du_pvalue"] < 0.05).mean()) <= 0.07
+
+
+def test_sv_llr_separates_spatial_genes(tmp_path):
+    adata = simulate_section(225, 12, n_sv=5, n_du=3, effect=1.5, isoforms=(2, 3), seed=3)
+    store = spatialscale.ingest(adata, tmp_path / "llr.zarr")
+    ds = spatialscale.sv_test(store, method="glmm-llr", scheduler="threads", progress=False)
+    from spatialscale.simulate import truth
+
+    is_sv = truth(adata).reindex(ds["gene"].values).to_numpy()
+    stat = ds["sv_statistic"].values
+    assert stat[is_sv].min() > stat[~is_sv].max()
+    assert ds.attrs["method"] == "glmm-llr"
+    assert (ds["sv_pvalue"].values[is_sv] < 1e-3).all()
+
+
+def test_wald_matches_splisosm_glm(tmp_path):
+    adata = simulate_section(300, 20, n_sv=0, n_du=8, effect=1.2, isoforms=(2, 3), seed=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = splisosm.SplisosmGLMM(model_type="glm", fitting_method="iwls")
+        ref.setup_data(adata, design_mtx=["rbp"], group_iso_by="gene_symbol")
+        ref.fit(print_progress=False, with_design_mtx=True)
+        ref.test_differential_usage(method="wald", print_progress=False)
+    store = spatialscale.ingest(adata, tmp_path / "w.zarr")
+    ds = spatialscale.du_test(store, ["rbp"], method="glmm-wald", scheduler="threads", progress=False)
+    names = [str(g) for g in ref.gene_names]
+    from scipy.stats import spearmanr
+
+    ours = ds["du_pvalue"].to_pandas().loc[names].to_numpy()[:, 0]
+    theirs = np.maximum(np.asarray(ref._du_test_results["pvalue"])[:, 0], 1e-300)
+    assert spearmanr(-np.log10(ours), -np.log10(theirs)).statistic > 0.99

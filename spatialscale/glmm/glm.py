@@ -88,7 +88,8 @@ def fit_glm(
         c, k = counts[active], coef[active]
         g = gradient(c, x, k).reshape(-1, f * q)
         h = -hessian(c, x, k) + ridge * np.eye(f * q)
-        step = np.linalg.solve(h, g[..., None])[..., 0].reshape(-1, f, q)
+        # pseudo-inverse: designs with every level of a factor plus the intercept are collinear
+        step = np.einsum("bij,bj->bi", np.linalg.pinv(h, rcond=1e-12, hermitian=True), g).reshape(-1, f, q)
         coef[active] = k + step
         iterations[active] += 1
         converged[active] = np.max(np.abs(step), axis=(1, 2)) < tol

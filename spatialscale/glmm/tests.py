@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-__all__ = ["score_test", "wald_test", "covariate_information"]
+__all__ = ["score_test", "wald_test", "llr_test", "covariate_information"]
 
 #: added to the information matrix's diagonal (keeps SPLISOSM's numbers)
 _JITTER = 1e-5
 
 
-def covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """Per covariate ``I_f = sum_i z_if^2 N_i (diag p_i - p_i p_i') + 1e-5 I``.
+def covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, jitter: float = _JITTER) -> np.ndarray:
+    """Per covariate ``I_f = sum_i z_if^2 N_i (diag p_i - p_i p_i') + jitter I``.
 
     Returns ``(B, F, q, q)`` for ``counts`` ``(B, n, p)``, fitted ``probs``
     ``(B, n, p)`` and covariates ``z`` ``(n, F)``.
@@ -21,7 +21,7 @@ def covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.ndarray) 
     q = pq.shape[-1]
     w = np.einsum("bnq,qr->bnqr", pq, np.eye(q)) - np.einsum("bnq,bnr->bnqr", pq, pq)
     info = np.einsum("nf,bn,bnqr->bfqr", z**2, counts.sum(-1), w)
-    return info + _JITTER * np.eye(q)
+    return info + jitter * np.eye(q)
 
 
 def score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +53,28 @@ def score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray) -> tuple[np
     return stat, stats.chi2.sf(stat, counts.shape[-1] - 1)
 
 
-def wald_test(beta: np.ndarray, info: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Wald test ``beta_f' I_f beta_f ~ chi2(q)`` for ``beta`` ``(B, F, q)``, ``info`` ``(B, F, q, q)``."""
+def wald_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Wald test of each covariate of a model fitted with them.
+
+    ``stat = beta_f' I_f beta_f ~ chi2(q)`` with ``I_f`` the covariate's block
+    of the fitted model's information (as SPLISOSM, without the cross terms).
+
+    Parameters
+    ----------
+    counts, probs
+        ``(B, n, p)`` counts and fitted probabilities.
+    z
+        ``(n, F)`` covariates of the fit.
+    beta
+        ``(B, F, q)`` fitted coefficients.
+    """
+    info = covariate_information(np.asarray(counts, dtype=np.float64), probs, np.asarray(z, dtype=np.float64),
+                                 jitter=0.0)
     stat = np.einsum("bfq,bfqr,bfr->bf", beta, info, beta)
     return stat, stats.chi2.sf(stat, beta.shape[-1])
+
+
+def llr_test(log_marginal_full: np.ndarray, log_marginal_null: np.ndarray, df: int) -> tuple[np.ndarray, np.ndarray]:
+    """Spatial-variability likelihood ratio ``2 (l_full - l_null) ~ chi2(df)``."""
+    stat = 2.0 * (np.asarray(log_marginal_full) - np.asarray(log_marginal_null))
+    return stat, stats.chi2.sf(np.maximum(stat, 0.0), df)
