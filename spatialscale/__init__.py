@@ -10,9 +10,12 @@ a GPU or a cluster::
 """
 
 from spatialscale._version import __version__
-from spatialscale.api import du_test, sv_test
+from spatialscale.api import du_test, fitted_ratios, glmm_fit, sv_test
 from spatialscale.errors import InputError
 from spatialscale.results import open_results
 from spatialscale.store import IsoformStore, ingest, open_store
 
-__all__ = ["__version__", "InputError", "IsoformStore", "du_test", "ingest", "open_results", "open_store", "sv_test"]
+__all__ = [
+    "__version__", "InputError", "IsoformStore", "du_test", "fitted_ratios", "glmm_fit", "ingest", "open_results",
+    "open_store", "sv_test",
+]

@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Test every gene of an isoform store for spatial variability.")
     p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
     p.add_argument("--out", required=True, help="results zarr (resumes if interrupted)")
-    p.add_argument("--method", default="hsic-ir", help="hsic-ir | hsic-ic | hsic-gc (default hsic-ir)")
+    p.add_argument("--method", default="hsic-ir", help="hsic-ir | hsic-ic | hsic-gc | glmm-llr (default hsic-ir)")
     p.add_argument("--null", default="liu", help="liu | welch | perm (default liu)")
     p.add_argument("--transformation", default="none", help="hsic-ir ratios: none | clr | ilr | alr | radial")
     p.add_argument("--nan-filling", default="mean", help="mean | none (spots where a gene has no counts)")
@@ -64,13 +64,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="print the N most significant genes (10)")
     _add_execution(p)
 
+    p = sub.add_parser("glmm", help="fit the multinomial GLM / GLMM of every gene",
+                       description="Fit the multinomial GLM or GLMM of every gene; save the parameters.")
+    p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
+    p.add_argument("--out", required=True, help="results zarr of the fitted parameters")
+    p.add_argument("--model", default="glmm-full", help="glmm-full | glmm-null | glm (default glmm-full)")
+    p.add_argument("--fit", default=None, help="joint_gd (GLMM) | iwls, newton (GLM)")
+    p.add_argument("--covariates", default=None, help="fixed effects: obs columns, comma separated")
+    p.add_argument("--max-epochs", type=int, default=None, help="GLMM epochs at most (500)")
+    p.add_argument("--with-nu", action="store_true", help="also save the random effect nu")
+    p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
+    _add_execution(p)
+
     p = sub.add_parser("du", help="differential isoform usage: every gene x covariate",
                        description="Test every gene x covariate pair for differential isoform usage.")
     p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
     p.add_argument("--covariates", required=True, help="obs columns, comma separated (categorical: one-hot)")
     p.add_argument("--out", required=True, help="results zarr (resumes if interrupted)")
-    p.add_argument("--method", default="glmm-score", help="glmm-score (default)")
-    p.add_argument("--model", default="glm", help="null model of the score test: glm (default)")
+    p.add_argument("--method", default="glmm-score", help="glmm-score (default) | glmm-wald")
+    p.add_argument("--model", default="glm", help="glm (default) | glmm-full | glmm-null")
+    p.add_argument("--max-epochs", type=int, default=None, help="GLMM epochs at most (500)")
     p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
     p.add_argument("--top", type=int, default=10, help="print the N most significant pairs (10)")
     _add_execution(p)
@@ -97,6 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _glmm_opts(args: argparse.Namespace) -> dict | None:
+    """GLMM options given on the command line (None for the GLM)."""
+    if getattr(args, "model", "glm") == "glm":
+        return None
+    return {"max_epochs": args.max_epochs} if getattr(args, "max_epochs", None) else None
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "ingest":
         from spatialscale.store import ingest
@@ -121,21 +141,32 @@ def _run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, progress=not args.no_progress,
         )
         n_sig = int((ds["sv_pvalue_adj"] < 0.05).sum())
-        print(f"{ds.sizes['gene']} genes tested ({args.method}, {args.null} null); "
+        how = args.method if args.method == "glmm-llr" else f"{args.method}, {args.null} null"
+        print(f"{ds.sizes['gene']} genes tested ({how}); "
               f"{n_sig} with BH-adjusted p < 0.05; results in {args.out}")
         if args.top:
             print(ds[["sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms"]].to_dataframe()
                   .nsmallest(args.top, "sv_pvalue").to_string())
         return 0
+    if args.command == "glmm":
+        from spatialscale.api import glmm_fit
+
+        ds = glmm_fit(
+            args.store, model=args.model, fit=args.fit, covariates=args.covariates,
+            glmm=_glmm_opts(args), return_nu=args.with_nu, scheduler=args.scheduler, workers=args.workers,
+            device=args.device, batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out,
+            overwrite=args.overwrite, progress=not args.no_progress,
+        )
+        print(f"fitted {args.model} for {ds.sizes['gene']} genes; {int(ds['converged'].sum())} converged; "
+              f"results in {args.out}")
+        return 0
     if args.command == "du":
         from spatialscale.api import du_test
 
-        if args.device != "cpu":
-            print("spatialscale du: note: the GLM score test runs on CPU workers", file=sys.stderr)
         ds = du_test(
-            args.store, args.covariates, method=args.method, model=args.model, scheduler=args.scheduler,
-            workers=args.workers, batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out,
-            overwrite=args.overwrite, progress=not args.no_progress,
+            args.store, args.covariates, method=args.method, model=args.model, glmm=_glmm_opts(args),
+            scheduler=args.scheduler, workers=args.workers, device=args.device, batch_memory=args.batch_memory,
+            batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, progress=not args.no_progress,
         )
         n_sig = int((ds["du_pvalue_adj"] < 0.05).sum())
         print(f"{ds.sizes['gene']} genes x {ds.sizes['covariate']} covariates tested ({args.method}); "

@@ -26,11 +26,20 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "du_statistic": (("gene", "covariate"), "differential-usage statistic"),
     "du_pvalue": (("gene", "covariate"), "differential-usage p-value"),
     "du_pvalue_adj": (("gene", "covariate"), "Benjamini-Hochberg adjusted du_pvalue over genes, per covariate"),
+    "intercept": (("gene", "contrast"),
+                  "fitted intercept of logit k = log(p_k / p_last); NaN past the gene's isoforms"),
+    "beta": (("gene", "covariate", "contrast"), "fitted covariate coefficients on the logits"),
+    "sigma": (("gene", "component"), "random-effect total standard deviation"),
+    "theta": (("gene", "component"), "spatial share of the random-effect variance"),
+    "converged": (("gene",), "the gene's fit stopped by its own convergence rule"),
+    "loss": (("gene",), "best negative log joint likelihood (GLM: negative log likelihood)"),
+    "epochs": (("gene",), "optimiser epochs (GLM: Newton iterations) used by the gene"),
+    "nu": (("gene", "spot", "contrast"), "fitted random effect (only on request)"),
 }
 
 
 def make_dataset(genes: list[str] | np.ndarray, data: dict[str, np.ndarray], attrs: dict[str, Any],
-                 covariates: list[str] | None = None) -> xr.Dataset:
+                 covariates: list[str] | None = None, extra_coords: dict[str, Any] | None = None) -> xr.Dataset:
     """Build a results Dataset from registry variables.
 
     Parameters
@@ -51,6 +60,7 @@ def make_dataset(genes: list[str] | np.ndarray, data: dict[str, np.ndarray], att
     coords = {"gene": np.asarray(genes, dtype=str)}
     if covariates is not None:
         coords["covariate"] = np.asarray(covariates, dtype=str)
+    coords.update(extra_coords or {})
     ds = xr.Dataset(variables, coords=coords)
     ds.attrs.update(attrs)
     return ds

@@ -18,7 +18,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("cmd", ["ingest", "sv", "du", "demo", "bench"])
+@pytest.mark.parametrize("cmd", ["ingest", "sv", "du", "glmm", "demo", "bench"])
 def test_help(cmd):
     r = cli(cmd, "--help")
     assert r.returncode == 0 and "usage: spatialscale" in r.stdout
@@ -44,6 +44,11 @@ def test_ingest_then_sv_on_local_cluster(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "12 genes x 2 covariates tested" in r.stdout
     assert xr.open_zarr(tmp_path / "du.zarr")["du_pvalue"].shape == (12, 2)
+    r = cli("glmm", str(tmp_path / "sample.zarr"), "--out", str(tmp_path / "fit.zarr"), "--model", "glmm-null",
+            "--max-epochs", "20", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "fitted glmm-null for 12 genes" in r.stdout
+    assert xr.open_zarr(tmp_path / "fit.zarr")["loss"].shape == (12,)
 
 
 def test_errors_are_named_with_exit_code_2(tmp_path):

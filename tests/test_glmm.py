@@ -157,3 +157,32 @@ def test_wald_matches_splisosm_glm(tmp_path):
     ours = ds["du_pvalue"].to_pandas().loc[names].to_numpy()[:, 0]
     theirs = np.maximum(np.asarray(ref._du_test_results["pvalue"])[:, 0], 1e-300)
     assert spearmanr(-np.log10(ours), -np.log10(theirs)).statistic > 0.99
+
+
+def test_glmm_fit_results_and_fitted_ratios(section, tmp_path):
+    _, store, _ = section
+    ds = spatialscale.glmm_fit(store, model="glmm-full", glmm={"max_epochs": 40}, return_nu=True,
+                               scheduler="threads", progress=False, out=tmp_path / "fit.zarr")
+    import xarray as xr
+
+    back = xr.open_zarr(tmp_path / "fit.zarr").load()
+    for v in ("intercept", "sigma", "theta", "converged", "loss", "epochs", "nu"):
+        assert v in back
+    gene = str(store.genes.index[-1])
+    p = int(store.genes.loc[gene, "n_isoforms"])
+    ratios = spatialscale.fitted_ratios(back, gene)
+    assert ratios.shape == (store.n_spots, p)
+    np.testing.assert_allclose(ratios.sum(1), 1.0)
+    lam, vec = store.eigenpairs()
+    direct = fit_glmm(store.gene_counts(gene)[None], lam, vec, config=GLMMConfig(max_epochs=40))
+    np.testing.assert_allclose(ratios, direct["probs"][0], atol=1e-5)
+    # padding past a gene's own isoforms is NaN
+    small = str(store.genes.index[0])
+    assert np.isnan(back["intercept"].sel(gene=small).values[int(store.genes.loc[small, "n_isoforms"]) - 1:]).all()
+    glm = spatialscale.glmm_fit(store, model="glm", covariates=["rbp"], scheduler="threads", progress=False)
+    assert glm["converged"].all() and glm["beta"].dims == ("gene", "covariate", "contrast")
+    obs = store.obs()
+    r = spatialscale.fitted_ratios(glm, gene, covariates=obs[["rbp"]].to_numpy())
+    assert r.shape == (store.n_spots, p)
+    with pytest.raises(InputError, match="fit method"):
+        spatialscale.glmm_fit(store, model="glm", fit="joint_gd")
