@@ -163,6 +163,7 @@ def test_glmm_fit_results_and_fitted_ratios(section, tmp_path):
     _, store, _ = section
     ds = spatialscale.glmm_fit(store, model="glmm-full", glmm={"max_epochs": 40}, return_nu=True,
                                scheduler="threads", progress=False, out=tmp_path / "fit.zarr")
+    assert ds.attrs["model"] == "glmm-full" and ds.attrs["glmm_max_epochs"] == 40
     import xarray as xr
 
     back = xr.open_zarr(tmp_path / "fit.zarr").load()
