@@ -30,6 +30,8 @@ __all__ = ["sv_test", "du_test", "glmm_fit", "fitted_ratios", "parse_bytes"]
 #: that every worker gets work.  A constant, not the cluster size, so that a
 #: resumed run on a different cluster finds the same batches.
 MIN_BATCHES = 16
+#: GLMM fits gain most from large batches (one vectorised optimiser run per worker)
+MIN_BATCHES_GLMM = 2
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -63,7 +65,8 @@ def _provenance(store: IsoformStore) -> dict[str, Any]:
 def _execute(store: IsoformStore, *, kind: str, params: dict[str, Any], task: Any, bytes_per_gene: Any,
              batch_memory: int | str, batch_size: int | None, client: Any, scheduler: str | None,
              workers: int | None, device: str, out: str | os.PathLike | None, overwrite: bool, progress: bool,
-             label: str, shared: Any = None, fingerprint_extra: Any = None) -> _Run:
+             label: str, shared: Any = None, fingerprint_extra: Any = None,
+             min_batches: int = MIN_BATCHES) -> _Run:
     """Plan batches, run them where asked (resuming from ``out``), return the per-batch results."""
     fp = fingerprint(kind=kind, store=str(store.path.resolve()), kernel=store.kernel_token,
                      genes=list(store.genes.index), extra=fingerprint_extra, **params)
@@ -73,7 +76,7 @@ def _execute(store: IsoformStore, *, kind: str, params: dict[str, Any], task: An
         if existing is not None:
             return _Run([], "existing", fp, existing)
     batches = plan_batches(store.genes, store.n_spots, bytes_per_gene=bytes_per_gene,
-                           memory_bytes=parse_bytes(batch_memory), batch_size=batch_size, min_batches=MIN_BATCHES)
+                           memory_bytes=parse_bytes(batch_memory), batch_size=batch_size, min_batches=min_batches)
     with execution(client, scheduler=scheduler, workers=workers, device=device) as runner:
         extra = () if shared is None else (runner.share(shared),)
         parts = run_batches(task, batches, runner, partial=partial, progress=progress, label=label, extra=extra)
@@ -345,7 +348,7 @@ def du_test(
                    bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + f),
                    batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
                    workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
-                   label=f"du {method}", shared=z,
+                   label=f"du {method}", shared=z, min_batches=MIN_BATCHES if model == "glm" else MIN_BATCHES_GLMM,
                    fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
     if run.existing is not None:
         return run.existing
@@ -396,7 +399,8 @@ def _sv_llr(store: IsoformStore | str | os.PathLike, *, glmm: dict[str, Any] | N
     run = _execute(store, kind="sv", params={"method": "glmm-llr", "glmm": glmm}, task=task,
                    bytes_per_gene=lambda p: 8.0 * (n * (p - 1)) ** 2 * 3, batch_memory=batch_memory,
                    batch_size=batch_size, client=client, scheduler=scheduler, workers=workers, device=device,
-                   out=out, overwrite=overwrite, progress=progress, label="sv glmm-llr")
+                   out=out, overwrite=overwrite, progress=progress, label="sv glmm-llr",
+                   min_batches=MIN_BATCHES_GLMM)
     if run.existing is not None:
         return run.existing
     data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
@@ -508,6 +512,7 @@ def glmm_fit(
                    batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
                    workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
                    label=f"fit {model}", shared=z if z is not None else np.zeros((n, 0)),
+                   min_batches=MIN_BATCHES if model == "glm" else MIN_BATCHES_GLMM,
                    fingerprint_extra={"covariates": names,
                                       "design": None if z is None else hashlib.sha256(z.tobytes()).hexdigest()})
     if run.existing is not None:

@@ -107,3 +107,68 @@ def run_bench(spots: list[int], genes: list[int], *, method: str = "hsic-ir", nu
           f"spatialscale (ingest + sv_test on {workers} workers)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return table
+
+
+def _splisosm_glmm(adata, batch_size: int, n_jobs: int) -> tuple[pd.DataFrame, float]:
+    from splisosm import SplisosmGLMM
+
+    t = time.perf_counter()
+    model = SplisosmGLMM(model_type="glmm-full")
+    model.setup_data(adata, design_mtx=["rbp"], group_iso_by="gene_symbol")
+    model.fit(n_jobs=n_jobs, batch_size=batch_size, print_progress=False)
+    model.test_differential_usage(method="score", print_progress=False)
+    wall = time.perf_counter() - t
+    res = model._du_test_results
+    names = [str(g) for g in model.gene_names]
+    loss = []
+    import torch
+
+    with torch.no_grad():
+        for m in model.get_fitted_models():
+            loss.extend((-m()).tolist())
+    return pd.DataFrame({"statistic": np.asarray(res["statistic"])[:, 0], "pvalue": np.asarray(res["pvalue"])[:, 0],
+                         "loss": loss}, index=names), wall
+
+
+def run_glmm_bench(spots: list[int], genes: list[int], *, workers: int = 2, seed: int = 0,
+                   splisosm_batch_size: int = 20) -> pd.DataFrame:
+    """Time SplisosmGLMM (glmm-full joint_gd fit + DU score test, ``fit(n_jobs=workers,
+    batch_size=20)``) against spatialscale's ``du_test(model="glmm-full")`` on genes of 3 isoforms."""
+    from distributed import Client, LocalCluster
+
+    from spatialscale.api import du_test, glmm_fit
+    from spatialscale.simulate import simulate_section
+    from spatialscale.store import ingest
+
+    warnings.filterwarnings("ignore")
+    rows = []
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
+            Client(cluster) as client, tempfile.TemporaryDirectory() as tmpdir:
+        for n in spots:
+            for g in genes:
+                adata = simulate_section(n, g, n_sv=g // 5, n_du=g // 5, isoforms=(3, 3), seed=seed)
+                ref, t_ref = _splisosm_glmm(adata, splisosm_batch_size, workers)
+                t = time.perf_counter()
+                store = ingest(adata, Path(tmpdir) / "glmm.zarr", overwrite=True)
+                ds = du_test(store, ["rbp"], model="glmm-full", client=client, progress=False)
+                t_ours = time.perf_counter() - t
+                fit = glmm_fit(store, model="glmm-full", client=client, progress=False)
+                ours = pd.DataFrame({"statistic": ds["du_statistic"].values[:, 0],
+                                     "pvalue": ds["du_pvalue"].values[:, 0], "loss": fit["loss"].values},
+                                    index=ds["gene"].values)
+                j = ref.join(ours, lsuffix="_ref", how="inner")
+                from scipy.stats import spearmanr
+
+                rows.append({
+                    "spots": n, "genes": g, "splisosm_s": t_ref, "spatialscale_s": t_ours,
+                    "genes_per_s_ratio": t_ref / t_ours,
+                    "loss_not_worse": float(np.mean(j["loss"] <= j["loss_ref"] * (1 + 1e-3))),
+                    "p_spearman": float(spearmanr(-np.log10(np.maximum(j["pvalue"], 1e-300)),
+                                                  -np.log10(np.maximum(j["pvalue_ref"], 1e-300))).statistic),
+                })
+                print(pd.DataFrame([rows[-1]]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    table = pd.DataFrame(rows)
+    print(f"\nglmm-full joint_gd + DU score test: SplisosmGLMM fit(n_jobs={workers}, batch_size={splisosm_batch_size}) "
+          f"vs spatialscale du_test on {workers} workers (ingest and eigenpairs included)")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return table

@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="hsic-ir", help="SV method (hsic-ir)")
     p.add_argument("--null", default="liu", help="null (liu)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for spatialscale (2)")
-    p.add_argument("--test", default="sv", choices=("sv",), help="which test to time")
+    p.add_argument("--test", default="sv", choices=("sv", "glmm"),
+                   help="sv: HSIC SV tests; glmm: glmm-full fit + DU score test (genes of 3 isoforms)")
     p.add_argument("--batch-memory", default="256MB", help="spatialscale's per-task memory budget (256MB)")
     p.add_argument("--seed", type=int, default=0)
     return parser
@@ -182,8 +183,11 @@ def _run(args: argparse.Namespace) -> int:
                  out_dir=args.out_dir, seed=args.seed)
         return 0
     if args.command == "bench":
-        from spatialscale.bench import run_bench
+        from spatialscale.bench import run_bench, run_glmm_bench
 
+        if args.test == "glmm":
+            run_glmm_bench(spots=args.spots, genes=args.genes, workers=args.workers, seed=args.seed)
+            return 0
         run_bench(spots=args.spots, genes=args.genes, method=args.method, null=args.null,
                   workers=args.workers, seed=args.seed, batch_memory=args.batch_memory)
         return 0

@@ -227,10 +227,24 @@ def fit_glmm(
     def shape(mask, like):
         return mask.view(-1, *([1] * (like.dim() - 1)))
 
-    for _ in range(cfg.max_epochs):
-        if not bool(active.any()):
-            break
+    # One forward pass per epoch: the loss at the start of an epoch is the
+    # post-step loss of the previous epoch, which decides convergence.
+    stepped = torch.zeros(b, dtype=torch.bool, device=device)
+    for epoch in range(cfg.max_epochs + 1):
         loss = neg_log_joint(params, data, cfg)
+        if epoch > 0:
+            with torch.no_grad():
+                new = loss.detach().double()
+                new = torch.where(torch.isfinite(new), new, torch.full_like(new, math.inf))
+                improved = stepped & (new < best_loss - cfg.tol)
+                for k in params:
+                    best[k] = torch.where(shape(improved, params[k]), params[k].detach(), best[k])
+                best_loss = torch.where(improved, new, best_loss)
+                wait = torch.where(improved, torch.zeros_like(wait), wait + stepped.long())
+                epochs += stepped.long()
+                active &= (wait < cfg.patience) & torch.isfinite(new)
+        if epoch == cfg.max_epochs or not bool(active.any()):
+            break
         grads = torch.autograd.grad(loss.sum(), [params[k] for k in learn])
         with torch.no_grad():
             steps += active.to(dt)
@@ -243,15 +257,7 @@ def fit_glmm(
                 s[k] = torch.where(a, beta2 * s[k] + (1 - beta2) * g * g, s[k])
                 upd = cfg.lr * (m[k] / shape(bc1, g)) / ((s[k] / shape(bc2, g)).sqrt() + eps)
                 params[k].sub_(torch.where(a, upd, torch.zeros_like(upd)))
-            new = neg_log_joint(params, data, cfg).double()
-            new = torch.where(torch.isfinite(new), new, torch.full_like(new, math.inf))
-            improved = active & (new < best_loss - cfg.tol)
-            for k in params:
-                best[k] = torch.where(shape(improved, params[k]), params[k].detach(), best[k])
-            best_loss = torch.where(improved, new, best_loss)
-            wait = torch.where(improved, torch.zeros_like(wait), wait + active.long())
-            epochs += active.long()
-            active &= (wait < cfg.patience) & torch.isfinite(new)
+            stepped = active.clone()
 
     with torch.no_grad():
         eta = best["nu"] + torch.einsum("nf,bfq->bnq", data["x"], best["beta"]) + best["bias"][:, None, :]
