@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["GLMMConfig", "fit_glmm", "initial_sigma", "neg_log_joint"]
+__all__ = ["GLMMConfig", "fit_glmm", "initial_sigma", "laplace_log_marginal", "loss_and_gradients", "neg_log_joint"]
 
 #: total variance sigma^2 is floored at this value in the likelihood (as SPLISOSM)
 VAR_FLOOR = 1e-2
@@ -141,6 +141,113 @@ def neg_log_joint(params: dict, data: dict, cfg: GLMMConfig):
     return -(loglik + log_mvn + _log_prior(params["sigma"], cfg))
 
 
+def _project(vec, nu):
+    """``V' nu`` as one GEMM: ``(n, r)``, ``(B, n, q)`` -> ``(B, q, r)``."""
+    b, n, q = nu.shape
+    flat = nu.permute(1, 0, 2).reshape(n, b * q)
+    return (vec.T @ flat).reshape(-1, b, q).permute(1, 2, 0)
+
+
+def _back_project(vec, w):
+    """``V w`` as one GEMM: ``(n, r)``, ``(B, q, r)`` -> ``(B, n, q)``."""
+    b, q, r = w.shape
+    flat = w.permute(2, 0, 1).reshape(r, b * q)
+    return (vec @ flat).reshape(-1, b, q).permute(1, 0, 2)
+
+
+def _variance_terms(theta_logit, sigma, quad_proj, quad_rest, data: dict, cfg: GLMMConfig, q: int, n: int):
+    """The random-effect part of the loss that depends on (theta, sigma), per gene.
+
+    Given the (detached) squared projections ``quad_proj = (V' nu)^2`` ``(B, q, r)``
+    and the remainder ``quad_rest = ||nu||^2 - ||V' nu||^2`` ``(B, q)``, this is
+    ``0.5 * (logdet C + nu' C^-1 nu) - log prior`` summed over logits, without
+    the ``n log 2 pi`` constant.  Small tensors only: autograd on it is cheap.
+    """
+    import torch
+
+    b = sigma.shape[0]
+    var = torch.clamp(sigma**2, min=VAR_FLOOR)
+    var = var.expand(b, q) if var.shape[1] == 1 else var
+    if cfg.model == "glmm-null":
+        total = quad_proj.sum(-1) + quad_rest
+        out = 0.5 * (n * torch.log(var) + total / var)
+    else:
+        theta = torch.sigmoid(theta_logit)
+        theta = theta.expand(b, q) if theta.shape[1] == 1 else theta
+        lam = data["eigvals"]
+        r = lam.shape[0]
+        c = var[..., None] * (theta[..., None] * lam + 1.0 - theta[..., None])
+        out = 0.5 * (torch.log(c).sum(-1) + (quad_proj / c).sum(-1))
+        if r < n:
+            d = var * (1.0 - theta)
+            out = out + 0.5 * ((n - r) * torch.log(d) + quad_rest / d)
+    return out.sum(-1) - _log_prior(sigma, cfg)
+
+
+def loss_and_gradients(params: dict, data: dict, cfg: GLMMConfig, learn: list[str]):
+    """Negative log joint ``(B,)`` and its analytic gradients for the parameters in ``learn``.
+
+    ``d/d eta`` of the multinomial term is ``-(C - N p)`` over the first ``q``
+    classes; the prior adds ``C^-1 nu = V diag(1/c) V' nu`` (plus the isotropic
+    remainder) to ``d/d nu``.  Gradients in ``(theta, sigma)`` come from
+    autograd on :func:`_variance_terms`, a function of small tensors.
+    """
+    import torch
+
+    nu, counts = params["nu"], data["counts"]
+    b, n, q = nu.shape
+    with torch.no_grad():
+        eta = nu + params["bias"][:, None, :]
+        if data["x"].shape[1]:
+            eta = eta + torch.einsum("nf,bfq->bnq", data["x"], params["beta"])
+        # softmax([eta, 0]) by hand: for a handful of classes this beats log_softmax on a strided dim
+        m = torch.clamp(eta.amax(-1), min=0.0)  # (B, n)
+        e = torch.exp(eta - m[..., None])
+        denom = e.sum(-1) + torch.exp(-m)
+        lse = m + torch.log(denom)
+        loglik = (counts[..., :q] * eta).sum((1, 2)) - (data["totals"] * lse).sum(1) + data["lgamma_const"]
+        resid = counts[..., :q] - data["totals"][..., None] * (e / denom[..., None])
+        if cfg.model == "glmm-null":
+            proj = None
+            quad_proj = (nu**2).sum(1)[..., None]  # (B, q, 1): everything in the "projection"
+            quad_rest = torch.zeros(b, q, dtype=nu.dtype, device=nu.device)
+        else:
+            proj = _project(data["eigvecs"], nu)
+            quad_proj = proj**2
+            quad_rest = (nu**2).sum(1) - quad_proj.sum(-1)
+    small = {k: params[k].detach().clone().requires_grad_(k in learn) for k in ("theta_logit", "sigma")}
+    var_loss = _variance_terms(small["theta_logit"], small["sigma"], quad_proj, quad_rest, data, cfg, q, n)
+    loss = -loglik + var_loss.detach() + 0.5 * n * q * math.log(2 * math.pi)
+    grads = {}
+    small_learn = [k for k in ("theta_logit", "sigma") if k in learn]
+    if small_learn:
+        for k, g in zip(small_learn, torch.autograd.grad(var_loss.sum(), [small[k] for k in small_learn])):
+            grads[k] = g
+    with torch.no_grad():
+        var = torch.clamp(params["sigma"] ** 2, min=VAR_FLOOR)
+        var = var.expand(b, q) if var.shape[1] == 1 else var
+        if cfg.model == "glmm-null":
+            prior_grad = nu / var[:, None, :]
+        else:
+            theta = torch.sigmoid(params["theta_logit"])
+            theta = theta.expand(b, q) if theta.shape[1] == 1 else theta
+            lam, vec = data["eigvals"], data["eigvecs"]
+            c = var[..., None] * (theta[..., None] * lam + 1.0 - theta[..., None])
+            if lam.shape[0] < n:
+                d = var * (1.0 - theta)
+                # C^-1 nu = V diag(1/c - 1/d) V' nu + nu / d
+                prior_grad = _back_project(vec, proj * (1.0 / c - 1.0 / d[..., None])) + nu / d[:, None, :]
+            else:
+                prior_grad = _back_project(vec, proj / c)
+        if "nu" in learn:
+            grads["nu"] = -resid + prior_grad
+        if "bias" in learn:
+            grads["bias"] = -resid.sum(1)
+        if "beta" in learn:
+            grads["beta"] = -torch.einsum("nf,bnq->bfq", data["x"], resid)
+    return loss, grads
+
+
 def fit_glmm(
     counts: np.ndarray,
     eigvals: np.ndarray | None,
@@ -187,7 +294,8 @@ def fit_glmm(
     z = np.zeros((n, 0)) if design is None else np.asarray(design, dtype=np.float64).reshape(n, -1)
     counts_t = torch.as_tensor(c_np, dtype=dt, device=device)
     lgamma_const = (torch.lgamma(counts_t.sum(-1) + 1).sum(1) - torch.lgamma(counts_t + 1).sum((1, 2)))
-    data = {"counts": counts_t, "x": torch.as_tensor(z, dtype=dt, device=device), "lgamma_const": lgamma_const}
+    data = {"counts": counts_t, "x": torch.as_tensor(z, dtype=dt, device=device), "lgamma_const": lgamma_const,
+            "totals": counts_t.sum(-1)}
     if cfg.model == "glmm-full":
         if eigvals is None or eigvecs is None:
             raise ValueError("glmm-full needs the kernel's eigenpairs.")
@@ -210,8 +318,6 @@ def fit_glmm(
         learn.append("sigma")
     if cfg.model == "glmm-null":
         params["theta_logit"] = torch.full((b, v), -math.inf, dtype=dt, device=device)
-    for k in learn:
-        params[k].requires_grad_(True)
 
     # per-gene Adam (torch.optim.Adam's update, with each gene's own step count)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
@@ -231,7 +337,7 @@ def fit_glmm(
     # post-step loss of the previous epoch, which decides convergence.
     stepped = torch.zeros(b, dtype=torch.bool, device=device)
     for epoch in range(cfg.max_epochs + 1):
-        loss = neg_log_joint(params, data, cfg)
+        loss, grads_by_name = loss_and_gradients(params, data, cfg, learn)
         if epoch > 0:
             with torch.no_grad():
                 new = loss.detach().double()
@@ -245,7 +351,7 @@ def fit_glmm(
                 active &= (wait < cfg.patience) & torch.isfinite(new)
         if epoch == cfg.max_epochs or not bool(active.any()):
             break
-        grads = torch.autograd.grad(loss.sum(), [params[k] for k in learn])
+        grads = [grads_by_name[k] for k in learn]
         with torch.no_grad():
             steps += active.to(dt)
             bc1 = 1 - beta1 ** steps.clamp(min=1)
