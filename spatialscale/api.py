@@ -236,10 +236,11 @@ def _fit_batch(store_path: str, token: str, model: str, glmm: dict[str, Any], de
     """Fit the batch's genes with the GLM or GLMM."""
     from spatialscale.glmm import fit_glm
     from spatialscale.glmm.glmm import GLMMConfig, fit_glmm
-    from spatialscale.worker import kernel_eigenpairs, resolve_device
+    from spatialscale.worker import kernel_eigenpairs, resolve_device, tune_allocator
 
     if model == "glm":
         return fit_glm(counts, design)
+    tune_allocator()
     lam = vec = None
     if model == "glmm-full":
         lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))

@@ -144,6 +144,8 @@ def run_glmm_bench(spots: list[int], genes: list[int], *, workers: int = 2, seed
     rows = []
     with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster) as client, tempfile.TemporaryDirectory() as tmpdir:
+        # import torch on the workers first, as it already is in the process that runs SPLISOSM
+        client.run(lambda: __import__("spatialscale.glmm.glmm") and __import__("torch") and None)
         for n in spots:
             for g in genes:
                 adata = simulate_section(n, g, n_sv=g // 5, n_du=g // 5, isoforms=(3, 3), seed=seed)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["resolve_device", "kernel_operator", "kernel_eigenpairs", "DENSE_GPU_MAX_SPOTS"]
+__all__ = ["resolve_device", "kernel_operator", "kernel_eigenpairs", "tune_allocator", "DENSE_GPU_MAX_SPOTS"]
 
 #: largest section whose dense centred kernel is put on a GPU
 DENSE_GPU_MAX_SPOTS = 40_000
@@ -94,3 +94,28 @@ def _load_eigenpairs(store_path: str, token: str, rank: int | None) -> tuple[np.
     if store.kernel_token != token:
         raise RuntimeError(f"the kernel in {store_path} changed during the run; restart it.")
     return store.eigenpairs(rank)
+
+
+@lru_cache(maxsize=1)
+def tune_allocator() -> bool:
+    """Keep large temporary arrays in glibc's heap for iterative fits (once per process).
+
+    distributed starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also
+    freezes glibc's mmap threshold at 128 kB: every large temporary of every
+    optimiser epoch is then a fresh ``mmap`` with page faults, which doubled
+    GLMM fitting time in our measurements.  Raising the mmap threshold to 64 MB
+    and the trim threshold to 256 MB restores it; memory above 256 MB of free
+    heap is still returned to the system.  Returns whether glibc took it.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 64 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
+    except (OSError, AttributeError):
+        return False
