@@ -32,6 +32,8 @@ __all__ = [
     "run_batches",
     "fingerprint",
     "PartialStore",
+    "run_splitting",
+    "split_batch",
 ]
 
 
@@ -295,8 +297,42 @@ def _local_cluster(n_workers: int, device: str) -> Any:
 
 
 # --------------------------------------------------------------------------- running
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """A device or host out-of-memory error (torch's CUDA OOM included, without importing torch)."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def split_batch(batch: Batch) -> tuple[Batch, Batch]:
+    """Two halves of a batch (by genes), each one contiguous column range."""
+    mid = batch.gene_start + batch.n_genes // 2
+    col_mid = batch.col_start + (mid - batch.gene_start) * batch.n_isoforms
+    return (Batch(batch.gene_start, mid, batch.col_start, col_mid, batch.n_isoforms),
+            Batch(mid, batch.gene_stop, col_mid, batch.col_stop, batch.n_isoforms))
+
+
+def run_splitting(task: Callable, batch: Batch, *extra: Any) -> dict[str, np.ndarray]:
+    """Run ``task`` on ``batch``; if it runs out of memory, split the batch and retry the halves.
+
+    Results are per gene and independent of batching, so the halves'
+    results, concatenated, are the batch's.  A single gene that does not fit
+    re-raises the error.
+    """
+    try:
+        return task(batch, *extra)
+    except Exception as exc:
+        if not _is_out_of_memory(exc) or batch.n_genes < 2:
+            raise
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    halves = [run_splitting(task, half, *extra) for half in split_batch(batch)]
+    return {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
+
+
 def _run_one(task: Callable, batch: Batch, partial: PartialStore | None, *extra: Any) -> dict[str, np.ndarray]:
-    result = task(batch, *extra)
+    result = run_splitting(task, batch, *extra)
     if partial is not None:
         partial.write(batch, result)
     return result

@@ -199,3 +199,38 @@ def test_device_auto_falls_back_to_cpu_without_cuda(store, reference):
     assert_same(spatialscale.sv_test(store, device="auto", scheduler="threads", progress=False), reference)
     with pytest.raises(RuntimeError, match="no CUDA device"):
         spatialscale.sv_test(store, device="cuda", scheduler="threads", progress=False)
+
+
+def test_out_of_memory_batches_are_split_and_retried():
+    from spatialscale.engine import run_splitting, split_batch
+
+    calls: list[int] = []
+
+    class OutOfMemoryError(RuntimeError):  # the name torch.cuda uses
+        pass
+
+    def task(batch: Batch) -> dict:
+        calls.append(batch.n_genes)
+        if batch.n_genes > 3:
+            raise OutOfMemoryError("CUDA out of memory")
+        return {"g": np.arange(batch.gene_start, batch.gene_stop), "c": np.arange(batch.col_start, batch.col_stop,
+                                                                                    batch.n_isoforms)}
+
+    out = run_splitting(task, Batch(10, 20, 100, 130, 3))
+    np.testing.assert_array_equal(out["g"], np.arange(10, 20))
+    np.testing.assert_array_equal(out["c"], np.arange(100, 130, 3))
+    assert calls[0] == 10 and max(calls[1:]) <= 5
+    a, b = split_batch(Batch(0, 5, 0, 10, 2))
+    assert (a.gene_stop, a.col_stop, b.col_start) == (2, 4, 4)
+
+    def always(batch: Batch) -> dict:
+        raise OutOfMemoryError("even one gene")
+
+    with pytest.raises(OutOfMemoryError):
+        run_splitting(always, Batch(0, 4, 0, 8, 2))
+
+    def other(batch: Batch) -> dict:
+        raise ValueError("not memory")
+
+    with pytest.raises(ValueError):
+        run_splitting(other, Batch(0, 4, 0, 8, 2))
