@@ -75,12 +75,21 @@ def _execute(store: IsoformStore, *, kind: str, params: dict[str, Any], task: An
         partial, existing = prepare_output(out, fp, overwrite=overwrite)
         if existing is not None:
             return _Run([], "existing", fp, existing)
-    batches = plan_batches(store.genes, store.n_spots, bytes_per_gene=bytes_per_gene,
-                           memory_bytes=parse_bytes(batch_memory), batch_size=batch_size, min_batches=min_batches)
     with execution(client, scheduler=scheduler, workers=workers, device=device) as runner:
+        budget = _batch_budget(batch_memory, runner, device)
+        batches = plan_batches(store.genes, store.n_spots, bytes_per_gene=bytes_per_gene, memory_bytes=budget,
+                               batch_size=batch_size, min_batches=min_batches)
         extra = () if shared is None else (runner.share(shared),)
         parts = run_batches(task, batches, runner, partial=partial, progress=progress, label=label, extra=extra)
     return _Run(parts, runner.kind, fp)
+
+
+def _batch_budget(batch_memory: int | str, runner: Any, device: str) -> int:
+    """Bytes of working memory per task; ``"auto"`` takes half the free GPU memory on GPU workers."""
+    if batch_memory == "auto":
+        free = runner.device_memory(device) if device != "cpu" else None
+        return int(free * 0.5) if free else parse_bytes("256MB")
+    return parse_bytes(batch_memory)
 
 
 def _finish(ds: xr.Dataset, out: str | os.PathLike | None, fp: str) -> xr.Dataset:
@@ -152,7 +161,9 @@ def sv_test(
     device
         ``cpu``, ``cuda`` or ``auto`` (resolved on each worker).
     batch_memory
-        Working-memory budget of one task (bytes or ``"256MB"``).
+        Working-memory budget of one task (bytes or ``"256MB"``); ``"auto"``
+        takes half the free memory of the GPU workers (256MB on CPU).  A
+        batch that still runs out of memory is split and retried.
     batch_size
         Cap on genes per batch (results do not depend on it).
     out

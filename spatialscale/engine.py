@@ -159,6 +159,21 @@ class PartialStore:
 
 
 # --------------------------------------------------------------------------- runners
+def free_device_memory(device: str) -> int | None:
+    """Free memory (bytes) of this process's CUDA device, or None on CPU. Runs on workers."""
+    if device == "cpu":
+        return None
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    except Exception:  # noqa: BLE001 - no usable device: fall back to the CPU budget
+        return None
+
+
 class _ThreadRunner:
     """Runs tasks in local threads (no cluster)."""
 
@@ -173,6 +188,10 @@ class _ThreadRunner:
     def share(self, value: Any) -> Any:
         """Make a value available to tasks (in-process: the value itself)."""
         return value
+
+    def device_memory(self, device: str) -> int | None:
+        """Free device memory where tasks run (None on CPU)."""
+        return free_device_memory(device)
 
     def as_completed(self, futures: Sequence[Any]) -> Iterator[Any]:
         from concurrent.futures import as_completed
@@ -198,6 +217,11 @@ class _DaskRunner:
     def share(self, value: Any) -> Any:
         """One plain future of ``value`` (no broadcast: see DESIGN.md's traps)."""
         return self.client.scatter(value, hash=False)
+
+    def device_memory(self, device: str) -> int | None:
+        """Smallest free device memory over the workers (None on CPU workers)."""
+        found = [v for v in self.client.run(free_device_memory, device).values() if v]
+        return min(found) if found else None
 
     def as_completed(self, futures: Sequence[Any]) -> Iterator[Any]:
         from distributed import as_completed

@@ -234,3 +234,8 @@ def test_out_of_memory_batches_are_split_and_retried():
 
     with pytest.raises(ValueError):
         run_splitting(other, Batch(0, 4, 0, 8, 2))
+
+
+def test_auto_batch_memory_on_cpu_is_the_default_budget(store, reference):
+    ds = spatialscale.sv_test(store, batch_memory="auto", device="auto", scheduler="threads", progress=False)
+    assert_same(ds, reference)

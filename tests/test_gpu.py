@@ -40,3 +40,13 @@ def test_local_cuda_cluster(small_store):
     cpu = spatialscale.sv_test(small_store, scheduler="threads", progress=False)
     gpu = spatialscale.sv_test(small_store, device="cuda", workers=1, batch_size=5, progress=False)
     np.testing.assert_allclose(gpu["sv_pvalue"].values, cpu["sv_pvalue"].values, rtol=1e-8)
+
+
+def test_auto_batch_memory_from_free_gpu_memory(small_store):
+    import spatialscale
+    from spatialscale.engine import free_device_memory
+
+    assert free_device_memory("cuda") > 0
+    ds = spatialscale.du_test(small_store, "region", model="glmm-full", device="cuda", batch_memory="auto",
+                              glmm={"max_epochs": 50}, scheduler="threads", progress=False)
+    assert np.isfinite(ds["du_pvalue"].values).all()
