@@ -249,13 +249,13 @@ def _fit_batch(store_path: str, token: str, model: str, glmm: dict[str, Any], de
     from spatialscale.glmm.glmm import GLMMConfig, fit_glmm
     from spatialscale.worker import kernel_eigenpairs, resolve_device, tune_allocator
 
-    if model == "glm":
+    if model == "glm" and glmm.get("fit", "iwls") != "gd":
         return fit_glm(counts, design)
     tune_allocator()
     lam = vec = None
     if model == "glmm-full":
         lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))
-    cfg = GLMMConfig(model=model, **{k: v for k, v in glmm.items() if k != "rank"})
+    cfg = GLMMConfig(model=model, **{k: v for k, v in glmm.items() if k not in ("rank", "fit")})
     return fit_glmm(counts, lam, vec, design=design, config=cfg, device=resolve_device(device))
 
 
@@ -428,7 +428,7 @@ def _sv_llr(store: IsoformStore | str | os.PathLike, *, glmm: dict[str, Any] | N
 
 
 GLMM_MODELS = ("glmm-full", "glmm-null", "glm")
-FIT_METHODS = {"glm": ("iwls", "newton"), "glmm-full": ("joint_gd",), "glmm-null": ("joint_gd",)}
+FIT_METHODS = {"glm": ("iwls", "newton", "gd"), "glmm-full": ("joint_gd",), "glmm-null": ("joint_gd",)}
 
 
 def _pad(a: np.ndarray, axis: int, size: int) -> np.ndarray:
@@ -444,8 +444,9 @@ def _fit_task(store_path: str, token: str, model: str, glmm: dict[str, Any], dev
     fit = _fit_batch(store_path, token, model, glmm, device, counts, design=z)
     b = batch.n_genes
     if model == "glm":
-        fit = {**fit, "loss": -fit["loglik"], "epochs": fit["iterations"],
-               "sigma": np.full((b, 1), np.nan), "theta": np.full((b, 1), np.nan)}
+        if "loglik" in fit:  # Newton / IWLS
+            fit = {**fit, "loss": -fit["loglik"], "epochs": fit["iterations"]}
+        fit = {**fit, "sigma": np.full((b, 1), np.nan), "theta": np.full((b, 1), np.nan)}
     v_max = 1 if glmm.get("share_variance", True) else q_max
     out = {
         "intercept": _pad(fit["intercept"], 1, q_max),
@@ -515,6 +516,8 @@ def glmm_fit(
         store = open_store(store)
     names, z = ([], None) if covariates is None else resolve_covariates(store.obs(), covariates)
     glmm = _glmm_options(store, model, glmm)
+    if model == "glm" and fit == "gd":
+        glmm = {"fit": "gd"}
     q_max = int(store.genes["n_isoforms"].max()) - 1
     n = store.n_spots
     task = functools.partial(_fit_task, str(store.path.resolve()), store.kernel_token, model, glmm, device, q_max,

@@ -66,7 +66,7 @@ def fit_glm(
     -------
     dict
         ``beta`` ``(B, F, q)``, ``intercept`` ``(B, q)``, ``probs``
-        ``(B, n, p)``, ``loglik`` ``(B,)``, ``converged`` ``(B,)`` and
+        ``(B, n, p)``, ``loglik`` ``(B,)`` (with the multinomial coefficient), ``converged`` ``(B,)`` and
         ``iterations`` ``(B,)``.
     """
     counts = np.asarray(counts, dtype=np.float64)
@@ -98,7 +98,7 @@ def fit_glm(
         "beta": coef[:, :-1, :],
         "intercept": coef[:, -1, :],
         "probs": probabilities(eta),
-        "loglik": multinomial_loglik(counts, eta),
+        "loglik": multinomial_loglik(counts, eta, constant=True),
         "converged": converged,
         "iterations": iterations,
     }

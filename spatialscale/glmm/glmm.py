@@ -41,7 +41,8 @@ class GLMMConfig:
     Parameters
     ----------
     model
-        ``glmm-full`` (spatial kernel) or ``glmm-null`` (white noise, theta = 0).
+        ``glmm-full`` (spatial kernel), ``glmm-null`` (white noise, theta = 0),
+        or ``glm`` (no random effect: Adam on the GLM likelihood, the ``gd`` fit).
     share_variance
         One (sigma, theta) per gene (else one per logit).
     var_fix_sigma
@@ -71,7 +72,7 @@ class GLMMConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        checks = {"model": ("glmm-full", "glmm-null"), "var_prior": ("none", "gamma", "inv_gamma"),
+        checks = {"model": ("glmm-full", "glmm-null", "glm"), "var_prior": ("none", "gamma", "inv_gamma"),
                   "init_ratio": ("uniform", "observed"), "dtype": ("float32", "float64")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
@@ -207,6 +208,9 @@ def loss_and_gradients(params: dict, data: dict, cfg: GLMMConfig, learn: list[st
         lse = m + torch.log(denom)
         loglik = (counts[..., :q] * eta).sum((1, 2)) - (data["totals"] * lse).sum(1) + data["lgamma_const"]
         resid = counts[..., :q] - data["totals"][..., None] * (e / denom[..., None])
+        if cfg.model == "glm":  # no random effect
+            grads = {"bias": -resid.sum(1), "beta": -torch.einsum("nf,bnq->bfq", data["x"], resid)}
+            return -loglik, {k: v for k, v in grads.items() if k in learn}
         if cfg.model == "glmm-null":
             proj = None
             quad_proj = (nu**2).sum(1)[..., None]  # (B, q, 1): everything in the "projection"
@@ -314,7 +318,9 @@ def fit_glmm(
         "theta_logit": torch.full((b, v), -3.0, dtype=dt, device=device),
     }
     learn = ["nu", "beta", "bias"] + ([] if cfg.model == "glmm-null" else ["theta_logit"])
-    if not cfg.var_fix_sigma:
+    if cfg.model == "glm":
+        learn = ["beta", "bias"]
+    elif not cfg.var_fix_sigma:
         learn.append("sigma")
     if cfg.model == "glmm-null":
         params["theta_logit"] = torch.full((b, v), -math.inf, dtype=dt, device=device)
