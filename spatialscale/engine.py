@@ -18,7 +18,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -419,7 +419,3 @@ def run_batches(
             raise
     return [results[i] for i in range(len(batches))]
 
-
-def batch_fields(batch: Batch) -> dict[str, int]:
-    """The batch as a plain dict (for logs and attrs)."""
-    return asdict(batch)
