@@ -393,7 +393,7 @@ def run_batches(
         More arguments of ``task`` after the batch (e.g. a scattered
         design matrix: futures given here are resolved on the worker).
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     results: dict[int, dict[str, np.ndarray]] = {}
     todo = []

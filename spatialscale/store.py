@@ -319,7 +319,7 @@ def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str,
             spatial_key: str, adj_key: str | None, min_counts: float, min_bin_pct: float,
             filter_single_iso_genes: bool, min_component_size: int, block_bytes: int,
             progress: bool) -> IsoformStore:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     n_obs, n_var = src.shape
     if n_obs != len(src.obs) or n_var != len(src.var):
@@ -420,7 +420,7 @@ def _write_store(path: Path, src: _Source, var: pd.DataFrame, keep_spots: np.nda
                  progress: bool, meta: dict) -> None:
     import anndata as ad
     import zarr
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     n_spots = int(keep_spots.sum())
     obs = src.obs.iloc[np.flatnonzero(keep_spots)].copy()
