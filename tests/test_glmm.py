@@ -228,3 +228,19 @@ def test_glm_by_gradient_descent_reaches_the_iwls_optimum(section):
     # absolute tolerance stops near, never meaningfully below, the exact optimum
     np.testing.assert_allclose(gd["loss"].values, iwls["loss"].values, rtol=1e-3)
     assert (gd["loss"].values >= iwls["loss"].values * (1 - 1e-5)).all()
+
+
+def test_glmm_wald_finds_du_genes(tmp_path):
+    adata = simulate_section(300, 12, n_sv=0, n_du=6, effect=1.5, isoforms=(2, 3), seed=12)
+    store = spatialscale.ingest(adata, tmp_path / "wald.zarr")
+    ds = spatialscale.du_test(store, ["rbp"], method="glmm-wald", model="glmm-null", glmm={"max_epochs": 150},
+                              scheduler="threads", progress=False)
+    obs = store.obs()
+    # the simulated DU effect is on celltype ct1, not rbp: rbp is a null covariate here
+    assert float(ds["du_pvalue"].min()) > 1e-4
+    ct1 = (obs["celltype"] == "ct1").to_numpy(float)[:, None]
+    hit = spatialscale.du_test(store, ct1, method="glmm-wald", model="glmm-null", glmm={"max_epochs": 150},
+                               scheduler="threads", progress=False)
+    du = adata.var.groupby("gene_symbol", observed=True)["is_du"].first().reindex(hit["gene"].values).to_numpy()
+    p = hit["du_pvalue"].values[:, 0]
+    assert (p[du] < 1e-3).mean() >= 0.8 and np.median(p[~du]) > 0.05
