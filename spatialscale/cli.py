@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="spatialscale",
-        description="Spatial isoform statistics (SPLISOSM's HSIC tests) at scale on Dask.",
+        description="Spatial isoform statistics (SPLISOSM's HSIC tests and multinomial GLM/GLMM) at scale on Dask.",
     )
     parser.add_argument("--version", action="version", version=f"spatialscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
