@@ -100,11 +100,16 @@ def _finish(ds: xr.Dataset, out: str | os.PathLike | None, fp: str) -> xr.Datase
     return ds
 
 
+def _batch_counts(store_path: str, batch: Batch) -> np.ndarray:
+    """Counts of a batch as ``(n_genes, n_spots, n_isoforms)``."""
+    flat = read_count_columns(store_path, batch.col_start, batch.col_stop)
+    return flat.reshape(flat.shape[0], batch.n_genes, batch.n_isoforms).transpose(1, 0, 2)
+
+
 def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], batch: Batch) -> dict[str, np.ndarray]:
     """One Dask task: test the genes of ``batch`` (runs on a worker)."""
     op, sums = kernel_operator(store_path, token, device)
-    flat = read_count_columns(store_path, batch.col_start, batch.col_stop)
-    counts = flat.reshape(flat.shape[0], batch.n_genes, batch.n_isoforms).transpose(1, 0, 2)
+    counts = _batch_counts(store_path, batch)
     return sv_batch(counts, op, sums, **params)
 
 
@@ -235,11 +240,6 @@ def sv_test(
 
 DU_METHODS = ("glmm-score", "glmm-wald")
 DU_MODELS = ("glm", "glmm-full", "glmm-null")
-
-
-def _batch_counts(store_path: str, batch: Batch) -> np.ndarray:
-    flat = read_count_columns(store_path, batch.col_start, batch.col_stop)
-    return flat.reshape(flat.shape[0], batch.n_genes, batch.n_isoforms).transpose(1, 0, 2)
 
 
 def _fit_batch(store_path: str, token: str, model: str, glmm: dict[str, Any], device: str, counts: np.ndarray,

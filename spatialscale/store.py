@@ -505,7 +505,7 @@ class IsoformStore:
 
     def read_counts(self, start: int, stop: int) -> np.ndarray:
         """Counts of isoform columns ``start:stop`` as float64 ``(n_spots, m)``."""
-        return np.asarray(self._group()["layers/counts"][:, start:stop], dtype=np.float64)
+        return read_count_columns(self.path, start, stop)
 
     def gene_counts(self, gene: str) -> np.ndarray:
         """Counts ``(n_spots, p)`` of one gene."""
