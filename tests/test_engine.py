@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 import spatialscale
-import spatialscale.api as api
+import spatialscale.api.sv as api
 from spatialscale import InputError
 from spatialscale.engine import Batch, PartialStore, execution, plan_batches, run_batches
 
@@ -128,7 +128,7 @@ def test_interrupted_run_resumes_only_missing_batches(store, reference, tmp_path
     monkeypatch.setattr(api, "_sv_task", counting)
     ds = spatialscale.sv_test(store, out=out, batch_size=7, scheduler="threads", progress=False)
     plan = plan_batches(store.genes, store.n_spots, bytes_per_gene=lambda p: 1.0, batch_size=7,
-                        min_batches=api.MIN_BATCHES)
+                        min_batches=spatialscale.api.MIN_BATCHES)
     assert len(done) < len(plan)
     assert len(calls) == len(plan) - len(done)
     assert max(calls) == plan[-1].gene_start  # the batch that failed was recomputed
@@ -146,7 +146,7 @@ def test_full_disk_at_the_end_keeps_finished_batches(store, reference, tmp_path,
     with pytest.raises(OSError, match="re-running the same command resumes"):
         spatialscale.sv_test(store, out=out, batch_size=10, scheduler="threads", progress=False)
     n_batches = len(plan_batches(store.genes, store.n_spots, bytes_per_gene=lambda p: 1.0, batch_size=10,
-                                   min_batches=api.MIN_BATCHES))
+                                   min_batches=spatialscale.api.MIN_BATCHES))
     assert len(list((out / "_batches").iterdir())) == n_batches
     monkeypatch.undo()
     calls: list[int] = []

@@ -29,6 +29,8 @@ import numpy as np
 
 __all__ = ["GLMMConfig", "fit_glmm", "initial_sigma", "laplace_log_marginal", "loss_and_gradients", "neg_log_joint"]
 
+#: GLMM fitting methods
+FIT_METHODS = ("joint_gd", "joint_newton", "marginal_gd", "marginal_newton")
 #: total variance sigma^2 is floored at this value in the likelihood (as SPLISOSM)
 VAR_FLOOR = 1e-2
 _PRIOR_DEFAULTS = {"gamma": {"alpha": 2.0, "beta": 0.3}, "inv_gamma": {"alpha": 2.0, "beta": 0.1}}
@@ -43,6 +45,10 @@ class GLMMConfig:
     model
         ``glmm-full`` (spatial kernel), ``glmm-null`` (white noise, theta = 0),
         or ``glm`` (no random effect: Adam on the GLM likelihood, the ``gd`` fit).
+    method
+        ``joint_gd`` (Adam on the joint likelihood), ``joint_newton``
+        (Newton steps on the joint likelihood), ``marginal_gd`` / ``marginal_newton``
+        (the Laplace-approximated marginal likelihood; dense in ``n q``).
     share_variance
         One (sigma, theta) per gene (else one per logit).
     var_fix_sigma
@@ -60,6 +66,7 @@ class GLMMConfig:
     """
 
     model: str = "glmm-full"
+    method: str = "joint_gd"
     share_variance: bool = True
     var_fix_sigma: bool = True
     var_prior: str = "none"
@@ -72,7 +79,7 @@ class GLMMConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        checks = {"model": ("glmm-full", "glmm-null", "glm"), "var_prior": ("none", "gamma", "inv_gamma"),
+        checks = {"model": ("glmm-full", "glmm-null", "glm"), "method": FIT_METHODS, "var_prior": ("none", "gamma", "inv_gamma"),
                   "init_ratio": ("uniform", "observed"), "dtype": ("float32", "float64")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
@@ -261,7 +268,7 @@ def fit_glmm(
     config: GLMMConfig | None = None,
     device: str = "cpu",
 ) -> dict[str, np.ndarray]:
-    """Fit the GLMM of every gene in a batch by ``joint_gd``.
+    """Fit the GLMM of every gene in a batch (``config.method``; ``joint_gd`` here).
 
     Parameters
     ----------
@@ -288,6 +295,14 @@ def fit_glmm(
     import torch
 
     cfg = config or GLMMConfig()
+    if cfg.method == "joint_newton" and cfg.model != "glm":
+        from spatialscale.glmm.newton import fit_joint_newton
+
+        return fit_joint_newton(counts, eigvals, eigvecs, design=design, config=cfg, device=device)
+    if cfg.method in ("marginal_gd", "marginal_newton") and cfg.model != "glm":
+        from spatialscale.glmm.marginal import fit_marginal
+
+        return fit_marginal(counts, eigvals, eigvecs, design=design, config=cfg, device=device)
     dt = torch.float32 if cfg.dtype == "float32" else torch.float64
     c_np = np.asarray(counts, dtype=np.float64)
     b, n, p = c_np.shape

@@ -1,0 +1,213 @@
+"""Fitting the multinomial GLM / GLMM of every gene, and what reads the fits."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from spatialscale.api._common import (
+    MIN_BATCHES,
+    MIN_BATCHES_GLMM,
+    as_store,
+    batch_counts,
+    check_choice,
+    execute,
+    finish,
+    provenance,
+)
+from spatialscale.engine import Batch
+from spatialscale.errors import InputError
+from spatialscale.glmm.glmm import FIT_METHODS as GLMM_FITS
+from spatialscale.results import make_dataset
+from spatialscale.store import IsoformStore
+
+__all__ = ["glmm_fit", "fitted_ratios", "fit_batch", "glmm_options"]
+
+
+def fit_batch(store_path: str, token: str, model: str, glmm: dict[str, Any], device: str, counts: np.ndarray,
+               design: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Fit the batch's genes with the GLM or GLMM."""
+    from spatialscale.glmm import fit_glm
+    from spatialscale.glmm.glmm import GLMMConfig, fit_glmm
+    from spatialscale.worker import kernel_eigenpairs, resolve_device, tune_allocator
+
+    if model == "glm" and glmm.get("fit", "iwls") != "gd":
+        return fit_glm(counts, design)
+    tune_allocator()
+    lam = vec = None
+    if model == "glmm-full":
+        lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))
+    cfg = GLMMConfig(model=model, **{k: v for k, v in glmm.items() if k not in ("rank", "fit")})
+    return fit_glmm(counts, lam, vec, design=design, config=cfg, device=resolve_device(device))
+
+
+def glmm_options(store: IsoformStore, model: str, glmm: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate GLMM options and make sure the eigenpairs a GLMM needs are in the store."""
+    from spatialscale.glmm.glmm import GLMMConfig
+
+    opts = dict(glmm or {})
+    if model == "glm":
+        if opts:
+            raise InputError(f"model='glm' takes no GLMM options (got {sorted(opts)}).")
+        return opts
+    rank = opts.pop("rank", None)
+    try:
+        GLMMConfig(model=model, **opts)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"invalid GLMM options: {exc}") from exc
+    if model == "glmm-full":
+        from spatialscale.kernel import default_rank
+
+        rank = default_rank(store.n_spots) if rank is None else min(int(rank), store.n_spots)
+        store.eigenpairs(rank)  # computed once, on the client, before any task needs them
+    return {**opts, "rank": rank}
+
+
+GLMM_MODELS = ("glmm-full", "glmm-null", "glm")
+FIT_METHODS = {"glm": ("iwls", "newton", "gd"), "glmm-full": GLMM_FITS, "glmm-null": GLMM_FITS}
+
+
+def _pad(a: np.ndarray, axis: int, size: int) -> np.ndarray:
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, size - a.shape[axis])
+    return np.pad(np.asarray(a, dtype=np.float64), widths, constant_values=np.nan)
+
+
+def _fit_task(store_path: str, token: str, model: str, glmm: dict[str, Any], device: str, q_max: int,
+              with_nu: bool, batch: Batch, z: np.ndarray | None) -> dict[str, np.ndarray]:
+    """One Dask task: fit the batch's genes and return parameters padded to ``q_max`` logits."""
+    counts = batch_counts(store_path, batch)
+    fit = fit_batch(store_path, token, model, glmm, device, counts, design=z)
+    b = batch.n_genes
+    if model == "glm":
+        if "loglik" in fit:  # Newton / IWLS
+            fit = {**fit, "loss": -fit["loglik"], "epochs": fit["iterations"]}
+        fit = {**fit, "sigma": np.full((b, 1), np.nan), "theta": np.full((b, 1), np.nan)}
+    v_max = 1 if glmm.get("share_variance", True) else q_max
+    out = {
+        "intercept": _pad(fit["intercept"], 1, q_max),
+        "beta": _pad(fit["beta"], 2, q_max),
+        "sigma": _pad(fit["sigma"], 1, v_max),
+        "theta": _pad(fit["theta"], 1, v_max),
+        "converged": np.asarray(fit["converged"], dtype=bool),
+        "loss": np.asarray(fit["loss"], dtype=np.float64),
+        "epochs": np.asarray(fit["epochs"], dtype=np.int64),
+    }
+    if with_nu and model != "glm":
+        out["nu"] = _pad(fit["nu"], 2, q_max)
+    return out
+
+
+def glmm_fit(
+    store: IsoformStore | str | os.PathLike,
+    *,
+    model: str = "glmm-full",
+    fit: str | None = None,
+    covariates: Any = None,
+    glmm: dict[str, Any] | None = None,
+    return_nu: bool = False,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    batch_memory: int | str = "256MB",
+    batch_size: int | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Fit the multinomial GLM / GLMM of every gene and return the fitted parameters.
+
+    Parameters
+    ----------
+    store
+        An opened store or its path.
+    model
+        ``glmm-full`` (spatial random effect), ``glmm-null`` (white noise) or ``glm``.
+    fit
+        GLMMs: ``joint_gd`` (default), ``joint_newton``, ``marginal_gd``,
+        ``marginal_newton``; GLM: ``iwls`` (default, = ``newton``) or ``gd``.
+    covariates
+        Optional fixed effects (as in :func:`du_test`).
+    glmm
+        GLMM options (see :func:`du_test`).
+    return_nu
+        Also return the random effect ``nu`` (``gene x spot x contrast``).
+    client, scheduler, workers, device, batch_memory, batch_size, out, overwrite, progress
+        As in :func:`sv_test`.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``intercept``, ``beta``, ``sigma``, ``theta``, ``converged``, ``loss``,
+        ``epochs``, ``n_isoforms`` (and ``nu``); logits are against each gene's
+        last isoform, padded with NaN past its own isoforms.  See
+        :func:`fitted_ratios` to recompute a gene's fitted isoform ratios.
+    """
+    from spatialscale.covariates import resolve_covariates
+
+    check_choice("model", model, GLMM_MODELS)
+    fit = fit or FIT_METHODS[model][0]
+    check_choice(f"fit method for {model}", fit, FIT_METHODS[model])
+    store = as_store(store)
+    names, z = ([], None) if covariates is None else resolve_covariates(store.obs(), covariates)
+    if model != "glm":
+        glmm = {**(glmm or {}), "method": fit}
+    glmm = glmm_options(store, model, glmm)
+    if model == "glm" and fit == "gd":
+        glmm = {"fit": "gd"}
+    q_max = int(store.genes["n_isoforms"].max()) - 1
+    n = store.n_spots
+    task = functools.partial(_fit_task, str(store.path.resolve()), store.kernel_token, model, glmm, device, q_max,
+                             bool(return_nu))
+    run = execute(store, kind="fit", params={"model": model, "fit": fit, "glmm": glmm, "nu": bool(return_nu)},
+                   task=task, bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + len(names)),
+                   batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
+                   workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
+                   label=f"fit {model}", shared=z if z is not None else np.zeros((n, 0)),
+                   min_batches=MIN_BATCHES if model == "glm" else MIN_BATCHES_GLMM,
+                   fingerprint_extra={"covariates": names,
+                                      "design": None if z is None else hashlib.sha256(z.tobytes()).hexdigest()})
+    if run.existing is not None:
+        return run.existing
+    keys = ["intercept", "beta", "sigma", "theta", "converged", "loss", "epochs"] + (["nu"] if "nu" in run.parts[0]
+                                                                                        else [])
+    data = {k: np.concatenate([r[k] for r in run.parts]) for k in keys}
+    data["n_isoforms"] = store.genes["n_isoforms"].to_numpy()
+    if not names:
+        data.pop("beta")
+    obs_names = store.obs().index.to_numpy(dtype=str)
+    ds = make_dataset(store.genes.index.to_numpy(), data,
+                      {"model": model, "fit": fit, **{f"glmm_{k}": v for k, v in glmm.items() if v is not None},
+                       "design": names, **provenance(store), "execution": run.kind},
+                      covariates=names or None,
+                      extra_coords={"contrast": np.arange(q_max), **({"spot": obs_names} if "nu" in data else {})})
+    return finish(ds, out, run.fp)
+
+
+def fitted_ratios(fit: xr.Dataset, gene: str, covariates: np.ndarray | None = None) -> np.ndarray:
+    """Fitted isoform ratios ``(n_spots, p)`` of one gene from a :func:`glmm_fit` Dataset.
+
+    GLMM fits need ``nu`` (``return_nu=True``); fits with covariates need the
+    same design matrix (``covariates``, ``n_spots x F``).
+    """
+    from spatialscale.glmm.likelihood import probabilities
+
+    g = fit.sel(gene=gene)
+    q = int(g["n_isoforms"]) - 1
+    eta = np.asarray(g["intercept"].values[:q], dtype=np.float64)[None, :]
+    if "nu" in fit:
+        eta = eta + np.asarray(g["nu"].values[:, :q], dtype=np.float64)
+    elif fit.attrs.get("model") != "glm":
+        raise InputError("this GLMM fit has no nu: refit with return_nu=True to recompute its ratios.")
+    if "beta" in fit:
+        if covariates is None:
+            raise InputError(f"this fit has covariates {list(fit['covariate'].values)}: pass the design matrix.")
+        eta = eta + np.asarray(covariates, dtype=np.float64) @ np.asarray(g["beta"].values[:, :q])
+    n = eta.shape[0] if eta.shape[0] > 1 else (covariates.shape[0] if covariates is not None else 1)
+    return probabilities(np.broadcast_to(eta, (n, q))[None])[0]

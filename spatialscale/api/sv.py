@@ -1,0 +1,205 @@
+"""Spatial variability: HSIC tests and the GLMM likelihood ratio, every gene of a section."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from spatialscale.api._common import (
+    MIN_BATCHES_GLMM,
+    as_store,
+    batch_counts,
+    check_choice,
+    execute,
+    finish,
+    provenance,
+)
+from spatialscale.api.fit import fit_batch, glmm_options
+from spatialscale.engine import Batch
+from spatialscale.errors import InputError
+from spatialscale.results import make_dataset
+from spatialscale.stats.multitest import bh_adjust
+from spatialscale.stats.nulls import NULLS
+from spatialscale.stats.responses import TRANSFORMS, response_width
+from spatialscale.stats.sv import NAN_FILLINGS, SV_METHODS, sv_batch
+from spatialscale.store import IsoformStore
+from spatialscale.worker import kernel_operator
+
+__all__ = ["sv_test"]
+
+
+def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], batch: Batch) -> dict[str, np.ndarray]:
+    """One Dask task: test the genes of ``batch`` (runs on a worker)."""
+    op, sums = kernel_operator(store_path, token, device)
+    counts = batch_counts(store_path, batch)
+    return sv_batch(counts, op, sums, **params)
+
+
+def sv_test(
+    store: IsoformStore | str | os.PathLike,
+    *,
+    method: str = "hsic-ir",
+    null: str = "liu",
+    transformation: str = "none",
+    nan_filling: str = "mean",
+    n_perms: int = 1000,
+    perm_seed: int = 0,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    batch_memory: int | str = "256MB",
+    batch_size: int | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    glmm: dict[str, Any] | None = None,
+) -> xr.Dataset:
+    """Test every gene of a section for spatial variability (HSIC or GLMM likelihood ratio).
+
+    Parameters
+    ----------
+    store
+        An opened store or its path.
+    method
+        ``hsic-ir`` (isoform ratios), ``hsic-ic`` (isoform counts),
+        ``hsic-gc`` (gene counts), or ``glmm-llr``: ``2 (l_full - l_null)``
+        of the Laplace marginal likelihoods of glmm-full and glmm-null
+        (``~ chi2(1)``, or ``chi2(p-1)`` without shared variance; dense in
+        ``n q``, so for sections of a few thousand spots).
+    null
+        ``liu`` (default), ``welch`` or ``perm``.
+    transformation
+        Ratio transformation for ``hsic-ir``: none, clr, ilr, alr, radial.
+    nan_filling
+        ``mean`` or ``none`` for spots where a gene has no counts.
+    n_perms, perm_seed
+        Permutations for ``null="perm"`` (one seeded set shared by all genes).
+    client, scheduler, workers
+        Where to run: a ``distributed.Client``; a scheduler address (or
+        ``"threads"`` for local threads); or a new LocalCluster with
+        ``workers`` processes.  With none of them, the active Dask client if
+        any, else local threads.
+    device
+        ``cpu``, ``cuda`` or ``auto`` (resolved on each worker).
+    batch_memory
+        Working-memory budget of one task (bytes or ``"256MB"``); ``"auto"``
+        takes half the free memory of the GPU workers (256MB on CPU).  A
+        batch that still runs out of memory is split and retried.
+    batch_size
+        Cap on genes per batch (results do not depend on it).
+    out
+        Results zarr path; batches are recorded as they finish, so an
+        interrupted run resumes.  ``None`` keeps results in memory only.
+    overwrite
+        Replace ``out`` if it holds other results.
+    progress
+        Show a progress bar of batches.
+    glmm
+        GLMM options for ``glmm-llr`` (see :func:`du_test`).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``sv_statistic``, ``sv_pvalue``, ``sv_pvalue_adj``, ``n_isoforms`` and
+        ``n_spots_used`` over ``gene``, with provenance attributes.
+    """
+    check_choice("method", method, SV_METHODS + ("glmm-llr",))
+    if method == "glmm-llr":
+        return _sv_llr(store, glmm=glmm, client=client, scheduler=scheduler, workers=workers, device=device,
+                       batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
+                       progress=progress)
+    check_choice("null", null, NULLS)
+    check_choice("transformation", transformation, TRANSFORMS)
+    check_choice("nan_filling", nan_filling, NAN_FILLINGS)
+    if device not in ("cpu", "cuda", "auto"):
+        raise InputError(f"unknown device {device!r}; choose cpu, cuda or auto.")
+    if null == "perm" and int(n_perms) < 1:
+        raise InputError("n_perms must be >= 1 for null='perm'.")
+    store = as_store(store)
+    n = store.n_spots
+    params = {"method": method, "transformation": transformation, "nan_filling": nan_filling, "null": null,
+              "n_perms": int(n_perms), "perm_seed": int(perm_seed)}
+    attrs = {
+        "test": "spatial_variability", "method": method, "null": null, "transformation": transformation,
+        "nan_filling": nan_filling,
+        **({"n_perms": int(n_perms), "perm_seed": int(perm_seed)} if null == "perm" else {}),
+        **provenance(store),
+    }
+
+    def bytes_per_gene(p: int) -> float:
+        d = response_width(method, p, transformation)
+        perm = 2 * 32 * d if null == "perm" else 0
+        return 8.0 * n * (p + 5 * d + perm)
+
+    task = functools.partial(_sv_task, str(store.path.resolve()), store.kernel_token, device, params)
+    run = execute(store, kind="sv", params=params, task=task, bytes_per_gene=bytes_per_gene,
+                   batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
+                   workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
+                   label=f"sv {method}")
+    if run.existing is not None:
+        return run.existing
+    data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
+    ds = make_dataset(
+        store.genes.index.to_numpy(),
+        {
+            "sv_statistic": data["statistic"],
+            "sv_pvalue": data["pvalue"],
+            "sv_pvalue_adj": bh_adjust(data["pvalue"]),
+            "n_isoforms": store.genes["n_isoforms"].to_numpy(),
+            "n_spots_used": data["n_spots_used"],
+        },
+        {**attrs, "execution": run.kind},
+    )
+    return finish(ds, out, run.fp)
+
+
+def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str,
+                 batch: Batch) -> dict[str, np.ndarray]:
+    """One Dask task: fit glmm-null and glmm-full, compare their Laplace marginal likelihoods."""
+    from spatialscale.glmm import llr_test
+    from spatialscale.glmm.glmm import GLMMConfig, laplace_log_marginal
+    from spatialscale.worker import kernel_eigenpairs
+
+    counts = batch_counts(store_path, batch)
+    lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))
+    opts = {k: v for k, v in glmm.items() if k != "rank"}
+    marg = {}
+    for model in ("glmm-null", "glmm-full"):
+        fit = fit_batch(store_path, token, model, glmm, device, counts)
+        marg[model] = laplace_log_marginal(fit, counts, lam, vec, config=GLMMConfig(model=model, **opts))
+    df = 1 if opts.get("share_variance", True) else batch.n_isoforms - 1
+    stat, pval = llr_test(marg["glmm-full"], marg["glmm-null"], df)
+    return {"statistic": stat, "pvalue": pval, "n_spots_used": np.full(batch.n_genes, counts.shape[1])}
+
+
+def _sv_llr(store: IsoformStore | str | os.PathLike, *, glmm: dict[str, Any] | None, client: Any,
+            scheduler: str | None, workers: int | None, device: str, batch_memory: int | str,
+            batch_size: int | None, out: str | os.PathLike | None, overwrite: bool, progress: bool) -> xr.Dataset:
+    store = as_store(store)
+    glmm = glmm_options(store, "glmm-full", glmm)
+    n = store.n_spots
+    task = functools.partial(_sv_llr_task, str(store.path.resolve()), store.kernel_token, glmm, device)
+    run = execute(store, kind="sv", params={"method": "glmm-llr", "glmm": glmm}, task=task,
+                   bytes_per_gene=lambda p: 8.0 * (n * (p - 1)) ** 2 * 3, batch_memory=batch_memory,
+                   batch_size=batch_size, client=client, scheduler=scheduler, workers=workers, device=device,
+                   out=out, overwrite=overwrite, progress=progress, label="sv glmm-llr",
+                   min_batches=MIN_BATCHES_GLMM)
+    if run.existing is not None:
+        return run.existing
+    data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
+    ds = make_dataset(
+        store.genes.index.to_numpy(),
+        {"sv_statistic": data["statistic"], "sv_pvalue": data["pvalue"], "sv_pvalue_adj": bh_adjust(data["pvalue"]),
+         "n_isoforms": store.genes["n_isoforms"].to_numpy(), "n_spots_used": data["n_spots_used"]},
+        {"test": "spatial_variability", "method": "glmm-llr", **{f"glmm_{k}": v for k, v in glmm.items()
+                                                                  if v is not None},
+         **provenance(store), "execution": run.kind},
+    )
+    return finish(ds, out, run.fp)
+
+
