@@ -79,8 +79,9 @@ class GLMMConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        checks = {"model": ("glmm-full", "glmm-null", "glm"), "method": FIT_METHODS, "var_prior": ("none", "gamma", "inv_gamma"),
-                  "init_ratio": ("uniform", "observed"), "dtype": ("float32", "float64")}
+        checks = {"model": ("glmm-full", "glmm-null", "glm"), "method": FIT_METHODS,
+                  "var_prior": ("none", "gamma", "inv_gamma"), "init_ratio": ("uniform", "observed"),
+                  "dtype": ("float32", "float64")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}.")
