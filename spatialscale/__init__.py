@@ -1,7 +1,7 @@
 """spatialscale: a Dask-distributed engine for spatial isoform statistics.
 
 Ingest an AnnData of isoform counts into an isoform store, then test every
-gene for spatial variability (and, later, differential usage) on a laptop,
+gene for spatial variability and differential usage on a laptop,
 a GPU or a cluster::
 
     import spatialscale
@@ -10,12 +10,13 @@ a GPU or a cluster::
 """
 
 from spatialscale._version import __version__
-from spatialscale.api import du_test, fitted_ratios, glmm_fit, sv_test
+from spatialscale.api import du_test, feature_summary, fitted_ratios, glmm_fit, merge_summary, sv_test
 from spatialscale.errors import InputError
 from spatialscale.results import open_results
 from spatialscale.store import IsoformStore, ingest, open_store
 
 __all__ = [
-    "__version__", "InputError", "IsoformStore", "du_test", "fitted_ratios", "glmm_fit", "ingest", "open_results",
-    "open_store", "sv_test",
+    "__version__", "InputError", "IsoformStore", "du_test", "feature_summary", "fitted_ratios",
+    "glmm_fit", "ingest", "open_results",
+    "merge_summary", "open_store", "sv_test",
 ]

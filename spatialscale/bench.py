@@ -152,7 +152,7 @@ def run_glmm_bench(spots: list[int], genes: list[int], *, workers: int = 2, seed
                 ref, t_ref = _splisosm_glmm(adata, splisosm_batch_size, workers)
                 t = time.perf_counter()
                 store = ingest(adata, Path(tmpdir) / "glmm.zarr", overwrite=True)
-                ds = du_test(store, ["rbp"], model="glmm-full", client=client, progress=False)
+                ds = du_test(store, ["rbp"], method="glmm-score", model="glmm-full", client=client, progress=False)
                 t_ours = time.perf_counter() - t
                 fit = glmm_fit(store, model="glmm-full", client=client, progress=False)
                 ours = pd.DataFrame({"statistic": ds["du_statistic"].values[:, 0],

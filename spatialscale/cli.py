@@ -1,4 +1,4 @@
-"""Command line: ``spatialscale ingest | sv | demo | bench``."""
+"""Command line: ``spatialscale ingest | sv | glmm | du | summary | demo | bench``."""
 
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--perm-seed", type=int, default=0, help="seed of the permutations (0)")
     p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
     p.add_argument("--top", type=int, default=10, help="print the N most significant genes (10)")
+    p.add_argument("--glmm-fit", default=None, help="glmm-llr: joint_gd (default) | joint_newton | marginal_gd | "
+                   "marginal_newton")
+    p.add_argument("--with-summary", action="store_true", help="add the gene-level feature summaries")
     _add_execution(p)
 
     p = sub.add_parser("glmm", help="fit the multinomial GLM / GLMM of every gene",
@@ -69,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
     p.add_argument("--out", required=True, help="results zarr of the fitted parameters")
     p.add_argument("--model", default="glmm-full", help="glmm-full | glmm-null | glm (default glmm-full)")
-    p.add_argument("--fit", default=None, help="joint_gd (GLMM) | iwls, newton (GLM)")
+    p.add_argument("--fit", default=None, help="GLMM: joint_gd (default) | joint_newton | marginal_gd | "
+                   "marginal_newton; GLM: iwls (default) | newton | gd")
     p.add_argument("--covariates", default=None, help="fixed effects: obs columns, comma separated")
     p.add_argument("--max-epochs", type=int, default=None, help="GLMM epochs at most (500)")
     p.add_argument("--with-nu", action="store_true", help="also save the random effect nu")
@@ -81,11 +85,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
     p.add_argument("--covariates", required=True, help="obs columns, comma separated (categorical: one-hot)")
     p.add_argument("--out", required=True, help="results zarr (resumes if interrupted)")
-    p.add_argument("--method", default="glmm-score", help="glmm-score (default) | glmm-wald")
-    p.add_argument("--model", default="glm", help="glm (default) | glmm-full | glmm-null")
+    p.add_argument("--method", default="hsic-gp",
+                   help="hsic-gp (default) | hsic | t-fisher | t-tippett | glmm-score | glmm-wald")
+    p.add_argument("--transformation", default="none", help="kernel / t-tests: none | clr | ilr | alr | radial")
+    p.add_argument("--nan-filling", default="mean", help="mean | none (spots where a gene has no counts)")
+    p.add_argument("--residualize", default="cov_only", help="hsic-gp: cov_only (default) | both")
+    p.add_argument("--gp-backend", default=None, help="hsic-gp: auto (default) | exact | lowrank")
+    p.add_argument("--model", default=None, help="glmm tests: glm (default) | glmm-full | glmm-null")
+    p.add_argument("--glmm-fit", default=None, help="glmm tests: joint_gd (default) | joint_newton | marginal_gd | "
+                   "marginal_newton")
     p.add_argument("--max-epochs", type=int, default=None, help="GLMM epochs at most (500)")
+    p.add_argument("--with-summary", action="store_true", help="add the gene-level feature summaries")
     p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
     p.add_argument("--top", type=int, default=10, help="print the N most significant pairs (10)")
+    _add_execution(p)
+
+    p = sub.add_parser("summary", help="feature summaries of every gene and isoform",
+                       description="Gene- and isoform-level feature summaries (as SPLISOSM's extract_feature_summary).")
+    p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
+    p.add_argument("--out", required=True, help="results zarr (resumes if interrupted)")
+    p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
     _add_execution(p)
 
     p = sub.add_parser("demo", help="simulate a section, ingest it and run hsic-ir on a LocalCluster",
@@ -112,10 +131,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _glmm_opts(args: argparse.Namespace) -> dict | None:
-    """GLMM options given on the command line (None for the GLM)."""
-    if getattr(args, "model", "glm") == "glm":
+    """GLMM options given on the command line (None for the GLM and the kernel tests)."""
+    if getattr(args, "model", None) in (None, "glm") and getattr(args, "method", "") != "glmm-llr":
         return None
-    return {"max_epochs": args.max_epochs} if getattr(args, "max_epochs", None) else None
+    opts = {}
+    if getattr(args, "max_epochs", None):
+        opts["max_epochs"] = args.max_epochs
+    if getattr(args, "glmm_fit", None):
+        opts["method"] = args.glmm_fit
+    return opts or None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -139,7 +163,8 @@ def _run(args: argparse.Namespace) -> int:
             nan_filling=args.nan_filling, n_perms=args.n_perms, perm_seed=args.perm_seed,
             scheduler=args.scheduler, workers=args.workers, device=args.device,
             batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out,
-            overwrite=args.overwrite, progress=not args.no_progress,
+            overwrite=args.overwrite, progress=not args.no_progress, glmm=_glmm_opts(args),
+            with_summary=args.with_summary,
         )
         n_sig = int((ds["sv_pvalue_adj"] < 0.05).sum())
         how = args.method if args.method == "glmm-llr" else f"{args.method}, {args.null} null"
@@ -164,10 +189,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "du":
         from spatialscale.api import du_test
 
+        np_opts = {}
+        if not args.method.startswith("glmm"):
+            np_opts = {"transformation": args.transformation, "nan_filling": args.nan_filling}
+            if args.method == "hsic-gp":
+                np_opts.update(residualize=args.residualize,
+                               gp={"backend": args.gp_backend} if args.gp_backend else None)
         ds = du_test(
-            args.store, args.covariates, method=args.method, model=args.model, glmm=_glmm_opts(args),
+            args.store, args.covariates, method=args.method, model=args.model, glmm=_glmm_opts(args), **np_opts,
             scheduler=args.scheduler, workers=args.workers, device=args.device, batch_memory=args.batch_memory,
             batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, progress=not args.no_progress,
+            with_summary=args.with_summary,
         )
         n_sig = int((ds["du_pvalue_adj"] < 0.05).sum())
         print(f"{ds.sizes['gene']} genes x {ds.sizes['covariate']} covariates tested ({args.method}); "
@@ -175,6 +207,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.top:
             table = ds[["du_statistic", "du_pvalue", "du_pvalue_adj"]].to_dataframe()
             print(table.nsmallest(args.top, "du_pvalue").to_string())
+        return 0
+    if args.command == "summary":
+        from spatialscale.api import feature_summary
+
+        ds = feature_summary(args.store, scheduler=args.scheduler, workers=args.workers,
+                             batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out,
+                             overwrite=args.overwrite, progress=not args.no_progress)
+        print(f"summaries of {ds.sizes['gene']} genes and {ds.sizes['isoform']} isoforms; results in {args.out}")
         return 0
     if args.command == "demo":
         from spatialscale.demo import run_demo

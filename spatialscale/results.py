@@ -14,7 +14,8 @@ import xarray as xr
 
 from spatialscale.engine import PartialStore
 
-__all__ = ["VARIABLES", "make_dataset", "prepare_output", "write_dataset", "open_results"]
+__all__ = ["VARIABLES", "GENE_SUMMARY_VARIABLES", "ISOFORM_SUMMARY_VARIABLES", "make_dataset", "prepare_output",
+           "write_dataset", "open_results"]
 
 #: name -> (dims, description); one registry for every result variable
 VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -35,7 +36,29 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "loss": (("gene",), "best negative log joint likelihood (GLM: negative log likelihood)"),
     "epochs": (("gene",), "optimiser epochs (GLM: Newton iterations) used by the gene"),
     "nu": (("gene", "spot", "contrast"), "fitted random effect (only on request)"),
+    # feature summaries (SPLISOSM's extract_feature_summary; spatialscale.stats.summary)
+    "gene_n_isos": (("gene",), "isoforms of the gene (SPLISOSM n_isos)"),
+    "gene_perplexity": (("gene",), "exp(entropy) of the gene's pooled isoform usage: effective number of isoforms"),
+    "gene_pct_bin_on": (("gene",), "fraction of spots where the gene has any count"),
+    "gene_count_avg": (("gene",), "mean gene count per spot, over all spots"),
+    "gene_count_std": (("gene",), "standard deviation (ddof=0) of the gene count per spot, over all spots"),
+    "gene_major_ratio_avg": (("gene",), "pooled usage ratio of the gene's major isoform (max of iso_ratio_total)"),
+    "iso_pct_bin_on": (("isoform",), "fraction of spots where the isoform has any count"),
+    "iso_count_total": (("isoform",), "total count of the isoform"),
+    "iso_count_avg": (("isoform",), "mean isoform count per spot, over all spots"),
+    "iso_count_std": (("isoform",), "standard deviation (ddof=0) of the isoform count per spot, over all spots"),
+    "iso_ratio_total": (("isoform",), "pooled usage: isoform total count / gene total count"),
+    "iso_ratio_avg": (("isoform",), "mean per-spot usage ratio over the spots where the gene has counts"),
+    "iso_ratio_std": (("isoform",), "standard deviation (ddof=0) of the per-spot usage ratio over the spots "
+                                    "where the gene has counts"),
 }
+
+#: gene-level feature summaries (dimension ``gene``)
+GENE_SUMMARY_VARIABLES = ("gene_n_isos", "gene_perplexity", "gene_pct_bin_on", "gene_count_avg", "gene_count_std",
+                          "gene_major_ratio_avg")
+#: isoform-level feature summaries (dimension ``isoform``)
+ISOFORM_SUMMARY_VARIABLES = ("iso_pct_bin_on", "iso_count_total", "iso_count_avg", "iso_count_std", "iso_ratio_total",
+                             "iso_ratio_avg", "iso_ratio_std")
 
 
 def make_dataset(genes: list[str] | np.ndarray, data: dict[str, np.ndarray], attrs: dict[str, Any],

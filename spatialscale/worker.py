@@ -96,6 +96,24 @@ def _load_eigenpairs(store_path: str, token: str, rank: int | None) -> tuple[np.
     return store.eigenpairs(rank)
 
 
+def normalized_coordinates(store_path: str) -> np.ndarray:
+    """The section's coordinates z-scored per axis (``ddof=1``), cached per process (the GP's inputs)."""
+    with _lock:
+        return _load_coordinates(str(store_path))
+
+
+@lru_cache(maxsize=2)
+def _load_coordinates(store_path: str) -> np.ndarray:
+    from spatialscale.errors import InputError
+    from spatialscale.store import open_store
+
+    xy = open_store(store_path).coords()
+    if xy is None:
+        raise InputError(f"{store_path} has no spatial coordinates; hsic-gp needs them (use hsic or the t-tests).")
+    xy = np.asarray(xy, dtype=np.float64)
+    return (xy - xy.mean(0)) / np.maximum(xy.std(0, ddof=1), 1e-8)
+
+
 @lru_cache(maxsize=1)
 def tune_allocator() -> bool:
     """Keep large temporary arrays in glibc's heap for iterative fits (once per process).

@@ -67,7 +67,7 @@ def test_score_test_matches_splisosm_glm(tmp_path):
     res = ref._du_test_results
     ref_names = [str(g) for g in ref.gene_names]
     store = spatialscale.ingest(adata, tmp_path / "glm.zarr")
-    ds = spatialscale.du_test(store, ["celltype", "rbp"], scheduler="threads", progress=False)
+    ds = spatialscale.du_test(store, ["celltype", "rbp"], method="glmm-score", scheduler="threads", progress=False)
     assert list(ds["covariate"].values) == ["celltype_ct0", "celltype_ct1", "celltype_ct2", "rbp"]
     ours = ds["du_statistic"].to_pandas().loc[ref_names].to_numpy()
     theirs = res["statistic"].numpy()
@@ -102,8 +102,10 @@ def du_store(tmp_path_factory):
 
 
 def test_du_results_are_invariant_across_execution(du_store, client):
-    a = spatialscale.du_test(du_store, "celltype,rbp", scheduler="threads", batch_size=1, progress=False)
-    b = spatialscale.du_test(du_store, ["celltype", "rbp"], client=client, batch_size=7, progress=False)
+    a = spatialscale.du_test(du_store, "celltype,rbp",
+                             method="glmm-score", scheduler="threads", batch_size=1, progress=False)
+    b = spatialscale.du_test(du_store, ["celltype", "rbp"],
+                             method="glmm-score", client=client, batch_size=7, progress=False)
     np.testing.assert_allclose(a["du_pvalue"].values, b["du_pvalue"].values, rtol=1e-12)
     assert a["du_pvalue"].dims == ("gene", "covariate")
     for cov in a["covariate"].values:  # BH is per covariate
@@ -116,10 +118,11 @@ def test_du_results_are_invariant_across_execution(du_store, client):
 def test_du_covariates_as_array_and_dataframe(du_store, tmp_path):
     obs = du_store.obs()
     arr = obs["rbp"].to_numpy()
-    a = spatialscale.du_test(du_store, arr, scheduler="threads", progress=False, out=tmp_path / "du.zarr")
+    a = spatialscale.du_test(du_store, arr,
+                             method="glmm-score", scheduler="threads", progress=False, out=tmp_path / "du.zarr")
     assert list(a["covariate"].values) == ["factor_1"]
     frame = pd.DataFrame({"rbp": arr}, index=obs.index)[::-1]  # aligned by spot name
-    b = spatialscale.du_test(du_store, frame, scheduler="threads", progress=False)
+    b = spatialscale.du_test(du_store, frame, method="glmm-score", scheduler="threads", progress=False)
     np.testing.assert_allclose(a["du_statistic"].values, b["du_statistic"].values, rtol=1e-12)
     import xarray as xr
 
@@ -130,7 +133,7 @@ def test_du_covariates_as_array_and_dataframe(du_store, tmp_path):
                                           (np.r_[np.nan, np.arange(299.0)], "NaN"), (np.arange(10.0), "300 spots")])
 def test_du_bad_covariates(du_store, tmp_path, cov, msg):
     with pytest.raises(InputError, match=msg):
-        spatialscale.du_test(du_store, cov, out=tmp_path / "du.zarr", progress=False)
+        spatialscale.du_test(du_store, cov, method="glmm-score", out=tmp_path / "du.zarr", progress=False)
     assert not (tmp_path / "du.zarr").exists()
 
 

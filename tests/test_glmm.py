@@ -56,7 +56,8 @@ def test_du_score_matches_splisosm(section):
     adata, store, ref = section
     from scipy.stats import spearmanr
 
-    ds = spatialscale.du_test(store, ["celltype", "rbp"], model="glmm-full", scheduler="threads", progress=False)
+    ds = spatialscale.du_test(store, ["celltype", "rbp"],
+                              method="glmm-score", model="glmm-full", scheduler="threads", progress=False)
     names = [str(g) for g in ref.gene_names]
     ours = ds["du_pvalue"].to_pandas().loc[names].to_numpy().ravel()
     theirs = np.maximum(ref._du_test_results["pvalue"].numpy().ravel(), 1e-300)
@@ -106,9 +107,10 @@ def test_gradient_matches_finite_differences():
 def test_glmm_options_are_checked(section, tmp_path):
     _, store, _ = section
     with pytest.raises(InputError, match="GLMM options"):
-        spatialscale.du_test(store, "rbp", model="glmm-full", glmm={"init_ratio": "random"}, out=tmp_path / "o.zarr")
+        spatialscale.du_test(store, "rbp", method="glmm-score", model="glmm-full", glmm={"init_ratio": "random"},
+                             out=tmp_path / "o.zarr")
     with pytest.raises(InputError, match="unknown model"):
-        spatialscale.du_test(store, "rbp", model="glmm-xx", out=tmp_path / "o.zarr")
+        spatialscale.du_test(store, "rbp", method="glmm-score", model="glmm-xx", out=tmp_path / "o.zarr")
     assert not (tmp_path / "o.zarr").exists()
 
 
@@ -120,11 +122,12 @@ def test_glmm_score_test_is_not_anti_conservative(tmp_path):
     store = spatialscale.ingest(adata, tmp_path / "null.zarr")
     rng = np.random.default_rng(0)
     z = rng.normal(size=(store.n_spots, 10))  # 1200 null gene x covariate pairs
-    ds = spatialscale.du_test(store, z, model="glmm-null", glmm={"max_epochs": 200}, scheduler="threads",
+    ds = spatialscale.du_test(store, z,
+                              method="glmm-score", model="glmm-null", glmm={"max_epochs": 200}, scheduler="threads",
                               progress=False)
     frac = float((ds["du_pvalue"] < 0.05).mean())
     assert frac <= 0.07, frac
-    glm = spatialscale.du_test(store, z, model="glm", scheduler="threads", progress=False)
+    glm = spatialscale.du_test(store, z, method="glmm-score", model="glm", scheduler="threads", progress=False)
     assert 0.03 <= float((glm["du_pvalue"] < 0.05).mean()) <= 0.07
 
 

@@ -47,6 +47,7 @@ def test_auto_batch_memory_from_free_gpu_memory(small_store):
     from spatialscale.engine import free_device_memory
 
     assert free_device_memory("cuda") > 0
-    ds = spatialscale.du_test(small_store, "region", model="glmm-full", device="cuda", batch_memory="auto",
+    ds = spatialscale.du_test(small_store, "region",
+                              method="glmm-score", model="glmm-full", device="cuda", batch_memory="auto",
                               glmm={"max_epochs": 50}, scheduler="threads", progress=False)
     assert np.isfinite(ds["du_pvalue"].values).all()

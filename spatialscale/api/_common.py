@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -57,8 +58,17 @@ def execute(store: IsoformStore, *, kind: str, params: dict[str, Any], task: Any
              batch_memory: int | str, batch_size: int | None, client: Any, scheduler: str | None,
              workers: int | None, device: str, out: str | os.PathLike | None, overwrite: bool, progress: bool,
              label: str, shared: Any = None, fingerprint_extra: Any = None,
-             min_batches: int = MIN_BATCHES) -> _Run:
-    """Plan batches, run them where asked (resuming from ``out``), return the per-batch results."""
+             min_batches: int = MIN_BATCHES, with_summary: bool = False) -> _Run:
+    """Plan batches, run them where asked (resuming from ``out``), return the per-batch results.
+
+    With ``with_summary`` every task also returns the gene-level feature
+    summaries of its genes (see :func:`summary_variables`).
+    ``shared`` (an array every task receives as its last argument, sent to the
+    workers once) may be a callable, evaluated only if some batch is left to run.
+    """
+    if with_summary:  # the gene-level feature summaries ride along with each batch's test
+        task = functools.partial(_summarised, task, str(store.path.resolve()))
+        params = {**params, "with_summary": True}
     fp = fingerprint(kind=kind, store=str(store.path.resolve()), kernel=store.kernel_token,
                      genes=list(store.genes.index), extra=fingerprint_extra, **params)
     partial = None
@@ -70,9 +80,27 @@ def execute(store: IsoformStore, *, kind: str, params: dict[str, Any], task: Any
         budget = batch_budget(batch_memory, runner, device)
         batches = plan_batches(store.genes, store.n_spots, bytes_per_gene=bytes_per_gene, memory_bytes=budget,
                                batch_size=batch_size, min_batches=min_batches)
+        if callable(shared):  # computed only when there is something left to run
+            shared = shared()
         extra = () if shared is None else (runner.share(shared),)
         parts = run_batches(task, batches, runner, partial=partial, progress=progress, label=label, extra=extra)
     return _Run(parts, runner.kind, fp)
+
+
+def _summarised(task: Any, store_path: str, batch: Batch, *extra: Any) -> dict[str, np.ndarray]:
+    """Run ``task`` on a batch and add the batch's gene-level feature summaries (``gene_*``)."""
+    from spatialscale.stats.summary import summary_batch
+
+    out = task(batch, *extra)
+    gene, _ = summary_batch(batch_counts(store_path, batch))
+    return {**out, **{f"gene_{k}": v for k, v in gene.items()}}
+
+
+def summary_variables(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The ``gene_*`` summaries gathered from a run's batches (empty without ``with_summary``)."""
+    if not parts:
+        return {}
+    return {k: np.concatenate([r[k] for r in parts]) for k in parts[0] if k.startswith("gene_")}
 
 
 def batch_budget(batch_memory: int | str, runner: Any, device: str) -> int:

@@ -19,18 +19,25 @@ from spatialscale.api._common import (
     execute,
     finish,
     provenance,
+    summary_variables,
 )
 from spatialscale.api.fit import fit_batch, glmm_options
 from spatialscale.engine import Batch
+from spatialscale.errors import InputError
 from spatialscale.results import make_dataset
+from spatialscale.stats.du import DU_NP_METHODS, binary_levels, du_responses, hsic_du, ttest_du
 from spatialscale.stats.multitest import bh_adjust
+from spatialscale.stats.responses import TRANSFORMS
+from spatialscale.stats.sv import NAN_FILLINGS
 from spatialscale.store import IsoformStore
 
 __all__ = ["du_test"]
 
 
-DU_METHODS = ("glmm-score", "glmm-wald")
+GLMM_DU_METHODS = ("glmm-score", "glmm-wald")
+DU_METHODS = DU_NP_METHODS + GLMM_DU_METHODS
 DU_MODELS = ("glm", "glmm-full", "glmm-null")
+RESIDUALIZE = ("cov_only", "both")
 
 
 def _du_task(store_path: str, token: str, method: str, model: str, glmm: dict[str, Any], device: str,
@@ -48,12 +55,50 @@ def _du_task(store_path: str, token: str, method: str, model: str, glmm: dict[st
     return {"statistic": stat, "pvalue": pval}
 
 
+def _du_np_task(store_path: str, method: str, transformation: str, nan_filling: str, gp: dict[str, Any] | None,
+                device: str, batch: Batch, z: np.ndarray) -> dict[str, np.ndarray]:
+    """One Dask task: kernel or t-tests of every gene of the batch against every (residualised) covariate."""
+    counts = batch_counts(store_path, batch)
+    y, used = du_responses(counts, transformation, nan_filling)
+    if gp is not None:  # residualize="both": the isoform ratios lose their spatial trend too
+        y = _residualize_responses(store_path, y, used, gp, device)
+    if method in ("hsic", "hsic-gp"):
+        stat, pval = hsic_du(y, used, z)
+    else:
+        stat, pval = ttest_du(y, used, z, combine=method.removeprefix("t-"))
+    return {"statistic": stat, "pvalue": pval, "n_spots_used": used.sum(1)}
+
+
+def _residualize_responses(store_path: str, y: np.ndarray, used: np.ndarray, gp: dict[str, Any],
+                           device: str) -> np.ndarray:
+    """Spatial-GP residuals of every gene's ratio columns (one GP per gene, shared by its isoforms)."""
+    from spatialscale.stats.gp import residualize_genes
+    from spatialscale.worker import normalized_coordinates, resolve_device
+
+    x = normalized_coordinates(store_path)
+    res = residualize_genes(x, y, used, device=resolve_device(device), **gp)
+    return np.where(used[..., None], res - (res * used[..., None]).sum(1, keepdims=True)
+                    / np.maximum(used.sum(1), 1)[:, None, None], 0.0)
+
+
+def _check_binary(z: np.ndarray, names: list[str]) -> None:
+    try:
+        binary_levels(z, names)
+    except ValueError as exc:
+        raise InputError(f"{exc} Use hsic / hsic-gp for continuous or multi-level covariates "
+                         "(categorical obs columns are one-hot encoded, one binary column per level).") from None
+
+
 def du_test(
     store: IsoformStore | str | os.PathLike,
     covariates: Any,
     *,
-    method: str = "glmm-score",
-    model: str = "glm",
+    method: str = "hsic-gp",
+    transformation: str = "none",
+    nan_filling: str = "mean",
+    residualize: str = "cov_only",
+    gp: dict[str, Any] | None = None,
+    model: str | None = None,
     glmm: dict[str, Any] | None = None,
     client: Any = None,
     scheduler: str | None = None,
@@ -64,6 +109,7 @@ def du_test(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    with_summary: bool = False,
 ) -> xr.Dataset:
     """Test every gene x covariate pair for differential isoform usage.
 
@@ -74,36 +120,153 @@ def du_test(
     covariates
         obs column name(s) (a list, or ``"a,b"``; categorical columns are
         one-hot with every level kept), or an array / DataFrame with one row
-        per spot.
+        per spot.  NaN values are an error (drop or impute those spots first).
     method
-        ``glmm-score``: score test of each covariate against the multinomial
-        model fitted without covariates, ``stat = s' I^-1 s ~ chi2(p - 1)``;
-        ``glmm-wald``: Wald test ``beta' I beta ~ chi2(p - 1)`` of each
-        covariate in the model fitted with all of them.
+        Kernel and t-tests on the isoform ratios:
+
+        * ``hsic-gp`` (default): linear HSIC between the ratios and each
+          covariate after removing the covariate's spatial trend with a
+          Gaussian process (RBF on z-scored coordinates + white noise,
+          hyper-parameters by maximum likelihood), so that a covariate and
+          isoform usage that merely share a spatial pattern are not called.
+          Each covariate is residualised once, then tested against every gene.
+        * ``hsic``: unconditional linear HSIC (multivariate Pearson / RV test).
+        * ``t-fisher`` / ``t-tippett``: binary covariates only; a two-sample
+          t-test per isoform ratio, combined per gene by Fisher / Tippett.
+
+        Parametric tests on the multinomial GLM / GLMM:
+
+        * ``glmm-score``: score test of each covariate against the model
+          fitted without covariates, ``stat = s' I^-1 s ~ chi2(p - 1)``;
+        * ``glmm-wald``: Wald test ``beta' I beta ~ chi2(p - 1)`` of each
+          covariate in the model fitted with all of them.
+    transformation
+        Ratio transformation for the kernel / t-tests: none, clr, ilr, alr, radial.
+    nan_filling
+        ``mean`` (spots where a gene has no counts take its mean ratio) or
+        ``none`` (those spots are left out of that gene's tests).
+    residualize
+        ``cov_only`` (default) or ``both`` (hsic-gp: also remove each gene's
+        own spatial trend from its ratios, one GP per gene).
+    gp
+        Options of the spatial GP (see :func:`spatialscale.stats.gp.residualize`),
+        e.g. ``{"backend": "exact"}``; default backend ``auto`` (exact on
+        small sections, inducing points on large ones).
     model
-        The null model the score test reads: ``glm`` (multinomial GLM,
+        GLMM tests only: the fitted model, ``glm`` (default; multinomial GLM
         fitted exactly by IWLS), ``glmm-full`` (spatial random effect) or
-        ``glmm-null`` (white-noise random effect), both by ``joint_gd``.
+        ``glmm-null`` (white-noise random effect).
     glmm
-        GLMM options: those of :class:`spatialscale.glmm.glmm.GLMMConfig`
-        (``share_variance``, ``var_fix_sigma``, ``var_prior``, ``init_ratio``,
+        GLMM tests only: options of :class:`spatialscale.glmm.glmm.GLMMConfig`
+        (``method`` = joint_gd / joint_newton / marginal_gd / marginal_newton,
+        ``share_variance``, ``var_fix_sigma``, ``var_prior``, ``init_ratio``,
         ``lr``, ``tol``, ``patience``, ``max_epochs``, ``dtype``) and ``rank``
         (kernel eigenpairs kept; default all up to 5,000 spots, else
         ``ceil(4 sqrt(n))`` with the isotropic remainder).
-    client, scheduler, workers, device, batch_memory, batch_size, out, overwrite, progress
+    client, scheduler, workers, device, batch_memory, batch_size, out, overwrite, progress, with_summary
         As in :func:`sv_test`.
 
     Returns
     -------
     xarray.Dataset
         ``du_statistic``, ``du_pvalue``, ``du_pvalue_adj`` (BH over genes,
-        per covariate) over ``(gene, covariate)``, and ``n_isoforms``.
+        per covariate) over ``(gene, covariate)``, ``n_isoforms`` (and
+        ``n_spots_used`` for the kernel / t-tests).
     """
     from spatialscale.covariates import resolve_covariates
 
     check_choice("method", method, DU_METHODS)
-    check_choice("model", model, DU_MODELS)
     store = as_store(store)
+    if method in GLMM_DU_METHODS:
+        return _du_glmm(store, covariates, method=method, model=model or "glm", glmm=glmm, client=client,
+                        scheduler=scheduler, workers=workers, device=device, batch_memory=batch_memory,
+                        batch_size=batch_size, out=out, overwrite=overwrite, progress=progress,
+                        with_summary=with_summary)
+    if model is not None or glmm is not None:
+        raise InputError(f"model / glmm options apply to the glmm-score / glmm-wald tests, not {method!r}.")
+    check_choice("transformation", transformation, TRANSFORMS)
+    check_choice("nan_filling", nan_filling, NAN_FILLINGS)
+    check_choice("residualize", residualize, RESIDUALIZE)
+    if residualize == "both" and method != "hsic-gp":
+        raise InputError("residualize='both' applies to method='hsic-gp' only.")
+    if gp is not None and method != "hsic-gp":
+        raise InputError(f"gp options apply to method='hsic-gp' only, not {method!r}.")
+    names, z = resolve_covariates(store.obs(), covariates)
+    if method.startswith("t-"):
+        _check_binary(z, names)
+    gp_opts = _gp_options(gp) if method == "hsic-gp" else None
+    n, f = store.n_spots, z.shape[1]
+    params = {"method": method, "transformation": transformation, "nan_filling": nan_filling,
+              **({"residualize": residualize, "gp": gp_opts} if method == "hsic-gp" else {})}
+    store_path = str(store.path.resolve())
+    task = functools.partial(_du_np_task, store_path, method, transformation, nan_filling,
+                             gp_opts if residualize == "both" else None, device)
+
+    def shared() -> np.ndarray:
+        if method != "hsic-gp":
+            return z
+        return _residualize_covariates(store, z, gp_opts, device, progress)
+
+    run = execute(store, kind="du", params=params, task=task,
+                  bytes_per_gene=lambda p: 8.0 * (n * (3 * p + 4 * p * (residualize == "both")) + 8 * p * f),
+                  batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
+                  workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
+                  label=f"du {method}", shared=shared, min_batches=MIN_BATCHES, with_summary=with_summary,
+                  fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
+    if run.existing is not None:
+        return run.existing
+    stat = np.concatenate([r["statistic"] for r in run.parts])
+    pval = np.concatenate([r["pvalue"] for r in run.parts])
+    attrs = {"test": "differential_usage", "method": method, "transformation": transformation,
+             "nan_filling": nan_filling}
+    if method == "hsic-gp":
+        attrs.update({"residualize": residualize, **{f"gp_{k}": v for k, v in gp_opts.items() if v is not None}})
+    ds = make_dataset(
+        store.genes.index.to_numpy(),
+        {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
+         "n_isoforms": store.genes["n_isoforms"].to_numpy(),
+         "n_spots_used": np.concatenate([r["n_spots_used"] for r in run.parts]), **summary_variables(run.parts)},
+        {**attrs, **provenance(store), "execution": run.kind},
+        covariates=names,
+    )
+    return finish(ds, out, run.fp)
+
+
+def _gp_options(gp: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate the spatial-GP options (unknown keys are an error, not ignored)."""
+    import inspect
+
+    from spatialscale.stats.gp import residualize
+
+    opts = dict(gp or {})
+    allowed = [k for k, v in inspect.signature(residualize).parameters.items()
+               if v.kind == inspect.Parameter.KEYWORD_ONLY and k != "device"]
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        raise InputError(f"unknown gp option(s) {unknown}; choose from {allowed}.")
+    return opts
+
+
+def _residualize_covariates(store: IsoformStore, z: np.ndarray, gp: dict[str, Any], device: str,
+                            progress: bool) -> np.ndarray:
+    """Standardise each covariate (ddof 1) and remove its spatial-GP trend: once per covariate, for all genes."""
+    from spatialscale.stats.gp import residualize
+    from spatialscale.worker import normalized_coordinates, resolve_device
+
+    zs = (z - z.mean(0)) / z.std(0, ddof=1)
+    x = normalized_coordinates(str(store.path.resolve()))
+    dev = resolve_device(device) if device != "cpu" else "cpu"
+    res, _ = residualize(x, zs, device=dev, **gp)
+    return np.asarray(res, dtype=np.float64)
+
+
+def _du_glmm(store: IsoformStore, covariates: Any, *, method: str, model: str, glmm: dict[str, Any] | None,
+             client: Any, scheduler: str | None, workers: int | None, device: str, batch_memory: int | str,
+             batch_size: int | None, out: str | os.PathLike | None, overwrite: bool, progress: bool,
+             with_summary: bool) -> xr.Dataset:
+    from spatialscale.covariates import resolve_covariates
+
+    check_choice("model", model, DU_MODELS)
     names, z = resolve_covariates(store.obs(), covariates)
     glmm = glmm_options(store, model, glmm)
     n = store.n_spots
@@ -111,11 +274,12 @@ def du_test(
     task = functools.partial(_du_task, str(store.path.resolve()), store.kernel_token, method, model, glmm, device)
     f = z.shape[1]
     run = execute(store, kind="du", params=params, task=task,
-                   bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + f),
-                   batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
-                   workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
-                   label=f"du {method}", shared=z, min_batches=MIN_BATCHES if model == "glm" else MIN_BATCHES_GLMM,
-                   fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
+                  bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + f),
+                  batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
+                  workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
+                  label=f"du {method}", shared=z, min_batches=MIN_BATCHES if model == "glm" else MIN_BATCHES_GLMM,
+                  with_summary=with_summary,
+                  fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
     if run.existing is not None:
         return run.existing
     stat = np.concatenate([r["statistic"] for r in run.parts])
@@ -123,12 +287,10 @@ def du_test(
     ds = make_dataset(
         store.genes.index.to_numpy(),
         {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
-         "n_isoforms": store.genes["n_isoforms"].to_numpy()},
+         "n_isoforms": store.genes["n_isoforms"].to_numpy(), **summary_variables(run.parts)},
         {"test": "differential_usage", "method": method, "model": model,
          **{f"glmm_{k}": v for k, v in glmm.items() if v is not None}, **provenance(store),
          "execution": run.kind},
         covariates=names,
     )
     return finish(ds, out, run.fp)
-
-

@@ -17,6 +17,7 @@ from spatialscale.api._common import (
     execute,
     finish,
     provenance,
+    summary_variables,
 )
 from spatialscale.api.fit import fit_batch, glmm_options
 from spatialscale.engine import Batch
@@ -58,6 +59,7 @@ def sv_test(
     overwrite: bool = False,
     progress: bool = True,
     glmm: dict[str, Any] | None = None,
+    with_summary: bool = False,
 ) -> xr.Dataset:
     """Test every gene of a section for spatial variability (HSIC or GLMM likelihood ratio).
 
@@ -101,6 +103,10 @@ def sv_test(
         Show a progress bar of batches.
     glmm
         GLMM options for ``glmm-llr`` (see :func:`du_test`).
+    with_summary
+        Also return the gene-level feature summaries (``gene_perplexity``,
+        ``gene_count_avg``...; see :func:`spatialscale.feature_summary`),
+        computed by the same tasks from the counts they read.
 
     Returns
     -------
@@ -112,7 +118,7 @@ def sv_test(
     if method == "glmm-llr":
         return _sv_llr(store, glmm=glmm, client=client, scheduler=scheduler, workers=workers, device=device,
                        batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
-                       progress=progress)
+                       progress=progress, with_summary=with_summary)
     check_choice("null", null, NULLS)
     check_choice("transformation", transformation, TRANSFORMS)
     check_choice("nan_filling", nan_filling, NAN_FILLINGS)
@@ -140,7 +146,7 @@ def sv_test(
     run = execute(store, kind="sv", params=params, task=task, bytes_per_gene=bytes_per_gene,
                    batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
                    workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
-                   label=f"sv {method}")
+                   label=f"sv {method}", with_summary=with_summary)
     if run.existing is not None:
         return run.existing
     data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
@@ -152,6 +158,7 @@ def sv_test(
             "sv_pvalue_adj": bh_adjust(data["pvalue"]),
             "n_isoforms": store.genes["n_isoforms"].to_numpy(),
             "n_spots_used": data["n_spots_used"],
+            **summary_variables(run.parts),
         },
         {**attrs, "execution": run.kind},
     )
@@ -179,7 +186,8 @@ def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str,
 
 def _sv_llr(store: IsoformStore | str | os.PathLike, *, glmm: dict[str, Any] | None, client: Any,
             scheduler: str | None, workers: int | None, device: str, batch_memory: int | str,
-            batch_size: int | None, out: str | os.PathLike | None, overwrite: bool, progress: bool) -> xr.Dataset:
+            batch_size: int | None, out: str | os.PathLike | None, overwrite: bool, progress: bool,
+            with_summary: bool) -> xr.Dataset:
     store = as_store(store)
     glmm = glmm_options(store, "glmm-full", glmm)
     n = store.n_spots
@@ -188,14 +196,15 @@ def _sv_llr(store: IsoformStore | str | os.PathLike, *, glmm: dict[str, Any] | N
                    bytes_per_gene=lambda p: 8.0 * (n * (p - 1)) ** 2 * 3, batch_memory=batch_memory,
                    batch_size=batch_size, client=client, scheduler=scheduler, workers=workers, device=device,
                    out=out, overwrite=overwrite, progress=progress, label="sv glmm-llr",
-                   min_batches=MIN_BATCHES_GLMM)
+                   min_batches=MIN_BATCHES_GLMM, with_summary=with_summary)
     if run.existing is not None:
         return run.existing
     data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
     ds = make_dataset(
         store.genes.index.to_numpy(),
         {"sv_statistic": data["statistic"], "sv_pvalue": data["pvalue"], "sv_pvalue_adj": bh_adjust(data["pvalue"]),
-         "n_isoforms": store.genes["n_isoforms"].to_numpy(), "n_spots_used": data["n_spots_used"]},
+         "n_isoforms": store.genes["n_isoforms"].to_numpy(), "n_spots_used": data["n_spots_used"],
+         **summary_variables(run.parts)},
         {"test": "spatial_variability", "method": "glmm-llr", **{f"glmm_{k}": v for k, v in glmm.items()
                                                                   if v is not None},
          **provenance(store), "execution": run.kind},
