@@ -174,3 +174,82 @@ def run_glmm_bench(spots: list[int], genes: list[int], *, workers: int = 2, seed
           f"vs spatialscale du_test on {workers} workers (ingest and eigenpairs included)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return table
+
+
+def _du_covariates(adata, n_covariates: int, seed: int) -> pd.DataFrame:
+    """``n_covariates`` continuous covariates: smooth spatial fields plus noise, a few tied to celltype."""
+    rng = np.random.default_rng(seed + 1)
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    xy = (xy - xy.mean(0)) / xy.std(0)
+    cols = {}
+    ct1 = (adata.obs["celltype"] == "ct1").to_numpy(float)
+    for j in range(n_covariates):
+        w = rng.normal(0, 1.0, 2)
+        field = np.sin(xy @ w + rng.uniform(0, 2 * np.pi))
+        cols[f"cov{j:03d}"] = field + rng.normal(0, 1.0, len(xy)) + (0.8 * ct1 if j % 5 == 0 else 0.0)
+    return pd.DataFrame(cols, index=adata.obs_names)
+
+
+def _splisosm_du(adata, covs: list[str], method: str) -> tuple[pd.DataFrame, float]:
+    from splisosm import SplisosmNP
+
+    t = time.perf_counter()
+    model = SplisosmNP()
+    model.setup_data(adata, layer="counts", group_iso_by="gene_symbol", design_mtx=covs)
+    model.test_differential_usage(method=method, print_progress=False)
+    wall = time.perf_counter() - t
+    res = model._du_test_results
+    names = [str(g) for g in model.gene_names]
+    idx = pd.MultiIndex.from_product([names, list(model.covariate_names)], names=["gene", "covariate"])
+    return pd.DataFrame({"statistic": np.asarray(res["statistic"], dtype=float).ravel(),
+                         "pvalue": np.asarray(res["pvalue"], dtype=float).ravel()}, index=idx), wall
+
+
+def run_du_bench(spots: list[int], genes: list[int], *, covariates: int = 50, methods: tuple[str, ...] = ("hsic",
+                 "hsic-gp"), workers: int = 2, seed: int = 0) -> pd.DataFrame:
+    """Time SplisosmNP.test_differential_usage (default sklearn GP backend for hsic-gp) against
+    spatialscale's ingest + du_test on the same AnnData, for every gene x covariate pair."""
+    from distributed import Client, LocalCluster
+    from scipy.stats import spearmanr
+
+    from spatialscale.api import du_test
+    from spatialscale.simulate import simulate_section
+    from spatialscale.store import ingest
+
+    warnings.filterwarnings("ignore")
+    rows = []
+    t = time.perf_counter()
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
+            Client(cluster) as client, tempfile.TemporaryDirectory() as tmpdir:
+        print(f"LocalCluster with {workers} workers started in {time.perf_counter() - t:.1f}s (not timed below)")
+        for n in spots:
+            for g in genes:
+                adata = simulate_section(n, g, n_sv=g // 5, n_du=g // 5, seed=seed)
+                cov = _du_covariates(adata, covariates, seed)
+                for c in cov.columns:
+                    adata.obs[c] = cov[c].to_numpy()
+                names = list(cov.columns)
+                for method in methods:
+                    ref, t_ref = _splisosm_du(adata, names, method)
+                    t = time.perf_counter()
+                    store = ingest(adata, Path(tmpdir) / "du.zarr", overwrite=True, progress=False)
+                    ds = du_test(store, names, method=method, client=client, progress=False)
+                    t_ours = time.perf_counter() - t
+                    ours = ds[["du_statistic", "du_pvalue"]].to_dataframe().rename(
+                        columns={"du_statistic": "statistic", "du_pvalue": "pvalue"})
+                    j = ref.join(ours, lsuffix="_ref", how="inner")
+                    lp, lp_ref = (-np.log10(np.maximum(j[c], 1e-300)) for c in ("pvalue", "pvalue_ref"))
+                    k = max(1, len(j) // 100)
+                    top, top_ref = set(j.nsmallest(k, "pvalue").index), set(j.nsmallest(k, "pvalue_ref").index)
+                    rows.append({
+                        "method": method, "spots": n, "genes": g, "covariates": covariates, "pairs": len(j),
+                        "splisosm_s": t_ref, "spatialscale_s": t_ours, "speedup": t_ref / t_ours,
+                        "p_spearman": float(spearmanr(lp, lp_ref).statistic),
+                        "top1pct_overlap": len(top & top_ref) / k,
+                    })
+                    print(pd.DataFrame([rows[-1]]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    table = pd.DataFrame(rows)
+    print(f"\nDU: SPLISOSM 1.2.0 SplisosmNP (setup_data + test_differential_usage, sklearn GP backend) vs "
+          f"spatialscale (ingest + du_test on {workers} workers, GP backend auto)")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return table

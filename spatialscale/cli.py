@@ -119,12 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time spatialscale against SPLISOSM on the same simulated data",
                        description="Run SPLISOSM 1.2.0 and spatialscale on the same data in one run.")
     p.add_argument("--spots", type=int, nargs="+", default=[10_000], help="section sizes (10000)")
-    p.add_argument("--genes", type=int, nargs="+", default=[300], help="gene counts (300)")
+    p.add_argument("--genes", type=int, nargs="+", default=[300], help="gene counts (300; --test du: 200)")
     p.add_argument("--method", default="hsic-ir", help="SV method (hsic-ir)")
     p.add_argument("--null", default="liu", help="null (liu)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for spatialscale (2)")
-    p.add_argument("--test", default="sv", choices=("sv", "glmm"),
-                   help="sv: HSIC SV tests; glmm: glmm-full fit + DU score test (genes of 3 isoforms)")
+    p.add_argument("--test", default="sv", choices=("sv", "glmm", "du"),
+                   help="sv: HSIC SV tests; glmm: glmm-full fit + DU score test (genes of 3 isoforms); "
+                   "du: hsic and hsic-gp DU tests of every gene x covariate")
+    p.add_argument("--covariates", type=int, default=50, help="du: covariates (50)")
+    p.add_argument("--du-methods", default="hsic,hsic-gp", help="du: methods, comma separated (hsic,hsic-gp)")
     p.add_argument("--batch-memory", default="256MB", help="spatialscale's per-task memory budget (256MB)")
     p.add_argument("--seed", type=int, default=0)
     return parser
@@ -223,8 +226,14 @@ def _run(args: argparse.Namespace) -> int:
                  out_dir=args.out_dir, seed=args.seed)
         return 0
     if args.command == "bench":
-        from spatialscale.bench import run_bench, run_glmm_bench
+        from spatialscale.bench import run_bench, run_du_bench, run_glmm_bench
 
+        if args.test == "du":
+            genes = args.genes if args.genes != [300] else [200]
+            run_du_bench(spots=args.spots, genes=genes, covariates=args.covariates,
+                         methods=tuple(m.strip() for m in args.du_methods.split(",")), workers=args.workers,
+                         seed=args.seed)
+            return 0
         if args.test == "glmm":
             run_glmm_bench(spots=args.spots, genes=args.genes, workers=args.workers, seed=args.seed)
             return 0
