@@ -54,7 +54,8 @@ def _centre_rows_where(y: np.ndarray, covered: np.ndarray) -> np.ndarray:
     return (y - mean) * w
 
 
-def ratio_response(counts: np.ndarray, transformation: str = "none") -> tuple[np.ndarray, np.ndarray]:
+def ratio_response(counts: np.ndarray, transformation: str = "none",
+                   centre: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Centred isoform-ratio responses (``hsic-ir``).
 
     Parameters
@@ -66,6 +67,9 @@ def ratio_response(counts: np.ndarray, transformation: str = "none") -> tuple[np
         ``clr`` / ``ilr`` / ``alr`` (log-ratios after mixing 1% of each
         isoform's mean count over all spots into every spot; ``alr`` takes
         the first isoform as reference).
+    centre
+        Centre over covered spots (default); with ``False`` uncovered spots
+        take the covered-spot mean instead.
 
     Returns
     -------
@@ -99,6 +103,10 @@ def ratio_response(counts: np.ndarray, transformation: str = "none") -> tuple[np
             if transformation == "ilr":
                 y = y @ helmert_basis(c.shape[2])
         y = np.where(covered[..., None], y, 0.0)
+    if not centre:
+        w = covered[..., None]
+        mean = np.where(w, y, 0.0).sum(1, keepdims=True) / np.maximum(w.sum(1, keepdims=True), 1)
+        return np.where(w, y, mean), covered
     return _centre_rows_where(y, covered), covered
 
 
