@@ -114,6 +114,19 @@ def _load_coordinates(store_path: str) -> np.ndarray:
     return (xy - xy.mean(0)) / np.maximum(xy.std(0, ddof=1), 1e-8)
 
 
+def gp_basis(store_path: str, options: tuple, device: str = "cpu") -> Any:
+    """The section's spatial-GP kernel basis (``options``: sorted ``(key, value)`` pairs), cached per process."""
+    with _lock:
+        return _load_gp_basis(str(store_path), options, device)
+
+
+@lru_cache(maxsize=2)
+def _load_gp_basis(store_path: str, options: tuple, device: str) -> Any:
+    from spatialscale.stats.gp import section_basis
+
+    return section_basis(_load_coordinates(store_path), device=device, **dict(options))
+
+
 @lru_cache(maxsize=1)
 def tune_allocator() -> bool:
     """Keep large temporary arrays in glibc's heap for iterative fits (once per process).

@@ -70,7 +70,7 @@ def _du_np_task(store_path: str, method: str, transformation: str, nan_filling: 
     counts = batch_counts(store_path, batch)
     y, used = du_responses(counts, transformation, nan_filling)
     if gp is not None:  # residualize="both": the isoform ratios lose their spatial trend too
-        y = _residualize_responses(store_path, y, used, gp, device)
+        y = _residualize_responses(store_path, counts, transformation, gp, device)
     if isinstance(z, GPNull):
         stat, pval = hsic_du_gp_null(y, used, z)
     elif method in ("hsic", "hsic-gp"):
@@ -80,16 +80,17 @@ def _du_np_task(store_path: str, method: str, transformation: str, nan_filling: 
     return {"statistic": stat, "pvalue": pval, "n_spots_used": used.sum(1)}
 
 
-def _residualize_responses(store_path: str, y: np.ndarray, used: np.ndarray, gp: dict[str, Any],
+def _residualize_responses(store_path: str, counts: np.ndarray, transformation: str, gp: dict[str, Any],
                            device: str) -> np.ndarray:
-    """Spatial-GP residuals of every gene's ratio columns (one GP per gene, shared by its isoforms)."""
+    """Spatial-GP residuals of every gene's (mean-filled, uncentred) ratios, centred: one GP per gene."""
     from spatialscale.stats.gp import residualize_genes
-    from spatialscale.worker import normalized_coordinates, resolve_device
+    from spatialscale.stats.responses import ratio_response
+    from spatialscale.worker import gp_basis, resolve_device
 
-    x = normalized_coordinates(store_path)
-    res = residualize_genes(x, y, used, device=resolve_device(device), **gp)
-    return np.where(used[..., None], res - (res * used[..., None]).sum(1, keepdims=True)
-                    / np.maximum(used.sum(1), 1)[:, None, None], 0.0)
+    y_raw, _ = ratio_response(counts, transformation, centre=False)
+    basis = gp_basis(store_path, tuple(sorted(gp.items())), resolve_device(device))
+    res, _ = residualize_genes(basis, y_raw, **gp)
+    return res - res.mean(1, keepdims=True)
 
 
 def _check_binary(z: np.ndarray, names: list[str]) -> None:
@@ -212,6 +213,8 @@ def du_test(
         raise InputError(f"null={null!r} applies to method='hsic-gp' only.")
     if residualize == "both" and method != "hsic-gp":
         raise InputError("residualize='both' applies to method='hsic-gp' only.")
+    if residualize == "both" and nan_filling != "mean":
+        raise InputError("residualize='both' needs nan_filling='mean' (one GP basis shared by all genes).")
     if gp is not None and method != "hsic-gp":
         raise InputError(f"gp options apply to method='hsic-gp' only, not {method!r}.")
     names, z = resolve_covariates(store.obs(), covariates)
