@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
                    "du: hsic and hsic-gp DU tests of every gene x covariate")
     p.add_argument("--covariates", type=int, default=50, help="du: covariates (50)")
     p.add_argument("--du-methods", default="hsic,hsic-gp", help="du: methods, comma separated (hsic,hsic-gp)")
+    p.add_argument("--splisosm-gp-covariates", type=int, default=None,
+                   help="du: run SPLISOSM's hsic-gp on this many covariates and extrapolate its time "
+                   "(default: all up to 2,000 spots, else 2; minutes per covariate at 10,000 spots)")
     p.add_argument("--batch-memory", default="256MB", help="spatialscale's per-task memory budget (256MB)")
     p.add_argument("--seed", type=int, default=0)
     return parser
@@ -232,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
             genes = args.genes if args.genes != [300] else [200]
             run_du_bench(spots=args.spots, genes=genes, covariates=args.covariates,
                          methods=tuple(m.strip() for m in args.du_methods.split(",")), workers=args.workers,
-                         seed=args.seed)
+                         seed=args.seed, splisosm_gp_covariates=args.splisosm_gp_covariates)
             return 0
         if args.test == "glmm":
             run_glmm_bench(spots=args.spots, genes=args.genes, workers=args.workers, seed=args.seed)

@@ -18,7 +18,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("cmd", ["ingest", "sv", "du", "glmm", "demo", "bench"])
+@pytest.mark.parametrize("cmd", ["ingest", "sv", "du", "glmm", "summary", "demo", "bench"])
 def test_help(cmd):
     r = cli(cmd, "--help")
     assert r.returncode == 0 and "usage: spatialscale" in r.stdout
@@ -42,8 +42,22 @@ def test_ingest_then_sv_on_local_cluster(tmp_path):
     r = cli("du", str(tmp_path / "sample.zarr"), "--covariates", "region", "--out", str(tmp_path / "du.zarr"),
             "--workers", "2", "--top", "2")
     assert r.returncode == 0, r.stderr
-    assert "12 genes x 2 covariates tested" in r.stdout
-    assert xr.open_zarr(tmp_path / "du.zarr")["du_pvalue"].shape == (12, 2)
+    assert "12 genes x 2 covariates tested (hsic-gp)" in r.stdout
+    du = xr.open_zarr(tmp_path / "du.zarr")
+    assert du["du_pvalue"].shape == (12, 2) and du.attrs["method"] == "hsic-gp"
+    ref = spatialscale.du_test(spatialscale.open_store(tmp_path / "sample.zarr"), "region", scheduler="threads",
+                               progress=False)
+    np.testing.assert_allclose(du["du_pvalue"].values, ref["du_pvalue"].values, rtol=1e-9)
+    r = cli("du", str(tmp_path / "sample.zarr"), "--covariates", "region", "--out", str(tmp_path / "t.zarr"),
+            "--method", "t-fisher", "--with-summary", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    t = xr.open_zarr(tmp_path / "t.zarr")
+    assert t.attrs["method"] == "t-fisher" and t["gene_perplexity"].shape == (12,)
+    r = cli("summary", str(tmp_path / "sample.zarr"), "--out", str(tmp_path / "sum.zarr"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "summaries of 12 genes" in r.stdout
+    np.testing.assert_allclose(xr.open_zarr(tmp_path / "sum.zarr")["gene_perplexity"].values,
+                               t["gene_perplexity"].values, rtol=1e-12)
     r = cli("glmm", str(tmp_path / "sample.zarr"), "--out", str(tmp_path / "fit.zarr"), "--model", "glmm-null",
             "--max-epochs", "20", "--no-progress")
     assert r.returncode == 0, r.stderr
@@ -63,4 +77,7 @@ def test_errors_are_named_with_exit_code_2(tmp_path):
     assert r.returncode == 2 and "--overwrite" in r.stderr
     r = cli("sv", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o.zarr"), "--method", "nope")
     assert r.returncode == 2 and "unknown method 'nope'" in r.stderr
+    assert not (tmp_path / "o.zarr").exists()
+    r = cli("du", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o.zarr"), "--covariates", "nope")
+    assert r.returncode == 2 and "not found in obs" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o.zarr").exists()
