@@ -61,6 +61,9 @@ class GLMMConfig:
         ``uniform`` (nu = 0) or ``observed`` (nu = observed log-ratios).
     lr, tol, patience, max_epochs
         Adam learning rate and the per-gene stopping rule.
+    update_nu_every_k
+        ``marginal_newton`` only: the Newton step of ``nu`` (towards the mode of
+        the joint) is taken every ``k``-th epoch.
     dtype
         ``float32`` (as SPLISOSM) or ``float64``.
     """
@@ -76,6 +79,7 @@ class GLMMConfig:
     tol: float = 1e-5
     patience: int = 5
     max_epochs: int = 500
+    update_nu_every_k: int = 1
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -85,8 +89,8 @@ class GLMMConfig:
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}.")
-        if self.max_epochs < 0 or self.patience < 1 or self.lr <= 0:
-            raise ValueError("max_epochs >= 0, patience >= 1 and lr > 0 are required.")
+        if self.max_epochs < 0 or self.patience < 1 or self.lr <= 0 or self.update_nu_every_k < 1:
+            raise ValueError("max_epochs >= 0, patience >= 1, lr > 0 and update_nu_every_k >= 1 are required.")
 
 
 def initial_sigma(counts: np.ndarray) -> np.ndarray:
@@ -260,6 +264,76 @@ def loss_and_gradients(params: dict, data: dict, cfg: GLMMConfig, learn: list[st
     return loss, grads
 
 
+def _setup_fit(counts, eigvals, eigvecs, design, cfg: GLMMConfig, device: str):
+    """Tensors of a batch fit: ``(data, params, learn)`` at SPLISOSM's starting values.
+
+    ``data`` holds ``counts``, ``x``, ``lgamma_const``, ``totals`` (and the
+    eigenpairs for ``glmm-full``); ``params`` the initial ``nu``, ``beta``,
+    ``bias``, ``sigma`` and ``theta_logit``; ``learn`` the names fitted.
+    """
+    import torch
+
+    dt = torch.float32 if cfg.dtype == "float32" else torch.float64
+    c_np = np.asarray(counts, dtype=np.float64)
+    b, n, p = c_np.shape
+    if p < 2:
+        raise ValueError("the GLMM needs genes with at least two isoforms.")
+    q = p - 1
+    v = 1 if cfg.share_variance else q
+    z = np.zeros((n, 0)) if design is None else np.asarray(design, dtype=np.float64).reshape(n, -1)
+    counts_t = torch.as_tensor(c_np, dtype=dt, device=device)
+    lgamma_const = (torch.lgamma(counts_t.sum(-1) + 1).sum(1) - torch.lgamma(counts_t + 1).sum((1, 2)))
+    data = {"counts": counts_t, "x": torch.as_tensor(z, dtype=dt, device=device), "lgamma_const": lgamma_const,
+            "totals": counts_t.sum(-1)}
+    if cfg.model == "glmm-full":
+        if eigvals is None or eigvecs is None:
+            raise ValueError("glmm-full needs the kernel's eigenpairs.")
+        data["eigvals"] = torch.as_tensor(np.asarray(eigvals), dtype=dt, device=device)
+        data["eigvecs"] = torch.as_tensor(np.asarray(eigvecs), dtype=dt, device=device)
+
+    nu0 = np.zeros((b, n, q))
+    if cfg.init_ratio == "observed":
+        props = c_np / (c_np.sum(-1, keepdims=True) + 1e-5)
+        nu0 = np.log((props[..., :-1] + 1e-5) / (props[..., -1:] + 1e-5))
+    params = {
+        "nu": torch.as_tensor(nu0, dtype=dt, device=device),
+        "beta": torch.zeros(b, z.shape[1], q, dtype=dt, device=device),
+        "bias": torch.zeros(b, q, dtype=dt, device=device),
+        "sigma": torch.as_tensor(np.repeat(initial_sigma(c_np)[:, None], v, 1), dtype=dt, device=device),
+        "theta_logit": torch.full((b, v), -3.0, dtype=dt, device=device),
+    }
+    learn = ["nu", "beta", "bias"] + ([] if cfg.model == "glmm-null" else ["theta_logit"])
+    if cfg.model == "glm":
+        learn = ["beta", "bias"]
+    elif not cfg.var_fix_sigma:
+        learn.append("sigma")
+    if cfg.model == "glmm-null":
+        params["theta_logit"] = torch.full((b, v), -math.inf, dtype=dt, device=device)
+    return data, params, learn
+
+
+def _pack_fit(best: dict, best_loss, epochs, converged, data: dict) -> dict[str, np.ndarray]:
+    """The result dict of a batch fit from its best parameters (see :func:`fit_glmm`)."""
+    import torch
+
+    nu = best["nu"]
+    b, n, _ = nu.shape
+    with torch.no_grad():
+        eta = nu + torch.einsum("nf,bfq->bnq", data["x"], best["beta"]) + best["bias"][:, None, :]
+        full = torch.cat([eta, torch.zeros(b, n, 1, dtype=eta.dtype, device=eta.device)], dim=-1)
+        probs = torch.softmax(full.double(), dim=-1)
+
+    def out(t):
+        return t.detach().cpu().numpy()
+
+    theta = torch.sigmoid(best["theta_logit"])
+    return {
+        "nu": out(nu), "beta": out(best["beta"]), "intercept": out(best["bias"]),
+        "sigma": out(best["sigma"].abs()), "theta": out(theta), "probs": out(probs),
+        "loss": out(best_loss), "epochs": out(epochs), "converged": out(converged),
+    }
+
+
 def fit_glmm(
     counts: np.ndarray,
     eigvals: np.ndarray | None,
@@ -304,42 +378,9 @@ def fit_glmm(
         from spatialscale.glmm.marginal import fit_marginal
 
         return fit_marginal(counts, eigvals, eigvecs, design=design, config=cfg, device=device)
-    dt = torch.float32 if cfg.dtype == "float32" else torch.float64
-    c_np = np.asarray(counts, dtype=np.float64)
-    b, n, p = c_np.shape
-    if p < 2:
-        raise ValueError("the GLMM needs genes with at least two isoforms.")
-    q = p - 1
-    v = 1 if cfg.share_variance else q
-    z = np.zeros((n, 0)) if design is None else np.asarray(design, dtype=np.float64).reshape(n, -1)
-    counts_t = torch.as_tensor(c_np, dtype=dt, device=device)
-    lgamma_const = (torch.lgamma(counts_t.sum(-1) + 1).sum(1) - torch.lgamma(counts_t + 1).sum((1, 2)))
-    data = {"counts": counts_t, "x": torch.as_tensor(z, dtype=dt, device=device), "lgamma_const": lgamma_const,
-            "totals": counts_t.sum(-1)}
-    if cfg.model == "glmm-full":
-        if eigvals is None or eigvecs is None:
-            raise ValueError("glmm-full needs the kernel's eigenpairs.")
-        data["eigvals"] = torch.as_tensor(np.asarray(eigvals), dtype=dt, device=device)
-        data["eigvecs"] = torch.as_tensor(np.asarray(eigvecs), dtype=dt, device=device)
-
-    nu0 = np.zeros((b, n, q))
-    if cfg.init_ratio == "observed":
-        props = c_np / (c_np.sum(-1, keepdims=True) + 1e-5)
-        nu0 = np.log((props[..., :-1] + 1e-5) / (props[..., -1:] + 1e-5))
-    params = {
-        "nu": torch.as_tensor(nu0, dtype=dt, device=device),
-        "beta": torch.zeros(b, z.shape[1], q, dtype=dt, device=device),
-        "bias": torch.zeros(b, q, dtype=dt, device=device),
-        "sigma": torch.as_tensor(np.repeat(initial_sigma(c_np)[:, None], v, 1), dtype=dt, device=device),
-        "theta_logit": torch.full((b, v), -3.0, dtype=dt, device=device),
-    }
-    learn = ["nu", "beta", "bias"] + ([] if cfg.model == "glmm-null" else ["theta_logit"])
-    if cfg.model == "glm":
-        learn = ["beta", "bias"]
-    elif not cfg.var_fix_sigma:
-        learn.append("sigma")
-    if cfg.model == "glmm-null":
-        params["theta_logit"] = torch.full((b, v), -math.inf, dtype=dt, device=device)
+    data, params, learn = _setup_fit(counts, eigvals, eigvecs, design, cfg, device)
+    dt = params["nu"].dtype
+    b = params["nu"].shape[0]
 
     # per-gene Adam (torch.optim.Adam's update, with each gene's own step count)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
@@ -387,20 +428,7 @@ def fit_glmm(
                 params[k].sub_(torch.where(a, upd, torch.zeros_like(upd)))
             stepped = active.clone()
 
-    with torch.no_grad():
-        eta = best["nu"] + torch.einsum("nf,bfq->bnq", data["x"], best["beta"]) + best["bias"][:, None, :]
-        full = torch.cat([eta, torch.zeros(b, n, 1, dtype=dt, device=device)], dim=-1)
-        probs = torch.softmax(full.double(), dim=-1)
-
-    def out(t):
-        return t.detach().cpu().numpy()
-
-    theta = torch.sigmoid(best["theta_logit"])
-    return {
-        "nu": out(best["nu"]), "beta": out(best["beta"]), "intercept": out(best["bias"]),
-        "sigma": out(best["sigma"].abs()), "theta": out(theta), "probs": out(probs),
-        "loss": out(best_loss), "epochs": out(epochs), "converged": out(~active),
-    }
+    return _pack_fit(best, best_loss, epochs, ~active, data)
 
 
 def laplace_log_marginal(fit: dict[str, np.ndarray], counts: np.ndarray, eigvals: np.ndarray | None,

@@ -1,0 +1,322 @@
+"""GLMM fitting methods beyond joint_gd (joint_newton, marginal_gd, marginal_newton) and the adjusted score test."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from spatialscale.glmm.glm import fit_glm
+from spatialscale.glmm.glmm import GLMMConfig, _setup_fit, fit_glmm, laplace_log_marginal, neg_log_joint
+from spatialscale.glmm.marginal import dense_neg_hessian, neg_log_marginal
+from spatialscale.glmm.newton import THETA_LOGIT_BOUND, joint_hessian_vector, pcg
+from spatialscale.glmm.tests import adjusted_covariate_information, covariate_information, score_test
+from spatialscale.kernel import build_kernel, kernel_eigenpairs
+from spatialscale.simulate import grid_coords, simulate_section
+
+
+def _section(n: int, genes: int, seed: int, n_sv: int | None = None):
+    """Counts ``(genes, n, 3)`` of a simulated section and its kernel's eigenpairs."""
+    adata = simulate_section(n, genes, n_sv=genes // 2 if n_sv is None else n_sv, effect=1.0, isoforms=(3, 3),
+                             seed=seed)
+    counts = np.asarray(adata.layers["counts"].todense(), dtype=float).reshape(n, genes, 3).transpose(1, 0, 2)
+    lam, vec = kernel_eigenpairs(build_kernel(adata.obsm["spatial"]).precision)
+    return counts, lam, vec, adata
+
+
+@pytest.fixture(scope="module")
+def small_section():
+    return _section(144, 4, seed=2)
+
+
+# --- joint_newton ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "rank", "fix_sigma", "share", "prior", "covariates"), [
+    ("glmm-full", None, True, True, "none", 0),
+    ("glmm-full", None, False, False, "gamma", 2),
+    ("glmm-full", 12, False, True, "inv_gamma", 1),
+    ("glmm-null", None, False, False, "inv_gamma", 1),
+])
+def test_hessian_vector_product_matches_autograd(model, rank, fix_sigma, share, prior, covariates):
+    rng = np.random.default_rng(3)
+    n, q, b = 30, 2, 3
+    counts = torch.tensor(rng.poisson(3.0, size=(b, n, q + 1)).astype(float))
+    lam, vec = kernel_eigenpairs(build_kernel(rng.uniform(0, 6, (n, 2))).precision)
+    r = n if rank is None else rank
+    data = {"counts": counts, "x": torch.tensor(rng.normal(size=(n, covariates))), "totals": counts.sum(-1),
+            "lgamma_const": torch.zeros(b), "eigvals": torch.tensor(lam[:r]), "eigvecs": torch.tensor(vec[:, :r])}
+    v = 1 if share else q
+    params = {"nu": torch.tensor(rng.normal(0, 0.4, (b, n, q))),
+              "beta": torch.tensor(rng.normal(0, 0.2, (b, covariates, q))),
+              "bias": torch.tensor(rng.normal(0, 0.2, (b, q))), "sigma": torch.tensor(rng.uniform(0.4, 1.2, (b, v))),
+              "theta_logit": torch.tensor(rng.normal(0, 1, (b, v)))}
+    cfg = GLMMConfig(model=model, var_fix_sigma=fix_sigma, share_variance=share, var_prior=prior)
+    learn = ["nu", "bias", "beta"] + ([] if model == "glmm-null" else ["theta_logit"])
+    learn += [] if fix_sigma else ["sigma"]
+    direction = {k: torch.tensor(rng.normal(size=params[k].shape)) if k in learn else torch.zeros_like(params[k])
+                 for k in params}
+    ours = joint_hessian_vector(params, data, cfg, learn, direction)
+    names = list(params)
+    _, ref = torch.autograd.functional.hvp(
+        lambda *xs: neg_log_joint(dict(zip(names, xs)), data, cfg).sum(),
+        tuple(params[k] for k in names), tuple(direction[k] for k in names))
+    ref = dict(zip(names, ref))
+    for k in learn:
+        np.testing.assert_allclose(ours[k].numpy(), ref[k].numpy(), rtol=1e-8, atol=1e-9, err_msg=k)
+    assert float(ours["nu"].abs().max()) > 1.0  # a non-trivial product
+
+
+def test_pcg_matches_a_direct_solve_column_by_column():
+    rng = np.random.default_rng(0)
+    b, n, k = 3, 40, 4
+    m = rng.normal(size=(b, n, n))
+    a = torch.tensor(m @ m.transpose(0, 2, 1) + n * np.eye(n))
+    rhs = torch.tensor(rng.normal(size=(b, n, k)))
+    diag = torch.diagonal(a, dim1=1, dim2=2)[..., None]
+    x, iters = pcg(lambda v: a @ v, rhs, lambda v: v / diag, tol=1e-12)
+    np.testing.assert_allclose(x.numpy(), torch.linalg.solve(a, rhs).numpy(), rtol=1e-9, atol=1e-12)
+    assert 1 < int(iters.max()) <= n
+    # a column stops on its own: solving it alone gives the same numbers
+    alone, _ = pcg(lambda v: a[1:2] @ v, rhs[1:2, :, 2:3], lambda v: v / diag[1:2], tol=1e-12)
+    np.testing.assert_allclose(alone.numpy(), x[1:2, :, 2:3].numpy(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(("options", "rank", "design"), [
+    ({}, None, False),                                              # SPLISOSM's defaults (float32, sigma fixed)
+    ({"var_fix_sigma": False, "share_variance": False, "dtype": "float64"}, None, True),
+    ({"model": "glmm-null", "dtype": "float64"}, None, True),
+    ({"var_fix_sigma": False, "dtype": "float64"}, 48, False),     # low rank, isotropic remainder
+])
+def test_joint_newton_converges_fast_to_at_least_joint_gds_loss(small_section, options, rank, design):
+    counts, lam, vec, adata = small_section
+    r = len(lam) if rank is None else rank
+    z = adata.obs[["rbp"]].to_numpy() if design else None
+    gd = fit_glmm(counts, lam[:r], vec[:, :r], design=z, config=GLMMConfig(**options))
+    newton = fit_glmm(counts, lam[:r], vec[:, :r], design=z, config=GLMMConfig(method="joint_newton", **options))
+    assert newton["converged"].all()
+    assert newton["epochs"].max() <= 25 and newton["epochs"].mean() <= 0.1 * gd["epochs"].mean()
+    assert (newton["loss"] <= gd["loss"] + 1e-3 * np.abs(gd["loss"])).all(), (newton["loss"], gd["loss"])
+    # the reported loss is the objective at the returned parameters
+    cfg = GLMMConfig(**{**options, "dtype": "float64"})
+    data, _, _ = _setup_fit(counts, lam[:r], vec[:, :r], z, cfg, "cpu")
+    params = {"nu": newton["nu"], "beta": newton["beta"], "bias": newton["intercept"], "sigma": newton["sigma"],
+              "theta_logit": newton["theta"]}
+    params = {k: torch.as_tensor(np.asarray(v, dtype=float)) for k, v in params.items()}
+    params["theta_logit"] = torch.logit(params["theta_logit"])
+    np.testing.assert_allclose(neg_log_joint(params, data, cfg).numpy(), newton["loss"], rtol=1e-5)
+    if cfg.model == "glmm-full":
+        assert (np.abs(params["theta_logit"].numpy()) <= THETA_LOGIT_BOUND + 1e-6).all()
+
+
+def test_joint_newton_is_batch_invariant_and_converged_genes_stop(small_section):
+    counts, lam, vec, _ = small_section
+    cfg = GLMMConfig(method="joint_newton", dtype="float64", patience=2, max_epochs=12)
+    together = fit_glmm(counts, lam, vec, config=cfg)
+    alone = fit_glmm(counts[2:3], lam, vec, config=cfg)
+    np.testing.assert_allclose(together["loss"][2], alone["loss"][0], rtol=1e-10)
+    np.testing.assert_allclose(together["nu"][2], alone["nu"][0], atol=1e-7)
+    done = together["converged"]
+    assert done.any() and not done.all()
+    longer = fit_glmm(counts, lam, vec, config=GLMMConfig(method="joint_newton", dtype="float64", patience=2))
+    np.testing.assert_array_equal(longer["nu"][done], together["nu"][done])
+    np.testing.assert_array_equal(longer["epochs"][done], together["epochs"][done])
+    assert (longer["epochs"][~done] > together["epochs"][~done]).all()
+    assert (longer["loss"][~done] <= together["loss"][~done]).all()
+
+
+# --- marginal_gd / marginal_newton ---------------------------------------------------------------------------------
+
+
+def _their_params(model):
+    return {k: getattr(model, a).detach().double() for k, a in
+            [("nu", "nu"), ("beta", "beta"), ("bias", "bias_eta"), ("sigma", "sigma"), ("theta_logit", "theta_logit")]}
+
+
+def test_marginal_objective_is_splisosms_and_laplace_log_marginal(small_section):
+    splisosm_glmm = pytest.importorskip("splisosm.glmm")
+    counts, lam, vec, _ = small_section
+    counts, n = counts[:2, :64], 64  # a 64-spot piece keeps SPLISOSM's dense Hessian small
+    lam, vec = kernel_eigenpairs(build_kernel(grid_coords(n)).precision)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = splisosm_glmm.MultinomGLMM(fitting_method="marginal_gd", fitting_configs={"max_epochs": 20})
+        f32 = {"dtype": torch.float32}
+        ref.setup_data(torch.tensor(counts, **f32), corr_sp_eigvals=torch.tensor(lam, **f32),
+                       corr_sp_eigvecs=torch.tensor(vec, **f32))
+        ref.fit(quiet=True)
+        with torch.no_grad():
+            theirs = -ref().double().numpy()
+    cfg = GLMMConfig(method="marginal_gd", dtype="float64")
+    data, _, _ = _setup_fit(counts, lam, vec, None, cfg, "cpu")
+    with torch.no_grad():
+        ours = neg_log_marginal(_their_params(ref), data, cfg).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    # and the numpy evaluation of the same Laplace approximation agrees, for glmm-full and glmm-null
+    for model in ("glmm-full", "glmm-null"):
+        cfg = GLMMConfig(model=model, method="marginal_newton", dtype="float64", max_epochs=15)
+        fit = fit_glmm(counts, lam, vec, config=cfg)
+        np.testing.assert_allclose(fit["loss"], -laplace_log_marginal(fit, counts, lam, vec, config=cfg), rtol=1e-9)
+    # glmm-null's per-spot log-determinant equals the dense one
+    params = {k: torch.as_tensor(np.asarray(v, dtype=float)) for k, v in
+              [("nu", fit["nu"]), ("beta", fit["beta"]), ("bias", fit["intercept"]), ("sigma", fit["sigma"])]}
+    params["theta_logit"] = torch.full_like(params["sigma"], -np.inf)
+    dense = neg_log_joint(params, data, cfg) + 0.5 * torch.logdet(dense_neg_hessian(params, data, cfg))
+    np.testing.assert_allclose(neg_log_marginal(params, data, cfg).numpy(), dense.numpy(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["marginal_gd", "marginal_newton"])
+def test_marginal_fit_is_batch_invariant_and_converged_genes_stop(small_section, method):
+    counts = small_section[0][:, :64]
+    lam, vec = kernel_eigenpairs(build_kernel(grid_coords(64)).precision)
+    opts = {"method": method, "dtype": "float64", "lr": 0.1, "patience": 3}
+    together = fit_glmm(counts, lam, vec, config=GLMMConfig(max_epochs=40, **opts))
+    alone = fit_glmm(counts[1:2], lam, vec, config=GLMMConfig(max_epochs=40, **opts))
+    np.testing.assert_allclose(together["loss"][1], alone["loss"][0], rtol=1e-10)
+    np.testing.assert_allclose(together["theta"][1], alone["theta"][0], rtol=1e-8)
+    done = together["converged"]
+    assert done.any() and (together["epochs"][done] < 40).all()
+    longer = fit_glmm(counts, lam, vec, config=GLMMConfig(max_epochs=80, **opts))
+    np.testing.assert_array_equal(longer["nu"][done], together["nu"][done])
+    np.testing.assert_array_equal(longer["loss"][done], together["loss"][done])
+
+
+@pytest.fixture(scope="module")
+def marginal_fits():
+    """SPLISOSM's and our marginal fits of a 100-spot section (SPLISOSM gene by gene: its batches scale the
+    Newton step of nu by 1 / batch size), with the same settings as SPLISOSM's wrapper: lr 0.1, patience 10."""
+    splisosm_glmm = pytest.importorskip("splisosm.glmm")
+    counts, lam, vec, _ = _section(100, 3, seed=4, n_sv=2)
+    out = {}
+    for method in ("marginal_gd", "marginal_newton"):
+        opts = {"max_epochs": 150, "patience": 10, "lr": 0.1, "update_nu_every_k": 3}
+        theirs = []
+        for g in range(len(counts)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = splisosm_glmm.MultinomGLMM(fitting_method=method, fitting_configs=opts)
+                ref.setup_data(torch.tensor(counts[g:g + 1], dtype=torch.float32),
+                               corr_sp_eigvals=torch.tensor(lam, dtype=torch.float32),
+                               corr_sp_eigvecs=torch.tensor(vec, dtype=torch.float32))
+                ref.fit(quiet=True)
+                with torch.no_grad():
+                    theirs.append(-float(ref()[0]))
+        cfg = GLMMConfig(method=method, **opts)
+        out[method] = (cfg, fit_glmm(counts, lam, vec, config=cfg), np.array(theirs))
+    return counts, lam, vec, out
+
+
+@pytest.mark.parametrize("method", ["marginal_gd", "marginal_newton"])
+def test_marginal_fit_at_least_as_good_as_splisosm_and_joint_gd(marginal_fits, method):
+    counts, lam, vec, fits = marginal_fits
+    cfg, fit, theirs = fits[method]
+    ours = -laplace_log_marginal(fit, counts, lam, vec, config=cfg)  # the objective, in float64, at our fit
+    np.testing.assert_allclose(fit["loss"], ours, rtol=1e-5)
+    assert (ours <= theirs + 1e-4 * np.abs(theirs)).all(), (ours, theirs)
+    joint = fit_glmm(counts, lam, vec)  # joint_gd, SPLISOSM's default
+    at_joint = -laplace_log_marginal(joint, counts, lam, vec, config=cfg)
+    assert (ours <= at_joint).all(), (ours, at_joint)
+
+
+# --- adjusted score test -------------------------------------------------------------------------------------------
+
+
+def _dense_adjusted_information(counts, probs, z, cov):
+    """``Z_f' P Z_f`` from dense matrices (spot-major index ``i q + k``), for one gene."""
+    n, p = counts.shape
+    q = p - 1
+    pq = probs[:, :q]
+    w = np.zeros((n * q, n * q))
+    for i in range(n):
+        w[i * q:(i + 1) * q, i * q:(i + 1) * q] = counts[i].sum() * (np.diag(pq[i]) - np.outer(pq[i], pq[i]))
+    sigma_inv = w if cov is None else w - w @ np.linalg.solve(w + np.linalg.inv(np.kron(cov, np.eye(q))), w)
+    x = np.kron(np.ones((n, 1)), np.eye(q))
+    proj = sigma_inv - sigma_inv @ x @ np.linalg.solve(x.T @ sigma_inv @ x, x.T @ sigma_inv)
+    return np.stack([np.kron(z[:, [f]], np.eye(q)).T @ proj @ np.kron(z[:, [f]], np.eye(q)) for f in range(z.shape[1])])
+
+
+@pytest.mark.parametrize(("model", "rank"), [("glm", None), ("glmm-null", None), ("glmm-full", None),
+                                             ("glmm-full", 20)])
+def test_adjusted_information_matches_dense_formula(model, rank):
+    rng = np.random.default_rng(5)
+    n, b = 36, 2
+    counts = rng.poisson(4.0, size=(b, n, 3)).astype(float)
+    lam, vec = kernel_eigenpairs(build_kernel(grid_coords(n)).precision)
+    r = n if rank is None else rank
+    z = rng.normal(size=(n, 2))
+    probs = rng.dirichlet(np.ones(3) * 5, size=(b, n))
+    fit = {"sigma": np.array([[0.6], [1.1]]), "theta": np.array([[0.3], [0.8]])}
+    cfg = GLMMConfig(model=model)
+    ours = adjusted_covariate_information(counts, probs, z, fit=fit, eigvals=lam[:r], eigvecs=vec[:, :r],
+                                          config=cfg, jitter=0.0)
+    for g in range(b):
+        s2, th = fit["sigma"][g, 0] ** 2, fit["theta"][g, 0]
+        if model == "glm":
+            cov = None
+        elif model == "glmm-null":
+            cov = s2 * np.eye(n)
+        else:
+            v = vec[:, :r]
+            cov = s2 * (v @ np.diag(th * lam[:r] + 1 - th) @ v.T + (1 - th) * (np.eye(n) - v @ v.T))
+        np.testing.assert_allclose(ours[g], _dense_adjusted_information(counts[g], probs[g], z, cov), rtol=1e-7)
+    # the random effect lowers the information (more variance in the residuals)
+    plain = covariate_information(counts, probs, z, jitter=0.0)
+    assert (np.trace(ours, axis1=2, axis2=3) < np.trace(plain, axis1=2, axis2=3)).all()
+
+
+def _overdispersed_null(n: int, genes: int, sigma2: float, seed: int):
+    """Counts with a spatial random effect ``nu ~ N(0, sigma2 K)`` and no covariate effect: ``(genes, n, 3)``."""
+    rng = np.random.default_rng(seed)
+    lam, vec = kernel_eigenpairs(build_kernel(grid_coords(n)).precision)
+    nu = np.sqrt(sigma2) * np.einsum("nr,grq->gnq", vec * np.sqrt(lam), rng.normal(size=(genes, n, 2)))
+    eta = np.concatenate([rng.normal(0, 0.5, (genes, 1, 2)) + nu, np.zeros((genes, n, 1))], -1)
+    probs = np.exp(eta - eta.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    totals = rng.poisson(10 * rng.lognormal(0, 0.2, (genes, n)))
+    counts = np.array([[rng.multinomial(t, p) for t, p in zip(tg, pg)] for tg, pg in zip(totals, probs)], float)
+    return counts, lam, vec
+
+
+def test_adjusted_glmm_score_test_is_calibrated():
+    """250 null genes x 4 null covariates, with a spatial random effect: the GLM score test is anti-conservative,
+    SPLISOSM's (unadjusted) GLMM score test very conservative, the adjusted one at its level."""
+    n, genes = 144, 250
+    counts, lam, vec = _overdispersed_null(n, genes, 0.3, seed=1)
+    z = np.random.default_rng(7).normal(size=(n, 4))
+    glm = fit_glm(counts)
+    assert (score_test(counts, glm["probs"], z, information="adjusted")[1] < 0.05).mean() > 0.1
+    # glmm-null, variance from the Laplace marginal (block-diagonal there: cheap)
+    cfg = GLMMConfig(model="glmm-null", method="marginal_newton", var_fix_sigma=False, lr=0.1, max_epochs=150)
+    fit = fit_glmm(counts, None, None, config=cfg)
+    default = score_test(counts, fit["probs"], z)
+    adjusted = score_test(counts, fit["probs"], z, information="adjusted", fit=fit, config=cfg)
+    frac_default, frac_adjusted = (default[1] < 0.05).mean(), (adjusted[1] < 0.05).mean()
+    assert frac_default < 0.02, frac_default
+    assert 0.03 <= frac_adjusted <= 0.07, frac_adjusted
+    # glmm-full, SPLISOSM's default fit (joint, sigma fixed at its Fano-factor start, which overstates the
+    # variance here): still conservative, but much less so
+    cfg = GLMMConfig(method="joint_newton")
+    fit = fit_glmm(counts, lam, vec, config=cfg)
+    default = score_test(counts, fit["probs"], z)
+    adjusted = score_test(counts, fit["probs"], z, information="adjusted", fit=fit, eigvals=lam, eigvecs=vec,
+                          config=cfg)
+    frac_default, frac_adjusted = (default[1] < 0.05).mean(), (adjusted[1] < 0.05).mean()
+    assert frac_default < 0.02 and max(0.01, frac_default) < frac_adjusted <= 0.07, (frac_default, frac_adjusted)
+
+
+def test_default_score_test_is_unchanged():
+    rng = np.random.default_rng(2)
+    counts = rng.poisson(3.0, size=(3, 25, 3)).astype(float)
+    probs = rng.dirichlet(np.ones(3), size=(3, 25))
+    z = rng.normal(size=(25, 2))
+    stat, pval = score_test(counts, probs, z)
+    s = np.einsum("nf,bnq->bfq", z, (counts - counts.sum(-1, keepdims=True) * probs)[..., :-1])
+    info = np.einsum("nf,bn,bnqr->bfqr", z**2, counts.sum(-1),
+                     np.einsum("bnq,qr->bnqr", probs[..., :-1], np.eye(2))
+                     - np.einsum("bnq,bnr->bnqr", probs[..., :-1], probs[..., :-1])) + 1e-5 * np.eye(2)
+    np.testing.assert_allclose(stat, np.einsum("bfq,bfq->bf", s, np.linalg.solve(info, s[..., None])[..., 0]))
+    np.testing.assert_array_equal(score_test(counts, probs, z, information="unadjusted")[1], pval)
+    with pytest.raises(ValueError, match="information"):
+        score_test(counts, probs, z, information="gmmat")
