@@ -264,8 +264,10 @@ def run_du_bench(spots: list[int], genes: list[int], *, covariates: int = 50,
                         columns={"du_statistic": "statistic", "du_pvalue": "pvalue"})
                     j = ref.join(ours, lsuffix="_ref", how="inner")
                     lp, lp_ref = (-np.log10(np.maximum(j[c], 1e-300)) for c in ("pvalue", "pvalue_ref"))
+                    # top 1% of pairs; SPLISOSM's float32 p-values underflow to 0, so ties break on the statistic
                     top_k = max(1, len(j) // 100)
-                    top, top_ref = set(j.nsmallest(top_k, "pvalue").index), set(j.nsmallest(top_k, "pvalue_ref").index)
+                    top = set(j.sort_values(["pvalue", "statistic"], ascending=[True, False]).index[:top_k])
+                    top_ref = set(j.sort_values(["pvalue_ref", "statistic_ref"], ascending=[True, False]).index[:top_k])
                     rows.append({
                         "method": method, "spots": n, "genes": g, "covariates": covariates,
                         "splisosm_test_s": t_ref, "extrapolated": extrapolated, "spatialscale_du_test_s": t_ours,

@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--glmm-fit", default=None, help="glmm tests: joint_gd (default) | joint_newton | marginal_gd | "
                    "marginal_newton")
     p.add_argument("--max-epochs", type=int, default=None, help="GLMM epochs at most (500)")
+    p.add_argument("--score-information", default=None, choices=("unadjusted", "adjusted"),
+                   help="glmm-score: unadjusted (default, SPLISOSM's) | adjusted (random effect and intercepts "
+                   "accounted for)")
     p.add_argument("--with-summary", action="store_true", help="add the gene-level feature summaries")
     p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
     p.add_argument("--top", type=int, default=10, help="print the N most significant pairs (10)")
@@ -138,9 +141,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _glmm_opts(args: argparse.Namespace) -> dict | None:
     """GLMM options given on the command line (None for the GLM and the kernel tests)."""
-    if getattr(args, "model", None) in (None, "glm") and getattr(args, "method", "") != "glmm-llr":
-        return None
     opts = {}
+    if getattr(args, "score_information", None):
+        opts["information"] = args.score_information
+    if getattr(args, "model", None) in (None, "glm") and getattr(args, "method", "") != "glmm-llr":
+        return opts or None
     if getattr(args, "max_epochs", None):
         opts["max_epochs"] = args.max_epochs
     if getattr(args, "glmm_fit", None):

@@ -320,3 +320,27 @@ def test_default_score_test_is_unchanged():
     np.testing.assert_array_equal(score_test(counts, probs, z, information="unadjusted")[1], pval)
     with pytest.raises(ValueError, match="information"):
         score_test(counts, probs, z, information="gmmat")
+
+
+def test_du_test_passes_the_adjusted_information_through(tmp_path):
+    import spatialscale
+    from spatialscale.simulate import simulate_section
+
+    adata = simulate_section(144, 6, n_sv=2, n_du=2, isoforms=(3, 3), seed=4)
+    store = spatialscale.ingest(adata, tmp_path / "s.zarr")
+    opts = {"method": "joint_newton", "max_epochs": 60}
+    ds = spatialscale.du_test(store, "rbp", method="glmm-score", model="glmm-null",
+                              glmm={**opts, "information": "adjusted"}, scheduler="threads", progress=False)
+    plain = spatialscale.du_test(store, "rbp", method="glmm-score", model="glmm-null", glmm=opts,
+                                 scheduler="threads", progress=False)
+    counts = np.stack([store.gene_counts(g) for g in ds.gene.values]).astype(float)
+    z = store.obs()[["rbp"]].to_numpy(float)
+    cfg = GLMMConfig(model="glmm-null", **opts)
+    fit = fit_glmm(counts, None, None, config=cfg)
+    stat, _ = score_test(counts, fit["probs"], z, information="adjusted", fit=fit, config=cfg)
+    np.testing.assert_allclose(ds.du_statistic.values, stat, rtol=1e-6)
+    assert ds.attrs["glmm_information"] == "adjusted"
+    assert not np.allclose(ds.du_statistic.values, plain.du_statistic.values)
+    with pytest.raises(spatialscale.InputError, match="applies to method='glmm-score' only"):
+        spatialscale.du_test(store, "rbp", method="glmm-wald", model="glmm-null",
+                             glmm={"information": "adjusted"}, scheduler="threads", progress=False)

@@ -56,8 +56,18 @@ def _du_task(store_path: str, token: str, method: str, model: str, glmm: dict[st
 
     counts = batch_counts(store_path, batch)
     if method == "glmm-score":
-        fit = fit_batch(store_path, token, model, glmm, device, counts)
-        stat, pval = score_test(counts, fit["probs"], z)
+        info = glmm.get("information", "unadjusted")
+        fit_opts = {k: v for k, v in glmm.items() if k != "information"}
+        fit = fit_batch(store_path, token, model, fit_opts, device, counts)
+        kw = {}
+        if info == "adjusted" and model != "glm":
+            from spatialscale.glmm.glmm import GLMMConfig
+            from spatialscale.worker import kernel_eigenpairs
+
+            lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank")) if model == "glmm-full" else (None, None)
+            cfg = GLMMConfig(model=model, **{k: v for k, v in fit_opts.items() if k != "rank"})
+            kw = {"fit": fit, "eigvals": lam, "eigvecs": vec, "config": cfg}
+        stat, pval = score_test(counts, fit["probs"], z, information=info, **kw)
     else:
         fit = fit_batch(store_path, token, model, glmm, device, counts, design=z)
         stat, pval = wald_test(counts, fit["probs"], z, fit["beta"])
@@ -181,9 +191,15 @@ def du_test(
         GLMM tests only: options of :class:`spatialscale.glmm.glmm.GLMMConfig`
         (``method`` = joint_gd / joint_newton / marginal_gd / marginal_newton,
         ``share_variance``, ``var_fix_sigma``, ``var_prior``, ``init_ratio``,
-        ``lr``, ``tol``, ``patience``, ``max_epochs``, ``dtype``) and ``rank``
-        (kernel eigenpairs kept; default all up to 5,000 spots, else
-        ``ceil(4 sqrt(n))`` with the isotropic remainder).
+        ``lr``, ``tol``, ``patience``, ``max_epochs``, ``dtype``,
+        ``update_nu_every_k``), ``rank`` (kernel eigenpairs kept; default all up
+        to 5,000 spots, else ``ceil(4 sqrt(n))`` with the isotropic remainder)
+        and, for ``glmm-score``, ``information``: ``unadjusted`` (default,
+        SPLISOSM's ``sum z^2 N (diag p - p p')``, which ignores the random effect
+        and is conservative for GLMM fits) or ``adjusted`` (``Var(s) = Z' P Z``
+        of the linearised GLMM with the intercepts and the random effect
+        accounted for, GMMAT-style; calibrated when sigma is learnt, e.g.
+        ``{"method": "marginal_newton", "var_fix_sigma": False}``).
     client, scheduler, workers, device, batch_memory, batch_size, out, overwrite, progress, with_summary
         As in :func:`sv_test`.
 
@@ -311,7 +327,14 @@ def _du_glmm(store: IsoformStore, covariates: Any, *, method: str, model: str, g
 
     check_choice("model", model, DU_MODELS)
     names, z = resolve_covariates(store.obs(), covariates)
-    glmm = glmm_options(store, model, glmm)
+    opts = dict(glmm or {})
+    information = opts.pop("information", "unadjusted")
+    check_choice("score information", information, ("unadjusted", "adjusted"))
+    if information != "unadjusted" and method != "glmm-score":
+        raise InputError("glmm option 'information' applies to method='glmm-score' only.")
+    glmm = glmm_options(store, model, opts or None)
+    if information != "unadjusted":
+        glmm = {**glmm, "information": information}
     n = store.n_spots
     params = {"method": method, "model": model, "glmm": glmm}
     task = functools.partial(_du_task, str(store.path.resolve()), store.kernel_token, method, model, glmm, device)
