@@ -208,9 +208,35 @@ def _splisosm_du(adata, covs: list[str], method: str) -> tuple[pd.DataFrame, flo
                          "pvalue": np.asarray(res["pvalue"], dtype=float).ravel()}, index=idx), t_setup, t_test
 
 
+def _du_agreement(ref: pd.DataFrame, ours: pd.DataFrame) -> dict[str, float]:
+    """Ranking agreement of two (gene, covariate) tables: all pairs, and the pairs that matter."""
+    from scipy.stats import spearmanr
+
+    from spatialscale.stats.multitest import bh_adjust
+
+    j = ref.join(ours, lsuffix="_ref", how="inner")
+    lp, lp_ref = (-np.log10(np.maximum(j[c], 1e-300)) for c in ("pvalue", "pvalue_ref"))
+    # top 1% of pairs; SPLISOSM's float32 p-values underflow to 0, so ties break on the statistic
+    k = max(1, len(j) // 100)
+    top = set(j.sort_values(["pvalue", "statistic"], ascending=[True, False]).index[:k])
+    top_ref = set(j.sort_values(["pvalue_ref", "statistic_ref"], ascending=[True, False]).index[:k])
+    sig, sig_ref = bh_adjust(j["pvalue"].to_numpy()) < 0.05, bh_adjust(j["pvalue_ref"].to_numpy()) < 0.05
+    either = sig | sig_ref
+    return {
+        "pairs_compared": len(j),
+        "p_spearman": float(spearmanr(lp, lp_ref).statistic),
+        "p_spearman_significant": float(spearmanr(lp[either], lp_ref[either]).statistic) if either.sum() > 2
+        else float("nan"),
+        "bh_hits": int(sig.sum()), "bh_hits_ref": int(sig_ref.sum()),
+        "bh_jaccard": float((sig & sig_ref).sum() / max(either.sum(), 1)),
+        "top1pct_overlap": len(top & top_ref) / k,
+    }
+
+
 def run_du_bench(spots: list[int], genes: list[int], *, covariates: int = 50,
                  methods: tuple[str, ...] = ("hsic", "hsic-gp"), workers: int = 2, seed: int = 0,
-                 splisosm_gp_covariates: int | None = None) -> pd.DataFrame:
+                 splisosm_gp_covariates: int | None = None,
+                 gp_backends: tuple[str, ...] = ("auto",)) -> pd.DataFrame:
     """Time SplisosmNP.test_differential_usage (default sklearn GP backend for hsic-gp) against
     spatialscale's du_test on the same AnnData, for every gene x covariate pair.
 
@@ -224,7 +250,6 @@ def run_du_bench(spots: list[int], genes: list[int], *, covariates: int = 50,
     the table says so (``splisosm_extrapolated``), and the agreement columns use the covariates it ran.
     """
     from distributed import Client, LocalCluster
-    from scipy.stats import spearmanr
 
     from spatialscale.api import du_test
     from spatialscale.simulate import simulate_section
@@ -257,26 +282,22 @@ def run_du_bench(spots: list[int], genes: list[int], *, covariates: int = 50,
                     t = time.perf_counter()
                     store = ingest(adata, Path(tmpdir) / "du.zarr", overwrite=True, progress=False)
                     t_ingest = time.perf_counter() - t
-                    t = time.perf_counter()
-                    ds = du_test(store, names, method=method, client=client, progress=False)
-                    t_ours = time.perf_counter() - t
-                    ours = ds[["du_statistic", "du_pvalue"]].to_dataframe().rename(
-                        columns={"du_statistic": "statistic", "du_pvalue": "pvalue"})
-                    j = ref.join(ours, lsuffix="_ref", how="inner")
-                    lp, lp_ref = (-np.log10(np.maximum(j[c], 1e-300)) for c in ("pvalue", "pvalue_ref"))
-                    # top 1% of pairs; SPLISOSM's float32 p-values underflow to 0, so ties break on the statistic
-                    top_k = max(1, len(j) // 100)
-                    top = set(j.sort_values(["pvalue", "statistic"], ascending=[True, False]).index[:top_k])
-                    top_ref = set(j.sort_values(["pvalue_ref", "statistic_ref"], ascending=[True, False]).index[:top_k])
-                    rows.append({
-                        "method": method, "spots": n, "genes": g, "covariates": covariates,
-                        "splisosm_test_s": t_ref, "extrapolated": extrapolated, "spatialscale_du_test_s": t_ours,
-                        "speedup": t_ref / t_ours, "splisosm_setup_s": t_setup, "spatialscale_ingest_s": t_ingest,
-                        "speedup_with_setup": (t_ref + t_setup) / (t_ours + t_ingest), "pairs_compared": len(j),
-                        "p_spearman": float(spearmanr(lp, lp_ref).statistic),
-                        "top1pct_overlap": len(top & top_ref) / top_k,
-                    })
-                    print(pd.DataFrame([rows[-1]]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+                    for backend in (gp_backends if method == "hsic-gp" else ("-",)):
+                        gp = {"backend": backend} if method == "hsic-gp" else None
+                        t = time.perf_counter()
+                        ds = du_test(store, names, method=method, gp=gp, client=client, progress=False)
+                        t_ours = time.perf_counter() - t
+                        ours = ds[["du_statistic", "du_pvalue"]].to_dataframe().rename(
+                            columns={"du_statistic": "statistic", "du_pvalue": "pvalue"})
+                        rows.append({
+                            "method": method, "gp_backend": backend, "spots": n, "genes": g,
+                            "covariates": covariates, "splisosm_test_s": t_ref, "extrapolated": extrapolated,
+                            "spatialscale_du_test_s": t_ours, "speedup": t_ref / t_ours,
+                            "splisosm_setup_s": t_setup, "spatialscale_ingest_s": t_ingest,
+                            "speedup_with_setup": (t_ref + t_setup) / (t_ours + t_ingest),
+                            **_du_agreement(ref, ours),
+                        })
+                        print(pd.DataFrame([rows[-1]]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     table = pd.DataFrame(rows)
     print(f"\nDU: SPLISOSM 1.2.0 SplisosmNP.test_differential_usage (sklearn GP backend) vs spatialscale du_test "
           f"on {workers} workers (GP backend auto); with_setup adds setup_data / ingest")

@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                    "du: hsic and hsic-gp DU tests of every gene x covariate")
     p.add_argument("--covariates", type=int, default=50, help="du: covariates (50)")
     p.add_argument("--du-methods", default="hsic,hsic-gp", help="du: methods, comma separated (hsic,hsic-gp)")
+    p.add_argument("--gp-backends", default="auto",
+                   help="du: spatialscale's hsic-gp GP backends, comma separated (auto; also exact, lowrank, sod)")
     p.add_argument("--splisosm-gp-covariates", type=int, default=None,
                    help="du: run SPLISOSM's hsic-gp on this many covariates and extrapolate its time "
                    "(default: all up to 2,000 spots, else 2; minutes per covariate at 10,000 spots)")
@@ -240,7 +242,8 @@ def _run(args: argparse.Namespace) -> int:
             genes = args.genes if args.genes != [300] else [200]
             run_du_bench(spots=args.spots, genes=genes, covariates=args.covariates,
                          methods=tuple(m.strip() for m in args.du_methods.split(",")), workers=args.workers,
-                         seed=args.seed, splisosm_gp_covariates=args.splisosm_gp_covariates)
+                         seed=args.seed, splisosm_gp_covariates=args.splisosm_gp_covariates,
+                         gp_backends=tuple(b.strip() for b in args.gp_backends.split(",")))
             return 0
         if args.test == "glmm":
             run_glmm_bench(spots=args.spots, genes=args.genes, workers=args.workers, seed=args.seed)
