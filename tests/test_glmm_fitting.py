@@ -344,3 +344,21 @@ def test_du_test_passes_the_adjusted_information_through(tmp_path):
     with pytest.raises(spatialscale.InputError, match="applies to method='glmm-score' only"):
         spatialscale.du_test(store, "rbp", method="glmm-wald", model="glmm-null",
                              glmm={"information": "adjusted"}, scheduler="threads", progress=False)
+
+
+@pytest.mark.parametrize("method", ["joint_gd", "marginal_gd"])
+def test_sgd_optimiser_descends_and_adam_is_the_default(method):
+    from spatialscale.simulate import simulate_section
+
+    adata = simulate_section(100, 3, n_sv=1, isoforms=(3, 3), seed=9)
+    counts = np.stack([adata.layers["counts"][:, i:i + 3].toarray() if hasattr(adata.layers["counts"], "toarray")
+                       else np.asarray(adata.layers["counts"][:, i:i + 3]) for i in range(0, 9, 3)]).astype(float)
+    kw = {"model": "glmm-null", "method": method, "max_epochs": 30, "dtype": "float64"}
+    first = fit_glmm(counts, None, None, config=GLMMConfig(**{**kw, "max_epochs": 1}, optim="sgd", lr=1e-3))["loss"]
+    sgd = fit_glmm(counts, None, None, config=GLMMConfig(**kw, optim="sgd", lr=1e-3))
+    adam = fit_glmm(counts, None, None, config=GLMMConfig(**kw))
+    assert np.all(np.isfinite(first))
+    assert np.all(sgd["loss"] < first - 1e-6) and np.all(adam["loss"] < first)
+    assert not np.allclose(sgd["loss"], adam["loss"])
+    with pytest.raises(ValueError, match="optim"):
+        GLMMConfig(optim="lbfgs")

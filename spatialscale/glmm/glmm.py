@@ -59,8 +59,13 @@ class GLMMConfig:
         ``alpha`` / ``beta`` of the prior.
     init_ratio
         ``uniform`` (nu = 0) or ``observed`` (nu = observed log-ratios).
+    optim
+        Gradient optimiser of the ``*_gd`` fits (and of the parameters that
+        ``marginal_newton`` does not move by Newton steps): ``adam`` (per-gene
+        Adam state) or ``sgd`` (plain gradient steps).  SPLISOSM's ``lbfgs``
+        is not offered (one line search per gene of a batch).
     lr, tol, patience, max_epochs
-        Adam learning rate and the per-gene stopping rule.
+        Learning rate and the per-gene stopping rule.
     update_nu_every_k
         ``marginal_newton`` only: the Newton step of ``nu`` (towards the mode of
         the joint) is taken every ``k``-th epoch.
@@ -75,6 +80,7 @@ class GLMMConfig:
     var_prior: str = "none"
     prior_params: dict = field(default_factory=dict)
     init_ratio: str = "uniform"
+    optim: str = "adam"
     lr: float = 1e-2
     tol: float = 1e-5
     patience: int = 5
@@ -85,7 +91,7 @@ class GLMMConfig:
     def __post_init__(self) -> None:
         checks = {"model": ("glmm-full", "glmm-null", "glm"), "method": FIT_METHODS,
                   "var_prior": ("none", "gamma", "inv_gamma"), "init_ratio": ("uniform", "observed"),
-                  "dtype": ("float32", "float64")}
+                  "dtype": ("float32", "float64"), "optim": ("adam", "sgd")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}.")
@@ -424,7 +430,10 @@ def fit_glmm(
                 g = torch.nan_to_num(g)
                 m[k] = torch.where(a, beta1 * m[k] + (1 - beta1) * g, m[k])
                 s[k] = torch.where(a, beta2 * s[k] + (1 - beta2) * g * g, s[k])
-                upd = cfg.lr * (m[k] / shape(bc1, g)) / ((s[k] / shape(bc2, g)).sqrt() + eps)
+                if cfg.optim == "sgd":
+                    upd = cfg.lr * g
+                else:
+                    upd = cfg.lr * (m[k] / shape(bc1, g)) / ((s[k] / shape(bc2, g)).sqrt() + eps)
                 params[k].sub_(torch.where(a, upd, torch.zeros_like(upd)))
             stepped = active.clone()
 

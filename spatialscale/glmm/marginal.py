@@ -199,7 +199,10 @@ def fit_marginal(counts: np.ndarray, eigvals: np.ndarray | None, eigvecs: np.nda
                 shape = (-1, *([1] * (g.dim() - 1)))
                 m[k][gidx] = beta1 * m[k][gidx] + (1 - beta1) * g
                 s[k][gidx] = beta2 * s[k][gidx] + (1 - beta2) * g * g
-                upd = cfg.lr * (m[k][gidx] / bc1.view(shape)) / ((s[k][gidx] / bc2.view(shape)).sqrt() + eps)
+                if cfg.optim == "sgd":
+                    upd = cfg.lr * g
+                else:
+                    upd = cfg.lr * (m[k][gidx] / bc1.view(shape)) / ((s[k][gidx] / bc2.view(shape)).sqrt() + eps)
                 params[k][gidx] = params[k][gidx] - upd
             epochs[gidx] += 1
     return _pack_fit(best, best_loss, epochs, ~active, data)
