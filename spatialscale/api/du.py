@@ -298,12 +298,15 @@ def _residualize_covariates(store: IsoformStore, z: np.ndarray, gp: dict[str, An
     With ``null="gp"`` also the GP's eigenvectors and each covariate's
     shrinkage, for the GP-conditional null (:func:`hsic_du_gp_null`).
     """
+    import torch
+
     from spatialscale.stats.gp import residualize
-    from spatialscale.worker import normalized_coordinates, resolve_device
+    from spatialscale.worker import normalized_coordinates
 
     zs = (z - z.mean(0)) / z.std(0, ddof=1)
     x = normalized_coordinates(str(store.path.resolve()))
-    dev = resolve_device(device) if device != "cpu" else "cpu"
+    # this runs in the client process, which need not have the workers' GPU
+    dev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
     res, info = residualize(x, zs, device=dev, **gp)
     res = np.asarray(res, dtype=np.float64)
     if null == "liu":
