@@ -51,3 +51,19 @@ def test_auto_batch_memory_from_free_gpu_memory(small_store):
                               method="glmm-score", model="glmm-full", device="cuda", batch_memory="auto",
                               glmm={"max_epochs": 50}, scheduler="threads", progress=False)
     assert np.isfinite(ds["du_pvalue"].values).all()
+
+
+def test_hsic_gp_and_joint_newton_on_cuda_match_cpu(small_store):
+    import spatialscale
+
+    kw = {"method": "hsic-gp", "residualize": "both", "gp": {"backend": "lowrank"}, "scheduler": "threads",
+          "progress": False}
+    gpu = spatialscale.du_test(small_store, "region", device="cuda", **kw)
+    cpu = spatialscale.du_test(small_store, "region", device="cpu", **kw)
+    np.testing.assert_allclose(gpu.du_pvalue.values, cpu.du_pvalue.values, rtol=1e-6)
+    opts = {"method": "joint_newton", "max_epochs": 40, "dtype": "float64"}
+    fit_gpu = spatialscale.glmm_fit(small_store, model="glmm-full", glmm=opts, device="cuda", scheduler="threads",
+                                    progress=False)
+    fit_cpu = spatialscale.glmm_fit(small_store, model="glmm-full", glmm=opts, device="cpu", scheduler="threads",
+                                    progress=False)
+    np.testing.assert_allclose(fit_gpu.loss.values, fit_cpu.loss.values, rtol=1e-6)
