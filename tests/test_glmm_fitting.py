@@ -362,3 +362,18 @@ def test_sgd_optimiser_descends_and_adam_is_the_default(method):
     assert not np.allclose(sgd["loss"], adam["loss"])
     with pytest.raises(ValueError, match="optim"):
         GLMMConfig(optim="lbfgs")
+
+
+def test_glmm_fit_takes_the_method_from_either_place(tmp_path):
+    import spatialscale
+    from spatialscale.simulate import simulate_section
+
+    store = spatialscale.ingest(simulate_section(100, 3, n_sv=1, isoforms=(3, 3), seed=2), tmp_path / "s.zarr")
+    kw = {"model": "glmm-null", "scheduler": "threads", "progress": False}
+    a = spatialscale.glmm_fit(store, fit="joint_newton", glmm={"max_epochs": 40}, **kw)
+    b = spatialscale.glmm_fit(store, glmm={"method": "joint_newton", "max_epochs": 40}, **kw)
+    assert a.attrs["fit"] == b.attrs["fit"] == "joint_newton"
+    np.testing.assert_array_equal(a.loss.values, b.loss.values)
+    assert a.epochs.values.max() < 40
+    with pytest.raises(spatialscale.InputError, match="disagree"):
+        spatialscale.glmm_fit(store, fit="joint_gd", glmm={"method": "joint_newton"}, **kw)

@@ -152,7 +152,10 @@ def glmm_fit(
     from spatialscale.covariates import resolve_covariates
 
     check_choice("model", model, GLMM_MODELS)
-    fit = fit or FIT_METHODS[model][0]
+    given = (glmm or {}).get("method")
+    if fit is not None and given is not None and fit != given:
+        raise InputError(f"fit={fit!r} and glmm['method']={given!r} disagree; give one.")
+    fit = fit or given or FIT_METHODS[model][0]
     check_choice(f"fit method for {model}", fit, FIT_METHODS[model])
     store = as_store(store)
     names, z = ([], None) if covariates is None else resolve_covariates(store.obs(), covariates)
