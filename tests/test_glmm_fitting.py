@@ -377,3 +377,16 @@ def test_glmm_fit_takes_the_method_from_either_place(tmp_path):
     assert a.epochs.values.max() < 40
     with pytest.raises(spatialscale.InputError, match="disagree"):
         spatialscale.glmm_fit(store, fit="joint_gd", glmm={"method": "joint_newton"}, **kw)
+
+
+def test_joint_newton_batches_run_concurrently_in_threads(tmp_path):
+    # forward-mode AD levels are process-global: two batches fitting at once in threads must not clash
+    import spatialscale
+    from spatialscale.simulate import simulate_section
+
+    store = spatialscale.ingest(simulate_section(100, 40, n_sv=8, isoforms=(3, 3), seed=6), tmp_path / "s.zarr")
+    kw = {"model": "glmm-full", "glmm": {"method": "joint_newton", "max_epochs": 30, "dtype": "float64"},
+          "progress": False}
+    one = spatialscale.glmm_fit(store, scheduler="threads", batch_size=4, **kw)
+    together = spatialscale.glmm_fit(store, scheduler="threads", **kw)
+    np.testing.assert_allclose(one.loss.values, together.loss.values, rtol=1e-9)

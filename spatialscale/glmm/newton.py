@@ -265,7 +265,9 @@ def _newton_system(params: dict, data: dict, cfg, learn: list[str]) -> dict:
                 fa, fe = prior_precision(args["theta_logit"], args["sigma"], data, cfg, q)
                 return (fe,) if fa is None else (fa, fe)
 
-            _, tang = torch.func.jvp(factors, (params[k].detach(),), (tangent,))
+            # torch.autograd.functional.jvp (double backward), not torch.func.jvp: forward-mode AD
+            # levels are process-global and break when two threads (batches) fit at once
+            _, tang = torch.autograd.functional.jvp(factors, (params[k].detach(),), (tangent,))
             da, de = (None, tang[0]) if len(tang) == 1 else tang
             cols_phi.append(apply_precision(nu[..., None], vec, da, de)[..., 0])
     out.update(g_phi=g_phi.detach(), d_phi=torch.stack(rows, 1).detach(), cols_phi=torch.stack(cols_phi, -1))
