@@ -55,10 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
     p.add_argument("--out", required=True, help="results zarr (resumes if interrupted)")
     p.add_argument("--method", default="hsic-ir", help="hsic-ir | hsic-ic | hsic-gc | glmm-llr (default hsic-ir)")
-    p.add_argument("--null", default="liu", help="liu | welch | perm (default liu)")
+    p.add_argument("--null", default=None, help="hsic: liu (default) | welch | perm; glmm-llr: chi2 (default) | "
+                   "perm (pooled over genes of equal isoform count) | perm-gene")
     p.add_argument("--transformation", default="none", help="hsic-ir ratios: none | clr | ilr | alr | radial")
     p.add_argument("--nan-filling", default="mean", help="mean | none (spots where a gene has no counts)")
-    p.add_argument("--n-perms", type=int, default=1000, help="permutations for --null perm (1000)")
+    p.add_argument("--n-perms", type=int, default=None, help="permutations for --null perm (hsic 1000, glmm-llr 20)")
     p.add_argument("--perm-seed", type=int, default=0, help="seed of the permutations (0)")
     p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
     p.add_argument("--top", type=int, default=10, help="print the N most significant genes (10)")
@@ -180,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
             with_summary=args.with_summary,
         )
         n_sig = int((ds["sv_pvalue_adj"] < 0.05).sum())
-        how = args.method if args.method == "glmm-llr" else f"{args.method}, {args.null} null"
+        how = f"{args.method}, {ds.attrs['null']} null"
         print(f"{ds.sizes['gene']} genes tested ({how}); "
               f"{n_sig} with BH-adjusted p < 0.05; results in {args.out}")
         if args.top:

@@ -102,3 +102,21 @@ def test_du_null_calibration_with_independent_covariates(du_null_store, client):
         p = spatialscale.du_test(store, z, method=method, null=null, client=client, progress=False).du_pvalue.values
         assert p.size >= 2000
         assert 0.035 <= float(np.mean(p < 0.05)) <= 0.065, (method, null, float(np.mean(p < 0.05)))
+
+
+@pytest.fixture(scope="module")
+def llr_null_store(tmp_path_factory):
+    adata = null_section(100, 400, isoforms=(2, 4), mean_depth=10, seed=11)
+    return spatialscale.ingest(adata, tmp_path_factory.mktemp("llr") / "null.zarr")
+
+
+def test_sv_llr_null_calibration(llr_null_store, client):
+    """glmm-llr under the null: chi2 conservative (no boundary correction), permutations at level."""
+    chi2 = spatialscale.sv_test(llr_null_store, method="glmm-llr", client=client, progress=False)
+    frac = float((chi2["sv_pvalue"] < 0.05).mean())
+    assert 0.005 <= frac <= 0.06, frac
+    perm = spatialscale.sv_test(llr_null_store, method="glmm-llr", null="perm", n_perms=2, client=client,
+                                progress=False)
+    np.testing.assert_allclose(perm["sv_statistic"].values, chi2["sv_statistic"].values, rtol=1e-6)
+    frac = float((perm["sv_pvalue"] < 0.05).mean())
+    assert 0.025 <= frac <= 0.08, frac

@@ -81,3 +81,18 @@ def test_errors_are_named_with_exit_code_2(tmp_path):
     r = cli("du", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o.zarr"), "--covariates", "nope")
     assert r.returncode == 2 and "not found in obs" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_sv_llr_with_permutation_null(tmp_path):
+    from spatialscale.simulate import simulate_section
+
+    spatialscale.ingest(simulate_section(81, 6, n_sv=2, isoforms=(2, 3), seed=8), tmp_path / "s.zarr")
+    r = cli("sv", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "llr.zarr"), "--method", "glmm-llr",
+            "--null", "perm", "--n-perms", "2", "--scheduler", "threads", "--no-progress", "--top", "2")
+    assert r.returncode == 0, r.stderr
+    assert "6 genes tested (glmm-llr, perm null)" in r.stdout
+    ds = xr.open_zarr(tmp_path / "llr.zarr")
+    assert ds.attrs["null"] == "perm" and ds.attrs["n_perms"] == 2
+    p = ds["sv_pvalue"].values
+    assert ((p > 0) & (p <= 1)).all()
+    assert np.allclose(p * (1 + 2 * np.bincount(ds["n_isoforms"].values)[ds["n_isoforms"].values]) % 1, 0)

@@ -138,10 +138,70 @@ def test_sv_llr_separates_spatial_genes(tmp_path):
     from spatialscale.simulate import truth
 
     is_sv = truth(adata).reindex(ds["gene"].values).to_numpy()
+    is_du = adata.var.groupby("gene_symbol", observed=True)["is_du"].first().reindex(ds["gene"].values).to_numpy()
     stat = ds["sv_statistic"].values
-    assert stat[is_sv].min() > stat[~is_sv].max()
-    assert ds.attrs["method"] == "glmm-llr"
+    # (a DU gene's usage varies with the cell type of each spot: overdispersion that is not spatial, which
+    # can still raise its LLR, in SPLISOSM as here; see test_sv_llr_matches_splisosm)
+    assert stat[is_sv].min() > stat[~is_sv & ~is_du].max()
+    assert ds.attrs["method"] == "glmm-llr" and ds.attrs["null"] == "chi2"
     assert (ds["sv_pvalue"].values[is_sv] < 1e-3).all()
+    # the permutation null: the same statistics, p-values from refits on permuted spots
+    perm = spatialscale.sv_test(store, method="glmm-llr", null="perm-gene", n_perms=3, scheduler="threads",
+                                progress=False)
+    np.testing.assert_allclose(perm["sv_statistic"].values, stat, rtol=1e-6)
+    np.testing.assert_allclose(perm["sv_pvalue"].values[is_sv], 0.25)  # above all 3 of its permutations
+    assert perm.attrs["n_perms"] == 3
+
+
+def test_sv_llr_matches_splisosm(tmp_path):
+    """The null/full pair fitted each from the other gives SPLISOSM's LLR statistics gene by gene."""
+    adata = simulate_section(100, 30, n_sv=8, n_du=4, isoforms=(2, 4), mean_depth=10, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = splisosm.SplisosmGLMM(model_type="glmm-full")
+        ref.setup_data(adata, group_iso_by="gene_symbol")
+        ref.fit(n_jobs=1, batch_size=20, print_progress=False, from_null=True)
+        ref.test_spatial_variability(method="llr", print_progress=False)
+    want = ref.get_formatted_test_results("sv").set_index("gene")
+    store = spatialscale.ingest(adata, tmp_path / "llr.zarr")
+    ds = spatialscale.sv_test(store, method="glmm-llr", scheduler="threads", progress=False)
+    got = ds.to_dataframe().loc[want.index]
+    np.testing.assert_allclose(got["sv_statistic"], want["statistic"], atol=0.05, rtol=0.01)
+    big = want["pvalue"] > 1e-6
+    np.testing.assert_allclose(got["sv_pvalue"][big], want["pvalue"][big], rtol=0.05, atol=1e-4)
+    assert (got["sv_pvalue"] < 0.05).sum() == (want["pvalue"] < 0.05).sum()
+
+
+def test_sv_llr_is_batch_invariant(tmp_path):
+    adata = simulate_section(100, 12, n_sv=4, isoforms=(3, 3), seed=4)
+    store = spatialscale.ingest(adata, tmp_path / "b.zarr")
+    one = spatialscale.sv_test(store, method="glmm-llr", scheduler="threads", progress=False)
+    small = spatialscale.sv_test(store, method="glmm-llr", batch_size=3, scheduler="threads", progress=False)
+    # float32 sums over differently shaped batches move each gene's stopping epoch a little
+    np.testing.assert_allclose(small["sv_statistic"].values, one["sv_statistic"].values, rtol=1e-3, atol=0.05)
+
+
+def test_llr_permutation_pvalues():
+    from spatialscale.api.sv import llr_permutation_pvalues
+
+    stat = np.array([5.0, 0.5, np.nan, 2.0])
+    perm = np.array([[1.0, 6.0], [0.0, 0.5], [1.0, 1.0], [np.nan, 3.0]])
+    groups = np.array([2, 2, 2, 3])
+    # per gene: (1 + #{own perms >= stat}) / (1 + #finite own perms)
+    np.testing.assert_allclose(llr_permutation_pvalues(stat, perm, groups, pool=False),
+                               [2 / 3, 2 / 3, np.nan, 2 / 2])
+    # pooled over the genes of a group: group 2 has 6 permutation statistics, group 3 one
+    np.testing.assert_allclose(llr_permutation_pvalues(stat, perm, groups, pool=True),
+                               [2 / 7, 6 / 7, np.nan, 2 / 2])
+
+
+def test_sv_llr_options_are_checked(tmp_path):
+    adata = simulate_section(64, 4, n_sv=1, isoforms=(2, 2), seed=5)
+    store = spatialscale.ingest(adata, tmp_path / "o.zarr")
+    with pytest.raises(InputError, match="unknown null 'liu'"):
+        spatialscale.sv_test(store, method="glmm-llr", null="liu", progress=False)
+    with pytest.raises(InputError, match="n_perms must be >= 1"):
+        spatialscale.sv_test(store, method="glmm-llr", null="perm", n_perms=0, progress=False)
 
 
 def test_wald_matches_splisosm_glm(tmp_path):

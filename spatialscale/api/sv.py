@@ -19,7 +19,7 @@ from spatialscale.api._common import (
     provenance,
     summary_variables,
 )
-from spatialscale.api.fit import fit_batch, glmm_options
+from spatialscale.api.fit import glmm_options
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
 from spatialscale.results import make_dataset
@@ -30,7 +30,10 @@ from spatialscale.stats.sv import NAN_FILLINGS, SV_METHODS, sv_batch
 from spatialscale.store import IsoformStore
 from spatialscale.worker import kernel_operator
 
-__all__ = ["sv_test"]
+__all__ = ["LLR_NULLS", "llr_permutation_pvalues", "sv_test"]
+
+#: nulls of glmm-llr: chi2, or spot permutations pooled over genes of equal isoform count, or per gene
+LLR_NULLS = ("chi2", "perm", "perm-gene")
 
 
 def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], batch: Batch) -> dict[str, np.ndarray]:
@@ -44,10 +47,10 @@ def sv_test(
     store: IsoformStore | str | os.PathLike,
     *,
     method: str = "hsic-ir",
-    null: str = "liu",
+    null: str | None = None,
     transformation: str = "none",
     nan_filling: str = "mean",
-    n_perms: int = 1000,
+    n_perms: int | None = None,
     perm_seed: int = 0,
     client: Any = None,
     scheduler: str | None = None,
@@ -70,17 +73,26 @@ def sv_test(
     method
         ``hsic-ir`` (isoform ratios), ``hsic-ic`` (isoform counts),
         ``hsic-gc`` (gene counts), or ``glmm-llr``: ``2 (l_full - l_null)``
-        of the Laplace marginal likelihoods of glmm-full and glmm-null
-        (``~ chi2(1)``, or ``chi2(p-1)`` without shared variance; dense in
-        ``n q``, so for sections of a few thousand spots).
+        of the Laplace marginal likelihoods of glmm-full and glmm-null,
+        fitted each from the other as SPLISOSM's ``fit(from_null=True)``
+        (see :mod:`spatialscale.glmm.llr`; dense in ``n q``, so for sections
+        of a few thousand spots).
     null
-        ``liu`` (default), ``welch`` or ``perm``.
+        HSIC: ``liu`` (default), ``welch`` or ``perm``.  ``glmm-llr``:
+        ``chi2`` (default): ``chi2(1)`` (``chi2(p-1)`` without shared
+        variance), without boundary correction, so conservative; ``perm``:
+        the null/full pair is refitted on ``n_perms`` spot permutations and
+        each gene's statistic is compared with those of all genes of its
+        isoform count; ``perm-gene``: with its own ``n_perms`` only (as
+        SPLISOSM's ``use_perm_null``; p >= ``1 / (n_perms + 1)``).
     transformation
         Ratio transformation for ``hsic-ir``: none, clr, ilr, alr, radial.
     nan_filling
         ``mean`` or ``none`` for spots where a gene has no counts.
     n_perms, perm_seed
-        Permutations for ``null="perm"`` (one seeded set shared by all genes).
+        Permutations for the ``perm`` nulls (one seeded set shared by all
+        genes); default 1000 for HSIC, 20 for ``glmm-llr`` (each one a refit
+        of glmm-full).
     client, scheduler, workers
         Where to run: a ``distributed.Client``; a scheduler address (or
         ``"threads"`` for local threads); or a new LocalCluster with
@@ -116,9 +128,17 @@ def sv_test(
     """
     check_choice("method", method, SV_METHODS + ("glmm-llr",))
     if method == "glmm-llr":
-        return _sv_llr(store, glmm=glmm, client=client, scheduler=scheduler, workers=workers, device=device,
-                       batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
-                       progress=progress, with_summary=with_summary)
+        null = "chi2" if null is None else null
+        check_choice("null", null, LLR_NULLS)
+        n_perms = 20 if n_perms is None else int(n_perms)
+        if null != "chi2" and n_perms < 1:
+            raise InputError(f"n_perms must be >= 1 for null={null!r}.")
+        return _sv_llr(store, glmm=glmm, null=null, n_perms=n_perms, perm_seed=int(perm_seed), client=client,
+                       scheduler=scheduler, workers=workers, device=device, batch_memory=batch_memory,
+                       batch_size=batch_size, out=out, overwrite=overwrite, progress=progress,
+                       with_summary=with_summary)
+    null = "liu" if null is None else null
+    n_perms = 1000 if n_perms is None else n_perms
     check_choice("null", null, NULLS)
     check_choice("transformation", transformation, TRANSFORMS)
     check_choice("nan_filling", nan_filling, NAN_FILLINGS)
@@ -165,34 +185,85 @@ def sv_test(
     return finish(ds, out, run.fp)
 
 
-def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str,
+def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str, n_perms: int, perm_seed: int,
                  batch: Batch) -> dict[str, np.ndarray]:
-    """One Dask task: fit glmm-null and glmm-full, compare their Laplace marginal likelihoods."""
-    from spatialscale.glmm import llr_test
-    from spatialscale.glmm.glmm import GLMMConfig, laplace_log_marginal
-    from spatialscale.worker import kernel_eigenpairs
+    """One Dask task: fit glmm-null and glmm-full, compare their Laplace marginal likelihoods.
 
+    The pair is fitted each from the other (:func:`spatialscale.glmm.llr.fit_sv_pair`).
+    With ``n_perms > 0`` the pair is refitted on the counts with their spots
+    permuted (permutation ``k`` is drawn from ``perm_seed + k``: the same for
+    every gene and every batch).
+    """
+    from spatialscale.glmm import llr_test
+    from spatialscale.glmm.glmm import GLMMConfig
+    from spatialscale.glmm.llr import sv_log_marginals
+    from spatialscale.worker import kernel_eigenpairs, resolve_device, tune_allocator
+
+    tune_allocator()
     counts = batch_counts(store_path, batch)
     lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))
-    opts = {k: v for k, v in glmm.items() if k != "rank"}
-    marg = {}
-    for model in ("glmm-null", "glmm-full"):
-        fit = fit_batch(store_path, token, model, glmm, device, counts)
-        marg[model] = laplace_log_marginal(fit, counts, lam, vec, config=GLMMConfig(model=model, **opts))
-    df = 1 if opts.get("share_variance", True) else batch.n_isoforms - 1
-    stat, pval = llr_test(marg["glmm-full"], marg["glmm-null"], df)
-    return {"statistic": stat, "pvalue": pval, "n_spots_used": np.full(batch.n_genes, counts.shape[1])}
+    cfg = GLMMConfig(**{k: v for k, v in glmm.items() if k not in ("rank", "fit")})
+    dev = resolve_device(device)
+    df = 1 if cfg.share_variance else batch.n_isoforms - 1
+    null, full = sv_log_marginals(counts, lam, vec, cfg, device=dev)
+    stat, pval = llr_test(full, null, df)
+    out = {"statistic": stat, "pvalue": pval, "n_spots_used": np.full(batch.n_genes, counts.shape[1])}
+    if n_perms:
+        perm_stats = np.empty((batch.n_genes, n_perms))
+        for k in range(n_perms):
+            order = np.random.default_rng(perm_seed + k).permutation(counts.shape[1])
+            null_k, full_k = sv_log_marginals(counts[:, order], lam, vec, cfg, device=dev)
+            perm_stats[:, k] = 2.0 * (full_k - null_k)
+        out["perm_statistic"] = perm_stats
+    return out
 
 
-def _sv_llr(store: IsoformStore | str | os.PathLike, *, glmm: dict[str, Any] | None, client: Any,
-            scheduler: str | None, workers: int | None, device: str, batch_memory: int | str,
-            batch_size: int | None, out: str | os.PathLike | None, overwrite: bool, progress: bool,
-            with_summary: bool) -> xr.Dataset:
+def llr_permutation_pvalues(stat: np.ndarray, perm_stats: np.ndarray, groups: np.ndarray,
+                            pool: bool) -> np.ndarray:
+    """Permutation p-values ``(1 + #{null >= observed}) / (1 + #null)`` of the LLR.
+
+    Parameters
+    ----------
+    stat
+        ``(G,)`` observed statistics.
+    perm_stats
+        ``(G, K)`` statistics of the same genes on ``K`` spot permutations.
+    groups
+        ``(G,)`` pooling groups (isoform counts): with ``pool`` each gene is
+        compared with the permutation statistics of every gene of its group,
+        else only with its own ``K``.
+    pool
+        Pool within groups (resolution ``1 / (K n_group)``) or not (``1 / K``).
+    """
+    stat = np.asarray(stat, dtype=np.float64)
+    perm_stats = np.asarray(perm_stats, dtype=np.float64)
+    if not pool:
+        finite = np.isfinite(perm_stats)
+        pvals = (1.0 + (finite & (perm_stats >= stat[:, None])).sum(1)) / (1.0 + finite.sum(1))
+    else:
+        pvals = np.empty_like(stat)
+        for g in np.unique(groups):
+            sel = groups == g
+            pooled = perm_stats[sel].ravel()
+            pooled = np.sort(pooled[np.isfinite(pooled)])
+            exceed = pooled.size - np.searchsorted(pooled, stat[sel], side="left")
+            pvals[sel] = (1.0 + exceed) / (1.0 + pooled.size)
+    return np.where(np.isfinite(stat), pvals, np.nan)
+
+
+def _sv_llr(store: IsoformStore | str | os.PathLike, *, glmm: dict[str, Any] | None, null: str, n_perms: int,
+            perm_seed: int, client: Any, scheduler: str | None, workers: int | None, device: str,
+            batch_memory: int | str, batch_size: int | None, out: str | os.PathLike | None, overwrite: bool,
+            progress: bool, with_summary: bool) -> xr.Dataset:
     store = as_store(store)
     glmm = glmm_options(store, "glmm-full", glmm)
     n = store.n_spots
-    task = functools.partial(_sv_llr_task, str(store.path.resolve()), store.kernel_token, glmm, device)
-    run = execute(store, kind="sv", params={"method": "glmm-llr", "glmm": glmm}, task=task,
+    k = 0 if null == "chi2" else n_perms
+    task = functools.partial(_sv_llr_task, str(store.path.resolve()), store.kernel_token, glmm, device, k,
+                             perm_seed)
+    params = {"method": "glmm-llr", "glmm": glmm, "null": null,
+              **({"n_perms": k, "perm_seed": perm_seed} if k else {})}
+    run = execute(store, kind="sv", params=params, task=task,
                    bytes_per_gene=lambda p: 8.0 * (n * (p - 1)) ** 2 * 3, batch_memory=batch_memory,
                    batch_size=batch_size, client=client, scheduler=scheduler, workers=workers, device=device,
                    out=out, overwrite=overwrite, progress=progress, label="sv glmm-llr",
@@ -200,15 +271,18 @@ def _sv_llr(store: IsoformStore | str | os.PathLike, *, glmm: dict[str, Any] | N
     if run.existing is not None:
         return run.existing
     data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
+    n_iso = store.genes["n_isoforms"].to_numpy()
+    if k:
+        perm_stats = np.concatenate([r["perm_statistic"] for r in run.parts])
+        data["pvalue"] = llr_permutation_pvalues(data["statistic"], perm_stats, n_iso, pool=null == "perm")
     ds = make_dataset(
         store.genes.index.to_numpy(),
         {"sv_statistic": data["statistic"], "sv_pvalue": data["pvalue"], "sv_pvalue_adj": bh_adjust(data["pvalue"]),
-         "n_isoforms": store.genes["n_isoforms"].to_numpy(), "n_spots_used": data["n_spots_used"],
+         "n_isoforms": n_iso, "n_spots_used": data["n_spots_used"],
          **summary_variables(run.parts)},
-        {"test": "spatial_variability", "method": "glmm-llr", **{f"glmm_{k}": v for k, v in glmm.items()
-                                                                  if v is not None},
+        {"test": "spatial_variability", "method": "glmm-llr", "null": null,
+         **({"n_perms": k, "perm_seed": perm_seed} if k else {}),
+         **{f"glmm_{key}": v for key, v in glmm.items() if v is not None},
          **provenance(store), "execution": run.kind},
     )
     return finish(ds, out, run.fp)
-
-

@@ -270,12 +270,13 @@ def loss_and_gradients(params: dict, data: dict, cfg: GLMMConfig, learn: list[st
     return loss, grads
 
 
-def _setup_fit(counts, eigvals, eigvecs, design, cfg: GLMMConfig, device: str):
+def _setup_fit(counts, eigvals, eigvecs, design, cfg: GLMMConfig, device: str, init: dict | None = None):
     """Tensors of a batch fit: ``(data, params, learn)`` at SPLISOSM's starting values.
 
     ``data`` holds ``counts``, ``x``, ``lgamma_const``, ``totals`` (and the
     eigenpairs for ``glmm-full``); ``params`` the initial ``nu``, ``beta``,
-    ``bias``, ``sigma`` and ``theta_logit``; ``learn`` the names fitted.
+    ``bias``, ``sigma`` and ``theta_logit`` (any of them replaced by the
+    arrays in ``init``, e.g. another model's fit); ``learn`` the names fitted.
     """
     import torch
 
@@ -313,6 +314,13 @@ def _setup_fit(counts, eigvals, eigvecs, design, cfg: GLMMConfig, device: str):
         learn = ["beta", "bias"]
     elif not cfg.var_fix_sigma:
         learn.append("sigma")
+    for k, val in (init or {}).items():
+        if k not in params:
+            raise ValueError(f"unknown starting value {k!r}; expected one of {', '.join(params)}.")
+        t = torch.as_tensor(np.asarray(val), dtype=dt, device=device)
+        if t.shape != params[k].shape:
+            raise ValueError(f"starting value {k!r} has shape {tuple(t.shape)}, expected {tuple(params[k].shape)}.")
+        params[k] = t.clone()
     if cfg.model == "glmm-null":
         params["theta_logit"] = torch.full((b, v), -math.inf, dtype=dt, device=device)
     return data, params, learn
@@ -348,6 +356,7 @@ def fit_glmm(
     design: np.ndarray | None = None,
     config: GLMMConfig | None = None,
     device: str = "cpu",
+    init: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Fit the GLMM of every gene in a batch (``config.method``; ``joint_gd`` here).
 
@@ -365,6 +374,9 @@ def fit_glmm(
         :class:`GLMMConfig`.
     device
         Torch device.
+    init
+        Starting values instead of SPLISOSM's (any of ``nu``, ``beta``,
+        ``bias``, ``sigma``, ``theta_logit``, shaped as the parameters).
 
     Returns
     -------
@@ -379,12 +391,12 @@ def fit_glmm(
     if cfg.method == "joint_newton" and cfg.model != "glm":
         from spatialscale.glmm.newton import fit_joint_newton
 
-        return fit_joint_newton(counts, eigvals, eigvecs, design=design, config=cfg, device=device)
+        return fit_joint_newton(counts, eigvals, eigvecs, design=design, config=cfg, device=device, init=init)
     if cfg.method in ("marginal_gd", "marginal_newton") and cfg.model != "glm":
         from spatialscale.glmm.marginal import fit_marginal
 
-        return fit_marginal(counts, eigvals, eigvecs, design=design, config=cfg, device=device)
-    data, params, learn = _setup_fit(counts, eigvals, eigvecs, design, cfg, device)
+        return fit_marginal(counts, eigvals, eigvecs, design=design, config=cfg, device=device, init=init)
+    data, params, learn = _setup_fit(counts, eigvals, eigvecs, design, cfg, device, init)
     dt = params["nu"].dtype
     b = params["nu"].shape[0]
 

@@ -116,12 +116,13 @@ def _newton_nu_step(nu, grad, chol):
 
 
 def fit_marginal(counts: np.ndarray, eigvals: np.ndarray | None, eigvecs: np.ndarray | None, *,
-                 design: np.ndarray | None = None, config=None, device: str = "cpu") -> dict[str, np.ndarray]:
+                 design: np.ndarray | None = None, config=None, device: str = "cpu",
+                 init: dict | None = None) -> dict[str, np.ndarray]:
     """Fit the GLMM of every gene in a batch on the Laplace marginal likelihood.
 
     Parameters
     ----------
-    counts, eigvals, eigvecs, design, config, device
+    counts, eigvals, eigvecs, design, config, device, init
         As :func:`spatialscale.glmm.glmm.fit_glmm`; ``config.method`` is
         ``marginal_gd`` or ``marginal_newton`` (``config.lr`` is Adam's
         learning rate; SPLISOSM's wrapper uses 0.1 for these methods).
@@ -138,7 +139,7 @@ def fit_marginal(counts: np.ndarray, eigvals: np.ndarray | None, eigvecs: np.nda
 
     cfg = config or GLMMConfig(method="marginal_gd")
     newton = cfg.method == "marginal_newton"
-    data, params, learn = _setup_fit(counts, eigvals, eigvecs, design, cfg, device)
+    data, params, learn = _setup_fit(counts, eigvals, eigvecs, design, cfg, device, init)
     adam_names = [k for k in learn if not (newton and k == "nu")]
     dt = params["nu"].dtype
     b = params["nu"].shape[0]

@@ -587,7 +587,8 @@ def line_search(params: dict, direction: dict, slope, loss0, data: dict, cfg):
 
 
 def fit_joint_newton(counts: np.ndarray, eigvals: np.ndarray | None, eigvecs: np.ndarray | None, *,
-                     design: np.ndarray | None = None, config=None, device: str = "cpu") -> dict[str, np.ndarray]:
+                     design: np.ndarray | None = None, config=None, device: str = "cpu",
+                     init: dict | None = None) -> dict[str, np.ndarray]:
     """Fit the GLMM of every gene in a batch by Newton steps on the joint likelihood.
 
     Works with fixed or learnt ``sigma``, shared or per-logit variances,
@@ -600,7 +601,7 @@ def fit_joint_newton(counts: np.ndarray, eigvals: np.ndarray | None, eigvecs: np
 
     Parameters
     ----------
-    counts, eigvals, eigvecs, design, config, device
+    counts, eigvals, eigvecs, design, config, device, init
         As :func:`spatialscale.glmm.glmm.fit_glmm`.
 
     Returns
@@ -614,7 +615,7 @@ def fit_joint_newton(counts: np.ndarray, eigvals: np.ndarray | None, eigvecs: np
     from spatialscale.glmm.glmm import GLMMConfig, _pack_fit, _setup_fit, neg_log_joint
 
     cfg = config or GLMMConfig(method="joint_newton")
-    data, params, learn = _setup_fit(counts, eigvals, eigvecs, design, cfg, device)
+    data, params, learn = _setup_fit(counts, eigvals, eigvecs, design, cfg, device, init)
     b = params["nu"].shape[0]
     with torch.no_grad():
         loss = neg_log_joint(params, data, cfg).double()
