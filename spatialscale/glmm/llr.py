@@ -98,10 +98,10 @@ def fit_sv_pair(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, co
         sub = {k: v[redo] for k, v in null.items()}
         again = fit_glmm(counts[redo], eigvals, eigvecs, config=full_cfg, device=device,
                          init=_start_from(sub, theta_logit=-3.0, reset_sigma=True, share_variance=share))
-        merged = {k: v.copy() for k, v in full.items()}
-        for k in merged:
-            merged[k][redo] = _better({k2: v2[redo] for k2, v2 in full.items()}, again)[k]
-        full = merged
+        best = _better({k: v[redo] for k, v in full.items()}, again)
+        full = {k: v.copy() for k, v in full.items()}
+        for k, v in best.items():
+            full[k][redo] = v
     return null, full
 
 
