@@ -21,7 +21,7 @@ from spatialscale.api._common import (
     provenance,
     summary_variables,
 )
-from spatialscale.api.fit import fit_batch, glmm_options
+from spatialscale.api.fit import fit_batch, glmm_config, glmm_options
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
 from spatialscale.results import make_dataset
@@ -61,12 +61,10 @@ def _du_task(store_path: str, token: str, method: str, model: str, glmm: dict[st
         fit = fit_batch(store_path, token, model, fit_opts, device, counts)
         kw = {}
         if info == "adjusted" and model != "glm":
-            from spatialscale.glmm.glmm import GLMMConfig
             from spatialscale.worker import kernel_eigenpairs
 
             lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank")) if model == "glmm-full" else (None, None)
-            cfg = GLMMConfig(model=model, **{k: v for k, v in fit_opts.items() if k != "rank"})
-            kw = {"fit": fit, "eigvals": lam, "eigvecs": vec, "config": cfg}
+            kw = {"fit": fit, "eigvals": lam, "eigvecs": vec, "config": glmm_config(model, fit_opts)}
         stat, pval = score_test(counts, fit["probs"], z, information=info, **kw)
     else:
         fit = fit_batch(store_path, token, model, glmm, device, counts, design=z)

@@ -33,7 +33,7 @@ def fit_batch(store_path: str, token: str, model: str, glmm: dict[str, Any], dev
                design: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Fit the batch's genes with the GLM or GLMM."""
     from spatialscale.glmm import fit_glm
-    from spatialscale.glmm.glmm import GLMMConfig, fit_glmm
+    from spatialscale.glmm.glmm import fit_glmm
     from spatialscale.worker import kernel_eigenpairs, resolve_device, tune_allocator
 
     if model == "glm" and glmm.get("fit", "iwls") != "gd":
@@ -42,8 +42,14 @@ def fit_batch(store_path: str, token: str, model: str, glmm: dict[str, Any], dev
     lam = vec = None
     if model == "glmm-full":
         lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))
-    cfg = GLMMConfig(model=model, **{k: v for k, v in glmm.items() if k not in ("rank", "fit")})
-    return fit_glmm(counts, lam, vec, design=design, config=cfg, device=resolve_device(device))
+    return fit_glmm(counts, lam, vec, design=design, config=glmm_config(model, glmm), device=resolve_device(device))
+
+
+def glmm_config(model: str, glmm: dict[str, Any]):
+    """The :class:`~spatialscale.glmm.glmm.GLMMConfig` of validated GLMM options (``rank`` and ``fit`` left out)."""
+    from spatialscale.glmm.glmm import GLMMConfig
+
+    return GLMMConfig(model=model, **{k: v for k, v in glmm.items() if k not in ("rank", "fit")})
 
 
 def glmm_options(store: IsoformStore, model: str, glmm: dict[str, Any] | None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from spatialscale.api._common import (
     provenance,
     summary_variables,
 )
-from spatialscale.api.fit import glmm_options
+from spatialscale.api.fit import glmm_config, glmm_options
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
 from spatialscale.results import make_dataset
@@ -195,14 +195,13 @@ def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str,
     every gene and every batch).
     """
     from spatialscale.glmm import llr_test
-    from spatialscale.glmm.glmm import GLMMConfig
     from spatialscale.glmm.llr import sv_log_marginals
     from spatialscale.worker import kernel_eigenpairs, resolve_device, tune_allocator
 
     tune_allocator()
     counts = batch_counts(store_path, batch)
     lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))
-    cfg = GLMMConfig(**{k: v for k, v in glmm.items() if k not in ("rank", "fit")})
+    cfg = glmm_config("glmm-full", glmm)  # fit_sv_pair sets the model of each fit
     dev = resolve_device(device)
     df = 1 if cfg.share_variance else batch.n_isoforms - 1
     null, full = sv_log_marginals(counts, lam, vec, cfg, device=dev)

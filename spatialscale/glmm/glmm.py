@@ -348,6 +348,53 @@ def _pack_fit(best: dict, best_loss, epochs, converged, data: dict) -> dict[str,
     }
 
 
+class PerGeneAdam:
+    """Adam steps (torch.optim.Adam's update) or plain gradient steps, with one state per gene.
+
+    Each gene keeps its own moments and step count, so a gene's path never
+    depends on its batch-mates (``torch.optim`` shares the step count).
+
+    Parameters
+    ----------
+    params
+        The batch's parameters (first axis: genes).
+    names
+        The parameters moved by :meth:`step`.
+    lr, optim
+        Learning rate; ``adam`` or ``sgd``.
+    """
+
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+
+    def __init__(self, params: dict, names: list[str], lr: float, optim: str) -> None:
+        import torch
+
+        self.names, self.lr, self.sgd = list(names), lr, optim == "sgd"
+        self.m = {k: torch.zeros_like(params[k]) for k in self.names}
+        self.s = {k: torch.zeros_like(params[k]) for k in self.names}
+        nu = params["nu"]
+        self.steps = torch.zeros(nu.shape[0], dtype=nu.dtype, device=nu.device)
+
+    def step(self, params: dict, grads: dict, idx) -> None:
+        """Move genes ``idx`` (index tensor) of ``params`` in place, by ``grads`` (rows ``idx`` only)."""
+        import torch
+
+        b1, b2 = self.beta1, self.beta2
+        self.steps[idx] += 1
+        bc1, bc2 = 1 - b1 ** self.steps[idx], 1 - b2 ** self.steps[idx]
+        for k in self.names:
+            g = torch.nan_to_num(grads[k])
+            shape = (-1, *([1] * (g.dim() - 1)))
+            m = b1 * self.m[k][idx] + (1 - b1) * g
+            v = b2 * self.s[k][idx] + (1 - b2) * g * g
+            self.m[k][idx], self.s[k][idx] = m, v
+            if self.sgd:
+                upd = self.lr * g
+            else:
+                upd = self.lr * (m / bc1.view(shape)) / ((v / bc2.view(shape)).sqrt() + self.eps)
+            params[k][idx] = params[k][idx] - upd
+
+
 def fit_glmm(
     counts: np.ndarray,
     eigvals: np.ndarray | None,
@@ -397,14 +444,8 @@ def fit_glmm(
 
         return fit_marginal(counts, eigvals, eigvecs, design=design, config=cfg, device=device, init=init)
     data, params, learn = _setup_fit(counts, eigvals, eigvecs, design, cfg, device, init)
-    dt = params["nu"].dtype
     b = params["nu"].shape[0]
-
-    # per-gene Adam (torch.optim.Adam's update, with each gene's own step count)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    m = {k: torch.zeros_like(params[k]) for k in learn}
-    s = {k: torch.zeros_like(params[k]) for k in learn}
-    steps = torch.zeros(b, dtype=dt, device=device)
+    adam = PerGeneAdam(params, learn, cfg.lr, cfg.optim)
     best_loss = torch.full((b,), math.inf, dtype=torch.float64, device=device)
     best = {k: params[k].detach().clone() for k in params}
     wait = torch.zeros(b, dtype=torch.int64, device=device)
@@ -432,21 +473,9 @@ def fit_glmm(
                 active &= (wait < cfg.patience) & torch.isfinite(new)
         if epoch == cfg.max_epochs or not bool(active.any()):
             break
-        grads = [grads_by_name[k] for k in learn]
         with torch.no_grad():
-            steps += active.to(dt)
-            bc1 = 1 - beta1 ** steps.clamp(min=1)
-            bc2 = 1 - beta2 ** steps.clamp(min=1)
-            for k, g in zip(learn, grads):
-                a = shape(active, g)
-                g = torch.nan_to_num(g)
-                m[k] = torch.where(a, beta1 * m[k] + (1 - beta1) * g, m[k])
-                s[k] = torch.where(a, beta2 * s[k] + (1 - beta2) * g * g, s[k])
-                if cfg.optim == "sgd":
-                    upd = cfg.lr * g
-                else:
-                    upd = cfg.lr * (m[k] / shape(bc1, g)) / ((s[k] / shape(bc2, g)).sqrt() + eps)
-                params[k].sub_(torch.where(a, upd, torch.zeros_like(upd)))
+            idx = active.nonzero()[:, 0]
+            adam.step(params, {k: grads_by_name[k][idx] for k in learn}, idx)
             stepped = active.clone()
 
     return _pack_fit(best, best_loss, epochs, ~active, data)

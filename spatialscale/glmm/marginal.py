@@ -135,18 +135,14 @@ def fit_marginal(counts: np.ndarray, eigvals: np.ndarray | None, eigvecs: np.nda
     """
     import torch
 
-    from spatialscale.glmm.glmm import GLMMConfig, _pack_fit, _setup_fit
+    from spatialscale.glmm.glmm import GLMMConfig, PerGeneAdam, _pack_fit, _setup_fit
 
     cfg = config or GLMMConfig(method="marginal_gd")
     newton = cfg.method == "marginal_newton"
     data, params, learn = _setup_fit(counts, eigvals, eigvecs, design, cfg, device, init)
     adam_names = [k for k in learn if not (newton and k == "nu")]
-    dt = params["nu"].dtype
     b = params["nu"].shape[0]
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    m = {k: torch.zeros_like(params[k]) for k in adam_names}
-    s = {k: torch.zeros_like(params[k]) for k in adam_names}
-    steps = torch.zeros(b, dtype=dt, device=device)
+    adam = PerGeneAdam(params, adam_names, cfg.lr, cfg.optim)
     best = {k: v.clone() for k, v in params.items()}
     best_loss = torch.full((b,), math.inf, dtype=torch.float64, device=device)
     ref_loss = best_loss.clone()
@@ -192,18 +188,6 @@ def fit_marginal(counts: np.ndarray, eigvals: np.ndarray | None, eigvecs: np.nda
                     upd = sel[due]
                     params["nu"][gidx[due]] = _newton_nu_step(leaves["nu"].detach()[upd],
                                                               torch.nan_to_num(nu_grad[upd]), chol[upd])
-            steps[gidx] += 1
-            bc1 = (1 - beta1 ** steps[gidx])
-            bc2 = (1 - beta2 ** steps[gidx])
-            for k, g in zip(adam_names, grads):
-                g = torch.nan_to_num(g[sel])
-                shape = (-1, *([1] * (g.dim() - 1)))
-                m[k][gidx] = beta1 * m[k][gidx] + (1 - beta1) * g
-                s[k][gidx] = beta2 * s[k][gidx] + (1 - beta2) * g * g
-                if cfg.optim == "sgd":
-                    upd = cfg.lr * g
-                else:
-                    upd = cfg.lr * (m[k][gidx] / bc1.view(shape)) / ((s[k][gidx] / bc2.view(shape)).sqrt() + eps)
-                params[k][gidx] = params[k][gidx] - upd
+            adam.step(params, {k: g[sel] for k, g in zip(adam_names, grads)}, gidx)
             epochs[gidx] += 1
     return _pack_fit(best, best_loss, epochs, ~active, data)
