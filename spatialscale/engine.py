@@ -13,20 +13,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
-import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from spatialscale.output import PartialStore
+
+log = logging.getLogger("spatialscale")
+
 __all__ = [
     "Batch",
+    "check_worker_paths",
     "plan_batches",
     "execution",
     "run_batches",
@@ -111,51 +115,6 @@ def fingerprint(**fields: Any) -> str:
     """Stable hash of the options that determine a run's numbers."""
     blob = json.dumps(fields, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- partial results
-class PartialStore:
-    """Per-batch results of one run, under ``<out>/_batches/<batch>``.
-
-    Each batch is written by its own task as whole zarr arrays, then marked
-    done in the batch group's attributes, so concurrent tasks never touch
-    the same chunk and a crash leaves no batch half-marked.
-    """
-
-    def __init__(self, root: str | os.PathLike, fp: str) -> None:
-        self.root = Path(root)
-        self.fp = fp
-
-    def _path(self, batch: Batch) -> Path:
-        return self.root / "_batches" / batch.name
-
-    def is_done(self, batch: Batch) -> bool:
-        meta = self._path(batch) / "zarr.json"
-        if not meta.exists():
-            return False
-        try:
-            attrs = json.loads(meta.read_text()).get("attributes", {})
-        except (OSError, ValueError):
-            return False
-        return bool(attrs.get("done")) and attrs.get("fingerprint") == self.fp
-
-    def write(self, batch: Batch, result: dict[str, np.ndarray]) -> None:
-        import zarr
-
-        path = self._path(batch)
-        if path.exists():
-            shutil.rmtree(path)
-        g = zarr.open_group(str(path), mode="w", zarr_format=3)
-        for k, v in result.items():
-            v = np.asarray(v)
-            g.create_array(k, shape=v.shape, dtype=v.dtype, chunks=v.shape or None)[...] = v
-        g.attrs.update({"done": True, "fingerprint": self.fp})
-
-    def read(self, batch: Batch) -> dict[str, np.ndarray]:
-        import zarr
-
-        g = zarr.open_group(str(self._path(batch)), mode="r")
-        return {k: np.asarray(g[k][...]) for k in g.array_keys()}
 
 
 # --------------------------------------------------------------------------- runners
@@ -255,11 +214,11 @@ def execution(
 ) -> Iterator[Any]:
     """Resolve where tasks run, and clean up what was started.
 
-    Order: an explicit ``client``; a ``scheduler`` address (or
-    ``"threads"`` for local threads even when a Dask client is active); a new
-    ``LocalCluster`` (or dask-cuda ``LocalCUDACluster`` for ``device``
-    ``cuda``) with ``workers`` processes; the active Dask client if there is
-    one; else local threads.
+    Order: an explicit ``client``; a ``scheduler`` address or scheduler file
+    (or ``"threads"`` for local threads even when a Dask client is active); a
+    new ``LocalCluster`` (or dask-cuda ``LocalCUDACluster`` for ``device``
+    ``cuda``) with ``workers`` processes, bound to 127.0.0.1; the active Dask
+    client if there is one; else local threads.
 
     Yields
     ------
@@ -279,13 +238,15 @@ def execution(
             runner.close()
         return
     if scheduler:
-        with Client(scheduler) as c:
+        with _connect(scheduler) as c:
             yield _DaskRunner(c, retries)
         return
     if workers:
         cluster = _local_cluster(int(workers), device)
         try:
             with Client(cluster) as c:
+                log.warning("started a local Dask cluster of %d worker(s); dashboard: %s", workers,
+                            c.dashboard_link)
                 yield _DaskRunner(c, retries)
         finally:
             cluster.close()
@@ -306,18 +267,66 @@ def execution(
         runner.close()
 
 
+def _connect(scheduler: str) -> Any:
+    """A client of an existing scheduler (address or scheduler file), failing within seconds."""
+    from distributed import Client
+
+    from spatialscale.errors import InputError
+    from spatialscale.options import CONNECT_TIMEOUT_S
+
+    try:
+        if scheduler.endswith(".json") and "://" not in scheduler:
+            return Client(scheduler_file=scheduler, timeout=CONNECT_TIMEOUT_S)
+        return Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        raise InputError(f"could not connect to the Dask scheduler {scheduler} within {CONNECT_TIMEOUT_S:g} s "
+                         f"({type(exc).__name__}: {exc}).") from exc
+
+
+#: local clusters listen on the loopback interface only: a reachable scheduler runs arbitrary code
+LOOPBACK = "127.0.0.1"
+
+
 def _local_cluster(n_workers: int, device: str) -> Any:
     if _cuda_requested(device):
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError as exc:
-            raise RuntimeError(
-                "device='cuda' with --workers needs dask-cuda: pip install 'spatialscale[cuda]'."
+            from spatialscale.errors import InputError
+
+            raise InputError(
+                "device='cuda' with --workers needs dask-cuda: pip install -e '.[cuda]'."
             ) from exc
-        return LocalCUDACluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0")
+        return LocalCUDACluster(n_workers=n_workers, threads_per_worker=1, host=LOOPBACK,
+                                dashboard_address=f"{LOOPBACK}:0")
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host=LOOPBACK,
+                        dashboard_address=f"{LOOPBACK}:0")
+
+
+def check_worker_paths(runner: Any, paths: dict[str, str]) -> None:
+    """Fail at once, naming the worker and the path, if a worker cannot see a path the run needs.
+
+    ``paths`` maps a description (``"store"``) to an absolute path that must
+    exist on every worker.  Local threads share the client's view and are
+    not checked.
+    """
+    if runner.kind != "distributed":
+        return
+    from spatialscale.errors import InputError
+
+    seen = runner.client.run(_missing_paths, list(paths.values()))
+    for worker, missing in sorted(seen.items()):
+        if missing:
+            what = next(k for k, v in paths.items() if v == missing[0])
+            raise InputError(f"worker {worker} cannot see the {what} {missing[0]}; remote workers need the same "
+                             "shared filesystem path as the client.")
+
+
+def _missing_paths(paths: list[str]) -> list[str]:
+    """Runs on a worker: which of ``paths`` do not exist there."""
+    return [p for p in paths if not os.path.exists(p)]
 
 
 # --------------------------------------------------------------------------- running
@@ -398,8 +407,9 @@ def run_batches(
     results: dict[int, dict[str, np.ndarray]] = {}
     todo = []
     for i, b in enumerate(batches):
-        if partial is not None and partial.is_done(b):
-            results[i] = partial.read(b)
+        done = partial.load(b) if partial is not None else None
+        if done is not None:
+            results[i] = done
         else:
             todo.append(i)
     tag = uuid.uuid4().hex[:8]

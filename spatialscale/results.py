@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from spatialscale.engine import PartialStore
+from spatialscale.output import open_results
 
-__all__ = ["VARIABLES", "GENE_SUMMARY_VARIABLES", "ISOFORM_SUMMARY_VARIABLES", "make_dataset", "prepare_output",
-           "write_dataset", "open_results"]
+__all__ = ["VARIABLES", "GENE_SUMMARY_VARIABLES", "ISOFORM_SUMMARY_VARIABLES", "make_dataset", "open_results"]
 
 #: name -> (dims, description); one registry for every result variable
 VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -87,76 +81,3 @@ def make_dataset(genes: list[str] | np.ndarray, data: dict[str, np.ndarray], att
     ds = xr.Dataset(variables, coords=coords)
     ds.attrs.update(attrs)
     return ds
-
-
-def _attrs_of(path: Path) -> dict:
-    try:
-        return json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return {}
-
-
-def prepare_output(
-    out: str | os.PathLike, fp: str, *, overwrite: bool = False
-) -> tuple[PartialStore | None, xr.Dataset | None]:
-    """Get ``out`` ready for a run with fingerprint ``fp``.
-
-    Returns
-    -------
-    partial, existing
-        ``existing`` is the finished Dataset when ``out`` already holds the
-        results of the same run (nothing to compute); otherwise ``partial``
-        records batches (resuming those already done).
-
-    Raises
-    ------
-    FileExistsError
-        When ``out`` holds something else and ``overwrite`` is false.
-    """
-    import zarr
-
-    out = Path(out)
-    if out.exists():
-        attrs = _attrs_of(out)
-        same = attrs.get("fingerprint") == fp
-        if attrs.get("spatialscale_results") and same and not overwrite:
-            return None, open_results(out)
-        if attrs.get("spatialscale_partial") and same and not overwrite:
-            return PartialStore(out, fp), None
-        if not overwrite:
-            what = "results of a run with other options" if attrs.get("fingerprint") else "something else"
-            raise FileExistsError(f"{out} already holds {what}; pass overwrite=True (--overwrite) or another path.")
-        shutil.rmtree(out)
-    g = zarr.open_group(str(out), mode="w", zarr_format=3)
-    g.attrs.update({"spatialscale_partial": True, "fingerprint": fp})
-    return PartialStore(out, fp), None
-
-
-def write_dataset(ds: xr.Dataset, out: str | os.PathLike, fp: str) -> None:
-    """Write final results to ``out`` atomically (temporary sibling, then swap).
-
-    If writing fails (e.g. a full disk), ``out`` keeps its finished batches,
-    so a re-run resumes rather than recomputes.
-    """
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.final-{uuid.uuid4().hex[:8]}")
-    ds = ds.copy()
-    ds.attrs.update({"spatialscale_results": True, "fingerprint": fp})
-    try:
-        ds.to_zarr(tmp, mode="w-", consolidated=True, zarr_format=3)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise OSError(
-                f"could not write results to {out} ({exc}); finished batches are kept in {out}/_batches "
-                "and re-running the same command resumes from them."
-            ) from exc
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
-def open_results(path: str | os.PathLike) -> xr.Dataset:
-    """Open a results store (loaded into memory; results are small)."""
-    return xr.open_zarr(str(path), consolidated=None).load()

@@ -42,6 +42,10 @@ from spatialscale.kernel import KernelParams, SpatialKernel, build_kernel, knn_a
 __all__ = ["ingest", "open_store", "IsoformStore", "STORE_FORMAT"]
 
 STORE_FORMAT = 1
+#: largest count stored exactly (float64 integers; the store's integer dtype holds every total below it)
+MAX_COUNT = float(2**53)
+#: fewest spots a section may have (the kNN graph needs k + 1; the tests' null moments need more)
+MIN_SPOTS = 10
 PRECISION_KEY = "spatialscale_precision"
 ADJACENCY_KEY = "spatialscale_adjacency"
 
@@ -63,10 +67,14 @@ class _Source:
         path = Path(source)
         if not path.exists():
             raise InputError(f"input {path} does not exist.")
-        if path.suffix == ".h5ad" or path.is_file():
+        if path.is_file():
             import h5py
 
-            self._file = h5py.File(path, "r")
+            try:
+                self._file = h5py.File(path, "r")
+            except OSError as exc:
+                raise InputError(f"{path} is not a readable .h5ad (HDF5) file: truncated or another format "
+                                 f"({exc}).") from None
             root = self._file
         else:
             import zarr
@@ -74,8 +82,15 @@ class _Source:
             try:
                 root = zarr.open_group(str(path), mode="r")
             except Exception as exc:  # noqa: BLE001 - zarr raises many kinds
-                raise InputError(f"{path} is neither an .h5ad file nor an AnnData zarr store ({exc}).") from exc
-        self._init_group(root, layer)
+                raise InputError(f"{path} is neither an .h5ad file nor an AnnData zarr store ({exc}).") from None
+        try:
+            self._init_group(root, layer)
+        except InputError:
+            self.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged file fails in h5py / zarr / anndata in many ways
+            self.close()
+            raise InputError(f"could not read the AnnData in {path} ({type(exc).__name__}: {exc}).") from None
 
     # -- in-memory AnnData
     def _init_anndata(self, adata: Any, layer: str) -> None:
@@ -86,7 +101,7 @@ class _Source:
             raise InputError(f"layer {layer!r} not found in adata.layers (available: {sorted(adata.layers)}).")
         x = adata.layers[layer]
         self._matrix = x.tocsc() if scipy.sparse.issparse(x) else np.asarray(x)
-        self.obsm = {k: np.asarray(v) for k, v in adata.obsm.items() if not isinstance(v, pd.DataFrame)}
+        self.obsm = {k: _coordinate_array(v) for k, v in adata.obsm.items()}
         self.obsp = dict(adata.obsp.items())
         self._shape = tuple(self._matrix.shape)
 
@@ -115,9 +130,7 @@ class _Source:
         if "obsm" in root:
             for k in root["obsm"]:
                 with contextlib.suppress(Exception):
-                    v = read_elem(root["obsm"][k])
-                    if not isinstance(v, pd.DataFrame):
-                        self.obsm[k] = np.asarray(v)
+                    self.obsm[k] = _coordinate_array(read_elem(root["obsm"][k]))
         self.obsp = {}
         if "obsp" in root:
             for k in root["obsp"]:
@@ -165,7 +178,7 @@ class _Source:
             sub = m[:, cols] if rows is None else m[rows][:, cols]
             sub = scipy.sparse.csc_matrix(sub)
             d = sub.data
-            if not (np.isfinite(d).all() and (d >= 0).all() and (d == np.round(d)).all()):
+            if not (np.isfinite(d).all() and (d >= 0).all() and (d <= MAX_COUNT).all() and (d == np.round(d)).all()):
                 _check_counts(sub.toarray(), names, layer)
             col_of = np.repeat(np.arange(sub.shape[1]), np.diff(sub.indptr))
             totals = np.bincount(col_of, weights=d, minlength=sub.shape[1])
@@ -185,6 +198,13 @@ class _Source:
             self._file.close()
 
 
+def _coordinate_array(value: Any) -> np.ndarray:
+    """An ``obsm`` entry as an array: a DataFrame's numeric columns in order (e.g. ``x``, ``y``)."""
+    if isinstance(value, pd.DataFrame):
+        return value.select_dtypes("number").to_numpy(dtype=np.float64)
+    return np.asarray(value)
+
+
 def _small(ds: Any, limit: int = 2 << 30) -> bool:
     """Whether a backed sparse matrix is small enough to load whole."""
     nnz = ds.group["data"].shape[0] if hasattr(ds, "group") else 0
@@ -193,10 +213,14 @@ def _small(ds: Any, limit: int = 2 << 30) -> bool:
 
 # --------------------------------------------------------------------------- validation
 def _validate_coords(coords: np.ndarray, obs_names: pd.Index, spatial_key: str) -> np.ndarray:
-    coords = np.asarray(coords, dtype=np.float64)
-    if coords.ndim != 2 or coords.shape[0] != len(obs_names) or coords.shape[1] < 1:
+    try:
+        coords = np.asarray(coords, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"obsm[{spatial_key!r}] is not numeric ({exc}).") from None
+    if coords.ndim != 2 or coords.shape[0] != len(obs_names) or coords.shape[1] != 2:
         raise InputError(
-            f"obsm[{spatial_key!r}] has shape {coords.shape}; expected ({len(obs_names)}, 2) (one row per spot)."
+            f"obsm[{spatial_key!r}] has shape {coords.shape}; expected ({len(obs_names)}, 2): one row of x, y "
+            "coordinates per spot."
         )
     bad = ~np.isfinite(coords).all(axis=1)
     if bad.any():
@@ -215,6 +239,14 @@ def _validate_coords(coords: np.ndarray, obs_names: pd.Index, spatial_key: str) 
     return coords
 
 
+def _check_section_size(n_spots: int, k_neighbors: int, what: str) -> None:
+    """A section needs at least ``MIN_SPOTS`` spots and more than ``k_neighbors``."""
+    need = max(MIN_SPOTS, int(k_neighbors) + 1)
+    if n_spots < need:
+        raise InputError(f"{what} has {n_spots} spot(s); a section needs at least {need} (k_neighbors + 1, and "
+                         f"at least {MIN_SPOTS}) for a meaningful spatial test.")
+
+
 def _check_counts(block: np.ndarray, names: pd.Index, layer: str) -> None:
     """Raise if a counts block has non-finite, negative or non-integer values."""
     if not np.isfinite(block).all():
@@ -223,6 +255,10 @@ def _check_counts(block: np.ndarray, names: pd.Index, layer: str) -> None:
     neg = (block < 0).any(axis=0)
     if neg.any():
         raise InputError(f"layers[{layer!r}] has negative counts (isoform {names[int(np.flatnonzero(neg)[0])]!r}).")
+    big = (block > MAX_COUNT).any(axis=0)
+    if big.any():
+        raise InputError(f"layers[{layer!r}] has counts above 2^53 (isoform {names[int(np.flatnonzero(big)[0])]!r}), "
+                         "which cannot be stored exactly; these are not read counts.")
     frac = (block != np.round(block)).any(axis=0)
     if frac.any():
         raise InputError(
@@ -301,18 +337,66 @@ def ingest(
         On missing keys, bad coordinates or counts, or nothing left after
         filtering; nothing is written in that case.
     """
-    store_path = Path(store_path)
-    if store_path.exists() and not overwrite:
-        raise FileExistsError(f"{store_path} already exists; pass overwrite=True (--overwrite) to replace it.")
-    params = KernelParams(k_neighbors=k_neighbors, rho=rho, standardize_cov=standardize_cov)
+    from spatialscale.output import OutputLock
+
+    store_path = Path(os.path.abspath(store_path))
+    try:
+        params = KernelParams(k_neighbors=k_neighbors, rho=rho, standardize_cov=standardize_cov)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"invalid kernel parameters: {exc}") from None
+    for name, value, low in (("min_component_size", min_component_size, 1), ("block_bytes", block_bytes, 1)):
+        if isinstance(value, bool) or int(value) != value or value < low:
+            raise InputError(f"{name} must be a whole number >= {low} (got {value!r}).")
+    for name, value in (("min_counts", min_counts), ("min_bin_pct", min_bin_pct)):
+        if not np.isfinite(float(value)) or float(value) < 0:
+            raise InputError(f"{name} must be a finite number >= 0 (got {value!r}).")
+    _check_store_target(store_path, source, overwrite)
     src = _Source(source, layer)
     try:
-        return _ingest(src, store_path, params, layer=layer, gene_key=gene_key, spatial_key=spatial_key,
-                       adj_key=adj_key, min_counts=min_counts, min_bin_pct=min_bin_pct,
-                       filter_single_iso_genes=filter_single_iso_genes,
-                       min_component_size=min_component_size, block_bytes=block_bytes, progress=progress)
+        lock = OutputLock(store_path).acquire()
+        try:
+            _check_store_target(store_path, source, overwrite)  # again, under the lock
+            return _ingest(src, store_path, params, layer=layer, gene_key=gene_key, spatial_key=spatial_key,
+                           adj_key=adj_key, min_counts=min_counts, min_bin_pct=min_bin_pct,
+                           filter_single_iso_genes=filter_single_iso_genes,
+                           min_component_size=min_component_size, block_bytes=block_bytes, progress=progress)
+        finally:
+            lock.release()
     finally:
         src.close()
+
+
+def _is_store(path: Path) -> bool:
+    """A folder spatialscale's ingest wrote (its ``spatialscale`` marker), complete or not."""
+    import json
+
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return path.is_dir() and isinstance(attrs.get("spatialscale"), dict)
+
+
+def _check_store_target(store_path: Path, source: Any, overwrite: bool) -> None:
+    """Refuse a store path that is the input, the working directory, or something spatialscale did not write."""
+    import anndata as ad
+
+    if not isinstance(source, ad.AnnData):
+        src = Path(os.path.abspath(source))
+        if src == store_path or src in store_path.parents or store_path in src.parents:
+            raise InputError(f"the store {store_path} overlaps the input {src}; write the store elsewhere.")
+    cwd = Path.cwd()
+    if store_path == cwd or store_path in cwd.parents:
+        raise InputError(f"the store {store_path} is the working directory or a folder above it; name a new folder.")
+    if not store_path.exists():
+        if store_path.parent.exists() and not os.access(store_path.parent, os.W_OK | os.X_OK):
+            raise InputError(f"cannot write into {store_path.parent} (permission denied).")
+        return
+    if not overwrite:
+        raise InputError(f"{store_path} already exists; pass overwrite=True (--overwrite) to replace it.")
+    if not _is_store(store_path):
+        raise InputError(f"{store_path} exists and is not an isoform store written by spatialscale; spatialscale "
+                         "never replaces what it did not write: choose another path.")
 
 
 def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str, gene_key: str,
@@ -327,6 +411,12 @@ def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str,
             f"layers[{layer!r}] has shape {src.shape} but the AnnData has "
             f"{len(src.obs)} spots x {len(src.var)} isoforms."
         )
+    for what, index in (("spot", src.obs.index), ("isoform", src.var.index)):
+        dup = pd.Index(index).astype(str).duplicated()
+        if dup.any():
+            first = str(pd.Index(index)[dup][0])
+            raise InputError(f"{int(dup.sum())} duplicate {what} name(s) (e.g. {first!r}); "
+                             f"make them unique first (adata.{'obs' if what == 'spot' else 'var'}_names_make_unique()).")
     if gene_key not in src.var.columns:
         raise InputError(
             f"var has no column {gene_key!r} naming each isoform's gene (columns: {list(src.var.columns)})."
@@ -346,6 +436,8 @@ def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str,
     elif adjacency is None:
         raise InputError(f"obsm has no coordinates {spatial_key!r} (available: {sorted(src.obsm)}).")
 
+    _check_section_size(n_obs, params.k_neighbors, "the input")
+
     # spots: drop small graph components
     keep_spots = np.ones(n_obs, dtype=bool)
     if min_component_size > 1:
@@ -359,6 +451,7 @@ def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str,
                           f"{min_component_size}; {int(keep_spots.sum())} remain.", UserWarning, stacklevel=3)
     rows = None if keep_spots.all() else np.flatnonzero(keep_spots)
     n_spots = int(keep_spots.sum())
+    _check_section_size(n_spots, params.k_neighbors, f"the spots left after min_component_size={min_component_size}")
 
     # isoforms: validate counts and compute filter statistics, block by block
     names = src.var.index.astype(str)
@@ -367,6 +460,9 @@ def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str,
     all_cols = np.arange(n_var)
     for sl in tqdm(list(_column_blocks(n_var, n_obs, block_bytes)), desc="ingest: check", disable=not progress):
         totals[sl], nonzero[sl] = src.column_stats(all_cols[sl], rows, names[sl], layer)
+    if totals.max(initial=0.0) >= 2.0**62:
+        raise InputError(f"layers[{layer!r}] has isoform totals of {totals.max():.3g}, beyond the exact range of "
+                         "the stored integers; these are not read counts.")
     min_frac = float(min_bin_pct) / 100.0 if min_bin_pct > 1 else float(min_bin_pct)
     keep_iso = (totals >= min_counts) & (nonzero / max(n_spots, 1) >= min_frac)
     var = pd.DataFrame({"gene": src.var[gene_key].astype(str).to_numpy(), "source_index": all_cols,
@@ -406,9 +502,13 @@ def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str,
                          "min_bin_pct": float(min_bin_pct), "filter_single_iso_genes": bool(filter_single_iso_genes),
                          "min_component_size": int(min_component_size), "n_spots_input": int(n_obs),
                      })
-        if store_path.exists():
-            shutil.rmtree(store_path)
+        old = None
+        if store_path.exists():  # an isoform store (checked under the lock): set aside, then removed
+            old = store_path.with_name(f".{store_path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(store_path, old)
         os.replace(tmp, store_path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

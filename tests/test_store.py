@@ -99,7 +99,7 @@ def test_user_adjacency_from_obsp(tmp_path, small_adata):
 def test_existing_store_is_not_overwritten(tmp_path, small_adata):
     spatialscale.ingest(small_adata, tmp_path / "s.zarr")
     before = (tmp_path / "s.zarr" / "zarr.json").read_bytes()
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(InputError, match="overwrite"):
         spatialscale.ingest(small_adata, tmp_path / "s.zarr")
     assert (tmp_path / "s.zarr" / "zarr.json").read_bytes() == before
     spatialscale.ingest(small_adata[:, :20].copy(), tmp_path / "s.zarr", overwrite=True, min_counts=0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import os
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,9 +13,10 @@ import numpy as np
 import xarray as xr
 
 from spatialscale._version import __version__
-from spatialscale.engine import Batch, execution, fingerprint, plan_batches, run_batches
+from spatialscale.engine import Batch, check_worker_paths, execution, fingerprint, plan_batches, run_batches
 from spatialscale.errors import InputError
-from spatialscale.results import prepare_output, write_dataset
+from spatialscale.options import ExecutionOptions
+from spatialscale.output import claim_output
 from spatialscale.store import IsoformStore, open_store, read_count_columns
 
 #: Genes are split into at least this many batches (when there are enough) so
@@ -37,10 +38,11 @@ def parse_bytes(value: int | float | str) -> int:
 
 @dataclass
 class _Run:
+    """A finished run: per-batch results in batch order, how they ran, the options' fingerprint."""
+
     parts: list[dict[str, np.ndarray]]
     kind: str
     fp: str
-    existing: xr.Dataset | None = None
 
 
 def provenance(store: IsoformStore) -> dict[str, Any]:
@@ -55,36 +57,73 @@ def provenance(store: IsoformStore) -> dict[str, Any]:
 
 
 def execute(store: IsoformStore, *, kind: str, params: dict[str, Any], task: Any, bytes_per_gene: Any,
-             batch_memory: int | str, batch_size: int | None, client: Any, scheduler: str | None,
-             workers: int | None, device: str, out: str | os.PathLike | None, overwrite: bool, progress: bool,
-             label: str, shared: Any = None, fingerprint_extra: Any = None,
-             min_batches: int = MIN_BATCHES, with_summary: bool = False) -> _Run:
-    """Plan batches, run them where asked (resuming from ``out``), return the per-batch results.
+            options: ExecutionOptions, label: str, assemble: Callable[[_Run], xr.Dataset], shared: Any = None,
+            fingerprint_extra: Any = None, min_batches: int = MIN_BATCHES, with_summary: bool = False) -> xr.Dataset:
+    """Plan batches, run them where asked (resuming from ``options.out``), assemble and write the results.
 
-    With ``with_summary`` every task also returns the gene-level feature
-    summaries of its genes (see :func:`summary_variables`).
-    ``shared`` (an array every task receives as its last argument, sent to the
-    workers once) may be a callable, evaluated only if some batch is left to run.
+    ``options`` must already be validated (:meth:`ExecutionOptions.validated`)
+    and every other input checked: from here on the output is claimed
+    (locked; see :mod:`spatialscale.output`) and written.  ``assemble`` turns
+    the per-batch results into the Dataset.  With ``with_summary`` every task
+    also returns the gene-level feature summaries of its genes (see
+    :func:`summary_variables`).  ``shared`` (an array every task receives as
+    its last argument, sent to the workers once) may be a callable, evaluated
+    only if some batch is left to run.
     """
+    store_path = str(store.path.resolve())
     if with_summary:  # the gene-level feature summaries ride along with each batch's test
-        task = functools.partial(_summarised, task, str(store.path.resolve()))
+        task = functools.partial(_summarised, task, store_path)
         params = {**params, "with_summary": True}
-    fp = fingerprint(kind=kind, store=str(store.path.resolve()), kernel=store.kernel_token,
+    fp = fingerprint(kind=kind, store=store_path, kernel=store.kernel_token,
                      genes=list(store.genes.index), extra=fingerprint_extra, **params)
-    partial = None
-    if out is not None:
-        partial, existing = prepare_output(out, fp, overwrite=overwrite)
-        if existing is not None:
-            return _Run([], "existing", fp, existing)
-    with execution(client, scheduler=scheduler, workers=workers, device=device) as runner:
-        budget = batch_budget(batch_memory, runner, device)
-        batches = plan_batches(store.genes, store.n_spots, bytes_per_gene=bytes_per_gene, memory_bytes=budget,
-                               batch_size=batch_size, min_batches=min_batches)
-        if callable(shared):  # computed only when there is something left to run
-            shared = shared()
-        extra = () if shared is None else (runner.share(shared),)
-        parts = run_batches(task, batches, runner, partial=partial, progress=progress, label=label, extra=extra)
-    return _Run(parts, runner.kind, fp)
+    claim = None
+    if options.out is not None:
+        claim = claim_output(options.out, fp, overwrite=options.overwrite, protect=[store.path])
+        if claim.existing is not None:
+            claim.release()
+            return claim.existing
+    try:
+        with execution(options.client, scheduler=options.scheduler, workers=options.workers,
+                       device=options.device) as runner:
+            needed = {"store": store_path}
+            if claim is not None:
+                needed["output folder"] = str(claim.out.parent)
+            check_worker_paths(runner, needed)
+            check_worker_device(runner, options.device)
+            budget = batch_budget(options.batch_memory, runner, options.device)
+            batches = plan_batches(store.genes, store.n_spots, bytes_per_gene=bytes_per_gene, memory_bytes=budget,
+                                   batch_size=options.batch_size, min_batches=min_batches)
+            partial = claim.start() if claim is not None else None
+            if callable(shared):  # computed only when there is something left to run
+                shared = shared()
+            extra = () if shared is None else (runner.share(shared),)
+            parts = run_batches(task, batches, runner, partial=partial, progress=options.progress, label=label,
+                                extra=extra)
+        ds = assemble(_Run(parts, runner.kind, fp))
+        if claim is not None:
+            claim.commit(ds)
+        return ds
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def check_worker_device(runner: Any, device: str) -> None:
+    """``device='cuda'`` on an existing cluster: every worker must see a CUDA device (named error otherwise)."""
+    if device != "cuda" or runner.kind != "distributed":
+        return
+    from spatialscale.options import cuda_available
+
+    seen = runner.client.run(cuda_available)
+    missing = sorted(w for w, ok in seen.items() if not ok)
+    if missing:
+        raise InputError(f"device 'cuda' was requested but worker {missing[0]} sees no CUDA device "
+                         f"({len(missing)} of {len(seen)} workers); use --device cpu or auto.")
+
+
+def execution_options(**kwargs: Any) -> ExecutionOptions:
+    """Validated :class:`ExecutionOptions` from an entry point's keyword arguments."""
+    return ExecutionOptions(**kwargs).validated()
 
 
 def _summarised(task: Any, store_path: str, batch: Batch, *extra: Any) -> dict[str, np.ndarray]:
@@ -109,14 +148,6 @@ def batch_budget(batch_memory: int | str, runner: Any, device: str) -> int:
         free = runner.device_memory(device) if device != "cpu" else None
         return int(free * 0.5) if free else parse_bytes("256MB")
     return parse_bytes(batch_memory)
-
-
-def finish(ds: xr.Dataset, out: str | os.PathLike | None, fp: str) -> xr.Dataset:
-    if out is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            write_dataset(ds, out, fp)
-    return ds
 
 
 def batch_counts(store_path: str, batch: Batch) -> np.ndarray:

@@ -17,13 +17,14 @@ from spatialscale.api._common import (
     batch_counts,
     check_choice,
     execute,
-    finish,
+    execution_options,
     provenance,
     summary_variables,
 )
 from spatialscale.api.fit import fit_batch, glmm_config, glmm_options
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
+from spatialscale.options import ExecutionOptions
 from spatialscale.results import make_dataset
 from spatialscale.stats.du import (
     DU_NP_METHODS,
@@ -210,12 +211,13 @@ def du_test(
     """
     from spatialscale.covariates import resolve_covariates
 
+    opts = execution_options(client=client, scheduler=scheduler, workers=workers, device=device,
+                             batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
+                             progress=progress)
     check_choice("method", method, DU_METHODS)
     store = as_store(store)
     if method in GLMM_DU_METHODS:
-        return _du_glmm(store, covariates, method=method, model=model or "glm", glmm=glmm, client=client,
-                        scheduler=scheduler, workers=workers, device=device, batch_memory=batch_memory,
-                        batch_size=batch_size, out=out, overwrite=overwrite, progress=progress,
+        return _du_glmm(store, covariates, method=method, model=model or "glm", glmm=glmm, options=opts,
                         with_summary=with_summary)
     if model is not None or glmm is not None:
         raise InputError(f"model / glmm options apply to the glmm-score / glmm-wald tests, not {method!r}.")
@@ -248,30 +250,30 @@ def du_test(
             return z
         return _residualize_covariates(store, z, gp_opts, device, null)
 
-    run = execute(store, kind="du", params=params, task=task,
-                  bytes_per_gene=lambda p: 8.0 * (n * (3 * p + 4 * p * (residualize == "both")) + 8 * p * f),
-                  batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
-                  workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
-                  label=f"du {method}", shared=shared, min_batches=MIN_BATCHES, with_summary=with_summary,
-                  fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
-    if run.existing is not None:
-        return run.existing
-    stat = np.concatenate([r["statistic"] for r in run.parts])
-    pval = np.concatenate([r["pvalue"] for r in run.parts])
     attrs = {"test": "differential_usage", "method": method, "transformation": transformation,
              "nan_filling": nan_filling}
     if method == "hsic-gp":
         attrs.update({"residualize": residualize, "null": null,
                       **{f"gp_{k}": v for k, v in gp_opts.items() if v is not None}})
-    ds = make_dataset(
-        store.genes.index.to_numpy(),
-        {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
-         "n_isoforms": store.genes["n_isoforms"].to_numpy(),
-         "n_spots_used": np.concatenate([r["n_spots_used"] for r in run.parts]), **summary_variables(run.parts)},
-        {**attrs, **provenance(store), "execution": run.kind},
-        covariates=names,
-    )
-    return finish(ds, out, run.fp)
+
+    def assemble(run: Any) -> xr.Dataset:
+        stat = np.concatenate([r["statistic"] for r in run.parts])
+        pval = np.concatenate([r["pvalue"] for r in run.parts])
+        return make_dataset(
+            store.genes.index.to_numpy(),
+            {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
+             "n_isoforms": store.genes["n_isoforms"].to_numpy(),
+             "n_spots_used": np.concatenate([r["n_spots_used"] for r in run.parts]),
+             **summary_variables(run.parts)},
+            {**attrs, **provenance(store), "execution": run.kind},
+            covariates=names,
+        )
+
+    return execute(store, kind="du", params=params, task=task,
+                   bytes_per_gene=lambda p: 8.0 * (n * (3 * p + 4 * p * (residualize == "both")) + 8 * p * f),
+                   options=opts, label=f"du {method}", assemble=assemble, shared=shared, min_batches=MIN_BATCHES,
+                   with_summary=with_summary,
+                   fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
 
 
 def _gp_options(gp: dict[str, Any] | None) -> dict[str, Any]:
@@ -321,9 +323,7 @@ def _residualize_covariates(store: IsoformStore, z: np.ndarray, gp: dict[str, An
 
 
 def _du_glmm(store: IsoformStore, covariates: Any, *, method: str, model: str, glmm: dict[str, Any] | None,
-             client: Any, scheduler: str | None, workers: int | None, device: str, batch_memory: int | str,
-             batch_size: int | None, out: str | os.PathLike | None, overwrite: bool, progress: bool,
-             with_summary: bool) -> xr.Dataset:
+             options: ExecutionOptions, with_summary: bool) -> xr.Dataset:
     from spatialscale.covariates import resolve_covariates
 
     check_choice("model", model, DU_MODELS)
@@ -338,26 +338,25 @@ def _du_glmm(store: IsoformStore, covariates: Any, *, method: str, model: str, g
         glmm = {**glmm, "information": information}
     n = store.n_spots
     params = {"method": method, "model": model, "glmm": glmm}
-    task = functools.partial(_du_task, str(store.path.resolve()), store.kernel_token, method, model, glmm, device)
+    task = functools.partial(_du_task, str(store.path.resolve()), store.kernel_token, method, model, glmm,
+                             options.device)
     f = z.shape[1]
-    run = execute(store, kind="du", params=params, task=task,
-                  bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + f),
-                  batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
-                  workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
-                  label=f"du {method}", shared=z, min_batches=MIN_BATCHES if model == "glm" else MIN_BATCHES_GLMM,
-                  with_summary=with_summary,
-                  fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
-    if run.existing is not None:
-        return run.existing
-    stat = np.concatenate([r["statistic"] for r in run.parts])
-    pval = np.concatenate([r["pvalue"] for r in run.parts])
-    ds = make_dataset(
-        store.genes.index.to_numpy(),
-        {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
-         "n_isoforms": store.genes["n_isoforms"].to_numpy(), **summary_variables(run.parts)},
-        {"test": "differential_usage", "method": method, "model": model,
-         **{f"glmm_{k}": v for k, v in glmm.items() if v is not None}, **provenance(store),
-         "execution": run.kind},
-        covariates=names,
-    )
-    return finish(ds, out, run.fp)
+
+    def assemble(run: Any) -> xr.Dataset:
+        stat = np.concatenate([r["statistic"] for r in run.parts])
+        pval = np.concatenate([r["pvalue"] for r in run.parts])
+        return make_dataset(
+            store.genes.index.to_numpy(),
+            {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
+             "n_isoforms": store.genes["n_isoforms"].to_numpy(), **summary_variables(run.parts)},
+            {"test": "differential_usage", "method": method, "model": model,
+             **{f"glmm_{k}": v for k, v in glmm.items() if v is not None}, **provenance(store),
+             "execution": run.kind},
+            covariates=names,
+        )
+
+    return execute(store, kind="du", params=params, task=task,
+                   bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + f), options=options, label=f"du {method}",
+                   assemble=assemble, shared=z, min_batches=MIN_BATCHES if model == "glm" else MIN_BATCHES_GLMM,
+                   with_summary=with_summary,
+                   fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})

@@ -17,7 +17,7 @@ from spatialscale.api._common import (
     batch_counts,
     check_choice,
     execute,
-    finish,
+    execution_options,
     provenance,
 )
 from spatialscale.engine import Batch
@@ -157,6 +157,9 @@ def glmm_fit(
     """
     from spatialscale.covariates import resolve_covariates
 
+    opts = execution_options(client=client, scheduler=scheduler, workers=workers, device=device,
+                             batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
+                             progress=progress)
     check_choice("model", model, GLMM_MODELS)
     given = (glmm or {}).get("method")
     if fit is not None and given is not None and fit != given:
@@ -174,29 +177,28 @@ def glmm_fit(
     n = store.n_spots
     task = functools.partial(_fit_task, str(store.path.resolve()), store.kernel_token, model, glmm, device, q_max,
                              bool(return_nu))
-    run = execute(store, kind="fit", params={"model": model, "fit": fit, "glmm": glmm, "nu": bool(return_nu)},
-                   task=task, bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + len(names)),
-                   batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
-                   workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
-                   label=f"fit {model}", shared=z if z is not None else np.zeros((n, 0)),
+
+    def assemble(run: Any) -> xr.Dataset:
+        keys = ["intercept", "beta", "sigma", "theta", "converged", "loss", "epochs"]
+        keys += ["nu"] if "nu" in run.parts[0] else []
+        data = {k: np.concatenate([r[k] for r in run.parts]) for k in keys}
+        data["n_isoforms"] = store.genes["n_isoforms"].to_numpy()
+        if not names:
+            data.pop("beta")
+        obs_names = store.obs().index.to_numpy(dtype=str)
+        return make_dataset(
+            store.genes.index.to_numpy(), data,
+            {"model": model, "fit": fit, **{f"glmm_{k}": v for k, v in glmm.items() if v is not None},
+             "design": names, **provenance(store), "execution": run.kind},
+            covariates=names or None,
+            extra_coords={"contrast": np.arange(q_max), **({"spot": obs_names} if "nu" in data else {})})
+
+    return execute(store, kind="fit", params={"model": model, "fit": fit, "glmm": glmm, "nu": bool(return_nu)},
+                   task=task, bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + len(names)), options=opts,
+                   label=f"fit {model}", assemble=assemble, shared=z if z is not None else np.zeros((n, 0)),
                    min_batches=MIN_BATCHES if model == "glm" else MIN_BATCHES_GLMM,
                    fingerprint_extra={"covariates": names,
                                       "design": None if z is None else hashlib.sha256(z.tobytes()).hexdigest()})
-    if run.existing is not None:
-        return run.existing
-    keys = ["intercept", "beta", "sigma", "theta", "converged", "loss", "epochs"] + (["nu"] if "nu" in run.parts[0]
-                                                                                        else [])
-    data = {k: np.concatenate([r[k] for r in run.parts]) for k in keys}
-    data["n_isoforms"] = store.genes["n_isoforms"].to_numpy()
-    if not names:
-        data.pop("beta")
-    obs_names = store.obs().index.to_numpy(dtype=str)
-    ds = make_dataset(store.genes.index.to_numpy(), data,
-                      {"model": model, "fit": fit, **{f"glmm_{k}": v for k, v in glmm.items() if v is not None},
-                       "design": names, **provenance(store), "execution": run.kind},
-                      covariates=names or None,
-                      extra_coords={"contrast": np.arange(q_max), **({"spot": obs_names} if "nu" in data else {})})
-    return finish(ds, out, run.fp)
 
 
 def fitted_ratios(fit: xr.Dataset, gene: str, covariates: np.ndarray | None = None) -> np.ndarray:

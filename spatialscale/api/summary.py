@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from spatialscale.api._common import as_store, batch_counts, execute, finish, provenance
+from spatialscale.api._common import as_store, batch_counts, execute, execution_options, provenance
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
 from spatialscale.results import GENE_SUMMARY_VARIABLES, ISOFORM_SUMMARY_VARIABLES, make_dataset
@@ -108,26 +108,28 @@ def feature_summary(
     """
     if batch_memory == "auto":
         batch_memory = "256MB"  # CPU-only work: the CPU default budget
+    opts = execution_options(client=client, scheduler=scheduler, workers=workers, device="cpu",
+                             batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
+                             progress=progress)
     store = as_store(store)
     n = store.n_spots
     task = functools.partial(_summary_task, str(store.path.resolve()))
-    run = execute(store, kind="summary", params={"summaries": list(GENE_SUMMARIES) + list(ISOFORM_SUMMARIES)},
-                   task=task, bytes_per_gene=lambda p: summary_bytes_per_gene(n, p), batch_memory=batch_memory,
-                   batch_size=batch_size, client=client, scheduler=scheduler, workers=workers, device="cpu",
-                   out=out, overwrite=overwrite, progress=progress, label="summary")
-    if run.existing is not None:
-        return run.existing
-    names = GENE_SUMMARY_VARIABLES + ISOFORM_SUMMARY_VARIABLES
-    data = {k: np.concatenate([r[k] for r in run.parts]) for k in names}
     iso = store.isoforms
     iso_names = (iso["source_name"] if "source_name" in iso.columns else iso.index.to_series()).astype(str)
-    ds = make_dataset(
-        store.genes.index.to_numpy(), data,
-        {"summary": "feature_summary", **provenance(store), "execution": run.kind},
-        extra_coords={"isoform": iso_names.to_numpy(dtype=str),
-                      "isoform_gene": ("isoform", iso["gene"].astype(str).to_numpy(dtype=str))},
-    )
-    return finish(ds, out, run.fp)
+
+    def assemble(run: Any) -> xr.Dataset:
+        names = GENE_SUMMARY_VARIABLES + ISOFORM_SUMMARY_VARIABLES
+        data = {k: np.concatenate([r[k] for r in run.parts]) for k in names}
+        return make_dataset(
+            store.genes.index.to_numpy(), data,
+            {"summary": "feature_summary", **provenance(store), "execution": run.kind},
+            extra_coords={"isoform": iso_names.to_numpy(dtype=str),
+                          "isoform_gene": ("isoform", iso["gene"].astype(str).to_numpy(dtype=str))},
+        )
+
+    return execute(store, kind="summary", params={"summaries": list(GENE_SUMMARIES) + list(ISOFORM_SUMMARIES)},
+                   task=task, bytes_per_gene=lambda p: summary_bytes_per_gene(n, p), options=opts, label="summary",
+                   assemble=assemble)
 
 
 def merge_summary(results: xr.Dataset, summary: xr.Dataset, *, isoforms: bool = False) -> xr.Dataset:

@@ -15,13 +15,14 @@ from spatialscale.api._common import (
     batch_counts,
     check_choice,
     execute,
-    finish,
+    execution_options,
     provenance,
     summary_variables,
 )
 from spatialscale.api.fit import glmm_config, glmm_options
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
+from spatialscale.options import ExecutionOptions
 from spatialscale.results import make_dataset
 from spatialscale.stats.multitest import bh_adjust
 from spatialscale.stats.nulls import NULLS
@@ -126,6 +127,9 @@ def sv_test(
         ``sv_statistic``, ``sv_pvalue``, ``sv_pvalue_adj``, ``n_isoforms`` and
         ``n_spots_used`` over ``gene``, with provenance attributes.
     """
+    opts = execution_options(client=client, scheduler=scheduler, workers=workers, device=device,
+                             batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
+                             progress=progress)
     check_choice("method", method, SV_METHODS + ("glmm-llr",))
     if method == "glmm-llr":
         null = "chi2" if null is None else null
@@ -133,17 +137,13 @@ def sv_test(
         n_perms = 20 if n_perms is None else int(n_perms)
         if null != "chi2" and n_perms < 1:
             raise InputError(f"n_perms must be >= 1 for null={null!r}.")
-        return _sv_llr(store, glmm=glmm, null=null, n_perms=n_perms, perm_seed=int(perm_seed), client=client,
-                       scheduler=scheduler, workers=workers, device=device, batch_memory=batch_memory,
-                       batch_size=batch_size, out=out, overwrite=overwrite, progress=progress,
+        return _sv_llr(store, glmm=glmm, null=null, n_perms=n_perms, perm_seed=int(perm_seed), options=opts,
                        with_summary=with_summary)
     null = "liu" if null is None else null
     n_perms = 1000 if n_perms is None else n_perms
     check_choice("null", null, NULLS)
     check_choice("transformation", transformation, TRANSFORMS)
     check_choice("nan_filling", nan_filling, NAN_FILLINGS)
-    if device not in ("cpu", "cuda", "auto"):
-        raise InputError(f"unknown device {device!r}; choose cpu, cuda or auto.")
     if null == "perm" and int(n_perms) < 1:
         raise InputError("n_perms must be >= 1 for null='perm'.")
     store = as_store(store)
@@ -163,26 +163,24 @@ def sv_test(
         return 8.0 * n * (p + 5 * d + perm)
 
     task = functools.partial(_sv_task, str(store.path.resolve()), store.kernel_token, device, params)
-    run = execute(store, kind="sv", params=params, task=task, bytes_per_gene=bytes_per_gene,
-                   batch_memory=batch_memory, batch_size=batch_size, client=client, scheduler=scheduler,
-                   workers=workers, device=device, out=out, overwrite=overwrite, progress=progress,
-                   label=f"sv {method}", with_summary=with_summary)
-    if run.existing is not None:
-        return run.existing
-    data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
-    ds = make_dataset(
-        store.genes.index.to_numpy(),
-        {
-            "sv_statistic": data["statistic"],
-            "sv_pvalue": data["pvalue"],
-            "sv_pvalue_adj": bh_adjust(data["pvalue"]),
-            "n_isoforms": store.genes["n_isoforms"].to_numpy(),
-            "n_spots_used": data["n_spots_used"],
-            **summary_variables(run.parts),
-        },
-        {**attrs, "execution": run.kind},
-    )
-    return finish(ds, out, run.fp)
+
+    def assemble(run: Any) -> xr.Dataset:
+        data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
+        return make_dataset(
+            store.genes.index.to_numpy(),
+            {
+                "sv_statistic": data["statistic"],
+                "sv_pvalue": data["pvalue"],
+                "sv_pvalue_adj": bh_adjust(data["pvalue"]),
+                "n_isoforms": store.genes["n_isoforms"].to_numpy(),
+                "n_spots_used": data["n_spots_used"],
+                **summary_variables(run.parts),
+            },
+            {**attrs, "execution": run.kind},
+        )
+
+    return execute(store, kind="sv", params=params, task=task, bytes_per_gene=bytes_per_gene, options=opts,
+                   label=f"sv {method}", assemble=assemble, with_summary=with_summary)
 
 
 def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str, n_perms: int, perm_seed: int,
@@ -251,37 +249,33 @@ def llr_permutation_pvalues(stat: np.ndarray, perm_stats: np.ndarray, groups: np
 
 
 def _sv_llr(store: IsoformStore | str | os.PathLike, *, glmm: dict[str, Any] | None, null: str, n_perms: int,
-            perm_seed: int, client: Any, scheduler: str | None, workers: int | None, device: str,
-            batch_memory: int | str, batch_size: int | None, out: str | os.PathLike | None, overwrite: bool,
-            progress: bool, with_summary: bool) -> xr.Dataset:
+            perm_seed: int, options: ExecutionOptions, with_summary: bool) -> xr.Dataset:
     store = as_store(store)
     glmm = glmm_options(store, "glmm-full", glmm)
     n = store.n_spots
     k = 0 if null == "chi2" else n_perms
-    task = functools.partial(_sv_llr_task, str(store.path.resolve()), store.kernel_token, glmm, device, k,
+    task = functools.partial(_sv_llr_task, str(store.path.resolve()), store.kernel_token, glmm, options.device, k,
                              perm_seed)
     params = {"method": "glmm-llr", "glmm": glmm, "null": null,
               **({"n_perms": k, "perm_seed": perm_seed} if k else {})}
-    run = execute(store, kind="sv", params=params, task=task,
-                   bytes_per_gene=lambda p: 8.0 * (n * (p - 1)) ** 2 * 3, batch_memory=batch_memory,
-                   batch_size=batch_size, client=client, scheduler=scheduler, workers=workers, device=device,
-                   out=out, overwrite=overwrite, progress=progress, label="sv glmm-llr",
-                   min_batches=MIN_BATCHES_GLMM, with_summary=with_summary)
-    if run.existing is not None:
-        return run.existing
-    data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
     n_iso = store.genes["n_isoforms"].to_numpy()
-    if k:
-        perm_stats = np.concatenate([r["perm_statistic"] for r in run.parts])
-        data["pvalue"] = llr_permutation_pvalues(data["statistic"], perm_stats, n_iso, pool=null == "perm")
-    ds = make_dataset(
-        store.genes.index.to_numpy(),
-        {"sv_statistic": data["statistic"], "sv_pvalue": data["pvalue"], "sv_pvalue_adj": bh_adjust(data["pvalue"]),
-         "n_isoforms": n_iso, "n_spots_used": data["n_spots_used"],
-         **summary_variables(run.parts)},
-        {"test": "spatial_variability", "method": "glmm-llr", "null": null,
-         **({"n_perms": k, "perm_seed": perm_seed} if k else {}),
-         **{f"glmm_{key}": v for key, v in glmm.items() if v is not None},
-         **provenance(store), "execution": run.kind},
-    )
-    return finish(ds, out, run.fp)
+
+    def assemble(run: Any) -> xr.Dataset:
+        data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
+        if k:
+            perm_stats = np.concatenate([r["perm_statistic"] for r in run.parts])
+            data["pvalue"] = llr_permutation_pvalues(data["statistic"], perm_stats, n_iso, pool=null == "perm")
+        return make_dataset(
+            store.genes.index.to_numpy(),
+            {"sv_statistic": data["statistic"], "sv_pvalue": data["pvalue"],
+             "sv_pvalue_adj": bh_adjust(data["pvalue"]), "n_isoforms": n_iso, "n_spots_used": data["n_spots_used"],
+             **summary_variables(run.parts)},
+            {"test": "spatial_variability", "method": "glmm-llr", "null": null,
+             **({"n_perms": k, "perm_seed": perm_seed} if k else {}),
+             **{f"glmm_{key}": v for key, v in glmm.items() if v is not None},
+             **provenance(store), "execution": run.kind},
+        )
+
+    return execute(store, kind="sv", params=params, task=task,
+                   bytes_per_gene=lambda p: 8.0 * (n * (p - 1)) ** 2 * 3, options=options, label="sv glmm-llr",
+                   assemble=assemble, min_batches=MIN_BATCHES_GLMM, with_summary=with_summary)

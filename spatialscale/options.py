@@ -1,0 +1,164 @@
+"""Execution options: where and how a run's tasks execute, validated before anything is written.
+
+Every entry point (``sv_test``, ``du_test``, ``glmm_fit``, ``feature_summary``
+and the CLI) builds one :class:`ExecutionOptions` and calls
+:meth:`ExecutionOptions.validated` first, so that a bad option is an
+:class:`~spatialscale.errors.InputError` that names it, before any store,
+result or cluster is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from spatialscale.errors import InputError
+
+__all__ = ["ExecutionOptions", "DEVICES", "check_scheduler_address", "cuda_available"]
+
+DEVICES = ("cpu", "cuda", "auto")
+#: seconds to wait for an existing scheduler to answer
+CONNECT_TIMEOUT_S = 10.0
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device in this process (creates no CUDA context)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _positive_int(name: str, value: Any, flag: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value or value < 1:
+        raise InputError(f"{name} must be a whole number >= 1 (got {value!r}; {flag}).")
+    return int(value)
+
+
+def _parse_memory(value: Any) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        raise InputError(f"batch_memory must be a size such as '256MB' or 'auto' (got {value!r}).")
+    try:
+        if isinstance(value, int | float):
+            size = int(value)
+        else:
+            from dask.utils import parse_bytes
+
+            size = int(parse_bytes(str(value)))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"batch_memory {value!r} is not a size; use e.g. '256MB', '2GiB' or 'auto'.") from exc
+    if size < 1 << 20:
+        raise InputError(f"batch_memory {value!r} is below 1 MiB; use e.g. '256MB' or 'auto'.")
+    return size
+
+
+def check_scheduler_address(address: str) -> str:
+    """Validate a scheduler address (``tcp://host:port``, ``tls://...``) and that something listens there.
+
+    A refused or unresolvable address fails within seconds, not after the
+    client's connection timeout.  Returns the address unchanged.
+    """
+    from distributed.comm import registry
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, loc = parse_address(address)
+        host, port = parse_host_port(loc)
+    except ValueError as exc:
+        raise InputError(
+            f"scheduler {address!r} is not a Dask scheduler address such as tcp://host:8786 ({exc})."
+        ) from exc
+    if scheme not in registry.backends:
+        raise InputError(f"scheduler {address!r} has unknown protocol {scheme!r} "
+                         f"(known: {', '.join(sorted(registry.backends))}).")
+    if scheme in ("tcp", "tls") and host:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(CONNECT_TIMEOUT_S, 5.0)):
+                pass
+        except OSError as exc:
+            raise InputError(f"no Dask scheduler reachable at {address} ({exc.strerror or exc}).") from exc
+    return address
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """Where tasks run and where results go.
+
+    Parameters
+    ----------
+    client
+        A ``distributed.Client`` to run on.
+    scheduler
+        Address of an existing scheduler (``tcp://host:8786``, ``tls://...``), a
+        scheduler file (``.json``), or ``"threads"`` for local threads.
+    workers
+        Start a LocalCluster (bound to 127.0.0.1) with this many processes.
+    device
+        ``cpu``, ``cuda`` or ``auto`` (resolved on each worker).
+    batch_memory
+        Working memory of one task (``"256MB"``, bytes, or ``"auto"``).
+    batch_size
+        Cap on genes per batch (results do not depend on it).
+    out
+        Results zarr (made absolute on the client); ``None`` keeps results in
+        memory.
+    overwrite
+        Replace results that spatialscale wrote at ``out`` (never anything else).
+    progress
+        Show a progress bar of batches.
+    """
+
+    client: Any = None
+    scheduler: str | None = None
+    workers: int | None = None
+    device: str = "cpu"
+    batch_memory: int | str = "256MB"
+    batch_size: int | None = None
+    out: str | os.PathLike | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def validated(self) -> ExecutionOptions:
+        """A checked, normalised copy (absolute ``out``, ``batch_memory`` in bytes or ``"auto"``).
+
+        Raises
+        ------
+        InputError
+            Naming the first invalid option.  Nothing is written or started.
+        """
+        given = [k for k in ("client", "scheduler", "workers") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise InputError(f"give one of client, scheduler and workers (got {', '.join(given)}).")
+        if self.device not in DEVICES:
+            raise InputError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}.")
+        workers = None if self.workers is None else _positive_int("workers", self.workers, "--workers")
+        batch_size = None if self.batch_size is None else _positive_int("batch_size", self.batch_size,
+                                                                        "--batch-size")
+        memory = _parse_memory(self.batch_memory)
+        scheduler = self.scheduler
+        if scheduler is not None:
+            if not isinstance(scheduler, str) or not scheduler.strip():
+                raise InputError(f"scheduler must be an address, a scheduler file or 'threads' (got {scheduler!r}).")
+            if scheduler != "threads" and not _is_scheduler_file(scheduler):
+                check_scheduler_address(scheduler)
+            elif _is_scheduler_file(scheduler):
+                if not Path(scheduler).is_file():
+                    raise InputError(f"scheduler file {scheduler} does not exist.")
+                scheduler = str(Path(scheduler).resolve())
+        local = self.client is None and (scheduler is None or scheduler == "threads")
+        if self.device == "cuda" and local and not cuda_available():
+            raise InputError("device 'cuda' was requested but this machine has no CUDA device "
+                             "(torch.cuda.is_available() is False); use --device cpu or auto.")
+        out = None if self.out is None else Path(os.path.abspath(os.fspath(self.out)))
+        return replace(self, scheduler=scheduler, workers=workers, batch_size=batch_size, batch_memory=memory,
+                       out=out, overwrite=bool(self.overwrite), progress=bool(self.progress))
+
+
+def _is_scheduler_file(value: str) -> bool:
+    return value.endswith(".json") and "://" not in value

@@ -1,0 +1,490 @@
+"""Where results go: recognised outputs, one run per output, verified batches, a swap at the end.
+
+The rules that keep a user's data safe:
+
+- spatialscale replaces or deletes only what it wrote itself and recognises
+  (a zarr group whose attributes carry :data:`RESULTS_MARK` or
+  :data:`PARTIAL_MARK`, holding nothing but zarr entries); never an input
+  store, the working directory, a folder it did not create or a file;
+- an output is claimed only after every option has been validated, under a
+  lock (:class:`OutputLock`) that a second run on the same output cannot
+  take;
+- results of another run are never removed first: a new run writes its
+  batches beside them (``.<name>.partial-<fingerprint>``), and the finished
+  Dataset replaces them only at the end (:meth:`Output.commit`), so a rerun
+  that fails leaves the previous results as they were;
+- every finished batch carries checksums of its arrays; a batch that is
+  missing, truncated or altered is named, discarded and recomputed
+  (:class:`PartialStore`); finished results carry checksums too and are
+  re-verified before they are reused;
+- a batch is committed only by the run that currently owns the output, so
+  tasks of a driver that died cannot write into a later run's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spatialscale.errors import InputError
+
+__all__ = ["RESULTS_MARK", "PARTIAL_MARK", "PartialStore", "OutputLock", "Output", "claim_output",
+           "array_checksum", "dataset_checksums", "open_results", "StaleRunError"]
+
+log = logging.getLogger(__name__)
+
+RESULTS_MARK = "spatialscale_results"
+PARTIAL_MARK = "spatialscale_partial"
+CHECKSUMS_ATTR = "spatialscale_checksums"
+BATCHES = "_batches"
+
+
+class StaleRunError(RuntimeError):
+    """A task tried to record a batch in an output that another run now owns."""
+
+
+# --------------------------------------------------------------------------- checksums
+def array_checksum(values: Any) -> str:
+    """SHA-256 of an array's dtype, shape and values (NaNs canonicalised; strings by value)."""
+    a = np.asarray(values)
+    h = hashlib.sha256()
+    if a.dtype.kind in "OUS":
+        h.update(b"str" + repr(a.shape).encode())
+        h.update("\0".join(map(str, a.ravel().tolist())).encode())
+        return h.hexdigest()
+    a = np.ascontiguousarray(a)
+    if a.dtype.kind in "fc":
+        a = np.where(np.isnan(a), np.array(np.nan, dtype=a.dtype), a)
+    h.update(a.dtype.str.encode() + repr(a.shape).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def dataset_checksums(ds: Any) -> dict[str, str]:
+    """Checksums of every data variable and coordinate of a Dataset."""
+    return {str(k): array_checksum(ds[k].values) for k in sorted(map(str, ds.variables))}
+
+
+def _attrs_of(path: Path) -> dict:
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("attributes", {}) or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _set_attrs(path: Path, **attrs: Any) -> None:
+    """Update a zarr v3 group's attributes in place (atomic rename of its metadata)."""
+    meta_path = path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("attributes", {}).update(attrs)
+    tmp = path / f".zarr.json.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, meta_path)
+
+
+# --------------------------------------------------------------------------- partial results
+class PartialStore:
+    """Per-batch results of one run, under ``<root>/_batches/<batch>``, each with checksums.
+
+    Parameters
+    ----------
+    root
+        The run's staging group (the output itself, or a sibling while other
+        results stay in place).
+    fp
+        Fingerprint of the run's options: batches of other runs are ignored.
+    run_id
+        The run that owns ``root``; :meth:`write` refuses once another run
+        has taken it over (``None``: no ownership check).
+    """
+
+    def __init__(self, root: str | os.PathLike, fp: str, run_id: str | None = None) -> None:
+        self.root = Path(root)
+        self.fp = fp
+        self.run_id = run_id
+
+    def _path(self, batch: Any) -> Path:
+        return self.root / BATCHES / batch.name
+
+    def load(self, batch: Any) -> dict[str, np.ndarray] | None:
+        """The batch's verified result, or ``None`` if it must be (re)computed.
+
+        A batch that exists but fails verification (missing or unreadable
+        chunk, changed bytes, missing arrays) is named in a warning and
+        removed, so that it is recomputed.
+        """
+        path = self._path(batch)
+        attrs = _attrs_of(path)
+        if not path.exists():
+            return None
+        if attrs.get("fingerprint") != self.fp or not attrs.get("done"):
+            return None
+        problem = None
+        try:
+            result = self._read(path)
+            sums = attrs.get("checksums") or {}
+            if sorted(sums) != sorted(result):
+                problem = "arrays are missing"
+            else:
+                bad = [k for k, v in result.items() if array_checksum(v) != sums[k]]
+                if bad:
+                    problem = f"checksum mismatch in {', '.join(bad)}"
+        except Exception as exc:  # noqa: BLE001 - any unreadable chunk means: recompute
+            problem = f"unreadable ({type(exc).__name__}: {exc})"
+        if problem is None:
+            return result
+        log.warning("batch %s in %s is damaged (%s); recomputing it.", batch.name, self.root, problem)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+    def is_done(self, batch: Any) -> bool:
+        """Whether the batch is recorded and verifies."""
+        return self.load(batch) is not None
+
+    def read(self, batch: Any) -> dict[str, np.ndarray]:
+        """The batch's recorded result (verified)."""
+        out = self.load(batch)
+        if out is None:
+            raise KeyError(f"batch {batch.name} is not recorded in {self.root}")
+        return out
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, np.ndarray]:
+        import zarr
+
+        g = zarr.open_group(str(path), mode="r")
+        return {k: np.asarray(g[k][...]) for k in g.array_keys()}
+
+    def check_owner(self) -> None:
+        """Raise :class:`StaleRunError` unless this run still owns :attr:`root`."""
+        if self.run_id is None:
+            return
+        owner = _attrs_of(self.root).get("run_id")
+        if owner != self.run_id:
+            raise StaleRunError(f"{self.root} is now owned by another run; this run's batch was discarded.")
+
+    def write(self, batch: Any, result: dict[str, np.ndarray]) -> None:
+        """Record a batch: arrays and checksums in a temporary group, renamed into place."""
+        import zarr
+
+        self.check_owner()
+        final = self._path(batch)
+        tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            sums = {}
+            for k, v in result.items():
+                v = np.asarray(v)
+                g.create_array(k, shape=v.shape, dtype=v.dtype, chunks=v.shape or None)[...] = v
+                sums[k] = array_checksum(v)
+            g.attrs.update({"done": True, "fingerprint": self.fp, "checksums": sums})
+            self.check_owner()
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- lock
+class OutputLock:
+    """An exclusive lock on an output, held by the run writing it.
+
+    A sibling file ``.<name>.lock`` locked with ``flock``: the lock dies with
+    the process holding it, so a killed run never blocks the next one.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.path = out.with_name(f".{out.name}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = ""
+                with contextlib.suppress(OSError):
+                    holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise InputError(
+                    f"{self.out} is being written by another spatialscale run ({holder or 'unknown'}); "
+                    "wait for it to finish or choose another --out."
+                ) from None
+            try:  # the file may have been removed by the previous holder: lock the file that is there
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = (f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+# --------------------------------------------------------------------------- claiming an output
+def _is_ours(path: Path) -> bool:
+    """A zarr group spatialscale wrote (marker) that holds nothing but zarr entries."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    attrs = _attrs_of(path)
+    if not (attrs.get(RESULTS_MARK) or attrs.get(PARTIAL_MARK)):
+        return False
+    for entry in path.iterdir():
+        if entry.name in ("zarr.json", BATCHES) or entry.name.startswith(".zarr.json."):
+            continue
+        if not (entry.is_dir() and (entry / "zarr.json").exists()):
+            return False
+    return True
+
+
+def _stray_entries(path: Path) -> list[str]:
+    return [e.name for e in path.iterdir()
+            if e.name not in ("zarr.json", BATCHES) and not (e.is_dir() and (e / "zarr.json").exists())]
+
+
+def _within(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b`` or inside it."""
+    return a == b or b in a.parents
+
+
+def _refusal(out: Path) -> str:
+    if not out.is_dir():
+        return f"{out} exists and is not a spatialscale results folder; choose another --out."
+    if not (_attrs_of(out).get(RESULTS_MARK) or _attrs_of(out).get(PARTIAL_MARK)):
+        if _attrs_of(out).get("spatialscale"):
+            return f"{out} is an isoform store, not results; choose another --out."
+        return (f"{out} exists and was not written by spatialscale; spatialscale never replaces what it did not "
+                "write: choose another --out.")
+    stray = _stray_entries(out)
+    return (f"{out} holds files spatialscale did not write ({', '.join(stray[:3])}); move them or choose "
+            "another --out.")
+
+
+@dataclass
+class Output:
+    """A claimed output: where batches go now, and how results replace what was there."""
+
+    out: Path
+    fp: str
+    lock: OutputLock
+    staging: Path | None = None
+    resume: bool = False
+    existing: Any = None
+    partial: PartialStore | None = None
+    created: list[Path] = field(default_factory=list)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def start(self) -> PartialStore:
+        """Create (or take over, for resuming) the staging group; the first write of the run."""
+        if self.partial is None:
+            if self.resume:
+                _set_attrs(self.staging, run_id=self.run_id)  # from now on only this run commits batches here
+                self.partial = PartialStore(self.staging, self.fp, self.run_id)
+            else:
+                self.partial = _new_partial(self.staging, self.fp, self.run_id)
+        return self.partial
+
+    def commit(self, ds: Any) -> None:
+        """Write the final Dataset beside ``out``, then swap it in and remove the staged batches.
+
+        If writing fails (e.g. a full disk) the finished batches are kept, so
+        re-running the same command resumes from them, and ``out`` is left
+        as it was.
+        """
+        import warnings
+
+        out = self.out
+        tmp = out.with_name(f".{out.name}.final-{uuid.uuid4().hex[:8]}")
+        ds = ds.copy()
+        ds.attrs.update({RESULTS_MARK: True, "fingerprint": self.fp})
+        ds.attrs[CHECKSUMS_ATTR] = json.dumps(dataset_checksums(ds))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds.to_zarr(tmp, mode="w-", consolidated=True, zarr_format=3)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                where = self.partial.root if self.partial is not None else out
+                raise OSError(
+                    f"could not write results to {out} ({exc.strerror or exc}); finished batches are kept in "
+                    f"{where}/{BATCHES} and re-running the same command resumes from them."
+                ) from exc
+            raise
+        old = None
+        if out.exists():
+            if not _is_ours(out):  # changed under us since the claim: never replace it
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise InputError(_refusal(out))
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        if self.staging is not None and self.staging != out and self.staging.exists():
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def release(self) -> None:
+        """Release the lock; folders the claim created and never used are removed."""
+        self.lock.release()
+        if self.partial is None and not self.out.exists():
+            _remove_empty(self.created)
+
+
+def open_results(path: str | os.PathLike) -> Any:
+    """Open a results store (loaded into memory; results are small)."""
+    import xarray as xr
+
+    return xr.open_zarr(str(path), consolidated=None).load()
+
+
+def _verified_results(out: Path) -> Any | None:
+    """The finished results at ``out`` if their checksums verify, else ``None`` (logged)."""
+    try:
+        ds = open_results(out)
+        sums = json.loads(ds.attrs.get(CHECKSUMS_ATTR, "null"))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("results in %s are unreadable (%s); recomputing them.", out, exc)
+        return None
+    if not isinstance(sums, dict) or sums != dataset_checksums(ds):
+        log.warning("results in %s do not match their checksums; recomputing them.", out)
+        return None
+    ds.attrs.pop(CHECKSUMS_ATTR, None)
+    return ds
+
+
+def _new_partial(path: Path, fp: str, run_id: str) -> PartialStore:
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    g.attrs.update({PARTIAL_MARK: True, "fingerprint": fp, "run_id": run_id})
+    return PartialStore(path, fp, run_id)
+
+
+def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path] = ()) -> Output:
+    """Claim ``out`` for a run with fingerprint ``fp``; call after every option has been validated.
+
+    Parameters
+    ----------
+    out
+        Results path (made absolute).
+    fp
+        Fingerprint of the run's options.
+    overwrite
+        Whether results of another run (written by spatialscale) may be
+        replaced at the end.
+    protect
+        Inputs that must not be, contain or lie inside ``out``.
+
+    Returns
+    -------
+    Output
+        With ``existing`` set when ``out`` already holds verified results of
+        the same run (nothing to compute); else :meth:`Output.start` creates
+        (or resumes) the staging group where batches go.  Nothing is written
+        before that.
+
+    Raises
+    ------
+    InputError
+        ``out`` is an input, the working directory or a folder above it,
+        something spatialscale did not write, results of other options
+        without ``overwrite``, or locked by another run.
+    """
+    out = Path(os.path.abspath(out))
+    for p in protect:
+        p = Path(os.path.abspath(p))
+        if _within(p, out) or _within(out, p):
+            raise InputError(f"--out {out} overlaps the input {p}; write results elsewhere.")
+    if _within(Path.cwd(), out):
+        raise InputError(f"--out {out} is the working directory or a folder above it; name a new folder.")
+    if out.exists() and not _is_ours(out):
+        raise InputError(_refusal(out))
+    parent = out.parent
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write into {parent} (permission denied); choose another --out.")
+    created = [d for d in [parent, *parent.parents] if not d.exists()]
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {parent} ({exc.strerror or exc}); choose another --out.") from exc
+    try:
+        lock = OutputLock(out).acquire()
+        claim = _claim_locked(out, fp, overwrite, lock)
+    except BaseException:
+        with contextlib.suppress(UnboundLocalError):
+            lock.release()
+        _remove_empty(created)
+        raise
+    claim.created = created
+    return claim
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove folders a claim created, deepest first, if they are still empty."""
+    for d in folders:
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _claim_locked(out: Path, fp: str, overwrite: bool, lock: OutputLock) -> Output:
+    claim = Output(out, fp, lock)
+    if not out.exists():
+        claim.staging, claim.resume = out, False
+        return claim
+    if not _is_ours(out):  # re-checked under the lock
+        raise InputError(_refusal(out))
+    attrs = _attrs_of(out)
+    same = attrs.get("fingerprint") == fp
+    if same and not overwrite:
+        if attrs.get(RESULTS_MARK):
+            ds = _verified_results(out)
+            if ds is not None:
+                claim.existing = ds
+                return claim
+        elif attrs.get(PARTIAL_MARK):
+            claim.staging, claim.resume = out, True
+            return claim
+    elif not overwrite:
+        raise InputError(f"{out} holds results of a run with other options; pass overwrite=True (--overwrite) "
+                         "to replace them, or choose another --out.")
+    # other results stay in place until the new ones are complete
+    staging = out.with_name(f".{out.name}.partial-{fp}")
+    if staging.exists():
+        if not (_is_ours(staging) and _attrs_of(staging).get("fingerprint") == fp):
+            raise InputError(_refusal(staging))
+        claim.staging, claim.resume = staging, True
+    else:
+        claim.staging, claim.resume = staging, False
+    return claim
