@@ -224,6 +224,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "summary":
         from spatialscale.api import feature_summary
+        from spatialscale.errors import InputError
+
+        if args.device != "cpu":
+            raise InputError(f"summary runs on CPU only; --device {args.device} does not apply.")
 
         ds = feature_summary(args.store, scheduler=args.scheduler, workers=args.workers,
                              batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out,
@@ -255,18 +259,49 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces choices
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``spatialscale`` command."""
+    """Entry point of the ``spatialscale`` command.
+
+    Exit codes: 0 success; 2 bad input, options, environment (unreachable
+    scheduler, unwritable or full disk) or a task that kept failing, each
+    reported as one line naming the problem; 130 interrupted (finished
+    batches are kept; the same command resumes); 1 an unexpected internal
+    error (one line; ``SPATIALSCALE_TRACEBACK=1`` shows the traceback).
+    """
+    import os
+
     from spatialscale.errors import InputError
 
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", message="zarr v3 autosharding")
     warnings.filterwarnings("ignore", message="Consolidated metadata")
+    where = f"spatialscale {args.command}"
     try:
         return _run(args)
     except (InputError, FileExistsError) as exc:
-        print(f"spatialscale {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{where}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted; finished batches are kept and re-running the same command resumes.",
+              file=sys.stderr)
+        return 130
+    except OSError as exc:  # full disk, permissions, a vanished file
+        print(f"{where}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - never a raw traceback on the terminal
+        if os.environ.get("SPATIALSCALE_TRACEBACK"):
+            raise
+        if type(exc).__name__ == "KilledWorker":
+            print(f"{where}: error: a task kept killing its worker ({_one_line(exc)}); finished batches are kept, "
+                  "re-running the same command resumes.", file=sys.stderr)
+            return 2
+        print(f"{where}: internal error: {type(exc).__name__}: {_one_line(exc)} (set SPATIALSCALE_TRACEBACK=1 for "
+              "the traceback, and please report it).", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,26 @@ def _one_hot(col: pd.Series, name: str) -> pd.DataFrame:
     return pd.DataFrame({f"{name}_{lv}": (cat == lv).to_numpy(float) for lv in levels}, index=col.index)
 
 
+#: a text / categorical column with more levels than this is almost surely not a grouping
+MAX_LEVELS = 100
+
+
+def _check_levels(col: pd.Series, name: str, n: int) -> None:
+    """Refuse text columns that are numbers in disguise, or have too many levels to one-hot encode.
+
+    Categorical columns with numeric level names (leiden clusters ``"0"``,
+    ``"1"``...) are groupings and are kept.
+    """
+    text = not isinstance(col.dtype, pd.CategoricalDtype) and col.dtype != bool  # categoricals ("0", "1"...) are fine
+    if text and len(col) and pd.to_numeric(col.astype(str), errors="coerce").notna().all():
+        raise InputError(f"covariate {name!r} is text holding numbers; convert it to a numeric column "
+                         f"(obs[{name!r}] = pd.to_numeric(...)) or to a categorical to one-hot encode it.")
+    levels = col.nunique()
+    if levels > MAX_LEVELS or levels >= n:
+        raise InputError(f"covariate {name!r} has {levels} levels; one-hot encoding it would add {levels} "
+                         f"covariates (limit {MAX_LEVELS}). Group its levels or pass a design matrix.")
+
+
 def resolve_covariates(obs: pd.DataFrame, covariates: Any) -> tuple[list[str], np.ndarray]:
     """Build the ``(n_spots, F)`` design from obs column names, an array or a DataFrame.
 
@@ -48,25 +68,42 @@ def resolve_covariates(obs: pd.DataFrame, covariates: Any) -> tuple[list[str], n
             raise InputError(f"covariate column(s) {missing} not found in obs (available: {list(obs.columns)}).")
         if not covariates:
             raise InputError("no covariates given.")
+        dup = sorted({c for c in covariates if list(covariates).count(c) > 1})
+        if dup:
+            raise InputError(f"covariate(s) {dup} given more than once.")
         parts = []
         for c in covariates:
             col = obs[c]
             if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object or col.dtype == bool:
                 if col.isna().any():
                     raise InputError(f"covariate {c!r} has missing values; drop those spots or fill them first.")
+                _check_levels(col, c, n)
                 parts.append(_one_hot(col, c))
             else:
                 parts.append(pd.DataFrame({c: pd.to_numeric(col, errors="raise").to_numpy(float)}, index=obs.index))
         frame = pd.concat(parts, axis=1)
     elif isinstance(covariates, pd.DataFrame):
         frame = covariates
-        if frame.index.isin(obs.index).all() and len(frame) == n:
-            frame = frame.loc[obs.index]
-        elif len(frame) != n:
+        if len(frame) != n:
             raise InputError(f"covariates have {len(frame)} rows but the store has {n} spots.")
-        frame = frame.astype(float)
+        if frame.index.astype(str).isin(obs.index.astype(str)).all() and frame.index.is_unique:
+            frame = frame.set_axis(frame.index.astype(str)).loc[obs.index.astype(str)]  # aligned by spot name
+        elif not isinstance(frame.index, pd.RangeIndex):
+            raise InputError("the covariate DataFrame's index does not match the store's spot names; index it by "
+                             "spot name (it is then aligned), or pass a plain array / RangeIndex to use row order.")
+        dup = frame.columns[frame.columns.duplicated()]
+        if len(dup):
+            raise InputError(f"covariate column(s) {sorted(map(str, set(dup)))} appear more than once.")
+        try:
+            frame = frame.astype(float)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"covariate DataFrame has non-numeric columns ({exc}); one-hot encode them or pass "
+                             "obs column names.") from None
     else:
-        arr = np.asarray(covariates, dtype=np.float64)
+        try:
+            arr = np.asarray(covariates, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"covariates are not numeric ({exc}).") from None
         arr = arr[:, None] if arr.ndim == 1 else arr
         if arr.ndim != 2 or arr.shape[0] != n:
             raise InputError(f"covariates have shape {arr.shape} but the store has {n} spots.")

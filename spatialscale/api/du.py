@@ -48,13 +48,20 @@ GLMM_DU_METHODS = ("glmm-score", "glmm-wald")
 DU_METHODS = DU_NP_METHODS + GLMM_DU_METHODS
 DU_MODELS = ("glm", "glmm-full", "glmm-null")
 RESIDUALIZE = ("cov_only", "both")
+GP_BACKENDS = ("auto", "exact", "lowrank", "sod")
 
 
 def _du_task(store_path: str, token: str, method: str, model: str, glmm: dict[str, Any], device: str,
              batch: Batch, z: np.ndarray) -> dict[str, np.ndarray]:
-    """One Dask task: score test (fit without covariates) or Wald test (fit with them) of every covariate."""
+    """One Dask task: score test (fit without covariates) or Wald test (fit with them) of every covariate.
+
+    Genes with one isoform have no usage to model: NaN.
+    """
     from spatialscale.glmm import score_test, wald_test
 
+    if batch.n_isoforms < 2:
+        return {"statistic": np.full((batch.n_genes, z.shape[1]), np.nan),
+                "pvalue": np.full((batch.n_genes, z.shape[1]), np.nan)}
     counts = batch_counts(store_path, batch)
     if method == "glmm-score":
         info = glmm.get("information", "unadjusted")
@@ -288,6 +295,7 @@ def _gp_options(gp: dict[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise InputError(f"unknown gp option(s) {unknown}; choose from {allowed}.")
+    check_choice("gp backend", opts.get("backend", "auto"), GP_BACKENDS)
     return opts
 
 

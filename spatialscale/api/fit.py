@@ -45,6 +45,13 @@ def fit_batch(store_path: str, token: str, model: str, glmm: dict[str, Any], dev
     return fit_glmm(counts, lam, vec, design=design, config=glmm_config(model, glmm), device=resolve_device(device))
 
 
+def n_spots_of(store_path: str) -> int:
+    """Spots of a store (its counts' first dimension)."""
+    import zarr
+
+    return int(zarr.open_array(f"{store_path}/layers/counts", mode="r").shape[0])
+
+
 def glmm_config(model: str, glmm: dict[str, Any]):
     """The :class:`~spatialscale.glmm.glmm.GLMMConfig` of validated GLMM options (``rank`` and ``fit`` left out)."""
     from spatialscale.glmm.glmm import GLMMConfig
@@ -86,10 +93,23 @@ def _pad(a: np.ndarray, axis: int, size: int) -> np.ndarray:
 
 def _fit_task(store_path: str, token: str, model: str, glmm: dict[str, Any], device: str, q_max: int,
               with_nu: bool, batch: Batch, z: np.ndarray | None) -> dict[str, np.ndarray]:
-    """One Dask task: fit the batch's genes and return parameters padded to ``q_max`` logits."""
+    """One Dask task: fit the batch's genes and return parameters padded to ``q_max`` logits.
+
+    Genes with one isoform (stores ingested with ``filter_single_iso_genes=False``)
+    have no usage model: their parameters are NaN, ``converged`` false.
+    """
+    b = batch.n_genes
+    if batch.n_isoforms < 2:
+        v = 1 if glmm.get("share_variance", True) else q_max
+        f = 0 if z is None else z.shape[1]
+        out = {"intercept": np.full((b, q_max), np.nan), "beta": np.full((b, f, q_max), np.nan),
+               "sigma": np.full((b, v), np.nan), "theta": np.full((b, v), np.nan),
+               "converged": np.zeros(b, dtype=bool), "loss": np.full(b, np.nan), "epochs": np.zeros(b, np.int64)}
+        if with_nu and model != "glm":
+            out["nu"] = np.full((b, n_spots_of(store_path), q_max), np.nan)
+        return out
     counts = batch_counts(store_path, batch)
     fit = fit_batch(store_path, token, model, glmm, device, counts, design=z)
-    b = batch.n_genes
     if model == "glm":
         if "loglik" in fit:  # Newton / IWLS
             fit = {**fit, "loss": -fit["loglik"], "epochs": fit["iterations"]}
