@@ -205,10 +205,9 @@ def _run(args: argparse.Namespace) -> int:
 
         np_opts = {}
         if not args.method.startswith("glmm"):
-            np_opts = {"transformation": args.transformation, "nan_filling": args.nan_filling}
-            if args.method == "hsic-gp":
-                np_opts.update(residualize=args.residualize,
-                               gp={"backend": args.gp_backend} if args.gp_backend else None)
+            np_opts = {"transformation": args.transformation, "nan_filling": args.nan_filling,
+                       "residualize": args.residualize,
+                       "gp": {"backend": args.gp_backend} if args.gp_backend else None}
         ds = du_test(
             args.store, args.covariates, method=args.method, model=args.model, glmm=_glmm_opts(args), **np_opts,
             scheduler=args.scheduler, workers=args.workers, device=args.device, batch_memory=args.batch_memory,

@@ -24,18 +24,23 @@ def _one_hot(col: pd.Series, name: str) -> pd.DataFrame:
 
 #: a text / categorical column with more levels than this is almost surely not a grouping
 MAX_LEVELS = 100
+#: a categorical whose level names are all numbers is taken as a grouping (cluster ids) up to this many levels
+MAX_NUMERIC_LEVELS = 50
 
 
 def _check_levels(col: pd.Series, name: str, n: int) -> None:
     """Refuse text columns that are numbers in disguise, or have too many levels to one-hot encode.
 
     Categorical columns with numeric level names (leiden clusters ``"0"``,
-    ``"1"``...) are groupings and are kept.
+    ``"1"``...) are groupings and are kept, up to ``MAX_NUMERIC_LEVELS`` levels
+    (AnnData stores every text column as a categorical).
     """
-    text = not isinstance(col.dtype, pd.CategoricalDtype) and col.dtype != bool  # categoricals ("0", "1"...) are fine
-    if text and len(col) and pd.to_numeric(col.astype(str), errors="coerce").notna().all():
-        raise InputError(f"covariate {name!r} is text holding numbers; convert it to a numeric column "
-                         f"(obs[{name!r}] = pd.to_numeric(...)) or to a categorical to one-hot encode it.")
+    levels = pd.Series(col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype) else col.unique())
+    numeric = col.dtype != bool and len(levels) and pd.to_numeric(levels.astype(str), errors="coerce").notna().all()
+    if numeric and (not isinstance(col.dtype, pd.CategoricalDtype) or len(levels) > MAX_NUMERIC_LEVELS):
+        raise InputError(f"covariate {name!r} is text holding {len(levels)} different numbers; convert it to a "
+                         f"numeric column (obs[{name!r}] = pd.to_numeric(...)), or to a categorical of at most "
+                         f"{MAX_NUMERIC_LEVELS} levels to one-hot encode it.")
     levels = col.nunique()
     if levels > MAX_LEVELS or levels >= n:
         raise InputError(f"covariate {name!r} has {levels} levels; one-hot encoding it would add {levels} "

@@ -440,7 +440,10 @@ def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path]
     except OSError as exc:
         raise InputError(f"cannot create {parent} ({exc.strerror or exc}); choose another --out.") from exc
     try:
-        lock = OutputLock(out).acquire()
+        try:
+            lock = OutputLock(out).acquire()
+        except OSError as exc:
+            raise InputError(f"cannot write into {parent} ({exc.strerror or exc}); choose another --out.") from None
         claim = _claim_locked(out, fp, overwrite, lock)
     except BaseException:
         with contextlib.suppress(UnboundLocalError):

@@ -395,8 +395,8 @@ def _check_store_target(store_path: Path, source: Any, overwrite: bool) -> None:
     if not overwrite:
         raise InputError(f"{store_path} already exists; pass overwrite=True (--overwrite) to replace it.")
     if not _is_store(store_path):
-        raise InputError(f"{store_path} exists and is not an isoform store written by spatialscale; spatialscale "
-                         "never replaces what it did not write: choose another path.")
+        raise InputError(f"{store_path} exists and was not written by spatialscale (it is no isoform store); "
+                         "spatialscale never replaces what it did not write: choose another path.")
 
 
 def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str, gene_key: str,
