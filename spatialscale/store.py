@@ -415,8 +415,9 @@ def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str,
         dup = pd.Index(index).astype(str).duplicated()
         if dup.any():
             first = str(pd.Index(index)[dup][0])
+            fix = "obs_names_make_unique" if what == "spot" else "var_names_make_unique"
             raise InputError(f"{int(dup.sum())} duplicate {what} name(s) (e.g. {first!r}); "
-                             f"make them unique first (adata.{'obs' if what == 'spot' else 'var'}_names_make_unique()).")
+                             f"make them unique first (adata.{fix}()).")
     if gene_key not in src.var.columns:
         raise InputError(
             f"var has no column {gene_key!r} naming each isoform's gene (columns: {list(src.var.columns)})."
