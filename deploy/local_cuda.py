@@ -2,13 +2,14 @@
 
 ``LocalCUDACluster`` starts one single-threaded worker per visible GPU (pick
 GPUs with ``CUDA_VISIBLE_DEVICES``); each worker runs its batches of genes
-with ``device="cuda"``.
+with ``device="cuda"``.  The scheduler, the workers and the dashboard listen
+on 127.0.0.1 only, so nobody else on the network can reach them.
 
 Examples
 --------
 ::
 
-    pip install "spatialscale[cuda]"
+    pip install torch==2.13.0 && pip install ".[cuda]"   # from a checkout of the repository
     python deploy/local_cuda.py sample.zarr --out sv.zarr --method hsic-ir --null liu
 """
 
@@ -35,14 +36,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError as exc:
-        raise SystemExit('local_cuda.py needs dask-cuda: pip install "spatialscale[cuda]"') from exc
+        raise SystemExit('local_cuda.py needs dask-cuda: pip install ".[cuda]" from the repository') from exc
     from dask.distributed import Client
 
     import spatialscale
 
     store = spatialscale.open_store(args.store)
-    with LocalCUDACluster(threads_per_worker=1) as cluster, Client(cluster) as client:
-        print(f"{len(cluster.workers)} GPU workers; dashboard: {client.dashboard_link}", flush=True)
+    # everything on the loopback interface: a reachable scheduler runs any code it is sent
+    with LocalCUDACluster(threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client:
+        print(f"{len(cluster.workers)} GPU workers at {cluster.scheduler_address}; "
+              f"dashboard: {client.dashboard_link}", flush=True)
         ds = spatialscale.sv_test(
             store,
             method=args.method,
