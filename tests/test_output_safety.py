@@ -175,3 +175,40 @@ def test_partial_store_rejects_missing_arrays(tmp_path):
     shutil.rmtree(tmp_path / "_batches" / b.name / "y")
     assert ps.load(b) is None
     assert not (tmp_path / "_batches" / b.name).exists()
+
+
+def test_ctrl_c_is_one_line_and_resumable(tmp_path):
+    import signal
+
+    from spatialscale.simulate import simulate_section
+
+    spatialscale.ingest(simulate_section(400, 40, n_sv=5, isoforms=(3, 3), seed=2), tmp_path / "s.zarr")
+    out = tmp_path / "llr.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "spatialscale.cli", "sv", str(tmp_path / "s.zarr"), "--out",
+                             str(out), "--method", "glmm-llr", "--scheduler", "threads", "--batch-size", "2",
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not (out / "_batches").exists() and time.monotonic() - t0 < 120:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["spatialscale sv: interrupted; finished batches are kept and re-running the same command "
+                     "resumes."], err
+    assert not (tmp_path / ".llr.zarr.lock").exists()
+
+
+def test_single_isoform_genes_get_nan_in_glmm_tests(tmp_path):
+    from conftest import make_adata
+
+    st = spatialscale.ingest(make_adata(n=100, n_genes=8, isoforms=(1, 3), seed=1), tmp_path / "s.zarr",
+                             filter_single_iso_genes=False)
+    single = st.genes["n_isoforms"].to_numpy() == 1
+    assert single.any() and not single.all()
+    du = spatialscale.du_test(st, "region", method="glmm-score", scheduler="threads", progress=False)
+    assert np.isnan(du["du_pvalue"].values[single]).all() and np.isfinite(du["du_pvalue"].values[~single]).all()
+    fit = spatialscale.glmm_fit(st, model="glmm-null", glmm={"max_epochs": 20}, scheduler="threads", progress=False)
+    assert np.isnan(fit["loss"].values[single]).all() and np.isfinite(fit["loss"].values[~single]).all()
+    llr = spatialscale.sv_test(st, method="glmm-llr", glmm={"max_epochs": 20}, scheduler="threads", progress=False)
+    assert np.isnan(llr["sv_pvalue"].values[single]).all() and np.isfinite(llr["sv_pvalue"].values[~single]).all()
