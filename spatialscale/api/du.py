@@ -264,23 +264,24 @@ def du_test(
                       **{f"gp_{k}": v for k, v in gp_opts.items() if v is not None}})
 
     def assemble(run: Any) -> xr.Dataset:
-        stat = np.concatenate([r["statistic"] for r in run.parts])
-        pval = np.concatenate([r["pvalue"] for r in run.parts])
-        return make_dataset(
-            store.genes.index.to_numpy(),
-            {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
-             "n_isoforms": store.genes["n_isoforms"].to_numpy(),
-             "n_spots_used": np.concatenate([r["n_spots_used"] for r in run.parts]),
-             **summary_variables(run.parts)},
-            {**attrs, **provenance(store), "execution": run.kind},
-            covariates=names,
-        )
+        return _du_dataset(store, run, names, {**attrs, **provenance(store)}, per_gene=("n_spots_used",))
 
     return execute(store, kind="du", params=params, task=task,
                    bytes_per_gene=lambda p: 8.0 * (n * (3 * p + 4 * p * (residualize == "both")) + 8 * p * f),
                    options=opts, label=f"du {method}", assemble=assemble, shared=shared, min_batches=MIN_BATCHES,
                    with_summary=with_summary,
                    fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
+
+
+def _du_dataset(store: IsoformStore, run: Any, names: list[str], attrs: dict[str, Any],
+                per_gene: tuple[str, ...] = ()) -> xr.Dataset:
+    """DU results from a run's batches: statistics, p-values, BH per covariate, per-gene extras."""
+    stat = np.concatenate([r["statistic"] for r in run.parts])
+    pval = np.concatenate([r["pvalue"] for r in run.parts])
+    data = {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
+            "n_isoforms": store.genes["n_isoforms"].to_numpy(),
+            **{k: np.concatenate([r[k] for r in run.parts]) for k in per_gene}, **summary_variables(run.parts)}
+    return make_dataset(store.genes.index.to_numpy(), data, {**attrs, "execution": run.kind}, covariates=names)
 
 
 def _gp_options(gp: dict[str, Any] | None) -> dict[str, Any]:
@@ -351,17 +352,9 @@ def _du_glmm(store: IsoformStore, covariates: Any, *, method: str, model: str, g
     f = z.shape[1]
 
     def assemble(run: Any) -> xr.Dataset:
-        stat = np.concatenate([r["statistic"] for r in run.parts])
-        pval = np.concatenate([r["pvalue"] for r in run.parts])
-        return make_dataset(
-            store.genes.index.to_numpy(),
-            {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
-             "n_isoforms": store.genes["n_isoforms"].to_numpy(), **summary_variables(run.parts)},
-            {"test": "differential_usage", "method": method, "model": model,
-             **{f"glmm_{k}": v for k, v in glmm.items() if v is not None}, **provenance(store),
-             "execution": run.kind},
-            covariates=names,
-        )
+        return _du_dataset(store, run, names, {"test": "differential_usage", "method": method, "model": model,
+                                               **{f"glmm_{k}": v for k, v in glmm.items() if v is not None},
+                                               **provenance(store)})
 
     return execute(store, kind="du", params=params, task=task,
                    bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + f), options=options, label=f"du {method}",
