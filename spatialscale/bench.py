@@ -81,14 +81,15 @@ def run_bench(spots: list[int], genes: list[int], *, method: str = "hsic-ir", nu
     are restarted before each size, so ``worker_peak_MB`` is that run's peak
     resident memory of the busiest worker.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
+    from spatialscale.engine import local_cluster
     from spatialscale.simulate import simulate_section
 
     warnings.filterwarnings("ignore")
     rows = []
     t = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
+    with local_cluster(workers) as cluster, \
             Client(cluster) as client, tempfile.TemporaryDirectory() as tmpdir:
         print(f"LocalCluster with {workers} workers started in {time.perf_counter() - t:.1f}s (not timed below)")
         for n in spots:
@@ -134,15 +135,16 @@ def run_glmm_bench(spots: list[int], genes: list[int], *, workers: int = 2, seed
                    splisosm_batch_size: int = 20) -> pd.DataFrame:
     """Time SplisosmGLMM (glmm-full joint_gd fit + DU score test, ``fit(n_jobs=workers,
     batch_size=20)``) against spatialscale's ``du_test(model="glmm-full")`` on genes of 3 isoforms."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from spatialscale.api import du_test, glmm_fit
+    from spatialscale.engine import local_cluster
     from spatialscale.simulate import simulate_section
     from spatialscale.store import ingest
 
     warnings.filterwarnings("ignore")
     rows = []
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
+    with local_cluster(workers) as cluster, \
             Client(cluster) as client, tempfile.TemporaryDirectory() as tmpdir:
         # import torch on the workers first, as it already is in the process that runs SPLISOSM
         client.run(lambda: __import__("spatialscale.glmm.glmm") and __import__("torch") and None)
@@ -249,16 +251,17 @@ def run_du_bench(spots: list[int], genes: list[int], *, covariates: int = 50,
     for all of them extrapolated linearly from those two runs (``T(F) = T(k) + (F - k) (T(k) - T(k-1))``);
     the table says so (``splisosm_extrapolated``), and the agreement columns use the covariates it ran.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from spatialscale.api import du_test
+    from spatialscale.engine import local_cluster
     from spatialscale.simulate import simulate_section
     from spatialscale.store import ingest
 
     warnings.filterwarnings("ignore")
     rows = []
     t = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
+    with local_cluster(workers) as cluster, \
             Client(cluster) as client, tempfile.TemporaryDirectory() as tmpdir:
         print(f"LocalCluster with {workers} workers started in {time.perf_counter() - t:.1f}s (not timed below)")
         for n in spots:

@@ -29,9 +29,10 @@ def run_demo(
     xarray.Dataset
         The SV results (also written to ``<out_dir>/sv.zarr``).
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from spatialscale.api import sv_test
+    from spatialscale.engine import local_cluster
     from spatialscale.simulate import simulate_section, truth
     from spatialscale.store import ingest
 
@@ -48,9 +49,10 @@ def run_demo(
     store = ingest(h5ad, out / "demo.zarr", overwrite=True)
     print(f"[2/3] ingested {store!r}  ({time.perf_counter() - t1:.1f}s)")
     t2 = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
+    with local_cluster(workers) as cluster, \
             Client(cluster) as client:
-        print(f"      LocalCluster with {workers} workers up ({time.perf_counter() - t2:.1f}s)")
+        print(f"      LocalCluster with {workers} workers up ({time.perf_counter() - t2:.1f}s); dashboard: "
+              f"{client.dashboard_link}")
         t3 = time.perf_counter()
         ds = sv_test(store, method="hsic-ir", null="liu", client=client, out=out / "sv.zarr", overwrite=True)
     print(f"[3/3] hsic-ir / liu on {ds.sizes['gene']} genes  ({time.perf_counter() - t3:.1f}s) -> {out / 'sv.zarr'}")

@@ -31,6 +31,7 @@ log = logging.getLogger("spatialscale")
 __all__ = [
     "Batch",
     "check_worker_paths",
+    "local_cluster",
     "plan_batches",
     "execution",
     "run_batches",
@@ -242,7 +243,7 @@ def execution(
             yield _DaskRunner(c, retries)
         return
     if workers:
-        cluster = _local_cluster(int(workers), device)
+        cluster = local_cluster(int(workers), device)
         try:
             with Client(cluster) as c:
                 log.warning("started a local Dask cluster of %d worker(s); dashboard: %s", workers,
@@ -287,7 +288,8 @@ def _connect(scheduler: str) -> Any:
 LOOPBACK = "127.0.0.1"
 
 
-def _local_cluster(n_workers: int, device: str) -> Any:
+def local_cluster(n_workers: int, device: str = "cpu") -> Any:
+    """A LocalCluster of single-threaded worker processes on 127.0.0.1 (dask-cuda's for ``device`` cuda)."""
     if _cuda_requested(device):
         try:
             from dask_cuda import LocalCUDACluster

@@ -176,9 +176,9 @@ def test_tls_cluster_runs_a_section_and_refuses_plain_tcp(store, reference, tmp_
 def test_local_clusters_listen_on_loopback_only():
     from distributed import Client
 
-    from spatialscale.engine import _local_cluster
+    from spatialscale.engine import local_cluster
 
-    cluster = _local_cluster(1, "cpu")
+    cluster = local_cluster(1, "cpu")
     try:
         with Client(cluster) as c:
             c.wait_for_workers(1, timeout=60)
