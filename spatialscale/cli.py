@@ -10,6 +10,13 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``spatialscale sv: error: ...``), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_execution(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     where = g.add_mutually_exclusive_group()
@@ -22,10 +29,145 @@ def _add_execution(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+#: the commands generated from the test-family registry: (help, description, what --out holds)
+COMMANDS = {
+    "sv": ("spatial-variability tests of every gene", "Test every gene of an isoform store for spatial "
+           "variability.", "results zarr (resumes if interrupted)"),
+    "du": ("differential isoform usage: every gene x covariate", "Test every gene x covariate pair for "
+           "differential isoform usage.", "results zarr (resumes if interrupted)"),
+    "glmm": ("fit the multinomial GLM / GLMM of every gene", "Fit the multinomial GLM or GLMM of every gene; keep "
+             "the fitted parameters.", "results zarr of the fitted parameters"),
+    "summary": ("feature summaries of every gene and isoform", "Gene- and isoform-level feature summaries (as "
+                "SPLISOSM's extract_feature_summary).", "results zarr (resumes if interrupted)"),
+}
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as JSON where it parses (numbers, true / false), else as text."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def family_options(command: str) -> dict[str, list]:
+    """Every option of a command's families, by name: ``name -> [Option, ...]`` (one per family declaring it)."""
+    from spatialscale.families import FAMILIES
+
+    out: dict[str, list] = {}
+    for fam in FAMILIES.values():
+        if fam.command == command:
+            for opt in fam.options:
+                out.setdefault(opt.name, []).append((fam, opt))
+    return out
+
+
+def api_function(command: str):
+    """The Python function behind a generated command."""
+    from spatialscale import api
+
+    return {"sv": api.sv_test, "du": api.du_test, "glmm": api.glmm_fit, "summary": api.feature_summary}[command]
+
+
+def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
+    import inspect
+
+    from spatialscale.families import FAMILIES, methods_of
+
+    short, description, out_help = COMMANDS[command]
+    families = [f for f in FAMILIES.values() if f.command == command]
+    p = sub.add_parser(command, help=short, description=description + " Options come from the test families: "
+                       + "; ".join(f"{f.name}: {f.description}" for f in families) + ".")
+    p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
+    p.add_argument("--out", required=True, help=out_help)
+    cov = {f.covariates for f in families} - {"none"}
+    if cov:
+        p.add_argument("--covariates", required="required" in cov,
+                       help="obs columns, comma separated (categorical: one-hot, every level kept)")
+    methods = methods_of(command)
+    if methods:
+        default = inspect.signature(api_function(command)).parameters["method"].default
+        p.add_argument("--method", default=default, choices=methods, help=f"test (default {default})")
+    g = p.add_argument_group("test options (each applies to the methods named; giving it with another is an error)")
+    for decl in family_options(command).values():
+        opt = decl[0][1]
+        where = sorted({m for fam, o in decl for m in (o.methods or fam.methods)})
+        helptext = "; ".join(dict.fromkeys(o.help for _, o in decl))
+        if where and len(where) < len(methods):
+            helptext += f" [{', '.join(where)}]"
+        if opt.kind == "dict":
+            g.add_argument(opt.flag, action="append", type=_key_value, metavar="KEY=VALUE", default=None,
+                           help=helptext + " (repeat for several)")
+        elif opt.kind == "bool":
+            g.add_argument(opt.flag, action="store_const", const=True, default=None, help=helptext)
+        else:
+            choices = sorted({c for _, o in decl for c in (o.choices or ())}, key=str) or None
+            g.add_argument(opt.flag, type=int if opt.kind == "int" else str, choices=choices, default=None,
+                           help=helptext)
+    if any(f.summaries for f in families):
+        p.add_argument("--with-summary", action="store_true", help="add the gene-level feature summaries")
+    if command in ("sv", "du"):
+        p.add_argument("--top", type=int, default=10, help="print the N most significant results (10)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results of other options at --out (only results spatialscale wrote)")
+    _add_execution(p)
+
+
+def _run_family_command(args: argparse.Namespace) -> int:
+    command = args.command
+    kwargs: dict = {}
+    for name, decl in family_options(command).items():
+        value = getattr(args, name)
+        if decl[0][1].kind == "dict" and value is not None:
+            value = dict(value)
+        kwargs[name] = value
+    for name in ("method", "covariates", "with_summary"):
+        if hasattr(args, name):
+            kwargs[name] = getattr(args, name)
+    covariates = kwargs.pop("covariates", None)
+    if command == "du":
+        kwargs["covariates"] = covariates
+    elif covariates is not None:
+        kwargs["covariates"] = covariates
+    ds = api_function(command)(
+        args.store, **kwargs, scheduler=args.scheduler, workers=args.workers, device=args.device,
+        batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,
+        progress=not args.no_progress)
+    _report(command, args, ds)
+    return 0
+
+
+def _report(command: str, args: argparse.Namespace, ds) -> None:
+    if command == "sv":
+        n_sig = int((ds["sv_pvalue_adj"] < 0.05).sum())
+        print(f"{ds.sizes['gene']} genes tested ({ds.attrs['method']}, {ds.attrs['null']} null); "
+              f"{n_sig} with BH-adjusted p < 0.05; results in {args.out}")
+        if args.top:
+            print(ds[["sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms"]].to_dataframe()
+                  .nsmallest(args.top, "sv_pvalue").to_string())
+    elif command == "du":
+        n_sig = int((ds["du_pvalue_adj"] < 0.05).sum())
+        print(f"{ds.sizes['gene']} genes x {ds.sizes['covariate']} covariates tested ({ds.attrs['method']}); "
+              f"{n_sig} pairs with BH-adjusted p < 0.05; results in {args.out}")
+        if args.top:
+            table = ds[["du_statistic", "du_pvalue", "du_pvalue_adj"]].to_dataframe()
+            print(table.nsmallest(args.top, "du_pvalue").to_string())
+    elif command == "glmm":
+        print(f"fitted {ds.attrs['model']} for {ds.sizes['gene']} genes; {int(ds['converged'].sum())} converged; "
+              f"results in {args.out}")
+    else:
+        print(f"summaries of {ds.sizes['gene']} genes and {ds.sizes['isoform']} isoforms; results in {args.out}")
+
+
 def _parser() -> argparse.ArgumentParser:
     from spatialscale._version import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spatialscale",
         description="Spatial isoform statistics (SPLISOSM's HSIC tests and multinomial GLM/GLMM) at scale on Dask.",
     )
@@ -50,66 +192,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    p = sub.add_parser("sv", help="spatial-variability tests of every gene",
-                       description="Test every gene of an isoform store for spatial variability.")
-    p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
-    p.add_argument("--out", required=True, help="results zarr (resumes if interrupted)")
-    p.add_argument("--method", default="hsic-ir", help="hsic-ir | hsic-ic | hsic-gc | glmm-llr (default hsic-ir)")
-    p.add_argument("--null", default=None, help="hsic: liu (default) | welch | perm; glmm-llr: chi2 (default) | "
-                   "perm (pooled over genes of equal isoform count) | perm-gene")
-    p.add_argument("--transformation", default="none", help="hsic-ir ratios: none | clr | ilr | alr | radial")
-    p.add_argument("--nan-filling", default="mean", help="mean | none (spots where a gene has no counts)")
-    p.add_argument("--n-perms", type=int, default=None, help="permutations for --null perm (hsic 1000, glmm-llr 20)")
-    p.add_argument("--perm-seed", type=int, default=0, help="seed of the permutations (0)")
-    p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
-    p.add_argument("--top", type=int, default=10, help="print the N most significant genes (10)")
-    p.add_argument("--glmm-fit", default=None, help="glmm-llr: joint_gd (default) | joint_newton | marginal_gd | "
-                   "marginal_newton")
-    p.add_argument("--with-summary", action="store_true", help="add the gene-level feature summaries")
-    _add_execution(p)
-
-    p = sub.add_parser("glmm", help="fit the multinomial GLM / GLMM of every gene",
-                       description="Fit the multinomial GLM or GLMM of every gene; save the parameters.")
-    p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
-    p.add_argument("--out", required=True, help="results zarr of the fitted parameters")
-    p.add_argument("--model", default="glmm-full", help="glmm-full | glmm-null | glm (default glmm-full)")
-    p.add_argument("--fit", default=None, help="GLMM: joint_gd (default) | joint_newton | marginal_gd | "
-                   "marginal_newton; GLM: iwls (default) | newton | gd")
-    p.add_argument("--covariates", default=None, help="fixed effects: obs columns, comma separated")
-    p.add_argument("--max-epochs", type=int, default=None, help="GLMM epochs at most (500)")
-    p.add_argument("--with-nu", action="store_true", help="also save the random effect nu")
-    p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
-    _add_execution(p)
-
-    p = sub.add_parser("du", help="differential isoform usage: every gene x covariate",
-                       description="Test every gene x covariate pair for differential isoform usage.")
-    p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
-    p.add_argument("--covariates", required=True, help="obs columns, comma separated (categorical: one-hot)")
-    p.add_argument("--out", required=True, help="results zarr (resumes if interrupted)")
-    p.add_argument("--method", default="hsic-gp",
-                   help="hsic-gp (default) | hsic | t-fisher | t-tippett | glmm-score | glmm-wald")
-    p.add_argument("--transformation", default="none", help="kernel / t-tests: none | clr | ilr | alr | radial")
-    p.add_argument("--nan-filling", default="mean", help="mean | none (spots where a gene has no counts)")
-    p.add_argument("--residualize", default="cov_only", help="hsic-gp: cov_only (default) | both")
-    p.add_argument("--gp-backend", default=None, help="hsic-gp: auto (default) | exact | lowrank")
-    p.add_argument("--model", default=None, help="glmm tests: glm (default) | glmm-full | glmm-null")
-    p.add_argument("--glmm-fit", default=None, help="glmm tests: joint_gd (default) | joint_newton | marginal_gd | "
-                   "marginal_newton")
-    p.add_argument("--max-epochs", type=int, default=None, help="GLMM epochs at most (500)")
-    p.add_argument("--score-information", default=None, choices=("unadjusted", "adjusted"),
-                   help="glmm-score: unadjusted (default, SPLISOSM's) | adjusted (random effect and intercepts "
-                   "accounted for)")
-    p.add_argument("--with-summary", action="store_true", help="add the gene-level feature summaries")
-    p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
-    p.add_argument("--top", type=int, default=10, help="print the N most significant pairs (10)")
-    _add_execution(p)
-
-    p = sub.add_parser("summary", help="feature summaries of every gene and isoform",
-                       description="Gene- and isoform-level feature summaries (as SPLISOSM's extract_feature_summary).")
-    p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
-    p.add_argument("--out", required=True, help="results zarr (resumes if interrupted)")
-    p.add_argument("--overwrite", action="store_true", help="replace results of another run at --out")
-    _add_execution(p)
+    for command in COMMANDS:
+        _add_family_command(sub, command)
 
     p = sub.add_parser("demo", help="simulate a section, ingest it and run hsic-ir on a LocalCluster",
                        description="End-to-end demo on simulated data with known spatially variable genes.")
@@ -142,20 +226,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _glmm_opts(args: argparse.Namespace) -> dict | None:
-    """GLMM options given on the command line (None for the GLM and the kernel tests)."""
-    opts = {}
-    if getattr(args, "score_information", None):
-        opts["information"] = args.score_information
-    if getattr(args, "model", None) in (None, "glm") and getattr(args, "method", "") != "glmm-llr":
-        return opts or None
-    if getattr(args, "max_epochs", None):
-        opts["max_epochs"] = args.max_epochs
-    if getattr(args, "glmm_fit", None):
-        opts["method"] = args.glmm_fit
-    return opts or None
-
-
 def _run(args: argparse.Namespace) -> int:
     if args.command == "ingest":
         from spatialscale.store import ingest
@@ -169,70 +239,8 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(f"wrote {store!r}")
         return 0
-    if args.command == "sv":
-        from spatialscale.api import sv_test
-
-        ds = sv_test(
-            args.store, method=args.method, null=args.null, transformation=args.transformation,
-            nan_filling=args.nan_filling, n_perms=args.n_perms, perm_seed=args.perm_seed,
-            scheduler=args.scheduler, workers=args.workers, device=args.device,
-            batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out,
-            overwrite=args.overwrite, progress=not args.no_progress, glmm=_glmm_opts(args),
-            with_summary=args.with_summary,
-        )
-        n_sig = int((ds["sv_pvalue_adj"] < 0.05).sum())
-        how = f"{args.method}, {ds.attrs['null']} null"
-        print(f"{ds.sizes['gene']} genes tested ({how}); "
-              f"{n_sig} with BH-adjusted p < 0.05; results in {args.out}")
-        if args.top:
-            print(ds[["sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms"]].to_dataframe()
-                  .nsmallest(args.top, "sv_pvalue").to_string())
-        return 0
-    if args.command == "glmm":
-        from spatialscale.api import glmm_fit
-
-        ds = glmm_fit(
-            args.store, model=args.model, fit=args.fit, covariates=args.covariates,
-            glmm=_glmm_opts(args), return_nu=args.with_nu, scheduler=args.scheduler, workers=args.workers,
-            device=args.device, batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out,
-            overwrite=args.overwrite, progress=not args.no_progress,
-        )
-        print(f"fitted {args.model} for {ds.sizes['gene']} genes; {int(ds['converged'].sum())} converged; "
-              f"results in {args.out}")
-        return 0
-    if args.command == "du":
-        from spatialscale.api import du_test
-
-        np_opts = {}
-        if not args.method.startswith("glmm"):
-            np_opts = {"transformation": args.transformation, "nan_filling": args.nan_filling,
-                       "residualize": args.residualize,
-                       "gp": {"backend": args.gp_backend} if args.gp_backend else None}
-        ds = du_test(
-            args.store, args.covariates, method=args.method, model=args.model, glmm=_glmm_opts(args), **np_opts,
-            scheduler=args.scheduler, workers=args.workers, device=args.device, batch_memory=args.batch_memory,
-            batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, progress=not args.no_progress,
-            with_summary=args.with_summary,
-        )
-        n_sig = int((ds["du_pvalue_adj"] < 0.05).sum())
-        print(f"{ds.sizes['gene']} genes x {ds.sizes['covariate']} covariates tested ({args.method}); "
-              f"{n_sig} pairs with BH-adjusted p < 0.05; results in {args.out}")
-        if args.top:
-            table = ds[["du_statistic", "du_pvalue", "du_pvalue_adj"]].to_dataframe()
-            print(table.nsmallest(args.top, "du_pvalue").to_string())
-        return 0
-    if args.command == "summary":
-        from spatialscale.api import feature_summary
-        from spatialscale.errors import InputError
-
-        if args.device != "cpu":
-            raise InputError(f"summary runs on CPU only; --device {args.device} does not apply.")
-
-        ds = feature_summary(args.store, scheduler=args.scheduler, workers=args.workers,
-                             batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out,
-                             overwrite=args.overwrite, progress=not args.no_progress)
-        print(f"summaries of {ds.sizes['gene']} genes and {ds.sizes['isoform']} isoforms; results in {args.out}")
-        return 0
+    if args.command in COMMANDS:
+        return _run_family_command(args)
     if args.command == "demo":
         from spatialscale.demo import run_demo
 

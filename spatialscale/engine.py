@@ -175,7 +175,7 @@ class _DaskRunner:
         return self.client.submit(fn, *args, key=key, retries=self.retries, pure=False)
 
     def share(self, value: Any) -> Any:
-        """One plain future of ``value`` (no broadcast: see DESIGN.md's traps)."""
+        """One plain future of ``value`` (never broadcast: it conflicts with the Active Memory Manager)."""
         return self.client.scatter(value, hash=False)
 
     def device_memory(self, device: str) -> int | None:

@@ -137,13 +137,20 @@ CLI_CASES = [
     ("ingest-store-is-cwd", ["ingest", "{h5ad}", ".", "--overwrite"], "working directory"),
     ("sv-missing-store", ["sv", "{root}/nope.zarr", "--out", "{out}"], "no isoform store"),
     ("sv-folder-is-no-store", ["sv", "{user}", "--out", "{out}"], "not an isoform store"),
-    ("sv-unknown-method", ["sv", "{store}", "--out", "{out}", "--method", "hsic-xx"], "unknown method"),
-    ("sv-unknown-null", ["sv", "{store}", "--out", "{out}", "--null", "exact"], "unknown null"),
+    ("sv-unknown-method", ["sv", "{store}", "--out", "{out}", "--method", "hsic-xx"], "invalid choice: 'hsic-xx'"),
+    ("sv-unknown-null", ["sv", "{store}", "--out", "{out}", "--null", "exact"], "invalid choice: 'exact'"),
+    ("sv-null-of-the-other-family", ["sv", "{store}", "--out", "{out}", "--null", "chi2"], "unknown null 'chi2'"),
     ("sv-unknown-transformation", ["sv", "{store}", "--out", "{out}", "--transformation", "log"],
-     "unknown transformation"),
+     "invalid choice: 'log'"),
+    ("sv-transformation-for-counts", ["sv", "{store}", "--out", "{out}", "--method", "hsic-ic", "--transformation",
+                                      "clr"], "'transformation' does not apply to method 'hsic-ic'"),
+    ("sv-fit-for-hsic", ["sv", "{store}", "--out", "{out}", "--fit", "joint_newton"], "'fit' does not apply"),
+    ("sv-bad-glmm-setting", ["sv", "{store}", "--out", "{out}", "--method", "glmm-llr", "--glmm", "learning=1"],
+     "invalid GLMM options"),
+    ("sv-glmm-setting-not-key-value", ["sv", "{store}", "--out", "{out}", "--glmm", "fast"], "expected KEY=VALUE"),
     ("sv-zero-permutations", ["sv", "{store}", "--out", "{out}", "--null", "perm", "--n-perms", "0"], "n_perms"),
     ("sv-llr-unknown-null", ["sv", "{store}", "--out", "{out}", "--method", "glmm-llr", "--null", "liu"],
-     "unknown null"),
+     "unknown null 'liu'"),
     ("sv-zero-workers", ["sv", "{store}", "--out", "{out}", "--workers", "0"], "workers must be"),
     ("sv-negative-workers", ["sv", "{store}", "--out", "{out}", "--workers", "-1"], "workers must be"),
     ("sv-zero-batch-size", ["sv", "{store}", "--out", "{out}", "--batch-size", "0"], "batch_size must be"),
@@ -170,15 +177,26 @@ CLI_CASES = [
     ("du-one-level-per-spot", ["du", "{store}", "--out", "{out}", "--covariates", "spotid"], "levels"),
     ("du-t-test-continuous", ["du", "{store}", "--out", "{out}", "--covariates", "rbp", "--method", "t-fisher"],
      "binary"),
-    ("du-unknown-gp-backend", ["du", "{store}", "--out", "{out}", "--covariates", "rbp", "--gp-backend", "foo"],
+    ("du-unknown-gp-backend", ["du", "{store}", "--out", "{out}", "--covariates", "rbp", "--gp", "backend=foo"],
      "unknown gp backend"),
     ("du-residualize-without-gp", ["du", "{store}", "--out", "{out}", "--covariates", "rbp", "--method", "hsic",
-                                   "--residualize", "both"], "method='hsic-gp' only"),
+                                   "--residualize", "both"], "'residualize' does not apply to method 'hsic'"),
     ("du-unknown-model", ["du", "{store}", "--out", "{out}", "--covariates", "rbp", "--method", "glmm-score",
-                          "--model", "glmm"], "unknown model"),
-    ("glmm-unknown-model", ["glmm", "{store}", "--out", "{out}", "--model", "lmm"], "unknown model"),
-    ("glmm-unknown-fit", ["glmm", "{store}", "--out", "{out}", "--fit", "lbfgs"], "unknown fit method"),
-    ("summary-on-cuda", ["summary", "{store}", "--out", "{out}", "--device", "cuda"], "CPU only"),
+                          "--model", "glmm"], "invalid choice: 'glmm'"),
+    ("du-model-for-kernel-test", ["du", "{store}", "--out", "{out}", "--covariates", "rbp", "--model", "glm"],
+     "'model' does not apply to method 'hsic-gp'"),
+    ("du-information-for-wald", ["du", "{store}", "--out", "{out}", "--covariates", "rbp", "--method", "glmm-wald",
+                                 "--glmm", "information=adjusted"], "applies to method='glmm-score' only"),
+    ("du-missing-covariates", ["du", "{store}", "--out", "{out}"], "--covariates"),
+    ("glmm-unknown-model", ["glmm", "{store}", "--out", "{out}", "--model", "lmm"], "invalid choice: 'lmm'"),
+    ("glmm-unknown-fit", ["glmm", "{store}", "--out", "{out}", "--fit", "lbfgs"], "invalid choice: 'lbfgs'"),
+    ("glmm-glm-with-glmm-fit", ["glmm", "{store}", "--out", "{out}", "--model", "glm", "--fit", "joint_gd"],
+     "unknown fit method for glm"),
+    ("glmm-method-in-settings", ["glmm", "{store}", "--out", "{out}", "--glmm", "method=joint_newton"],
+     "not glmm['method']"),
+    ("workers-and-scheduler", ["sv", "{store}", "--out", "{out}", "--workers", "2", "--scheduler", "threads"],
+     "not allowed with argument"),
+    ("summary-on-cuda", ["summary", "{store}", "--out", "{out}", "--device", "auto"], "CPU only"),
 ]
 if spatialscale.options.cuda_available():  # pragma: no cover - CUDA machines
     CLI_CASES = [c for c in CLI_CASES if "cuda" not in c[0]]
@@ -201,7 +219,10 @@ def workdir(tmp_path, monkeypatch):
 def test_cli_bad_input(files, workdir, capsys, argv, words):
     out = workdir / "new.zarr"
     before = _snapshot(files["root"]), _snapshot(workdir)
-    code = main([_fill(a, files, out) for a in argv])
+    try:
+        code = main([_fill(a, files, out) for a in argv])
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
     err = capsys.readouterr().err
     assert code == 2, err
     lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln]  # progress bars aside
@@ -236,7 +257,7 @@ API_CASES = [
      "invalid GLMM options"),
     ("glm-with-glmm-options", lambda p, out: spatialscale.du_test(p["store"], "rbp", method="glmm-score",
                                                                   model="glm", glmm={"lr": 0.1}, out=out),
-     "takes no GLMM options"),
+     "takes no GLMM settings"),
     ("ingest-anndata-coordinates-frame", lambda p, out: spatialscale.ingest(
         _variant(make_adata(n=50, n_genes=3), lambda a: a.obsm.__setitem__(
             "spatial", pd.DataFrame(np.c_[a.obsm["spatial"], np.ones(a.n_obs)], index=a.obs_names))), out),

@@ -125,7 +125,8 @@ def test_bad_du_input_leaves_no_results(section, tmp_path):
         (np.arange(store.n_spots - 3.0), {}, "spots"),
         (["cont"], {"method": "hsic-xyz"}, "unknown method"),
         (["cont"], {"method": "hsic", "transformation": "log"}, "unknown transformation"),
-        (["cont"], {"method": "hsic", "residualize": "both"}, "applies to method='hsic-gp' only"),
+        (["cont"], {"method": "hsic", "residualize": "both"},
+         r"'residualize' does not apply to method 'hsic' \(it applies to hsic-gp\)"),
         (["cont"], {"method": "hsic", "model": "glmm-full"}, "glmm-score"),
     ]
     for covs, kw, msg in cases:

@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 import spatialscale
-import spatialscale.api.sv as api
+import spatialscale.families.sv_hsic as api
 from spatialscale import InputError
 from spatialscale.engine import Batch, PartialStore, execution, plan_batches, run_batches
 

@@ -182,7 +182,7 @@ def test_sv_llr_is_batch_invariant(tmp_path):
 
 
 def test_llr_permutation_pvalues():
-    from spatialscale.api.sv import llr_permutation_pvalues
+    from spatialscale.glmm.llr import llr_permutation_pvalues
 
     stat = np.array([5.0, 0.5, np.nan, 2.0])
     perm = np.array([[1.0, 6.0], [0.0, 0.5], [1.0, 1.0], [np.nan, 3.0]])

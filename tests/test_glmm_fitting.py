@@ -329,14 +329,14 @@ def test_du_test_passes_the_adjusted_information_through(tmp_path):
     adata = simulate_section(144, 6, n_sv=2, n_du=2, isoforms=(3, 3), seed=4)
     store = spatialscale.ingest(adata, tmp_path / "s.zarr")
     # float64: batched float32 fits differ at the optimiser's precision (README, "Reproducibility")
-    opts = {"method": "joint_newton", "max_epochs": 60, "dtype": "float64"}
-    ds = spatialscale.du_test(store, "rbp", method="glmm-score", model="glmm-null",
+    opts = {"max_epochs": 60, "dtype": "float64"}
+    ds = spatialscale.du_test(store, "rbp", method="glmm-score", model="glmm-null", fit="joint_newton",
                               glmm={**opts, "information": "adjusted"}, scheduler="threads", progress=False)
-    plain = spatialscale.du_test(store, "rbp", method="glmm-score", model="glmm-null", glmm=opts,
-                                 scheduler="threads", progress=False)
+    plain = spatialscale.du_test(store, "rbp", method="glmm-score", model="glmm-null", fit="joint_newton",
+                                 glmm=opts, scheduler="threads", progress=False)
     counts = np.stack([store.gene_counts(g) for g in ds.gene.values]).astype(float)
     z = store.obs()[["rbp"]].to_numpy(float)
-    cfg = GLMMConfig(model="glmm-null", **opts)
+    cfg = GLMMConfig(model="glmm-null", method="joint_newton", **opts)
     fit = fit_glmm(counts, None, None, config=cfg)
     stat, _ = score_test(counts, fit["probs"], z, information="adjusted", fit=fit, config=cfg)
     np.testing.assert_allclose(ds.du_statistic.values, stat, rtol=1e-6)
@@ -365,19 +365,17 @@ def test_sgd_optimiser_descends_and_adam_is_the_default(method):
         GLMMConfig(optim="lbfgs")
 
 
-def test_glmm_fit_takes_the_method_from_either_place(tmp_path):
+def test_the_fitting_method_has_one_name(tmp_path):
     import spatialscale
     from spatialscale.simulate import simulate_section
 
     store = spatialscale.ingest(simulate_section(100, 3, n_sv=1, isoforms=(3, 3), seed=2), tmp_path / "s.zarr")
     kw = {"model": "glmm-null", "scheduler": "threads", "progress": False}
     a = spatialscale.glmm_fit(store, fit="joint_newton", glmm={"max_epochs": 40}, **kw)
-    b = spatialscale.glmm_fit(store, glmm={"method": "joint_newton", "max_epochs": 40}, **kw)
-    assert a.attrs["fit"] == b.attrs["fit"] == "joint_newton"
-    np.testing.assert_array_equal(a.loss.values, b.loss.values)
+    assert a.attrs["fit"] == "joint_newton" and a.attrs["glmm_method"] == "joint_newton"
     assert a.epochs.values.max() < 40
-    with pytest.raises(spatialscale.InputError, match="disagree"):
-        spatialscale.glmm_fit(store, fit="joint_gd", glmm={"method": "joint_newton"}, **kw)
+    with pytest.raises(spatialscale.InputError, match=r"fit=\.\.\. \(--fit\), not glmm\['method'\]"):
+        spatialscale.glmm_fit(store, glmm={"method": "joint_newton"}, **kw)
 
 
 def test_joint_newton_batches_run_concurrently_in_threads(tmp_path):
@@ -386,7 +384,7 @@ def test_joint_newton_batches_run_concurrently_in_threads(tmp_path):
     from spatialscale.simulate import simulate_section
 
     store = spatialscale.ingest(simulate_section(100, 40, n_sv=8, isoforms=(3, 3), seed=6), tmp_path / "s.zarr")
-    kw = {"model": "glmm-full", "glmm": {"method": "joint_newton", "max_epochs": 30, "dtype": "float64"},
+    kw = {"model": "glmm-full", "fit": "joint_newton", "glmm": {"max_epochs": 30, "dtype": "float64"},
           "progress": False}
     one = spatialscale.glmm_fit(store, scheduler="threads", batch_size=4, **kw)
     together = spatialscale.glmm_fit(store, scheduler="threads", **kw)

@@ -17,7 +17,7 @@ import spatialscale
 
 pytestmark = pytest.mark.slow
 
-NEWTON64 = {"method": "joint_newton", "dtype": "float64"}
+NEWTON64 = {"fit": "joint_newton", "glmm": {"dtype": "float64"}}
 # name -> (call, variable, (relative, absolute) tolerance of the statistic, absolute tolerance of log10 p);
 # LLR statistics are differences of two log-likelihoods and sit near 0 for null genes: absolute tolerances
 CASES = {
@@ -31,9 +31,9 @@ CASES = {
                        "du", (0.05, 0), 0.01),
     "glmm-llr": (lambda s, **kw: spatialscale.sv_test(s, method="glmm-llr", **kw), "sv", (0.05, 0.05), 0.01),
     "glmm-full-score-newton64": (lambda s, **kw: spatialscale.du_test(s, "rbp", method="glmm-score",
-                                                                      model="glmm-full", glmm=NEWTON64, **kw),
+                                                                      model="glmm-full", **NEWTON64, **kw),
                                  "du", (1e-8, 0), 1e-8),
-    "glmm-llr-newton64": (lambda s, **kw: spatialscale.sv_test(s, method="glmm-llr", glmm=NEWTON64, **kw),
+    "glmm-llr-newton64": (lambda s, **kw: spatialscale.sv_test(s, method="glmm-llr", **NEWTON64, **kw),
                           "sv", (1e-8, 1e-6), 1e-6),
 }
 
@@ -71,7 +71,7 @@ def test_glmm_fit_losses_do_not_depend_on_batching(store):
             for bs in (1, 4, None)]
     for f in fits[:2]:
         np.testing.assert_allclose(f["loss"].values, fits[-1]["loss"].values, rtol=1e-5)
-    newton = [spatialscale.glmm_fit(store, model="glmm-full", glmm=NEWTON64, batch_size=bs, scheduler="threads",
+    newton = [spatialscale.glmm_fit(store, model="glmm-full", **NEWTON64, batch_size=bs, scheduler="threads",
                                     progress=False) for bs in (1, None)]
     np.testing.assert_allclose(newton[0]["loss"].values, newton[1]["loss"].values, rtol=1e-12)
     np.testing.assert_allclose(newton[0]["intercept"].values, newton[1]["intercept"].values, rtol=1e-8, atol=1e-10)

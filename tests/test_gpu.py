@@ -61,9 +61,9 @@ def test_hsic_gp_and_joint_newton_on_cuda_match_cpu(small_store):
     gpu = spatialscale.du_test(small_store, "region", device="cuda", **kw)
     cpu = spatialscale.du_test(small_store, "region", device="cpu", **kw)
     np.testing.assert_allclose(gpu.du_pvalue.values, cpu.du_pvalue.values, rtol=1e-6)
-    opts = {"method": "joint_newton", "max_epochs": 40, "dtype": "float64"}
-    fit_gpu = spatialscale.glmm_fit(small_store, model="glmm-full", glmm=opts, device="cuda", scheduler="threads",
-                                    progress=False)
-    fit_cpu = spatialscale.glmm_fit(small_store, model="glmm-full", glmm=opts, device="cpu", scheduler="threads",
-                                    progress=False)
+    opts = {"max_epochs": 40, "dtype": "float64"}
+    fit_gpu = spatialscale.glmm_fit(small_store, model="glmm-full", fit="joint_newton", glmm=opts, device="cuda",
+                                    scheduler="threads", progress=False)
+    fit_cpu = spatialscale.glmm_fit(small_store, model="glmm-full", fit="joint_newton", glmm=opts, device="cpu",
+                                    scheduler="threads", progress=False)
     np.testing.assert_allclose(fit_gpu.loss.values, fit_cpu.loss.values, rtol=1e-6)

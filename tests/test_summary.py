@@ -11,9 +11,9 @@ import xarray as xr
 from conftest import make_adata
 
 import spatialscale
-import spatialscale.api.summary as api
+import spatialscale.families.summary as api
 from spatialscale import InputError
-from spatialscale.api.summary import feature_summary, merge_summary
+from spatialscale.api import feature_summary, merge_summary
 from spatialscale.engine import plan_batches
 from spatialscale.results import GENE_SUMMARY_VARIABLES, ISOFORM_SUMMARY_VARIABLES, make_dataset
 from spatialscale.stats.summary import GENE_SUMMARIES, ISOFORM_SUMMARIES, summary_batch

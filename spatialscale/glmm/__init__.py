@@ -1,4 +1,4 @@
-"""Multinomial GLM / GLMM for isoform usage (STATISTICS.md section 5).
+"""Multinomial GLM / GLMM for isoform usage (docs/statistics.md).
 
 Pure, batched torch/numpy math: a batch is ``B`` genes with equal isoform
 count, fitted at once; nothing here knows Dask.

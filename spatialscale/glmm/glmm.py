@@ -1,6 +1,6 @@
 """Multinomial GLMM with a spatial random effect, fitted for a batch of genes at once.
 
-Model (STATISTICS.md section 5), for one gene with ``p`` isoforms and
+Model (docs/statistics.md), for one gene with ``p`` isoforms and
 ``q = p - 1`` logits against the last isoform::
 
     Y_i ~ Multinomial(N_i, softmax([eta_i, 0]))

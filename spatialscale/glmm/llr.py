@@ -32,7 +32,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["fit_sv_pair", "sv_log_marginals"]
+__all__ = ["fit_sv_pair", "sv_log_marginals", "llr_permutation_pvalues"]
 
 _SIGMA_MIN = 0.1
 
@@ -114,3 +114,36 @@ def sv_log_marginals(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarra
     l_null = laplace_log_marginal(null, counts, eigvals, eigvecs, config=dataclasses.replace(config, model="glmm-null"))
     l_full = laplace_log_marginal(full, counts, eigvals, eigvecs, config=dataclasses.replace(config, model="glmm-full"))
     return l_null, l_full
+
+
+def llr_permutation_pvalues(stat: np.ndarray, perm_stats: np.ndarray, groups: np.ndarray,
+                            pool: bool) -> np.ndarray:
+    """Permutation p-values ``(1 + #{null >= observed}) / (1 + #null)`` of the LLR.
+
+    Parameters
+    ----------
+    stat
+        ``(G,)`` observed statistics.
+    perm_stats
+        ``(G, K)`` statistics of the same genes on ``K`` spot permutations.
+    groups
+        ``(G,)`` pooling groups (isoform counts): with ``pool`` each gene is
+        compared with the permutation statistics of every gene of its group,
+        else only with its own ``K``.
+    pool
+        Pool within groups (resolution ``1 / (K n_group)``) or not (``1 / K``).
+    """
+    stat = np.asarray(stat, dtype=np.float64)
+    perm_stats = np.asarray(perm_stats, dtype=np.float64)
+    if not pool:
+        finite = np.isfinite(perm_stats)
+        pvals = (1.0 + (finite & (perm_stats >= stat[:, None])).sum(1)) / (1.0 + finite.sum(1))
+    else:
+        pvals = np.empty_like(stat)
+        for g in np.unique(groups):
+            sel = groups == g
+            pooled = perm_stats[sel].ravel()
+            pooled = np.sort(pooled[np.isfinite(pooled)])
+            exceed = pooled.size - np.searchsorted(pooled, stat[sel], side="left")
+            pvals[sel] = (1.0 + exceed) / (1.0 + pooled.size)
+    return np.where(np.isfinite(stat), pvals, np.nan)

@@ -1,32 +1,23 @@
-"""Fitting the multinomial GLM / GLMM of every gene, and what reads the fits."""
+"""Fitting the multinomial GLM / GLMM of every gene (``spatialscale glmm``), and what reads the fits."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from spatialscale.api._common import (
-    MIN_BATCHES,
-    MIN_BATCHES_GLMM,
-    as_store,
-    batch_counts,
-    check_choice,
-    execute,
-    execution_options,
-    provenance,
-)
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
+from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM, Family, Option, Prepared
+from spatialscale.families.common import batch_counts, provenance
 from spatialscale.glmm.glmm import FIT_METHODS as GLMM_FITS
 from spatialscale.results import make_dataset
 from spatialscale.store import IsoformStore
 
-__all__ = ["glmm_fit", "fitted_ratios", "fit_batch", "glmm_options"]
+__all__ = ["FAMILY", "fitted_ratios", "fit_batch", "glmm_options", "glmm_settings"]
 
 
 def fit_batch(store_path: str, token: str, model: str, glmm: dict[str, Any], device: str, counts: np.ndarray,
@@ -83,6 +74,28 @@ def glmm_options(store: IsoformStore, model: str, glmm: dict[str, Any] | None) -
 
 GLMM_MODELS = ("glmm-full", "glmm-null", "glm")
 FIT_METHODS = {"glm": ("iwls", "newton", "gd"), "glmm-full": GLMM_FITS, "glmm-null": GLMM_FITS}
+ALL_FITS = GLMM_FITS + FIT_METHODS["glm"]
+
+
+def glmm_settings(store: IsoformStore, model: str, fit: str | None, glmm: dict[str, Any] | None,
+                  extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Validated settings of a GLM / GLMM fit: the fitting method and the ``glmm`` dict, as tasks take them.
+
+    ``extra`` names keys of ``glmm`` that the caller handles itself (e.g.
+    the score test's ``information``); they are passed through unchecked.
+    """
+    glmm = dict(glmm or {})
+    if "method" in glmm:
+        raise InputError("give the fitting method as fit=... (--fit), not glmm['method'].")
+    fit = fit or FIT_METHODS[model][0]
+    if fit not in FIT_METHODS[model]:
+        raise InputError(f"unknown fit method for {model} {fit!r}; choose one of {', '.join(FIT_METHODS[model])}.")
+    kept = {k: glmm.pop(k) for k in extra if k in glmm}
+    if model == "glm":
+        if glmm:
+            raise InputError(f"model='glm' takes no GLMM settings (got {sorted(glmm)}).")
+        return {**({"fit": "gd"} if fit == "gd" else {}), **kept}
+    return {**glmm_options(store, model, {**glmm, "method": fit}), **kept}
 
 
 def _pad(a: np.ndarray, axis: int, size: int) -> np.ndarray:
@@ -129,74 +142,16 @@ def _fit_task(store_path: str, token: str, model: str, glmm: dict[str, Any], dev
     return out
 
 
-def glmm_fit(
-    store: IsoformStore | str | os.PathLike,
-    *,
-    model: str = "glmm-full",
-    fit: str | None = None,
-    covariates: Any = None,
-    glmm: dict[str, Any] | None = None,
-    return_nu: bool = False,
-    client: Any = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    device: str = "cpu",
-    batch_memory: int | str = "256MB",
-    batch_size: int | None = None,
-    out: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> xr.Dataset:
-    """Fit the multinomial GLM / GLMM of every gene and return the fitted parameters.
-
-    Parameters
-    ----------
-    store
-        An opened store or its path.
-    model
-        ``glmm-full`` (spatial random effect), ``glmm-null`` (white noise) or ``glm``.
-    fit
-        GLMMs: ``joint_gd`` (default), ``joint_newton``, ``marginal_gd``,
-        ``marginal_newton``; GLM: ``iwls`` (default, = ``newton``) or ``gd``.
-    covariates
-        Optional fixed effects (as in :func:`du_test`).
-    glmm
-        GLMM options (see :func:`du_test`).
-    return_nu
-        Also return the random effect ``nu`` (``gene x spot x contrast``).
-    client, scheduler, workers, device, batch_memory, batch_size, out, overwrite, progress
-        As in :func:`sv_test`.
-
-    Returns
-    -------
-    xarray.Dataset
-        ``intercept``, ``beta``, ``sigma``, ``theta``, ``converged``, ``loss``,
-        ``epochs``, ``n_isoforms`` (and ``nu``); logits are against each gene's
-        last isoform, padded with NaN past its own isoforms.  See
-        :func:`fitted_ratios` to recompute a gene's fitted isoform ratios.
-    """
+def _prepare(store: IsoformStore, method: str | None, opts: dict[str, Any], covariates: Any,
+             device: str) -> Prepared:
     from spatialscale.covariates import resolve_covariates
 
-    opts = execution_options(client=client, scheduler=scheduler, workers=workers, device=device,
-                             batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
-                             progress=progress)
-    check_choice("model", model, GLMM_MODELS)
-    given = (glmm or {}).get("method")
-    if fit is not None and given is not None and fit != given:
-        raise InputError(f"fit={fit!r} and glmm['method']={given!r} disagree; give one.")
-    fit = fit or given or FIT_METHODS[model][0]
-    check_choice(f"fit method for {model}", fit, FIT_METHODS[model])
-    store = as_store(store)
+    model, return_nu = opts["model"], bool(opts["return_nu"])
     names, z = ([], None) if covariates is None else resolve_covariates(store.obs(), covariates)
-    if model != "glm":
-        glmm = {**(glmm or {}), "method": fit}
-    glmm = glmm_options(store, model, glmm)
-    if model == "glm" and fit == "gd":
-        glmm = {"fit": "gd"}
+    glmm = glmm_settings(store, model, opts["fit"], opts["glmm"])
+    fit = opts["fit"] or FIT_METHODS[model][0]
     q_max = int(store.genes["n_isoforms"].max()) - 1
     n = store.n_spots
-    task = functools.partial(_fit_task, str(store.path.resolve()), store.kernel_token, model, glmm, device, q_max,
-                             bool(return_nu))
 
     def assemble(run: Any) -> xr.Dataset:
         keys = ["intercept", "beta", "sigma", "theta", "converged", "loss", "epochs"]
@@ -213,12 +168,34 @@ def glmm_fit(
             covariates=names or None,
             extra_coords={"contrast": np.arange(q_max), **({"spot": obs_names} if "nu" in data else {})})
 
-    return execute(store, kind="fit", params={"model": model, "fit": fit, "glmm": glmm, "nu": bool(return_nu)},
-                   task=task, bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + len(names)), options=opts,
-                   label=f"fit {model}", assemble=assemble, shared=z if z is not None else np.zeros((n, 0)),
-                   min_batches=MIN_BATCHES if model == "glm" else MIN_BATCHES_GLMM,
-                   fingerprint_extra={"covariates": names,
-                                      "design": None if z is None else hashlib.sha256(z.tobytes()).hexdigest()})
+    task = functools.partial(_fit_task, str(store.path.resolve()), store.kernel_token, model, glmm, device, q_max,
+                             return_nu)
+    return Prepared(kind="fit", params={"model": model, "fit": fit, "glmm": glmm, "nu": return_nu}, task=task,
+                    bytes_per_gene=lambda p: 8.0 * n * (12 * p + p * p + len(names)), label=f"fit {model}",
+                    assemble=assemble, shared=z if z is not None else np.zeros((n, 0)),
+                    min_batches=MIN_BATCHES if model == "glm" else MIN_BATCHES_GLMM,
+                    fingerprint_extra={"covariates": names,
+                                       "design": None if z is None else hashlib.sha256(z.tobytes()).hexdigest()})
+
+
+FAMILY = Family(
+    name="glmm-fit",
+    command="glmm",
+    methods=(),
+    description="fit the multinomial GLM or GLMM of every gene and keep the fitted parameters",
+    options=(
+        Option("model", "glmm-full", "glmm-full (spatial random effect), glmm-null (white noise) or glm",
+               choices=GLMM_MODELS),
+        Option("fit", None, "fitting method (GLMM: joint_gd; GLM: iwls)", choices=ALL_FITS),
+        Option("glmm", None, "GLMM settings (key=value): share_variance, var_fix_sigma, var_prior, init_ratio, lr, "
+               "tol, patience, max_epochs, dtype, update_nu_every_k, optim, rank", kind="dict"),
+        Option("return_nu", False, "also keep the fitted random effect nu (gene x spot x contrast)", kind="bool"),
+    ),
+    prepare=_prepare,
+    variables=("intercept", "beta", "sigma", "theta", "converged", "loss", "epochs", "n_isoforms", "nu"),
+    covariates="optional",
+    summaries=False,
+)
 
 
 def fitted_ratios(fit: xr.Dataset, gene: str, covariates: np.ndarray | None = None) -> np.ndarray:

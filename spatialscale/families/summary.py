@@ -28,21 +28,21 @@ the whole Dataset would be the gene x isoform product).
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from spatialscale.api._common import as_store, batch_counts, execute, execution_options, provenance
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
+from spatialscale.families.base import Family, Prepared
+from spatialscale.families.common import batch_counts, provenance
 from spatialscale.results import GENE_SUMMARY_VARIABLES, ISOFORM_SUMMARY_VARIABLES, make_dataset
 from spatialscale.stats.summary import GENE_SUMMARIES, ISOFORM_SUMMARIES, summary_batch, summary_bytes_per_gene
 from spatialscale.store import IsoformStore
 
-__all__ = ["feature_summary", "merge_summary"]
+__all__ = ["FAMILY", "merge_summary"]
 
 
 def _summary_task(store_path: str, batch: Batch) -> dict[str, np.ndarray]:
@@ -56,64 +56,11 @@ def _summary_task(store_path: str, batch: Batch) -> dict[str, np.ndarray]:
     return {**{f"gene_{k}": v for k, v in gene.items()}, **{f"iso_{k}": v.reshape(-1) for k, v in iso.items()}}
 
 
-def feature_summary(
-    store: IsoformStore | str | os.PathLike,
-    *,
-    client: Any = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    batch_memory: int | str = "256MB",
-    batch_size: int | None = None,
-    out: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> xr.Dataset:
-    """Gene- and isoform-level feature summaries of every gene of a section.
-
-    The summaries of SPLISOSM's ``extract_feature_summary`` (expression
-    level, coverage and isoform usage; definitions in
-    :mod:`spatialscale.stats.summary`), computed batch by batch on the
-    engine like the tests: one task per batch of genes, resumable from
-    ``out``.
-
-    Parameters
-    ----------
-    store
-        An opened store or its path.
-    client, scheduler, workers
-        Where to run: a ``distributed.Client``; a scheduler address (or
-        ``"threads"`` for local threads); or a new LocalCluster with
-        ``workers`` processes.  With none of them, the active Dask client if
-        any, else local threads.
-    batch_memory
-        Working-memory budget of one task (bytes or ``"256MB"``; ``"auto"`` is
-        256MB: the summaries run on CPU).
-    batch_size
-        Cap on genes per batch (results do not depend on it).
-    out
-        Results zarr path; batches are recorded as they finish, so an
-        interrupted run resumes.  ``None`` keeps results in memory only.
-    overwrite
-        Replace ``out`` if it holds other results.
-    progress
-        Show a progress bar of batches.
-
-    Returns
-    -------
-    xarray.Dataset
-        ``gene_*`` variables over ``gene`` and ``iso_*`` variables over
-        ``isoform`` (coordinates ``isoform`` = isoform names and
-        ``isoform_gene``; see the module docstring), with provenance
-        attributes.
-    """
-    if batch_memory == "auto":
-        batch_memory = "256MB"  # CPU-only work: the CPU default budget
-    opts = execution_options(client=client, scheduler=scheduler, workers=workers, device="cpu",
-                             batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
-                             progress=progress)
-    store = as_store(store)
+def _prepare(store: IsoformStore, method: str | None, opts: dict[str, Any], covariates: Any,
+             device: str) -> Prepared:
+    if device != "cpu":
+        raise InputError(f"feature summaries run on CPU only; device {device!r} does not apply.")
     n = store.n_spots
-    task = functools.partial(_summary_task, str(store.path.resolve()))
     iso = store.isoforms
     iso_names = (iso["source_name"] if "source_name" in iso.columns else iso.index.to_series()).astype(str)
 
@@ -127,9 +74,22 @@ def feature_summary(
                           "isoform_gene": ("isoform", iso["gene"].astype(str).to_numpy(dtype=str))},
         )
 
-    return execute(store, kind="summary", params={"summaries": list(GENE_SUMMARIES) + list(ISOFORM_SUMMARIES)},
-                   task=task, bytes_per_gene=lambda p: summary_bytes_per_gene(n, p), options=opts, label="summary",
-                   assemble=assemble)
+    task = functools.partial(_summary_task, str(store.path.resolve()))
+    return Prepared(kind="summary", params={"summaries": list(GENE_SUMMARIES) + list(ISOFORM_SUMMARIES)},
+                    task=task, bytes_per_gene=lambda p: summary_bytes_per_gene(n, p), label="summary",
+                    assemble=assemble)
+
+
+FAMILY = Family(
+    name="summary",
+    command="summary",
+    methods=(),
+    description="gene- and isoform-level feature summaries (as SPLISOSM's extract_feature_summary)",
+    options=(),
+    prepare=_prepare,
+    variables=GENE_SUMMARY_VARIABLES + ISOFORM_SUMMARY_VARIABLES,
+    summaries=False,
+)
 
 
 def merge_summary(results: xr.Dataset, summary: xr.Dataset, *, isoforms: bool = False) -> xr.Dataset:

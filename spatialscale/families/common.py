@@ -1,4 +1,4 @@
-"""What every test family shares: planning and running batches, provenance, writing results."""
+"""What every test family shares: running its batches on the engine, provenance, batch inputs."""
 
 from __future__ import annotations
 
@@ -15,16 +15,10 @@ import xarray as xr
 from spatialscale._version import __version__
 from spatialscale.engine import Batch, check_worker_paths, execution, fingerprint, plan_batches, run_batches
 from spatialscale.errors import InputError
+from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM  # noqa: F401 - re-exported
 from spatialscale.options import ExecutionOptions
 from spatialscale.output import claim_output
 from spatialscale.store import IsoformStore, open_store, read_count_columns
-
-#: Genes are split into at least this many batches (when there are enough) so
-#: that every worker gets work.  A constant, not the cluster size, so that a
-#: resumed run on a different cluster finds the same batches.
-MIN_BATCHES = 16
-#: GLMM fits gain most from large batches (one vectorised optimiser run per worker)
-MIN_BATCHES_GLMM = 2
 
 
 def parse_bytes(value: int | float | str) -> int:

@@ -1,0 +1,357 @@
+"""The Python API: a store in, an xarray Dataset out.
+
+Each function is a thin front over :func:`spatialscale.families.run_family`:
+its keywords are the family options (:mod:`spatialscale.families`, the same
+names as the CLI's flags) and the execution options
+(:class:`~spatialscale.options.ExecutionOptions`).  Options left at ``None``
+take the chosen method's default; an option that does not apply to the
+chosen method is an :class:`~spatialscale.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from typing import Any
+
+import xarray as xr
+
+from spatialscale.errors import InputError
+from spatialscale.families import run_family
+from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM
+from spatialscale.families.common import parse_bytes
+from spatialscale.families.fit import fitted_ratios
+from spatialscale.families.summary import merge_summary
+from spatialscale.options import ExecutionOptions
+from spatialscale.store import IsoformStore
+
+__all__ = ["MIN_BATCHES", "MIN_BATCHES_GLMM", "du_test", "feature_summary", "fitted_ratios", "glmm_fit",
+           "merge_summary", "parse_bytes", "sv_test"]
+
+_EXECUTION_DOC = """client, scheduler, workers
+        Where to run: a ``distributed.Client``; a scheduler address
+        (``tcp://host:8786``, ``tls://...``), a scheduler file (``.json``) or
+        ``"threads"`` for local threads; or a new LocalCluster (127.0.0.1)
+        with ``workers`` processes.  With none of them, the active Dask
+        client if any, else local threads.
+    device
+        ``cpu``, ``cuda`` or ``auto`` (resolved on each worker).
+    batch_memory
+        Working-memory budget of one task (bytes or ``"256MB"``); ``"auto"``
+        takes half the free memory of the GPU workers (256MB on CPU).  A
+        batch that still runs out of memory is split and retried.
+    batch_size
+        Cap on genes per batch.
+    out
+        Results zarr path; batches are recorded (with checksums) as they
+        finish, so an interrupted run resumes.  ``None`` keeps results in
+        memory only.  Only results spatialscale wrote are ever replaced.
+    overwrite
+        Replace results of other options at ``out`` (at the end of the run).
+    progress
+        Show a progress bar of batches.
+    options
+        An :class:`~spatialscale.options.ExecutionOptions` instead of the
+        keywords above (give one or the other)."""
+
+
+def _execution(options: ExecutionOptions | None, **given: Any) -> ExecutionOptions:
+    if options is None:
+        return ExecutionOptions(**given)
+    defaults = {f.name: f.default for f in fields(ExecutionOptions)}
+    clash = sorted(k for k, v in given.items() if v != defaults[k])
+    if clash:
+        raise InputError(f"give execution settings either as options= or as keywords, not both ({', '.join(clash)}).")
+    return options
+
+
+def sv_test(
+    store: IsoformStore | str | os.PathLike,
+    *,
+    method: str = "hsic-ir",
+    null: str | None = None,
+    transformation: str | None = None,
+    nan_filling: str | None = None,
+    n_perms: int | None = None,
+    perm_seed: int | None = None,
+    fit: str | None = None,
+    glmm: dict[str, Any] | None = None,
+    with_summary: bool = False,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    batch_memory: int | str = "256MB",
+    batch_size: int | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    options: ExecutionOptions | None = None,
+) -> xr.Dataset:
+    """Test every gene of a section for spatial variability (HSIC or GLMM likelihood ratio).
+
+    Parameters
+    ----------
+    store
+        An opened store or its path.
+    method
+        ``hsic-ir`` (isoform ratios), ``hsic-ic`` (isoform counts),
+        ``hsic-gc`` (gene counts), or ``glmm-llr``: ``2 (l_full - l_null)``
+        of the Laplace marginal likelihoods of glmm-full and glmm-null,
+        fitted each from the other as SPLISOSM's ``fit(from_null=True)``
+        (see :mod:`spatialscale.glmm.llr`; dense in ``n q``, so for sections
+        of a few thousand spots).
+    null
+        HSIC: ``liu`` (default), ``welch`` or ``perm``.  ``glmm-llr``:
+        ``chi2`` (default): ``chi2(1)`` (``chi2(p-1)`` without shared
+        variance), without boundary correction, so conservative; ``perm``:
+        the null/full pair is refitted on ``n_perms`` spot permutations and
+        each gene's statistic is compared with those of all genes of its
+        isoform count; ``perm-gene``: with its own ``n_perms`` only (as
+        SPLISOSM's ``use_perm_null``; p >= ``1 / (n_perms + 1)``).
+    transformation
+        hsic-ir: ratio transformation none (default), clr, ilr, alr, radial.
+    nan_filling
+        HSIC: ``mean`` (default) or ``none`` for spots where a gene has no counts.
+    n_perms, perm_seed
+        Permutations for the ``perm`` nulls (one seeded set shared by all
+        genes); default 1000 for HSIC, 20 for ``glmm-llr`` (each one a refit
+        of the pair); seed 0.
+    fit
+        glmm-llr: the GLMM fitting method (``joint_gd`` default,
+        ``joint_newton``, ``marginal_gd``, ``marginal_newton``).
+    glmm
+        glmm-llr: GLMM settings (see :func:`du_test`).
+    with_summary
+        Also return the gene-level feature summaries (``gene_perplexity``,
+        ``gene_count_avg``...; see :func:`feature_summary`), computed by the
+        same tasks from the counts they read.
+    {execution}
+
+    Returns
+    -------
+    xarray.Dataset
+        ``sv_statistic``, ``sv_pvalue``, ``sv_pvalue_adj``, ``n_isoforms`` and
+        ``n_spots_used`` over ``gene``, with provenance attributes.
+    """
+    execution = _execution(options, client=client, scheduler=scheduler, workers=workers, device=device,
+                           batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
+                           progress=progress)
+    given = {"null": null, "transformation": transformation, "nan_filling": nan_filling, "n_perms": n_perms,
+             "perm_seed": perm_seed, "fit": fit, "glmm": glmm}
+    return run_family("sv", store, method=method, options=given, execution=execution, with_summary=with_summary)
+
+
+def du_test(
+    store: IsoformStore | str | os.PathLike,
+    covariates: Any,
+    *,
+    method: str = "hsic-gp",
+    transformation: str | None = None,
+    nan_filling: str | None = None,
+    residualize: str | None = None,
+    null: str | None = None,
+    gp: dict[str, Any] | None = None,
+    model: str | None = None,
+    fit: str | None = None,
+    glmm: dict[str, Any] | None = None,
+    with_summary: bool = False,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    batch_memory: int | str = "256MB",
+    batch_size: int | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    options: ExecutionOptions | None = None,
+) -> xr.Dataset:
+    """Test every gene x covariate pair for differential isoform usage.
+
+    Parameters
+    ----------
+    store
+        An opened store or its path.
+    covariates
+        obs column name(s) (a list, or ``"a,b"``; categorical columns are
+        one-hot with every level kept), or an array / DataFrame with one row
+        per spot (a DataFrame indexed by spot names is aligned to the store).
+        NaN values are an error (drop or impute those spots first).
+    method
+        Kernel and t-tests on the isoform ratios:
+
+        * ``hsic-gp`` (default): linear HSIC between the ratios and each
+          covariate after removing the covariate's spatial trend with a
+          Gaussian process (RBF on z-scored coordinates + white noise,
+          hyper-parameters by maximum likelihood), so that a covariate and
+          isoform usage that merely share a spatial pattern are not called.
+          Each covariate is residualised once, then tested against every gene.
+        * ``hsic``: unconditional linear HSIC (multivariate Pearson / RV test).
+        * ``t-fisher`` / ``t-tippett``: binary covariates only; a two-sample
+          t-test per isoform ratio, combined per gene by Fisher / Tippett.
+
+        Parametric tests on the multinomial GLM / GLMM:
+
+        * ``glmm-score``: score test of each covariate against the model
+          fitted without covariates, ``stat = s' I^-1 s ~ chi2(p - 1)``;
+        * ``glmm-wald``: Wald test ``beta' I beta ~ chi2(p - 1)`` of each
+          covariate in the model fitted with all of them.
+    transformation
+        Kernel / t-tests: ratio transformation none (default), clr, ilr, alr, radial.
+    nan_filling
+        Kernel / t-tests: ``mean`` (default; spots where a gene has no counts
+        take its mean ratio) or ``none`` (those spots leave that gene's tests).
+    residualize
+        hsic-gp: ``cov_only`` (default) or ``both`` (also remove each gene's
+        own spatial trend from its ratios, one GP per gene).
+    null
+        hsic-gp's null distribution: ``liu`` (default, SPLISOSM's: the
+        residual covariate taken as white noise) or ``gp`` (the residual's
+        covariance under the covariate's fitted GP, ``eps (I - U diag(shrink)
+        U')``, with Liu's approximation on ``eig(eps Y' S Y)``).  When isoform
+        usage has a spatial pattern of its own, ``liu`` is conservative and
+        ``gp`` is calibrated.
+    gp
+        hsic-gp: spatial GP settings (see :func:`spatialscale.stats.gp.residualize`),
+        e.g. ``{"backend": "exact"}``; default backend ``auto`` (exact on
+        small sections, inducing points on large ones).
+    model
+        GLMM tests: the fitted model, ``glm`` (default; multinomial GLM
+        fitted exactly by IWLS), ``glmm-full`` (spatial random effect) or
+        ``glmm-null`` (white-noise random effect).
+    fit
+        GLMM tests: the fitting method (GLMMs ``joint_gd`` (default),
+        ``joint_newton``, ``marginal_gd``, ``marginal_newton``; GLM ``iwls``
+        (default, = ``newton``) or ``gd``).
+    glmm
+        GLMM tests: settings of :class:`spatialscale.glmm.glmm.GLMMConfig`
+        (``share_variance``, ``var_fix_sigma``, ``var_prior``, ``init_ratio``,
+        ``lr``, ``tol``, ``patience``, ``max_epochs``, ``dtype``,
+        ``update_nu_every_k``, ``optim``), ``rank`` (kernel eigenpairs kept;
+        default all up to 5,000 spots, else ``ceil(4 sqrt(n))`` with the
+        isotropic remainder) and, for ``glmm-score``, ``information``:
+        ``unadjusted`` (default, SPLISOSM's, which ignores the random effect
+        and is conservative for GLMM fits) or ``adjusted`` (``Var(s) = Z' P Z``
+        of the linearised GLMM with the intercepts and the random effect
+        accounted for, GMMAT-style).
+    with_summary
+        As in :func:`sv_test`.
+    {execution}
+
+    Returns
+    -------
+    xarray.Dataset
+        ``du_statistic``, ``du_pvalue``, ``du_pvalue_adj`` (BH over genes,
+        per covariate) over ``(gene, covariate)``, ``n_isoforms`` (and
+        ``n_spots_used`` for the kernel / t-tests).
+    """
+    execution = _execution(options, client=client, scheduler=scheduler, workers=workers, device=device,
+                           batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
+                           progress=progress)
+    given = {"transformation": transformation, "nan_filling": nan_filling, "residualize": residualize, "null": null,
+             "gp": gp, "model": model, "fit": fit, "glmm": glmm}
+    return run_family("du", store, method=method, options=given, execution=execution, covariates=covariates,
+                      with_summary=with_summary)
+
+
+def glmm_fit(
+    store: IsoformStore | str | os.PathLike,
+    *,
+    model: str | None = None,
+    fit: str | None = None,
+    covariates: Any = None,
+    glmm: dict[str, Any] | None = None,
+    return_nu: bool | None = None,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    batch_memory: int | str = "256MB",
+    batch_size: int | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    options: ExecutionOptions | None = None,
+) -> xr.Dataset:
+    """Fit the multinomial GLM / GLMM of every gene and return the fitted parameters.
+
+    Parameters
+    ----------
+    store
+        An opened store or its path.
+    model
+        ``glmm-full`` (default; spatial random effect), ``glmm-null`` (white
+        noise) or ``glm``.
+    fit
+        GLMMs: ``joint_gd`` (default), ``joint_newton``, ``marginal_gd``,
+        ``marginal_newton``; GLM: ``iwls`` (default, = ``newton``) or ``gd``.
+    covariates
+        Optional fixed effects (as in :func:`du_test`).
+    glmm
+        GLMM settings (see :func:`du_test`).
+    return_nu
+        Also return the random effect ``nu`` (``gene x spot x contrast``).
+    {execution}
+
+    Returns
+    -------
+    xarray.Dataset
+        ``intercept``, ``beta``, ``sigma``, ``theta``, ``converged``, ``loss``,
+        ``epochs``, ``n_isoforms`` (and ``nu``); logits are against each gene's
+        last isoform, padded with NaN past its own isoforms.  See
+        :func:`fitted_ratios` to recompute a gene's fitted isoform ratios.
+    """
+    execution = _execution(options, client=client, scheduler=scheduler, workers=workers, device=device,
+                           batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
+                           progress=progress)
+    given = {"model": model, "fit": fit, "glmm": glmm, "return_nu": return_nu}
+    return run_family("glmm", store, method=None, options=given, execution=execution, covariates=covariates)
+
+
+def feature_summary(
+    store: IsoformStore | str | os.PathLike,
+    *,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    batch_memory: int | str = "256MB",
+    batch_size: int | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    options: ExecutionOptions | None = None,
+) -> xr.Dataset:
+    """Gene- and isoform-level feature summaries of every gene of a section.
+
+    The summaries of SPLISOSM's ``extract_feature_summary`` (expression
+    level, coverage and isoform usage; definitions in
+    :mod:`spatialscale.stats.summary`), computed batch by batch on the
+    engine like the tests: one task per batch of genes, resumable from
+    ``out``.  They run on CPU (``device`` other than ``cpu`` is an error).
+
+    Parameters
+    ----------
+    store
+        An opened store or its path.
+    {execution}
+
+    Returns
+    -------
+    xarray.Dataset
+        ``gene_*`` variables over ``gene`` and ``iso_*`` variables over
+        ``isoform`` (coordinates ``isoform`` = isoform names and
+        ``isoform_gene``; see :mod:`spatialscale.families.summary`), with
+        provenance attributes.
+    """
+    if batch_memory == "auto":
+        batch_memory = "256MB"  # CPU-only work: the CPU default budget
+    execution = _execution(options, client=client, scheduler=scheduler, workers=workers, device=device,
+                           batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
+                           progress=progress)
+    return run_family("summary", store, method=None, options={}, execution=execution)
+
+
+for _f in (sv_test, du_test, glmm_fit, feature_summary):
+    _f.__doc__ = _f.__doc__.replace("{execution}", _EXECUTION_DOC)

@@ -1,0 +1,192 @@
+"""Differential usage by kernel and t-tests (hsic, hsic-gp, t-fisher, t-tippett): every gene x covariate pair."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from spatialscale.engine import Batch
+from spatialscale.errors import InputError
+from spatialscale.families.base import Family, Option, Prepared
+from spatialscale.families.common import batch_counts, check_choice, provenance, summary_variables
+from spatialscale.results import make_dataset
+from spatialscale.stats.du import (
+    DU_NP_METHODS,
+    DU_NULLS,
+    GPNull,
+    binary_levels,
+    du_responses,
+    hsic_du,
+    hsic_du_gp_null,
+    ttest_du,
+)
+from spatialscale.stats.multitest import bh_adjust
+from spatialscale.stats.responses import TRANSFORMS
+from spatialscale.stats.sv import NAN_FILLINGS
+from spatialscale.store import IsoformStore
+
+__all__ = ["FAMILY", "du_dataset"]
+
+
+
+RESIDUALIZE = ("cov_only", "both")
+GP_BACKENDS = ("auto", "exact", "lowrank", "sod")
+
+
+def _du_np_task(store_path: str, method: str, transformation: str, nan_filling: str, gp: dict[str, Any] | None,
+                device: str, batch: Batch, z: np.ndarray | GPNull) -> dict[str, np.ndarray]:
+    """One Dask task: kernel or t-tests of every gene of the batch against every (residualised) covariate."""
+    counts = batch_counts(store_path, batch)
+    y, used = du_responses(counts, transformation, nan_filling)
+    if gp is not None:  # residualize="both": the isoform ratios lose their spatial trend too
+        y = _residualize_responses(store_path, counts, transformation, gp, device)
+    if isinstance(z, GPNull):
+        stat, pval = hsic_du_gp_null(y, used, z)
+    elif method in ("hsic", "hsic-gp"):
+        stat, pval = hsic_du(y, used, z)
+    else:
+        stat, pval = ttest_du(y, used, z, combine=method.removeprefix("t-"))
+    return {"statistic": stat, "pvalue": pval, "n_spots_used": used.sum(1)}
+
+
+def _residualize_responses(store_path: str, counts: np.ndarray, transformation: str, gp: dict[str, Any],
+                           device: str) -> np.ndarray:
+    """Spatial-GP residuals of every gene's (mean-filled, uncentred) ratios, centred: one GP per gene."""
+    from spatialscale.stats.gp import residualize_genes
+    from spatialscale.stats.responses import ratio_response
+    from spatialscale.worker import gp_basis, resolve_device
+
+    y_raw, _ = ratio_response(counts, transformation, centre=False)
+    basis = gp_basis(store_path, tuple(sorted(gp.items())), resolve_device(device))
+    res, _ = residualize_genes(basis, y_raw, **gp)
+    return res - res.mean(1, keepdims=True)
+
+
+def _check_binary(z: np.ndarray, names: list[str]) -> None:
+    try:
+        binary_levels(z, names)
+    except ValueError as exc:
+        raise InputError(f"{exc} Use hsic / hsic-gp for continuous or multi-level covariates "
+                         "(categorical obs columns are one-hot encoded, one binary column per level).") from None
+
+
+def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates: Any, device: str) -> Prepared:
+    from spatialscale.covariates import resolve_covariates
+
+    transformation, nan_filling = opts["transformation"], opts["nan_filling"]
+    residualize, null, gp = opts.get("residualize", "cov_only"), opts.get("null", "liu"), opts.get("gp")
+    if residualize == "both" and nan_filling != "mean":
+        raise InputError("residualize='both' needs nan_filling='mean' (one GP basis shared by all genes).")
+    names, z = resolve_covariates(store.obs(), covariates)
+    if method.startswith("t-"):
+        _check_binary(z, names)
+    gp_opts = _gp_options(gp) if method == "hsic-gp" else None
+    n, f = store.n_spots, z.shape[1]
+    params = {"method": method, "transformation": transformation, "nan_filling": nan_filling,
+              **({"residualize": residualize, "gp": gp_opts} if method == "hsic-gp" else {}),
+              **({"null": null} if null != "liu" else {})}
+    task = functools.partial(_du_np_task, str(store.path.resolve()), method, transformation, nan_filling,
+                             gp_opts if residualize == "both" else None, device)
+
+    def shared() -> np.ndarray | GPNull:
+        if method != "hsic-gp":
+            return z
+        return _residualize_covariates(store, z, gp_opts, device, null)
+
+    attrs = {"test": "differential_usage", "method": method, "transformation": transformation,
+             "nan_filling": nan_filling}
+    if method == "hsic-gp":
+        attrs.update({"residualize": residualize, "null": null,
+                      **{f"gp_{k}": v for k, v in gp_opts.items() if v is not None}})
+
+    def assemble(run: Any) -> xr.Dataset:
+        return du_dataset(store, run, names, {**attrs, **provenance(store)}, per_gene=("n_spots_used",))
+
+    return Prepared(kind="du", params=params, task=task,
+                    bytes_per_gene=lambda p: 8.0 * (n * (3 * p + 4 * p * (residualize == "both")) + 8 * p * f),
+                    label=f"du {method}", assemble=assemble, shared=shared,
+                    fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
+
+
+def du_dataset(store: IsoformStore, run: Any, names: list[str], attrs: dict[str, Any],
+                per_gene: tuple[str, ...] = ()) -> xr.Dataset:
+    """DU results from a run's batches: statistics, p-values, BH per covariate, per-gene extras."""
+    stat = np.concatenate([r["statistic"] for r in run.parts])
+    pval = np.concatenate([r["pvalue"] for r in run.parts])
+    data = {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
+            "n_isoforms": store.genes["n_isoforms"].to_numpy(),
+            **{k: np.concatenate([r[k] for r in run.parts]) for k in per_gene}, **summary_variables(run.parts)}
+    return make_dataset(store.genes.index.to_numpy(), data, {**attrs, "execution": run.kind}, covariates=names)
+
+
+def _gp_options(gp: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate the spatial-GP options (unknown keys are an error, not ignored)."""
+    import inspect
+
+    from spatialscale.stats.gp import residualize
+
+    opts = dict(gp or {})
+    allowed = [k for k, v in inspect.signature(residualize).parameters.items()
+               if v.kind == inspect.Parameter.KEYWORD_ONLY and k != "device"]
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        raise InputError(f"unknown gp option(s) {unknown}; choose from {allowed}.")
+    check_choice("gp backend", opts.get("backend", "auto"), GP_BACKENDS)
+    return opts
+
+
+def _residualize_covariates(store: IsoformStore, z: np.ndarray, gp: dict[str, Any], device: str,
+                            null: str) -> np.ndarray | GPNull:
+    """Standardise each covariate (ddof 1) and remove its spatial-GP trend: once per covariate, for all genes.
+
+    With ``null="gp"`` also the GP's eigenvectors and each covariate's
+    shrinkage, for the GP-conditional null (:func:`hsic_du_gp_null`).
+    """
+    import torch
+
+    from spatialscale.stats.gp import residualize
+    from spatialscale.worker import normalized_coordinates
+
+    zs = (z - z.mean(0)) / z.std(0, ddof=1)
+    x = normalized_coordinates(str(store.path.resolve()))
+    # this runs in the client process, which need not have the workers' GPU
+    dev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    res, info = residualize(x, zs, device=dev, **gp)
+    res = np.asarray(res, dtype=np.float64)
+    if null == "liu":
+        return res
+    if info.get("backend") == "sod":
+        raise InputError("null='gp' needs the exact or lowrank GP backend, not 'sod'.")
+    basis = info["basis"]
+    amp, noise = np.asarray(info["amplitude"], dtype=np.float64), np.asarray(info["noise"], dtype=np.float64)
+    s = basis.values.detach().cpu().numpy().astype(np.float64)
+    shrink = amp[:, None] * s / (amp[:, None] * s + noise[:, None])
+    keep = shrink.max(0) > 1e-12  # directions no covariate's GP touches need not travel
+    vectors = basis.vectors.detach().cpu().numpy().astype(np.float64)[:, keep]
+    return GPNull(z=res, vectors=np.ascontiguousarray(vectors), shrink=shrink[:, keep], noise=noise)
+
+
+FAMILY = Family(
+    name="du-kernel",
+    command="du",
+    methods=DU_NP_METHODS,
+    description="kernel and t-tests of differential usage: every gene's isoform ratios against every covariate",
+    options=(
+        Option("transformation", "none", "transformation of the isoform ratios", choices=TRANSFORMS),
+        Option("nan_filling", "mean", "spots where a gene has no counts: mean ratio, or left out",
+               choices=NAN_FILLINGS),
+        Option("residualize", "cov_only", "hsic-gp: remove the spatial trend of the covariates only, or of the "
+               "isoform ratios too", choices=RESIDUALIZE, methods=("hsic-gp",)),
+        Option("null", "liu", "hsic-gp's null: liu (SPLISOSM's) or gp (calibrated under spatial confounding)",
+               choices=DU_NULLS, methods=("hsic-gp",)),
+        Option("gp", None, "spatial GP settings (key=value), e.g. backend=auto|exact|lowrank|sod",
+               kind="dict", methods=("hsic-gp",)),
+    ),
+    prepare=_prepare,
+    variables=("du_statistic", "du_pvalue", "du_pvalue_adj", "n_isoforms", "n_spots_used"),
+    covariates="required",
+)

@@ -1,0 +1,84 @@
+"""Spatial variability by HSIC (hsic-ir, hsic-ic, hsic-gc): every gene of a section against the spatial kernel."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from spatialscale.engine import Batch
+from spatialscale.errors import InputError
+from spatialscale.families.base import Family, Option, Prepared
+from spatialscale.families.common import batch_counts, provenance, summary_variables
+from spatialscale.results import make_dataset
+from spatialscale.stats.multitest import bh_adjust
+from spatialscale.stats.nulls import NULLS
+from spatialscale.stats.responses import TRANSFORMS, response_width
+from spatialscale.stats.sv import NAN_FILLINGS, SV_METHODS, sv_batch
+from spatialscale.store import IsoformStore
+from spatialscale.worker import kernel_operator
+
+__all__ = ["FAMILY"]
+
+
+def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], batch: Batch) -> dict[str, np.ndarray]:
+    """One Dask task: test the genes of ``batch`` (runs on a worker)."""
+    op, sums = kernel_operator(store_path, token, device)
+    counts = batch_counts(store_path, batch)
+    return sv_batch(counts, op, sums, **params)
+
+
+def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates: Any, device: str) -> Prepared:
+    null, n_perms = opts["null"], 1000 if opts["n_perms"] is None else opts["n_perms"]
+    if null == "perm" and n_perms < 1:
+        raise InputError("n_perms must be >= 1 for null='perm'.")
+    if null != "perm" and opts["n_perms"] is not None:
+        raise InputError("n_perms applies to null='perm' only.")
+    n = store.n_spots
+    transformation = opts.get("transformation", "none")
+    params = {"method": method, "transformation": transformation, "nan_filling": opts["nan_filling"],
+              "null": null, "n_perms": int(n_perms), "perm_seed": int(opts["perm_seed"])}
+    attrs = {"test": "spatial_variability", "method": method, "null": null, "transformation": transformation,
+             "nan_filling": opts["nan_filling"],
+             **({"n_perms": int(n_perms), "perm_seed": int(opts["perm_seed"])} if null == "perm" else {})}
+
+    def bytes_per_gene(p: int) -> float:
+        d = response_width(method, p, transformation)
+        perm = 2 * 32 * d if null == "perm" else 0
+        return 8.0 * n * (p + 5 * d + perm)
+
+    def assemble(run: Any) -> xr.Dataset:
+        data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
+        return make_dataset(
+            store.genes.index.to_numpy(),
+            {"sv_statistic": data["statistic"], "sv_pvalue": data["pvalue"],
+             "sv_pvalue_adj": bh_adjust(data["pvalue"]), "n_isoforms": store.genes["n_isoforms"].to_numpy(),
+             "n_spots_used": data["n_spots_used"], **summary_variables(run.parts)},
+            {**attrs, **provenance(store), "execution": run.kind},
+        )
+
+    task = functools.partial(_sv_task, str(store.path.resolve()), store.kernel_token, device, params)
+    return Prepared(kind="sv", params=params, task=task, bytes_per_gene=bytes_per_gene, label=f"sv {method}",
+                    assemble=assemble)
+
+
+FAMILY = Family(
+    name="sv-hsic",
+    command="sv",
+    methods=SV_METHODS,
+    description="HSIC spatial-variability tests: isoform ratios (hsic-ir), isoform counts (hsic-ic) or gene "
+                "counts (hsic-gc) against the section's CAR kernel",
+    options=(
+        Option("null", "liu", "null distribution of the HSIC statistic", choices=NULLS),
+        Option("transformation", "none", "transformation of the isoform ratios", choices=TRANSFORMS,
+               methods=("hsic-ir",)),
+        Option("nan_filling", "mean", "spots where a gene has no counts: mean ratio, or left out",
+               choices=NAN_FILLINGS),
+        Option("n_perms", None, "permutations for null='perm' (1000)", kind="int"),
+        Option("perm_seed", 0, "seed of the permutations (one set shared by all genes)", kind="int"),
+    ),
+    prepare=_prepare,
+    variables=("sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms", "n_spots_used"),
+)

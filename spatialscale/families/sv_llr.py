@@ -1,0 +1,115 @@
+"""Spatial variability by the GLMM likelihood ratio (glmm-llr): glmm-full against glmm-null, every gene."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from spatialscale.engine import Batch
+from spatialscale.errors import InputError
+from spatialscale.families.base import MIN_BATCHES_GLMM, Family, Option, Prepared
+from spatialscale.families.common import batch_counts, provenance, summary_variables
+from spatialscale.families.fit import GLMM_FITS, glmm_config, glmm_settings
+from spatialscale.glmm.llr import llr_permutation_pvalues
+from spatialscale.results import make_dataset
+from spatialscale.stats.multitest import bh_adjust
+from spatialscale.store import IsoformStore
+
+__all__ = ["FAMILY", "LLR_NULLS"]
+
+#: nulls of glmm-llr: chi2, or spot permutations pooled over genes of equal isoform count, or per gene
+LLR_NULLS = ("chi2", "perm", "perm-gene")
+
+
+def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str, n_perms: int, perm_seed: int,
+                 batch: Batch) -> dict[str, np.ndarray]:
+    """One Dask task: fit glmm-null and glmm-full, compare their Laplace marginal likelihoods.
+
+    The pair is fitted each from the other (:func:`spatialscale.glmm.llr.fit_sv_pair`).
+    With ``n_perms > 0`` the pair is refitted on the counts with their spots
+    permuted (permutation ``k`` is drawn from ``perm_seed + k``: the same for
+    every gene and every batch).
+    """
+    from spatialscale.glmm import llr_test
+    from spatialscale.glmm.llr import sv_log_marginals
+    from spatialscale.worker import kernel_eigenpairs, resolve_device, tune_allocator
+
+    if batch.n_isoforms < 2:  # one isoform: no usage to model
+        nan = np.full(batch.n_genes, np.nan)
+        out = {"statistic": nan, "pvalue": nan, "n_spots_used": np.zeros(batch.n_genes, np.int64)}
+        return {**out, "perm_statistic": np.full((batch.n_genes, n_perms), np.nan)} if n_perms else out
+    tune_allocator()
+    counts = batch_counts(store_path, batch)
+    lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))
+    cfg = glmm_config("glmm-full", glmm)  # fit_sv_pair sets the model of each fit
+    dev = resolve_device(device)
+    df = 1 if cfg.share_variance else batch.n_isoforms - 1
+    null, full = sv_log_marginals(counts, lam, vec, cfg, device=dev)
+    stat, pval = llr_test(full, null, df)
+    out = {"statistic": stat, "pvalue": pval, "n_spots_used": np.full(batch.n_genes, counts.shape[1])}
+    if n_perms:
+        perm_stats = np.empty((batch.n_genes, n_perms))
+        for k in range(n_perms):
+            order = np.random.default_rng(perm_seed + k).permutation(counts.shape[1])
+            null_k, full_k = sv_log_marginals(counts[:, order], lam, vec, cfg, device=dev)
+            perm_stats[:, k] = 2.0 * (full_k - null_k)
+        out["perm_statistic"] = perm_stats
+    return out
+
+
+def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates: Any, device: str) -> Prepared:
+    null = opts["null"]
+    n_perms = 20 if opts["n_perms"] is None else int(opts["n_perms"])
+    if null != "chi2" and n_perms < 1:
+        raise InputError(f"n_perms must be >= 1 for null={null!r}.")
+    if null == "chi2" and opts["n_perms"] is not None:
+        raise InputError("n_perms applies to null='perm' or 'perm-gene' only.")
+    glmm = glmm_settings(store, "glmm-full", opts["fit"], opts["glmm"])
+    n = store.n_spots
+    k = 0 if null == "chi2" else n_perms
+    perm_seed = int(opts["perm_seed"])
+    n_iso = store.genes["n_isoforms"].to_numpy()
+
+    def assemble(run: Any) -> xr.Dataset:
+        data = {key: np.concatenate([r[key] for r in run.parts]) for key in ("statistic", "pvalue", "n_spots_used")}
+        if k:
+            perm_stats = np.concatenate([r["perm_statistic"] for r in run.parts])
+            data["pvalue"] = llr_permutation_pvalues(data["statistic"], perm_stats, n_iso, pool=null == "perm")
+        return make_dataset(
+            store.genes.index.to_numpy(),
+            {"sv_statistic": data["statistic"], "sv_pvalue": data["pvalue"],
+             "sv_pvalue_adj": bh_adjust(data["pvalue"]), "n_isoforms": n_iso, "n_spots_used": data["n_spots_used"],
+             **summary_variables(run.parts)},
+            {"test": "spatial_variability", "method": "glmm-llr", "null": null,
+             **({"n_perms": k, "perm_seed": perm_seed} if k else {}),
+             **{f"glmm_{key}": v for key, v in glmm.items() if v is not None},
+             **provenance(store), "execution": run.kind},
+        )
+
+    task = functools.partial(_sv_llr_task, str(store.path.resolve()), store.kernel_token, glmm, device, k, perm_seed)
+    params = {"method": "glmm-llr", "glmm": glmm, "null": null, **({"n_perms": k, "perm_seed": perm_seed} if k else {})}
+    return Prepared(kind="sv", params=params, task=task, bytes_per_gene=lambda p: 8.0 * (n * (p - 1)) ** 2 * 3,
+                    label="sv glmm-llr", assemble=assemble, min_batches=MIN_BATCHES_GLMM)
+
+
+FAMILY = Family(
+    name="sv-llr",
+    command="sv",
+    methods=("glmm-llr",),
+    description="GLMM likelihood-ratio spatial-variability test: Laplace marginal likelihoods of glmm-full and "
+                "glmm-null, fitted each from the other",
+    options=(
+        Option("null", "chi2", "null of the LLR: chi2, or spot permutations pooled over genes of equal isoform "
+               "count (perm) or per gene (perm-gene)", choices=LLR_NULLS),
+        Option("n_perms", None, "permutations for the perm nulls (20; each one a refit)", kind="int"),
+        Option("perm_seed", 0, "seed of the permutations (one set shared by all genes)", kind="int"),
+        Option("fit", "joint_gd", "GLMM fitting method", choices=GLMM_FITS),
+        Option("glmm", None, "GLMM settings (key=value): share_variance, var_fix_sigma, var_prior, init_ratio, lr, "
+               "tol, patience, max_epochs, dtype, update_nu_every_k, optim, rank", kind="dict"),
+    ),
+    prepare=_prepare,
+    variables=("sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms", "n_spots_used"),
+)
