@@ -186,7 +186,7 @@ class _DaskRunner:
     def as_completed(self, futures: Sequence[Any]) -> Iterator[Any]:
         from distributed import as_completed
 
-        return as_completed(futures)
+        return as_completed(futures, loop=self.client.loop)  # this client's, not the default one
 
     def close(self) -> None:
         pass

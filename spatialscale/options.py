@@ -53,8 +53,8 @@ def _parse_memory(value: Any) -> int | str:
             size = int(parse_bytes(str(value)))
     except (ValueError, TypeError, KeyError) as exc:
         raise InputError(f"batch_memory {value!r} is not a size; use e.g. '256MB', '2GiB' or 'auto'.") from exc
-    if size < 1 << 20:
-        raise InputError(f"batch_memory {value!r} is below 1 MiB; use e.g. '256MB' or 'auto'.")
+    if size < 64 << 10:
+        raise InputError(f"batch_memory {value!r} is below 64 KiB; use e.g. '256MB' or 'auto'.")
     return size
 
 

@@ -70,11 +70,16 @@ def make_adata(
 
 @pytest.fixture(scope="session")
 def client():
-    """A real two-worker LocalCluster shared by the session."""
+    """A real two-worker LocalCluster shared by the session.
+
+    Not the default client: a test that omits ``client=`` / ``scheduler=``
+    runs in local threads whatever ran before it (pass ``client=client`` or
+    use ``client.as_current()`` to run on the cluster).
+    """
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as c:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster, set_as_default=False) as c:
         yield c
 
 

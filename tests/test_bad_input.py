@@ -155,7 +155,7 @@ CLI_CASES = [
     ("sv-negative-workers", ["sv", "{store}", "--out", "{out}", "--workers", "-1"], "workers must be"),
     ("sv-zero-batch-size", ["sv", "{store}", "--out", "{out}", "--batch-size", "0"], "batch_size must be"),
     ("sv-batch-memory-text", ["sv", "{store}", "--out", "{out}", "--batch-memory", "abc"], "not a size"),
-    ("sv-batch-memory-zero", ["sv", "{store}", "--out", "{out}", "--batch-memory", "0"], "below 1 MiB"),
+    ("sv-batch-memory-zero", ["sv", "{store}", "--out", "{out}", "--batch-memory", "0"], "below 64 KiB"),
     ("sv-scheduler-not-an-address", ["sv", "{store}", "--out", "{out}", "--scheduler", "notanaddress"],
      "not a Dask scheduler address"),
     ("sv-scheduler-refused", ["sv", "{store}", "--out", "{out}", "--scheduler", "tcp://127.0.0.1:9"],

@@ -10,6 +10,8 @@ import pytest
 import spatialscale
 from spatialscale.simulate import null_section, simulate_section, truth
 
+pytestmark = pytest.mark.slow  # in CI too; `-m "not slow"` for a quick local run
+
 
 @pytest.fixture(scope="module")
 def null_store(tmp_path_factory):

@@ -236,6 +236,24 @@ def test_out_of_memory_batches_are_split_and_retried():
         run_splitting(other, Batch(0, 4, 0, 8, 2))
 
 
-def test_auto_batch_memory_on_cpu_is_the_default_budget(store, reference):
-    ds = spatialscale.sv_test(store, batch_memory="auto", device="auto", scheduler="threads", progress=False)
-    assert_same(ds, reference)
+def test_batch_memory_sizes_the_batches(store, reference, monkeypatch):
+    """The budget decides how many genes a batch holds ("auto" on CPU: 256MB); results stay the same."""
+    import spatialscale.families.common as common
+
+    plans: list[tuple[float, list]] = []
+    real = common.plan_batches
+
+    def recording(*a, **k):
+        plan = real(*a, **k)
+        plans.append((k["memory_bytes"], plan))
+        return plan
+
+    monkeypatch.setattr(common, "plan_batches", recording)
+    per_gene = 8.0 * store.n_spots * (3 + 5 * 3)  # sv hsic-ir's estimate for a gene of 3 isoforms
+    for budget in ("auto", int(2.5 * per_gene), int(1.5 * per_gene)):
+        ds = spatialscale.sv_test(store, batch_memory=budget, device="auto", scheduler="threads", progress=False)
+        assert_same(ds, reference)
+    assert plans[0][0] == 256_000_000  # "256MB"
+    three = [[b.n_genes for b in plan if b.n_isoforms == 3] for _, plan in plans]
+    assert max(three[1]) == 2 and max(three[2]) == 1  # 2.5 and 1.5 genes' worth of memory
+    assert len(three[2]) > len(three[1]) > 1

@@ -175,6 +175,7 @@ def test_sod_matches_splisosm_large_n_path() -> None:
         assert np.corrcoef(r_ref, res[:, f])[0, 1] > 0.9999
 
 
+@pytest.mark.slow
 def test_lowrank_100k_bounded_memory() -> None:
     """(d) 100,000 spots in a fresh process: finishes, peak RSS far below one n x n matrix (80 GB)."""
     script = textwrap.dedent("""

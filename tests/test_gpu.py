@@ -47,10 +47,11 @@ def test_auto_batch_memory_from_free_gpu_memory(small_store):
     from spatialscale.engine import free_device_memory
 
     assert free_device_memory("cuda") > 0
-    ds = spatialscale.du_test(small_store, "region",
-                              method="glmm-score", model="glmm-full", device="cuda", batch_memory="auto",
-                              glmm={"max_epochs": 50}, scheduler="threads", progress=False)
-    assert np.isfinite(ds["du_pvalue"].values).all()
+    kw = {"method": "glmm-score", "model": "glmm-full", "fit": "joint_newton", "glmm": {"dtype": "float64"},
+          "scheduler": "threads", "progress": False}
+    gpu = spatialscale.du_test(small_store, "region", device="cuda", batch_memory="auto", **kw)
+    cpu = spatialscale.du_test(small_store, "region", device="cpu", **kw)
+    np.testing.assert_allclose(gpu["du_pvalue"].values, cpu["du_pvalue"].values, rtol=1e-6)
 
 
 def test_hsic_gp_and_joint_newton_on_cuda_match_cpu(small_store):
@@ -61,6 +62,7 @@ def test_hsic_gp_and_joint_newton_on_cuda_match_cpu(small_store):
     gpu = spatialscale.du_test(small_store, "region", device="cuda", **kw)
     cpu = spatialscale.du_test(small_store, "region", device="cpu", **kw)
     np.testing.assert_allclose(gpu.du_pvalue.values, cpu.du_pvalue.values, rtol=1e-6)
+    np.testing.assert_allclose(gpu.du_statistic.values, cpu.du_statistic.values, rtol=1e-6)
     opts = {"max_epochs": 40, "dtype": "float64"}
     fit_gpu = spatialscale.glmm_fit(small_store, model="glmm-full", fit="joint_newton", glmm=opts, device="cuda",
                                     scheduler="threads", progress=False)
