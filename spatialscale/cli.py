@@ -172,6 +172,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Spatial isoform statistics (SPLISOSM's HSIC tests and multinomial GLM/GLMM) at scale on Dask.",
     )
     parser.add_argument("--version", action="version", version=f"spatialscale {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="say more: -v what runs where (plan, resume, results), -vv also Dask's own messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="AnnData (.h5ad or .zarr) -> isoform store",
@@ -266,6 +268,20 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces choices
 
 
+def _configure_logging(verbose: int) -> None:
+    """Quiet by default (warnings only); ``-v``: spatialscale's progress messages; ``-vv``: Dask's too."""
+    import logging
+
+    logger = logging.getLogger("spatialscale")
+    if verbose and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("spatialscale: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.INFO if verbose > 1 else logging.WARNING)
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -284,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from spatialscale.errors import InputError
 
     args = _parser().parse_args(argv)
+    _configure_logging(args.verbose)
     warnings.filterwarnings("ignore", message="zarr v3 autosharding")
     warnings.filterwarnings("ignore", message="Consolidated metadata")
     where = f"spatialscale {args.command}"

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -246,8 +247,8 @@ def execution(
         cluster = local_cluster(int(workers), device)
         try:
             with Client(cluster) as c:
-                log.warning("started a local Dask cluster of %d worker(s); dashboard: %s", workers,
-                            c.dashboard_link)
+                print(f"spatialscale: started a local Dask cluster of {workers} worker(s); dashboard: "
+                      f"{c.dashboard_link}", file=sys.stderr, flush=True)
                 yield _DaskRunner(c, retries)
         finally:
             cluster.close()
@@ -414,6 +415,8 @@ def run_batches(
             results[i] = done
         else:
             todo.append(i)
+    log.info("%s: %d batches, %d already done, %d to run (%s)", label, len(batches), len(batches) - len(todo),
+             len(todo), runner.kind)
     tag = uuid.uuid4().hex[:8]
     futures = {}
     for i in todo:

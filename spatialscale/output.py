@@ -44,7 +44,7 @@ from spatialscale.errors import InputError
 __all__ = ["RESULTS_MARK", "PARTIAL_MARK", "PartialStore", "OutputLock", "Output", "claim_output",
            "array_checksum", "dataset_checksums", "open_results", "StaleRunError"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("spatialscale")
 
 RESULTS_MARK = "spatialscale_results"
 PARTIAL_MARK = "spatialscale_partial"
@@ -308,6 +308,7 @@ class Output:
     def start(self) -> PartialStore:
         """Create (or take over, for resuming) the staging group; the first write of the run."""
         if self.partial is None:
+            log.info("%s batches in %s", "resuming" if self.resume else "recording", self.staging)
             if self.resume:
                 _set_attrs(self.staging, run_id=self.run_id)  # from now on only this run commits batches here
                 self.partial = PartialStore(self.staging, self.fp, self.run_id)
@@ -350,6 +351,7 @@ class Output:
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(out, old)
         os.replace(tmp, out)
+        log.info("results written to %s", out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if self.staging is not None and self.staging != out and self.staging.exists():
@@ -474,6 +476,7 @@ def _claim_locked(out: Path, fp: str, overwrite: bool, lock: OutputLock) -> Outp
         if attrs.get(RESULTS_MARK):
             ds = _verified_results(out)
             if ds is not None:
+                log.info("%s already holds verified results of these options; nothing to compute", out)
                 claim.existing = ds
                 return claim
         elif attrs.get(PARTIAL_MARK):

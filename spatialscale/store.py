@@ -624,8 +624,22 @@ class IsoformStore:
 
         return read_elem(self._group()["obs"])
 
+    def _eigen_keys(self, rank: int | None) -> tuple[int, str, str]:
+        from spatialscale.kernel import default_rank
+
+        r = min(int(rank), self.n_spots) if rank is not None else default_rank(self.n_spots)
+        return r, f"uns/spatialscale_eigvals_r{r}", f"obsm/spatialscale_eigvecs_r{r}"
+
+    def has_eigenpairs(self, rank: int | None = None) -> bool:
+        """Whether the eigenpairs of ``rank`` are in the store (see :meth:`ensure_eigenpairs`)."""
+        import zarr
+
+        _, vals_key, vecs_key = self._eigen_keys(rank)
+        root = zarr.open_group(str(self.path), mode="r", use_consolidated=False)
+        return vals_key in root and vecs_key in root
+
     def eigenpairs(self, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Leading eigenpairs of the section's covariance, computed once and kept in the store.
+        """Leading eigenpairs of the section's covariance, as kept in the store (reading never writes).
 
         Parameters
         ----------
@@ -638,16 +652,31 @@ class IsoformStore:
         eigvals, eigvecs
             ``(r,)`` descending and ``(n, r)``; stored as
             ``uns/spatialscale_eigvals_r<r>`` and ``obsm/spatialscale_eigvecs_r<r>``.
+
+        Raises
+        ------
+        InputError
+            If they were never computed: call :meth:`ensure_eigenpairs` (the
+            GLMM entry points do, on the client, before any task starts).
         """
         import zarr
 
-        from spatialscale.kernel import default_rank, kernel_eigenpairs
-
-        r = min(int(rank), self.n_spots) if rank is not None else default_rank(self.n_spots)
-        vals_key, vecs_key = f"uns/spatialscale_eigvals_r{r}", f"obsm/spatialscale_eigvecs_r{r}"
+        r, vals_key, vecs_key = self._eigen_keys(rank)
         root = zarr.open_group(str(self.path), mode="r", use_consolidated=False)
-        if vals_key in root and vecs_key in root:
-            return np.asarray(root[vals_key][:]), np.asarray(root[vecs_key][:])
+        if not (vals_key in root and vecs_key in root):
+            raise InputError(f"{self.path} has no kernel eigenpairs of rank {r}; compute them with "
+                             f"store.ensure_eigenpairs({r}) first.")
+        return np.asarray(root[vals_key][:]), np.asarray(root[vecs_key][:])
+
+    def ensure_eigenpairs(self, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Compute the eigenpairs of ``rank`` once and keep them in the store (on the client, before a run)."""
+        import zarr
+
+        from spatialscale.kernel import kernel_eigenpairs
+
+        if self.has_eigenpairs(rank):
+            return self.eigenpairs(rank)
+        r, vals_key, vecs_key = self._eigen_keys(rank)
         lam, vec = kernel_eigenpairs(self.precision(), None if r >= self.n_spots else r)
         _write_array_atomic(self.path, vecs_key, vec)
         _write_array_atomic(self.path, vals_key, lam)  # written last: its presence marks both complete

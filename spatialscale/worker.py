@@ -96,35 +96,54 @@ def _load_eigenpairs(store_path: str, token: str, rank: int | None) -> tuple[np.
     return store.eigenpairs(rank)
 
 
-def normalized_coordinates(store_path: str) -> np.ndarray:
-    """The section's coordinates z-scored per axis (``ddof=1``), cached per process (the GP's inputs)."""
+def coordinates_token(xy: np.ndarray | None) -> str:
+    """Content token of a section's coordinates (what the GP caches are keyed by, with the path)."""
+    import hashlib
+
+    if xy is None:
+        return "none"
+    return hashlib.sha256(np.ascontiguousarray(xy, dtype=np.float64).tobytes()).hexdigest()[:16]
+
+
+def normalized_coordinates(store_path: str, token: str) -> np.ndarray:
+    """The section's coordinates z-scored per axis (``ddof=1``), cached per process (the GP's inputs).
+
+    ``token`` (:func:`coordinates_token` of the coordinates the client saw)
+    keys the cache with the path, so a store rewritten at the same path is
+    never served from a stale entry; a mismatch on reading is an error.
+    """
     with _lock:
-        return _load_coordinates(str(store_path))
+        return _load_coordinates(str(store_path), token)
 
 
 @lru_cache(maxsize=2)
-def _load_coordinates(store_path: str) -> np.ndarray:
+def _load_coordinates(store_path: str, token: str) -> np.ndarray:
     from spatialscale.errors import InputError
     from spatialscale.store import open_store
 
     xy = open_store(store_path).coords()
     if xy is None:
         raise InputError(f"{store_path} has no spatial coordinates; hsic-gp needs them (use hsic or the t-tests).")
+    if coordinates_token(xy) != token:
+        raise RuntimeError(f"the coordinates in {store_path} changed during the run; restart it.")
     xy = np.asarray(xy, dtype=np.float64)
     return (xy - xy.mean(0)) / np.maximum(xy.std(0, ddof=1), 1e-8)
 
 
-def gp_basis(store_path: str, options: tuple, device: str = "cpu") -> Any:
-    """The section's spatial-GP kernel basis (``options``: sorted ``(key, value)`` pairs), cached per process."""
+def gp_basis(store_path: str, token: str, options: tuple, device: str = "cpu") -> Any:
+    """The section's spatial-GP kernel basis (``options``: sorted ``(key, value)`` pairs), cached per process.
+
+    Keyed by path, coordinates token, options and device.
+    """
     with _lock:
-        return _load_gp_basis(str(store_path), options, device)
+        return _load_gp_basis(str(store_path), token, options, device)
 
 
 @lru_cache(maxsize=2)
-def _load_gp_basis(store_path: str, options: tuple, device: str) -> Any:
+def _load_gp_basis(store_path: str, token: str, options: tuple, device: str) -> Any:
     from spatialscale.stats.gp import section_basis
 
-    return section_basis(_load_coordinates(store_path), device=device, **dict(options))
+    return section_basis(_load_coordinates(store_path, token), device=device, **dict(options))
 
 
 @lru_cache(maxsize=1)

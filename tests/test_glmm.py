@@ -37,7 +37,7 @@ def _their_params(model):
 
 def test_objective_is_splisosms_and_fit_at_least_as_good(section):
     adata, store, ref = section
-    lam, vec = store.eigenpairs()
+    lam, vec = store.ensure_eigenpairs()
     for i, model in enumerate(ref.get_fitted_models()):
         counts = ref._get_gene_counts(i).to_dense().numpy().astype(float)
         with torch.no_grad():
@@ -68,7 +68,7 @@ def test_du_score_matches_splisosm(section):
 
 def test_glmm_fit_is_batch_invariant_and_converged_genes_stop(section):
     adata, store, _ = section
-    lam, vec = store.eigenpairs()
+    lam, vec = store.ensure_eigenpairs()
     counts = np.stack([store.gene_counts(g) for g in store.genes.index[store.genes["n_isoforms"] == 2]])
     cfg = GLMMConfig(max_epochs=150, patience=3, tol=1.0, dtype="float64")
     together = fit_glmm(counts, lam, vec, config=cfg)
@@ -237,7 +237,7 @@ def test_glmm_fit_results_and_fitted_ratios(section, tmp_path):
     ratios = spatialscale.fitted_ratios(back, gene)
     assert ratios.shape == (store.n_spots, p)
     np.testing.assert_allclose(ratios.sum(1), 1.0)
-    lam, vec = store.eigenpairs()
+    lam, vec = store.ensure_eigenpairs()
     direct = fit_glmm(store.gene_counts(gene)[None], lam, vec, config=GLMMConfig(max_epochs=40))
     np.testing.assert_allclose(ratios, direct["probs"][0], atol=1e-5)
     # padding past a gene's own isoforms is NaN

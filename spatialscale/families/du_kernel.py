@@ -28,6 +28,7 @@ from spatialscale.stats.multitest import bh_adjust
 from spatialscale.stats.responses import TRANSFORMS
 from spatialscale.stats.sv import NAN_FILLINGS
 from spatialscale.store import IsoformStore
+from spatialscale.worker import coordinates_token
 
 __all__ = ["FAMILY", "du_dataset"]
 
@@ -37,13 +38,13 @@ RESIDUALIZE = ("cov_only", "both")
 GP_BACKENDS = ("auto", "exact", "lowrank", "sod")
 
 
-def _du_np_task(store_path: str, method: str, transformation: str, nan_filling: str, gp: dict[str, Any] | None,
-                device: str, batch: Batch, z: np.ndarray | GPNull) -> dict[str, np.ndarray]:
+def _du_np_task(store_path: str, xy_token: str, method: str, transformation: str, nan_filling: str,
+                gp: dict[str, Any] | None, device: str, batch: Batch, z: np.ndarray | GPNull) -> dict[str, np.ndarray]:
     """One Dask task: kernel or t-tests of every gene of the batch against every (residualised) covariate."""
     counts = batch_counts(store_path, batch)
     y, used = du_responses(counts, transformation, nan_filling)
     if gp is not None:  # residualize="both": the isoform ratios lose their spatial trend too
-        y = _residualize_responses(store_path, counts, transformation, gp, device)
+        y = _residualize_responses(store_path, xy_token, counts, transformation, gp, device)
     if isinstance(z, GPNull):
         stat, pval = hsic_du_gp_null(y, used, z)
     elif method in ("hsic", "hsic-gp"):
@@ -53,7 +54,8 @@ def _du_np_task(store_path: str, method: str, transformation: str, nan_filling: 
     return {"statistic": stat, "pvalue": pval, "n_spots_used": used.sum(1)}
 
 
-def _residualize_responses(store_path: str, counts: np.ndarray, transformation: str, gp: dict[str, Any],
+def _residualize_responses(store_path: str, xy_token: str, counts: np.ndarray, transformation: str,
+                           gp: dict[str, Any],
                            device: str) -> np.ndarray:
     """Spatial-GP residuals of every gene's (mean-filled, uncentred) ratios, centred: one GP per gene."""
     from spatialscale.stats.gp import residualize_genes
@@ -61,7 +63,7 @@ def _residualize_responses(store_path: str, counts: np.ndarray, transformation: 
     from spatialscale.worker import gp_basis, resolve_device
 
     y_raw, _ = ratio_response(counts, transformation, centre=False)
-    basis = gp_basis(store_path, tuple(sorted(gp.items())), resolve_device(device))
+    basis = gp_basis(store_path, xy_token, tuple(sorted(gp.items())), resolve_device(device))
     res, _ = residualize_genes(basis, y_raw, **gp)
     return res - res.mean(1, keepdims=True)
 
@@ -89,7 +91,8 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
     params = {"method": method, "transformation": transformation, "nan_filling": nan_filling,
               **({"residualize": residualize, "gp": gp_opts} if method == "hsic-gp" else {}),
               **({"null": null} if null != "liu" else {})}
-    task = functools.partial(_du_np_task, str(store.path.resolve()), method, transformation, nan_filling,
+    xy_token = coordinates_token(store.coords()) if residualize == "both" else ""
+    task = functools.partial(_du_np_task, str(store.path.resolve()), xy_token, method, transformation, nan_filling,
                              gp_opts if residualize == "both" else None, device)
 
     def shared() -> np.ndarray | GPNull:
@@ -152,7 +155,7 @@ def _residualize_covariates(store: IsoformStore, z: np.ndarray, gp: dict[str, An
     from spatialscale.worker import normalized_coordinates
 
     zs = (z - z.mean(0)) / z.std(0, ddof=1)
-    x = normalized_coordinates(str(store.path.resolve()))
+    x = normalized_coordinates(str(store.path.resolve()), coordinates_token(store.coords()))
     # this runs in the client process, which need not have the workers' GPU
     dev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
     res, info = residualize(x, zs, device=dev, **gp)
