@@ -10,7 +10,11 @@ chosen method is an :class:`~spatialscale.errors.InputError`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import os
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
@@ -52,19 +56,42 @@ _EXECUTION_DOC = """client, scheduler, workers
         Show a progress bar of batches.
     options
         An :class:`~spatialscale.options.ExecutionOptions` instead of the
-        keywords above (give one or the other)."""
+        keywords above (give one or the other).
+    **extra
+        Options of test families not listed above (see
+        :data:`spatialscale.families.FAMILIES`); unknown ones are an error."""
 
 
-def _execution(options: ExecutionOptions | None, **given: Any) -> ExecutionOptions:
-    if options is None:
-        return ExecutionOptions(**given)
-    defaults = {f.name: f.default for f in fields(ExecutionOptions)}
-    clash = sorted(k for k, v in given.items() if v != defaults[k])
-    if clash:
-        raise InputError(f"give execution settings either as options= or as keywords, not both ({', '.join(clash)}).")
-    return options
+def _with_execution(fn: Callable) -> Callable:
+    """Give an entry point the execution keywords (the fields of :class:`ExecutionOptions`, or ``options=``).
+
+    The wrapped function receives them as one validated-later
+    ``ExecutionOptions`` (``execution=``); its signature and docstring show
+    them, defined once here.
+    """
+    names = [f.name for f in fields(ExecutionOptions)]
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.name != "execution" and p.kind != p.VAR_KEYWORD]
+    rest = [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
+    added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+             for f in fields(ExecutionOptions)]
+    added.append(inspect.Parameter("options", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                   annotation="ExecutionOptions | None"))
+
+    @functools.wraps(fn)
+    def entry(*args: Any, options: ExecutionOptions | None = None, **kwargs: Any) -> xr.Dataset:
+        given = {k: kwargs.pop(k) for k in names if k in kwargs}
+        if options is not None and given:
+            raise InputError(f"give execution settings either as options= or as keywords, not both "
+                             f"({', '.join(sorted(given))}).")
+        return fn(*args, execution=options if options is not None else ExecutionOptions(**given), **kwargs)
+
+    entry.__signature__ = sig.replace(parameters=own + added + rest)  # type: ignore[attr-defined]
+    entry.__doc__ = (fn.__doc__ or "").replace("{execution}", _EXECUTION_DOC)
+    return entry
 
 
+@_with_execution
 def sv_test(
     store: IsoformStore | str | os.PathLike,
     *,
@@ -77,16 +104,8 @@ def sv_test(
     fit: str | None = None,
     glmm: dict[str, Any] | None = None,
     with_summary: bool = False,
-    client: Any = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    device: str = "cpu",
-    batch_memory: int | str = "256MB",
-    batch_size: int | None = None,
-    out: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    options: ExecutionOptions | None = None,
+    execution: ExecutionOptions,
+    **extra: Any,
 ) -> xr.Dataset:
     """Test every gene of a section for spatial variability (HSIC or GLMM likelihood ratio).
 
@@ -134,14 +153,12 @@ def sv_test(
         ``sv_statistic``, ``sv_pvalue``, ``sv_pvalue_adj``, ``n_isoforms`` and
         ``n_spots_used`` over ``gene``, with provenance attributes.
     """
-    execution = _execution(options, client=client, scheduler=scheduler, workers=workers, device=device,
-                           batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
-                           progress=progress)
     given = {"null": null, "transformation": transformation, "nan_filling": nan_filling, "n_perms": n_perms,
-             "perm_seed": perm_seed, "fit": fit, "glmm": glmm}
+             "perm_seed": perm_seed, "fit": fit, "glmm": glmm, **extra}
     return run_family("sv", store, method=method, options=given, execution=execution, with_summary=with_summary)
 
 
+@_with_execution
 def du_test(
     store: IsoformStore | str | os.PathLike,
     covariates: Any,
@@ -156,16 +173,8 @@ def du_test(
     fit: str | None = None,
     glmm: dict[str, Any] | None = None,
     with_summary: bool = False,
-    client: Any = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    device: str = "cpu",
-    batch_memory: int | str = "256MB",
-    batch_size: int | None = None,
-    out: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    options: ExecutionOptions | None = None,
+    execution: ExecutionOptions,
+    **extra: Any,
 ) -> xr.Dataset:
     """Test every gene x covariate pair for differential isoform usage.
 
@@ -246,15 +255,13 @@ def du_test(
         per covariate) over ``(gene, covariate)``, ``n_isoforms`` (and
         ``n_spots_used`` for the kernel / t-tests).
     """
-    execution = _execution(options, client=client, scheduler=scheduler, workers=workers, device=device,
-                           batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
-                           progress=progress)
     given = {"transformation": transformation, "nan_filling": nan_filling, "residualize": residualize, "null": null,
-             "gp": gp, "model": model, "fit": fit, "glmm": glmm}
+             "gp": gp, "model": model, "fit": fit, "glmm": glmm, **extra}
     return run_family("du", store, method=method, options=given, execution=execution, covariates=covariates,
                       with_summary=with_summary)
 
 
+@_with_execution
 def glmm_fit(
     store: IsoformStore | str | os.PathLike,
     *,
@@ -263,16 +270,8 @@ def glmm_fit(
     covariates: Any = None,
     glmm: dict[str, Any] | None = None,
     return_nu: bool | None = None,
-    client: Any = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    device: str = "cpu",
-    batch_memory: int | str = "256MB",
-    batch_size: int | None = None,
-    out: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    options: ExecutionOptions | None = None,
+    execution: ExecutionOptions,
+    **extra: Any,
 ) -> xr.Dataset:
     """Fit the multinomial GLM / GLMM of every gene and return the fitted parameters.
 
@@ -302,26 +301,16 @@ def glmm_fit(
         last isoform, padded with NaN past its own isoforms.  See
         :func:`fitted_ratios` to recompute a gene's fitted isoform ratios.
     """
-    execution = _execution(options, client=client, scheduler=scheduler, workers=workers, device=device,
-                           batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
-                           progress=progress)
-    given = {"model": model, "fit": fit, "glmm": glmm, "return_nu": return_nu}
+    given = {"model": model, "fit": fit, "glmm": glmm, "return_nu": return_nu, **extra}
     return run_family("glmm", store, method=None, options=given, execution=execution, covariates=covariates)
 
 
+@_with_execution
 def feature_summary(
     store: IsoformStore | str | os.PathLike,
     *,
-    client: Any = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    device: str = "cpu",
-    batch_memory: int | str = "256MB",
-    batch_size: int | None = None,
-    out: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    options: ExecutionOptions | None = None,
+    execution: ExecutionOptions,
+    **extra: Any,
 ) -> xr.Dataset:
     """Gene- and isoform-level feature summaries of every gene of a section.
 
@@ -345,13 +334,8 @@ def feature_summary(
         ``isoform_gene``; see :mod:`spatialscale.families.summary`), with
         provenance attributes.
     """
-    if batch_memory == "auto":
-        batch_memory = "256MB"  # CPU-only work: the CPU default budget
-    execution = _execution(options, client=client, scheduler=scheduler, workers=workers, device=device,
-                           batch_memory=batch_memory, batch_size=batch_size, out=out, overwrite=overwrite,
-                           progress=progress)
-    return run_family("summary", store, method=None, options={}, execution=execution)
+    if execution.batch_memory == "auto":  # CPU-only work: the CPU default budget
+        execution = dataclasses.replace(execution, batch_memory="256MB")
+    return run_family("summary", store, method=None, options=dict(extra), execution=execution)
 
 
-for _f in (sv_test, du_test, glmm_fit, feature_summary):
-    _f.__doc__ = _f.__doc__.replace("{execution}", _EXECUTION_DOC)

@@ -20,12 +20,10 @@ that looks like a store.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,239 +36,18 @@ import scipy.sparse.csgraph
 from spatialscale._version import __version__
 from spatialscale.errors import InputError
 from spatialscale.kernel import KernelParams, SpatialKernel, build_kernel, knn_adjacency, symmetrise_adjacency
+from spatialscale.sources import (
+    AnnDataSource,
+    check_section_size,
+    column_blocks,
+    validate_coords,
+)
 
 __all__ = ["ingest", "open_store", "IsoformStore", "STORE_FORMAT"]
 
 STORE_FORMAT = 1
-#: largest count stored exactly (float64 integers; the store's integer dtype holds every total below it)
-MAX_COUNT = float(2**53)
-#: fewest spots a section may have (the kNN graph needs k + 1; the tests' null moments need more)
-MIN_SPOTS = 10
 PRECISION_KEY = "spatialscale_precision"
 ADJACENCY_KEY = "spatialscale_adjacency"
-
-
-# --------------------------------------------------------------------------- sources
-class _Source:
-    """Lazy view of an AnnData's counts layer, coordinates and annotations."""
-
-    def __init__(self, source: Any, layer: str) -> None:
-        import anndata as ad
-
-        self._file = None
-        self._whole: np.ndarray | None = None
-        self._whole_rows: np.ndarray | None = None
-        self.label = str(source) if not isinstance(source, ad.AnnData) else "<AnnData>"
-        if isinstance(source, ad.AnnData):
-            self._init_anndata(source, layer)
-            return
-        path = Path(source)
-        if not path.exists():
-            raise InputError(f"input {path} does not exist.")
-        if path.is_file():
-            import h5py
-
-            try:
-                self._file = h5py.File(path, "r")
-            except OSError as exc:
-                raise InputError(f"{path} is not a readable .h5ad (HDF5) file: truncated or another format "
-                                 f"({exc}).") from None
-            root = self._file
-        else:
-            import zarr
-
-            try:
-                root = zarr.open_group(str(path), mode="r")
-            except Exception as exc:  # noqa: BLE001 - zarr raises many kinds
-                raise InputError(f"{path} is neither an .h5ad file nor an AnnData zarr store ({exc}).") from None
-        try:
-            self._init_group(root, layer)
-        except InputError:
-            self.close()
-            raise
-        except Exception as exc:  # noqa: BLE001 - a damaged file fails in h5py / zarr / anndata in many ways
-            self.close()
-            raise InputError(f"could not read the AnnData in {path} ({type(exc).__name__}: {exc}).") from None
-
-    # -- in-memory AnnData
-    def _init_anndata(self, adata: Any, layer: str) -> None:
-        self.n_obs = adata.n_obs
-        self.obs = adata.obs.copy()
-        self.var = adata.var.copy()
-        if layer not in adata.layers:
-            raise InputError(f"layer {layer!r} not found in adata.layers (available: {sorted(adata.layers)}).")
-        x = adata.layers[layer]
-        self._matrix = x.tocsc() if scipy.sparse.issparse(x) else np.asarray(x)
-        self.obsm = {k: _coordinate_array(v) for k, v in adata.obsm.items()}
-        self.obsp = dict(adata.obsp.items())
-        self._shape = tuple(self._matrix.shape)
-
-    # -- on-disk h5ad / zarr
-    def _init_group(self, root: Any, layer: str) -> None:
-        from anndata.io import read_elem, sparse_dataset
-
-        for key in ("obs", "var"):
-            if key not in root:
-                raise InputError(f"{self.label} has no {key!r}: not an AnnData file.")
-        self.obs = read_elem(root["obs"])
-        self.var = read_elem(root["var"])
-        self.n_obs = len(self.obs)
-        layers = root["layers"] if "layers" in root else {}
-        if layer not in layers:
-            raise InputError(f"layer {layer!r} not found in layers of {self.label} (available: {sorted(layers)}).")
-        elem = layers[layer]
-        enc = dict(elem.attrs).get("encoding-type", "array")
-        if enc in ("csr_matrix", "csc_matrix"):
-            ds = sparse_dataset(elem)
-            self._matrix = ds.to_memory().tocsc() if enc == "csc_matrix" or _small(ds) else ds
-        else:
-            self._matrix = elem
-        self._shape = tuple(self._matrix.shape)
-        self.obsm = {}
-        if "obsm" in root:
-            for k in root["obsm"]:
-                with contextlib.suppress(Exception):
-                    self.obsm[k] = _coordinate_array(read_elem(root["obsm"][k]))
-        self.obsp = {}
-        if "obsp" in root:
-            for k in root["obsp"]:
-                self.obsp[k] = read_elem(root["obsp"][k])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self._shape  # type: ignore[return-value]
-
-    def read_columns(self, cols: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """Dense float64 ``(n_rows, len(cols))`` block of the counts layer.
-
-        When one block held every column (small inputs), it is kept and later
-        reads are served from it instead of densifying the layer again.
-        """
-        cols = np.asarray(cols, dtype=np.int64)
-        if self._whole is not None and rows is self._whole_rows:
-            return self._whole[:, cols]
-        order = np.argsort(cols, kind="stable")
-        sorted_cols = cols[order]
-        m = self._matrix
-        if isinstance(m, np.ndarray) or scipy.sparse.issparse(m):
-            block = m[:, sorted_cols]
-        elif hasattr(m, "format") and getattr(m, "format", None) == "csr":
-            block = self._scan_csr(m, sorted_cols)
-        else:  # dense on-disk dataset / zarr array: sorted fancy index on columns
-            block = m[:, sorted_cols] if len(sorted_cols) else np.zeros((self.n_obs, 0))
-        block = block.toarray() if scipy.sparse.issparse(block) else np.asarray(block)
-        out = np.empty_like(block, dtype=np.float64)
-        out[:, order] = block
-        out = out if rows is None else out[rows]
-        if len(cols) == self.shape[1] and np.array_equal(cols, np.arange(self.shape[1])):
-            self._whole, self._whole_rows = out, rows
-        return out
-
-    def column_stats(self, cols: np.ndarray, rows: np.ndarray | None, names: pd.Index,
-                     layer: str) -> tuple[np.ndarray, np.ndarray]:
-        """Validate a column block and return its totals and non-zero counts.
-
-        In-memory sparse layers are checked on their stored values, without
-        densifying; everything else through :meth:`read_columns`.
-        """
-        m = self._matrix
-        if scipy.sparse.issparse(m):
-            sub = m[:, cols] if rows is None else m[rows][:, cols]
-            sub = scipy.sparse.csc_matrix(sub)
-            d = sub.data
-            if not (np.isfinite(d).all() and (d >= 0).all() and (d <= MAX_COUNT).all() and (d == np.round(d)).all()):
-                _check_counts(sub.toarray(), names, layer)
-            col_of = np.repeat(np.arange(sub.shape[1]), np.diff(sub.indptr))
-            totals = np.bincount(col_of, weights=d, minlength=sub.shape[1])
-            nonzero = np.bincount(col_of[d > 0], minlength=sub.shape[1]).astype(np.float64)
-            return totals, nonzero
-        block = self.read_columns(cols, rows)
-        _check_counts(block, names, layer)
-        return block.sum(axis=0), (block > 0).sum(axis=0).astype(np.float64)
-
-    def _scan_csr(self, ds: Any, cols: np.ndarray, row_block: int = 200_000) -> scipy.sparse.csr_matrix:
-        parts = [ds[s : min(s + row_block, self.n_obs)][:, cols] for s in range(0, self.n_obs, row_block)]
-        return scipy.sparse.vstack(parts).tocsr()
-
-    def close(self) -> None:
-        self._whole = None
-        if self._file is not None:
-            self._file.close()
-
-
-def _coordinate_array(value: Any) -> np.ndarray:
-    """An ``obsm`` entry as an array: a DataFrame's numeric columns in order (e.g. ``x``, ``y``)."""
-    if isinstance(value, pd.DataFrame):
-        return value.select_dtypes("number").to_numpy(dtype=np.float64)
-    return np.asarray(value)
-
-
-def _small(ds: Any, limit: int = 2 << 30) -> bool:
-    """Whether a backed sparse matrix is small enough to load whole."""
-    nnz = ds.group["data"].shape[0] if hasattr(ds, "group") else 0
-    return nnz * 16 < limit
-
-
-# --------------------------------------------------------------------------- validation
-def _validate_coords(coords: np.ndarray, obs_names: pd.Index, spatial_key: str) -> np.ndarray:
-    try:
-        coords = np.asarray(coords, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"obsm[{spatial_key!r}] is not numeric ({exc}).") from None
-    if coords.ndim != 2 or coords.shape[0] != len(obs_names) or coords.shape[1] != 2:
-        raise InputError(
-            f"obsm[{spatial_key!r}] has shape {coords.shape}; expected ({len(obs_names)}, 2): one row of x, y "
-            "coordinates per spot."
-        )
-    bad = ~np.isfinite(coords).all(axis=1)
-    if bad.any():
-        raise InputError(
-            f"obsm[{spatial_key!r}] has {int(bad.sum())} spot(s) with NaN or infinite coordinates "
-            f"(first: {obs_names[np.flatnonzero(bad)[0]]!r}); remove or fix them before ingest."
-        )
-    dup = pd.DataFrame(coords).duplicated(keep=False).to_numpy()
-    if dup.any():
-        first = np.flatnonzero(dup)[:2]
-        raise InputError(
-            f"obsm[{spatial_key!r}] has {int(dup.sum())} spots sharing coordinates with another spot "
-            f"(e.g. {obs_names[first[0]]!r} and {obs_names[first[-1]]!r} at {tuple(coords[first[0]])}); "
-            "duplicate coordinates make the neighbour graph ambiguous. Merge or drop duplicated spots."
-        )
-    return coords
-
-
-def _check_section_size(n_spots: int, k_neighbors: int, what: str) -> None:
-    """A section needs at least ``MIN_SPOTS`` spots and more than ``k_neighbors``."""
-    need = max(MIN_SPOTS, int(k_neighbors) + 1)
-    if n_spots < need:
-        raise InputError(f"{what} has {n_spots} spot(s); a section needs at least {need} (k_neighbors + 1, and "
-                         f"at least {MIN_SPOTS}) for a meaningful spatial test.")
-
-
-def _check_counts(block: np.ndarray, names: pd.Index, layer: str) -> None:
-    """Raise if a counts block has non-finite, negative or non-integer values."""
-    if not np.isfinite(block).all():
-        j = int(np.flatnonzero(~np.isfinite(block).all(axis=0))[0])
-        raise InputError(f"layers[{layer!r}] has NaN or infinite counts (isoform {names[j]!r}).")
-    neg = (block < 0).any(axis=0)
-    if neg.any():
-        raise InputError(f"layers[{layer!r}] has negative counts (isoform {names[int(np.flatnonzero(neg)[0])]!r}).")
-    big = (block > MAX_COUNT).any(axis=0)
-    if big.any():
-        raise InputError(f"layers[{layer!r}] has counts above 2^53 (isoform {names[int(np.flatnonzero(big)[0])]!r}), "
-                         "which cannot be stored exactly; these are not read counts.")
-    frac = (block != np.round(block)).any(axis=0)
-    if frac.any():
-        raise InputError(
-            f"layers[{layer!r}] has non-integer counts (isoform {names[int(np.flatnonzero(frac)[0])]!r}); "
-            "the tests model integer counts: round estimated counts or pass the raw count layer."
-        )
-
-
-def _column_blocks(n_cols: int, n_rows: int, block_bytes: int) -> Iterator[slice]:
-    width = max(1, int(block_bytes // max(8 * n_rows, 1)))
-    for s in range(0, n_cols, width):
-        yield slice(s, min(s + width, n_cols))
 
 
 # --------------------------------------------------------------------------- ingest
@@ -351,7 +128,7 @@ def ingest(
         if not np.isfinite(float(value)) or float(value) < 0:
             raise InputError(f"{name} must be a finite number >= 0 (got {value!r}).")
     _check_store_target(store_path, source, overwrite)
-    src = _Source(source, layer)
+    src = AnnDataSource(source, layer)
     try:
         lock = OutputLock(store_path).acquire()
         try:
@@ -399,7 +176,7 @@ def _check_store_target(store_path: Path, source: Any, overwrite: bool) -> None:
                          "spatialscale never replaces what it did not write: choose another path.")
 
 
-def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str, gene_key: str,
+def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer: str, gene_key: str,
             spatial_key: str, adj_key: str | None, min_counts: float, min_bin_pct: float,
             filter_single_iso_genes: bool, min_component_size: int, block_bytes: int,
             progress: bool) -> IsoformStore:
@@ -433,11 +210,11 @@ def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str,
             raise InputError(f"obsp[{adj_key!r}] has shape {adjacency.shape}; expected ({n_obs}, {n_obs}).")
     coords = None
     if spatial_key in src.obsm:
-        coords = _validate_coords(src.obsm[spatial_key], src.obs.index, spatial_key)
+        coords = validate_coords(src.obsm[spatial_key], src.obs.index, spatial_key)
     elif adjacency is None:
         raise InputError(f"obsm has no coordinates {spatial_key!r} (available: {sorted(src.obsm)}).")
 
-    _check_section_size(n_obs, params.k_neighbors, "the input")
+    check_section_size(n_obs, params.k_neighbors, "the input")
 
     # spots: drop small graph components
     keep_spots = np.ones(n_obs, dtype=bool)
@@ -452,14 +229,14 @@ def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str,
                           f"{min_component_size}; {int(keep_spots.sum())} remain.", UserWarning, stacklevel=3)
     rows = None if keep_spots.all() else np.flatnonzero(keep_spots)
     n_spots = int(keep_spots.sum())
-    _check_section_size(n_spots, params.k_neighbors, f"the spots left after min_component_size={min_component_size}")
+    check_section_size(n_spots, params.k_neighbors, f"the spots left after min_component_size={min_component_size}")
 
     # isoforms: validate counts and compute filter statistics, block by block
     names = src.var.index.astype(str)
     totals = np.zeros(n_var)
     nonzero = np.zeros(n_var)
     all_cols = np.arange(n_var)
-    for sl in tqdm(list(_column_blocks(n_var, n_obs, block_bytes)), desc="ingest: check", disable=not progress):
+    for sl in tqdm(list(column_blocks(n_var, n_obs, block_bytes)), desc="ingest: check", disable=not progress):
         totals[sl], nonzero[sl] = src.column_stats(all_cols[sl], rows, names[sl], layer)
     if totals.max(initial=0.0) >= 2.0**62:
         raise InputError(f"layers[{layer!r}] has isoform totals of {totals.max():.3g}, beyond the exact range of "
@@ -516,7 +293,7 @@ def _ingest(src: _Source, store_path: Path, params: KernelParams, *, layer: str,
     return open_store(store_path)
 
 
-def _write_store(path: Path, src: _Source, var: pd.DataFrame, keep_spots: np.ndarray, rows: np.ndarray | None,
+def _write_store(path: Path, src: AnnDataSource, var: pd.DataFrame, keep_spots: np.ndarray, rows: np.ndarray | None,
                  coords: np.ndarray | None, kernel: SpatialKernel, *, layer: str, block_bytes: int,
                  progress: bool, meta: dict) -> None:
     import anndata as ad

@@ -110,6 +110,10 @@ def test_a_new_family_plugs_into_engine_and_cli(small_store, tmp_path, monkeypat
     want = [2 * small_store.gene_counts(g).sum() for g in ds["gene"].values]
     np.testing.assert_allclose(ds["sv_statistic"].values, want)
     assert spatialscale.open_results(tmp_path / "toy.zarr")["sv_statistic"].values.tolist() == list(want)
+    via_api = spatialscale.sv_test(small_store, method="toy-total", scale=3, scheduler="threads", progress=False)
+    np.testing.assert_allclose(via_api["sv_statistic"].values, 1.5 * ds["sv_statistic"].values)
+    with pytest.raises(InputError, match="'scale' does not apply to method 'hsic-ir'"):
+        spatialscale.sv_test(small_store, scale=3, scheduler="threads")
     sub = _subparser("sv")
     assert "toy-total" in next(a for a in sub._actions if a.dest == "method").choices
     assert any(a.dest == "scale" for a in sub._actions)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from spatialscale.glmm.glm import fit_glm
-from spatialscale.glmm.glmm import GLMMConfig, _setup_fit, fit_glmm, laplace_log_marginal, neg_log_joint
+from spatialscale.glmm.glmm import GLMMConfig, fit_glmm, laplace_log_marginal, neg_log_joint
+from spatialscale.glmm.inference import adjusted_covariate_information, covariate_information, score_test
 from spatialscale.glmm.marginal import dense_neg_hessian, neg_log_marginal
 from spatialscale.glmm.newton import THETA_LOGIT_BOUND, joint_hessian_vector, pcg
-from spatialscale.glmm.tests import adjusted_covariate_information, covariate_information, score_test
+from spatialscale.glmm.state import setup_fit
 from spatialscale.kernel import build_kernel, kernel_eigenpairs
 from spatialscale.simulate import grid_coords, simulate_section
 
@@ -101,7 +102,7 @@ def test_joint_newton_converges_fast_to_at_least_joint_gds_loss(small_section, o
     assert (newton["loss"] <= gd["loss"] + 1e-3 * np.abs(gd["loss"])).all(), (newton["loss"], gd["loss"])
     # the reported loss is the objective at the returned parameters
     cfg = GLMMConfig(**{**options, "dtype": "float64"})
-    data, _, _ = _setup_fit(counts, lam[:r], vec[:, :r], z, cfg, "cpu")
+    data, _, _ = setup_fit(counts, lam[:r], vec[:, :r], z, cfg, "cpu")
     params = {"nu": newton["nu"], "beta": newton["beta"], "bias": newton["intercept"], "sigma": newton["sigma"],
               "theta_logit": newton["theta"]}
     params = {k: torch.as_tensor(np.asarray(v, dtype=float)) for k, v in params.items()}
@@ -150,7 +151,7 @@ def test_marginal_objective_is_splisosms_and_laplace_log_marginal(small_section)
         with torch.no_grad():
             theirs = -ref().double().numpy()
     cfg = GLMMConfig(method="marginal_gd", dtype="float64")
-    data, _, _ = _setup_fit(counts, lam, vec, None, cfg, "cpu")
+    data, _, _ = setup_fit(counts, lam, vec, None, cfg, "cpu")
     with torch.no_grad():
         ours = neg_log_marginal(_their_params(ref), data, cfg).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)

@@ -195,18 +195,18 @@ def test_interrupted_ingest_leaves_no_store(tmp_path, small_adata, monkeypatch):
 @pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
 def test_large_backed_csr_is_scanned_in_row_blocks(tmp_path, small_adata, monkeypatch, fmt):
     """A CSR layer too big for memory is read in row blocks per column block, never whole."""
-    import spatialscale.store as st
+    import spatialscale.sources as st
 
     getattr(small_adata, f"write_{fmt}")(tmp_path / f"in.{fmt}")
-    monkeypatch.setattr(st, "_small", lambda ds, limit=0: False)
+    monkeypatch.setattr(st, "small_enough", lambda ds, limit=0: False)
     scans: list[int] = []
-    real = st._Source._scan_csr
+    real = st.AnnDataSource._scan_csr
 
     def scan(self, ds, cols, row_block=200_000):
         scans.append(len(cols))
         return real(self, ds, cols, row_block=97)
 
-    monkeypatch.setattr(st._Source, "_scan_csr", scan)
+    monkeypatch.setattr(st.AnnDataSource, "_scan_csr", scan)
     store = spatialscale.ingest(tmp_path / f"in.{fmt}", tmp_path / "s.zarr", block_bytes=small_adata.n_obs * 8 * 16)
     ref = spatialscale.ingest(small_adata, tmp_path / "r.zarr")
     assert len(scans) > 2 and max(scans) <= 16

@@ -5,7 +5,7 @@ count, fitted at once; nothing here knows Dask.
 """
 
 from spatialscale.glmm.glm import fit_glm
+from spatialscale.glmm.inference import llr_test, score_test, wald_test
 from spatialscale.glmm.likelihood import multinomial_loglik, probabilities
-from spatialscale.glmm.tests import llr_test, score_test, wald_test
 
 __all__ = ["fit_glm", "llr_test", "multinomial_loglik", "probabilities", "score_test", "wald_test"]

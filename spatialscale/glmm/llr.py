@@ -32,6 +32,8 @@ import dataclasses
 
 import numpy as np
 
+from spatialscale.glmm.glmm import fit_glmm, laplace_log_marginal
+
 __all__ = ["fit_sv_pair", "sv_log_marginals", "llr_permutation_pvalues"]
 
 _SIGMA_MIN = 0.1
@@ -78,7 +80,6 @@ def fit_sv_pair(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, co
     tuple of dict
         ``(null_fit, full_fit)`` as returned by :func:`~spatialscale.glmm.glmm.fit_glmm`.
     """
-    from spatialscale.glmm.glmm import fit_glmm
 
     null_cfg = dataclasses.replace(config, model="glmm-null")
     full_cfg = dataclasses.replace(config, model="glmm-full")
@@ -108,7 +109,6 @@ def fit_sv_pair(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, co
 def sv_log_marginals(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, config, *,
                      device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Laplace log marginal likelihoods ``(l_null, l_full)`` of the pair from :func:`fit_sv_pair`."""
-    from spatialscale.glmm.glmm import laplace_log_marginal
 
     null, full = fit_sv_pair(counts, eigvals, eigvecs, config, device=device)
     l_null = laplace_log_marginal(null, counts, eigvals, eigvecs, config=dataclasses.replace(config, model="glmm-null"))

@@ -36,6 +36,11 @@ import math
 
 import numpy as np
 
+from spatialscale.glmm.config import GLMMConfig
+from spatialscale.glmm.newton import prior_precision, weight_blocks
+from spatialscale.glmm.objective import neg_log_joint
+from spatialscale.glmm.state import PerGeneAdam, PerGeneStopping, pack_fit, setup_fit
+
 __all__ = ["dense_neg_hessian", "fit_marginal", "neg_log_marginal"]
 
 
@@ -51,7 +56,6 @@ def dense_neg_hessian(params: dict, data: dict, cfg):
     """``H = W + C^-1`` as a dense ``(B, n q, n q)`` tensor (spot-major: index ``i q + k``); differentiable."""
     import torch
 
-    from spatialscale.glmm.newton import prior_precision, weight_blocks
 
     nu = params["nu"]
     b, n, q = nu.shape
@@ -73,7 +77,7 @@ def neg_log_marginal(params: dict, data: dict, cfg, *, return_factor: bool = Fal
     Parameters
     ----------
     params, data, cfg
-        As :func:`spatialscale.glmm.glmm.neg_log_joint` (``data`` also needs
+        As :func:`spatialscale.glmm.objective.neg_log_joint` (``data`` also needs
         ``totals``); differentiable in every parameter.
     return_factor
         Also return the Cholesky factor of ``H`` (detached): ``(B, n q, n q)``
@@ -85,8 +89,6 @@ def neg_log_marginal(params: dict, data: dict, cfg, *, return_factor: bool = Fal
     """
     import torch
 
-    from spatialscale.glmm.glmm import neg_log_joint
-    from spatialscale.glmm.newton import prior_precision, weight_blocks
 
     joint = neg_log_joint(params, data, cfg)
     nu = params["nu"]
@@ -135,26 +137,20 @@ def fit_marginal(counts: np.ndarray, eigvals: np.ndarray | None, eigvecs: np.nda
     """
     import torch
 
-    from spatialscale.glmm.glmm import GLMMConfig, PerGeneAdam, _pack_fit, _setup_fit
-
     cfg = config or GLMMConfig(method="marginal_gd")
     newton = cfg.method == "marginal_newton"
-    data, params, learn = _setup_fit(counts, eigvals, eigvecs, design, cfg, device, init)
+    data, params, learn = setup_fit(counts, eigvals, eigvecs, design, cfg, device, init)
     adam_names = [k for k in learn if not (newton and k == "nu")]
     b = params["nu"].shape[0]
     adam = PerGeneAdam(params, adam_names, cfg.lr, cfg.optim)
     best = {k: v.clone() for k, v in params.items()}
-    best_loss = torch.full((b,), math.inf, dtype=torch.float64, device=device)
-    ref_loss = best_loss.clone()
-    wait = torch.zeros(b, dtype=torch.int64, device=device)
-    active = torch.ones(b, dtype=torch.bool, device=device)
-    epochs = torch.zeros(b, dtype=torch.int64, device=device)
+    stop = PerGeneStopping(b, cfg, params["nu"].device)
     per_gene = ("counts", "totals", "lgamma_const")
 
     # One evaluation per epoch: the loss at the start of an epoch is the post-step loss of the
-    # previous one (epoch 0: the starting values), which decides improvement and convergence.
+    # previous one (epoch 0: the starting values), recorded by the stopping rule.
     for epoch in range(cfg.max_epochs + 1):
-        idx = active.nonzero()[:, 0]
+        idx = stop.running()
         if idx.numel() == 0:
             break
         sub_data = {k: (v[idx] if k in per_gene else v) for k, v in data.items()}
@@ -164,30 +160,20 @@ def fit_marginal(counts: np.ndarray, eigvals: np.ndarray | None, eigvecs: np.nda
         grads = list(torch.autograd.grad(loss.sum(), [leaves[k] for k in grad_names]))
         nu_grad = grads.pop() if newton else None
         with torch.no_grad():
-            new = loss.detach().double()
-            finite = torch.isfinite(new)
-            better = finite & (new < best_loss[idx])
+            better = stop.record(idx, loss, first=epoch == 0)
             for k in params:
-                best[k][idx] = torch.where(better.view(-1, *([1] * (params[k].dim() - 1))), params[k][idx],
-                                           best[k][idx])
-            best_loss[idx] = torch.where(better, new, best_loss[idx])
-            significant = finite & (new < ref_loss[idx] - cfg.tol)
-            ref_loss[idx] = torch.where(significant, new, ref_loss[idx])
-            if epoch > 0:
-                wait[idx] = torch.where(significant, torch.zeros_like(wait[idx]), wait[idx] + 1)
-            go = (wait[idx] < cfg.patience) & finite
-            active[idx] = go
+                best[k][idx[better]] = params[k][idx[better]]
+            go = stop.active[idx]
         if epoch == cfg.max_epochs or not bool(go.any()):
             break
         sel = go.nonzero()[:, 0]  # positions within idx of the genes that step
         gidx = idx[sel]
         with torch.no_grad():
             if newton:
-                due = (epochs[gidx] % cfg.update_nu_every_k) == 0
+                due = (stop.epochs[gidx] % cfg.update_nu_every_k) == 0
                 if bool(due.any()):
                     upd = sel[due]
                     params["nu"][gidx[due]] = _newton_nu_step(leaves["nu"].detach()[upd],
                                                               torch.nan_to_num(nu_grad[upd]), chol[upd])
             adam.step(params, {k: g[sel] for k, g in zip(adam_names, grads)}, gidx)
-            epochs[gidx] += 1
-    return _pack_fit(best, best_loss, epochs, ~active, data)
+    return pack_fit(best, stop.best_loss, stop.epochs, stop.converged, data)

@@ -1,6 +1,6 @@
 """``joint_newton``: damped Newton steps on the GLMM's negative log joint, matrix-free.
 
-The objective is the one of ``joint_gd`` (:func:`spatialscale.glmm.glmm.neg_log_joint`).
+The objective is the one of ``joint_gd`` (:func:`spatialscale.glmm.objective.neg_log_joint`).
 Split the parameters of a gene into ``u = (nu, bias, beta)`` (``n q + (F + 1) q``
 values) and the learnt variance parameters ``phi`` (``theta_logit``, and
 ``sigma`` unless it is fixed).  The Hessian of the negative log joint is::
@@ -43,10 +43,13 @@ The helpers :func:`prior_precision`, :func:`apply_precision`,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
+
+from spatialscale.glmm.config import VAR_FLOOR, GLMMConfig
+from spatialscale.glmm.objective import loss_and_gradients, neg_log_joint, variance_terms
+from spatialscale.glmm.state import PerGeneStopping, pack_fit, setup_fit
 
 __all__ = ["apply_blocks", "apply_precision", "fit_joint_newton", "joint_hessian_vector", "line_search",
            "newton_direction", "pcg", "precision_diagonal", "precision_operators", "prior_precision",
@@ -78,7 +81,7 @@ def prior_precision(theta_logit, sigma, data: dict, cfg, q: int):
     data
         Holds ``eigvals (r,)`` and ``eigvecs (n, r)`` for ``glmm-full``.
     cfg
-        :class:`~spatialscale.glmm.glmm.GLMMConfig`.
+        :class:`~spatialscale.glmm.config.GLMMConfig`.
     q
         Logits per gene.
 
@@ -93,7 +96,6 @@ def prior_precision(theta_logit, sigma, data: dict, cfg, q: int):
     """
     import torch
 
-    from spatialscale.glmm.glmm import VAR_FLOOR
 
     b = sigma.shape[0]
     var = torch.clamp(sigma**2, min=VAR_FLOOR)
@@ -218,7 +220,6 @@ def _newton_system(params: dict, data: dict, cfg, learn: list[str]) -> dict:
     """
     import torch
 
-    from spatialscale.glmm.glmm import _variance_terms, loss_and_gradients
 
     nu = params["nu"]
     b, n, q = nu.shape
@@ -248,7 +249,7 @@ def _newton_system(params: dict, data: dict, cfg, learn: list[str]) -> dict:
             quad_proj = (proj**2).reshape(-1, b, q).permute(1, 2, 0)
             quad_rest = (nu**2).sum(1) - quad_proj.sum(-1)
     leaves = [small[k] for k in phi]
-    var_loss = _variance_terms(small["theta_logit"], small["sigma"], quad_proj, quad_rest, data, cfg, q, n)
+    var_loss = variance_terms(small["theta_logit"], small["sigma"], quad_proj, quad_rest, data, cfg, q, n)
     g_phi = torch.cat(torch.autograd.grad(var_loss.sum(), leaves, create_graph=True, allow_unused=True,
                                           materialize_grads=True), dim=1)  # (B, m)
     rows = [torch.cat(torch.autograd.grad(g_phi[:, j].sum(), leaves, retain_graph=True, allow_unused=True,
@@ -476,7 +477,7 @@ def newton_direction(params: dict, data: dict, cfg, learn: list[str], *, cg_tol=
     Parameters
     ----------
     params, data, cfg, learn
-        As :func:`spatialscale.glmm.glmm.loss_and_gradients`.
+        As :func:`spatialscale.glmm.objective.loss_and_gradients`.
     cg_tol
         Relative PCG residual; default: per gene ``min(0.1, |g|)`` (an
         inexact Newton method that tightens as the gradient vanishes), at
@@ -555,7 +556,6 @@ def line_search(params: dict, direction: dict, slope, loss0, data: dict, cfg):
     """
     import torch
 
-    from spatialscale.glmm.glmm import neg_log_joint
 
     b = loss0.shape[0]
     dev = loss0.device
@@ -612,20 +612,14 @@ def fit_joint_newton(counts: np.ndarray, eigvals: np.ndarray | None, eigvecs: np
     """
     import torch
 
-    from spatialscale.glmm.glmm import GLMMConfig, _pack_fit, _setup_fit, neg_log_joint
-
     cfg = config or GLMMConfig(method="joint_newton")
-    data, params, learn = _setup_fit(counts, eigvals, eigvecs, design, cfg, device, init)
+    data, params, learn = setup_fit(counts, eigvals, eigvecs, design, cfg, device, init)
     b = params["nu"].shape[0]
+    stop = PerGeneStopping(b, cfg, params["nu"].device)
     with torch.no_grad():
-        loss = neg_log_joint(params, data, cfg).double()
-    best_loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, math.inf))
-    ref_loss = best_loss.clone()  # moves only by improvements >= tol (the stopping rule, as joint_gd)
-    wait = torch.zeros(b, dtype=torch.int64, device=loss.device)
-    active = torch.isfinite(loss)
-    epochs = torch.zeros(b, dtype=torch.int64, device=loss.device)
+        stop.record(torch.arange(b, device=params["nu"].device), neg_log_joint(params, data, cfg), first=True)
     for _ in range(cfg.max_epochs):
-        idx = active.nonzero()[:, 0]
+        idx = stop.running()
         if idx.numel() == 0:
             break
         sub = {k: v[idx] for k, v in params.items()}
@@ -635,13 +629,6 @@ def fit_joint_newton(counts: np.ndarray, eigvals: np.ndarray | None, eigvecs: np
         with torch.no_grad():
             for k in direction:
                 params[k][idx] = new[k]
-            new_loss = new_loss.double()
-            epochs[idx] += 1
-            better = new_loss < best_loss[idx]
-            best_loss[idx] = torch.where(better, new_loss, best_loss[idx])
-            significant = new_loss < ref_loss[idx] - cfg.tol
-            ref_loss[idx] = torch.where(significant, new_loss, ref_loss[idx])
-            wait[idx] = torch.where(significant, torch.zeros_like(wait[idx]), wait[idx] + 1)
-            active[idx] = (wait[idx] < cfg.patience) & torch.isfinite(new_loss)
+            stop.record(idx, new_loss)
     # every accepted step lowers the loss, so the current parameters are the best ones
-    return _pack_fit(params, best_loss, epochs, ~active, data)
+    return pack_fit(params, stop.best_loss, stop.epochs, stop.converged, data)
