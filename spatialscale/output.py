@@ -41,7 +41,8 @@ import numpy as np
 
 from spatialscale.errors import InputError
 
-__all__ = ["RESULTS_MARK", "PARTIAL_MARK", "PartialStore", "OutputLock", "Output", "claim_output",
+__all__ = ["remove_empty_folders",
+           "RESULTS_MARK", "PARTIAL_MARK", "PartialStore", "OutputLock", "Output", "claim_output",
            "array_checksum", "dataset_checksums", "open_results", "StaleRunError"]
 
 log = logging.getLogger("spatialscale")
@@ -361,7 +362,7 @@ class Output:
         """Release the lock; folders the claim created and never used are removed."""
         self.lock.release()
         if self.partial is None and not self.out.exists():
-            _remove_empty(self.created)
+            remove_empty_folders(self.created)
 
 
 def open_results(path: str | os.PathLike) -> Any:
@@ -450,13 +451,13 @@ def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path]
     except BaseException:
         with contextlib.suppress(UnboundLocalError):
             lock.release()
-        _remove_empty(created)
+        remove_empty_folders(created)
         raise
     claim.created = created
     return claim
 
 
-def _remove_empty(folders: list[Path]) -> None:
+def remove_empty_folders(folders: list[Path]) -> None:
     """Remove folders a claim created, deepest first, if they are still empty."""
     for d in folders:
         with contextlib.suppress(OSError):

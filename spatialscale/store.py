@@ -114,7 +114,7 @@ def ingest(
         On missing keys, bad coordinates or counts, or nothing left after
         filtering; nothing is written in that case.
     """
-    from spatialscale.output import OutputLock
+    from spatialscale.output import OutputLock, remove_empty_folders
 
     store_path = Path(os.path.abspath(store_path))
     try:
@@ -129,6 +129,12 @@ def ingest(
             raise InputError(f"{name} must be a finite number >= 0 (got {value!r}).")
     _check_store_target(store_path, source, overwrite)
     src = AnnDataSource(source, layer)
+    created = [d for d in [store_path.parent, *store_path.parent.parents] if not d.exists()]
+    try:
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        src.close()
+        raise InputError(f"cannot create {store_path.parent} ({exc.strerror or exc}).") from None
     try:
         lock = OutputLock(store_path).acquire()
         try:
@@ -139,6 +145,9 @@ def ingest(
                            min_component_size=min_component_size, block_bytes=block_bytes, progress=progress)
         finally:
             lock.release()
+    except BaseException:
+        remove_empty_folders(created)  # folders made for a store that was never written
+        raise
     finally:
         src.close()
 

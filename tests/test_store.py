@@ -96,6 +96,17 @@ def test_user_adjacency_from_obsp(tmp_path, small_adata):
     assert store.kernel_token != default.kernel_token
 
 
+def test_store_in_a_new_folder(tmp_path, small_adata):
+    store = spatialscale.ingest(small_adata, tmp_path / "new" / "deeper" / "s.zarr")
+    assert store.n_genes > 0 and sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == ["s.zarr"]
+    bad = small_adata.copy()
+    bad.layers["counts"] = bad.layers["counts"].toarray()
+    bad.layers["counts"][0, 0] = -1
+    with pytest.raises(InputError, match="negative counts"):
+        spatialscale.ingest(bad, tmp_path / "other" / "deeper" / "s.zarr")
+    assert not (tmp_path / "other").exists()
+
+
 def test_existing_store_is_not_overwritten(tmp_path, small_adata):
     spatialscale.ingest(small_adata, tmp_path / "s.zarr")
     before = (tmp_path / "s.zarr" / "zarr.json").read_bytes()
