@@ -11,12 +11,12 @@ a GPU or a cluster::
 
 from spatialscale._version import __version__
 from spatialscale.api import du_test, feature_summary, fitted_ratios, glmm_fit, merge_summary, sv_test
+from spatialscale.cohort import Cohort, ingest_cohort, open_cohort
 from spatialscale.errors import InputError
 from spatialscale.results import open_results
 from spatialscale.store import IsoformStore, ingest, open_store
 
 __all__ = [
-    "__version__", "InputError", "IsoformStore", "du_test", "feature_summary", "fitted_ratios",
-    "glmm_fit", "ingest", "open_results",
-    "merge_summary", "open_store", "sv_test",
+    "__version__", "Cohort", "InputError", "IsoformStore", "du_test", "feature_summary", "fitted_ratios",
+    "glmm_fit", "ingest", "ingest_cohort", "merge_summary", "open_cohort", "open_results", "open_store", "sv_test",
 ]

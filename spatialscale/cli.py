@@ -1,4 +1,4 @@
-"""Command line: ``spatialscale ingest | sv | glmm | du | summary | demo | bench``."""
+"""Command line: ``spatialscale ingest | cohort ingest | sv | du | glmm | summary | demo | bench``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,28 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_ingest_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layer", default="counts", help="layer with isoform counts (default counts)")
+    p.add_argument("--gene-key", default="gene_symbol", help="var column naming each isoform's gene")
+    p.add_argument("--spatial-key", default="spatial", help="obsm key of spot coordinates")
+    p.add_argument("--adj-key", default=None, help="obsp key of a user adjacency (instead of the kNN graph)")
+    p.add_argument("--min-counts", type=float, default=10, help="min total count of a kept isoform (10)")
+    p.add_argument("--min-bin-pct", type=float, default=0.0, help="min fraction (or %% if > 1) of spots with counts")
+    p.add_argument("--keep-single-isoform-genes", action="store_true", help="keep genes with one isoform")
+    p.add_argument("--min-component-size", type=int, default=1, help="drop spots in smaller graph components")
+    p.add_argument("--k-neighbors", type=int, default=4, help="neighbours of the kNN graph (4)")
+    p.add_argument("--rho", type=float, default=0.99, help="CAR autocorrelation, 0 <= rho < 1 (0.99)")
+    p.add_argument("--no-standardize-cov", action="store_true", help="keep the CAR covariance unstandardised")
+
+
+def _ingest_kwargs(args: argparse.Namespace) -> dict:
+    return {"layer": args.layer, "gene_key": args.gene_key, "spatial_key": args.spatial_key, "adj_key": args.adj_key,
+            "min_counts": args.min_counts, "min_bin_pct": args.min_bin_pct,
+            "filter_single_iso_genes": not args.keep_single_isoform_genes,
+            "min_component_size": args.min_component_size, "k_neighbors": args.k_neighbors, "rho": args.rho,
+            "standardize_cov": not args.no_standardize_cov}
 
 
 def _add_execution(p: argparse.ArgumentParser) -> None:
@@ -180,18 +202,24 @@ def _parser() -> argparse.ArgumentParser:
                        description="Ingest isoform counts from an AnnData into an isoform store (zarr).")
     p.add_argument("input", help="AnnData .h5ad file or .zarr store")
     p.add_argument("store", help="isoform store to create (directory)")
-    p.add_argument("--layer", default="counts", help="layer with isoform counts (default counts)")
-    p.add_argument("--gene-key", default="gene_symbol", help="var column naming each isoform's gene")
-    p.add_argument("--spatial-key", default="spatial", help="obsm key of spot coordinates")
-    p.add_argument("--adj-key", default=None, help="obsp key of a user adjacency (instead of the kNN graph)")
-    p.add_argument("--min-counts", type=float, default=10, help="min total count of a kept isoform (10)")
-    p.add_argument("--min-bin-pct", type=float, default=0.0, help="min fraction (or %% if > 1) of spots with counts")
-    p.add_argument("--keep-single-isoform-genes", action="store_true", help="keep genes with one isoform")
-    p.add_argument("--min-component-size", type=int, default=1, help="drop spots in smaller graph components")
-    p.add_argument("--k-neighbors", type=int, default=4, help="neighbours of the kNN graph (4)")
-    p.add_argument("--rho", type=float, default=0.99, help="CAR autocorrelation, 0 <= rho < 1 (0.99)")
-    p.add_argument("--no-standardize-cov", action="store_true", help="keep the CAR covariance unstandardised")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    _add_ingest_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing isoform store")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    p = sub.add_parser("cohort", help="many sections: ingest a manifest into a cohort folder",
+                       description="Cohorts of tissue sections, one isoform store each.")
+    cohort = p.add_subparsers(dest="cohort_command", required=True)
+    p = cohort.add_parser("ingest", help="ingest every section of a manifest (sections in parallel)",
+                          description="Ingest every section listed in MANIFEST (CSV or TSV: a 'section' id column, "
+                          "a 'path' column, further columns kept as section metadata) into OUT_DIR, one isoform "
+                          "store per section. Sections that fail are named; the others are kept, and a re-run "
+                          "ingests only what is missing or changed.")
+    p.add_argument("manifest", help="CSV / TSV manifest")
+    p.add_argument("out_dir", help="cohort folder (created, or completed)")
+    _add_ingest_options(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (or 'threads')")
+    where.add_argument("--workers", type=int, metavar="N", help="start a LocalCluster with N worker processes")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     for command in COMMANDS:
@@ -232,14 +260,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "ingest":
         from spatialscale.store import ingest
 
-        store = ingest(
-            args.input, args.store, layer=args.layer, gene_key=args.gene_key, spatial_key=args.spatial_key,
-            adj_key=args.adj_key, min_counts=args.min_counts, min_bin_pct=args.min_bin_pct,
-            filter_single_iso_genes=not args.keep_single_isoform_genes,
-            min_component_size=args.min_component_size, k_neighbors=args.k_neighbors, rho=args.rho,
-            standardize_cov=not args.no_standardize_cov, overwrite=args.overwrite, progress=not args.no_progress,
-        )
+        store = ingest(args.input, args.store, **_ingest_kwargs(args), overwrite=args.overwrite,
+                       progress=not args.no_progress)
         print(f"wrote {store!r}")
+        return 0
+    if args.command == "cohort":
+        from spatialscale.cohort import ingest_cohort
+
+        cohort = ingest_cohort(args.manifest, args.out_dir, scheduler=args.scheduler, workers=args.workers,
+                               progress=not args.no_progress, **_ingest_kwargs(args))
+        print(f"cohort of {len(cohort.section_ids)} section(s) in {cohort.path}: {', '.join(cohort.section_ids)}")
         return 0
     if args.command in COMMANDS:
         return _run_family_command(args)

@@ -43,7 +43,7 @@ from spatialscale.sources import (
     validate_coords,
 )
 
-__all__ = ["ingest", "open_store", "IsoformStore", "STORE_FORMAT"]
+__all__ = ["ingest", "open_store", "IsoformStore", "STORE_FORMAT", "check_ingest_options"]
 
 STORE_FORMAT = 1
 PRECISION_KEY = "spatialscale_precision"
@@ -117,16 +117,9 @@ def ingest(
     from spatialscale.output import OutputLock, remove_empty_folders
 
     store_path = Path(os.path.abspath(store_path))
-    try:
-        params = KernelParams(k_neighbors=k_neighbors, rho=rho, standardize_cov=standardize_cov)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"invalid kernel parameters: {exc}") from None
-    for name, value, low in (("min_component_size", min_component_size, 1), ("block_bytes", block_bytes, 1)):
-        if isinstance(value, bool) or int(value) != value or value < low:
-            raise InputError(f"{name} must be a whole number >= {low} (got {value!r}).")
-    for name, value in (("min_counts", min_counts), ("min_bin_pct", min_bin_pct)):
-        if not np.isfinite(float(value)) or float(value) < 0:
-            raise InputError(f"{name} must be a finite number >= 0 (got {value!r}).")
+    params = check_ingest_options(min_counts=min_counts, min_bin_pct=min_bin_pct,
+                                  min_component_size=min_component_size, k_neighbors=k_neighbors, rho=rho,
+                                  standardize_cov=standardize_cov, block_bytes=block_bytes)
     _check_store_target(store_path, source, overwrite)
     src = AnnDataSource(source, layer)
     created = [d for d in [store_path.parent, *store_path.parent.parents] if not d.exists()]
@@ -150,6 +143,23 @@ def ingest(
         raise
     finally:
         src.close()
+
+
+def check_ingest_options(*, min_counts: float = 10, min_bin_pct: float = 0.0, min_component_size: int = 1,
+                         k_neighbors: int = 4, rho: float = 0.99, standardize_cov: bool = True,
+                         block_bytes: int = 256 << 20) -> KernelParams:
+    """Validate ingest's numeric options; return the kernel parameters (``InputError`` naming a bad one)."""
+    try:
+        params = KernelParams(k_neighbors=k_neighbors, rho=rho, standardize_cov=standardize_cov)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"invalid kernel parameters: {exc}") from None
+    for name, value, low in (("min_component_size", min_component_size, 1), ("block_bytes", block_bytes, 1)):
+        if isinstance(value, bool) or int(value) != value or value < low:
+            raise InputError(f"{name} must be a whole number >= {low} (got {value!r}).")
+    for name, value in (("min_counts", min_counts), ("min_bin_pct", min_bin_pct)):
+        if not np.isfinite(float(value)) or float(value) < 0:
+            raise InputError(f"{name} must be a finite number >= 0 (got {value!r}).")
+    return params
 
 
 def _is_store(path: Path) -> bool:

@@ -1,0 +1,246 @@
+"""Cohorts: many tissue sections, each its own isoform store, ingested in parallel from a manifest.
+
+A cohort folder holds ``cohort.json`` (spatialscale's marker, the sections
+and their metadata) and ``sections/<section>.zarr``, one isoform store (with
+its own kernel) per section.  :func:`ingest_cohort` reads a manifest (CSV or
+TSV with a ``section`` id column, a ``path`` column and any further columns
+as section metadata), ingests every section as its own task (local threads,
+a LocalCluster or an existing Dask cluster), keeps the sections that
+succeed, names the ones that fail, and on a re-run ingests only what is
+missing or changed.  :func:`open_cohort` opens the folder again.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from spatialscale._version import __version__
+from spatialscale.errors import InputError
+from spatialscale.store import IsoformStore, check_ingest_options, open_store
+
+__all__ = ["Cohort", "ingest_cohort", "open_cohort", "read_manifest"]
+
+COHORT_FILE = "cohort.json"
+COHORT_MARK = "spatialscale_cohort"
+_SECTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def read_manifest(manifest: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
+    """The sections of a manifest: index ``section``, column ``path`` (absolute), metadata columns.
+
+    Relative paths are relative to the manifest's folder.  A missing
+    ``section`` or ``path`` column, an empty manifest, a duplicated or
+    unusable section id is an :class:`InputError` (nothing is ingested).
+    """
+    if isinstance(manifest, pd.DataFrame):
+        table, base = manifest.copy(), Path.cwd()
+    else:
+        path = Path(manifest)
+        if not path.is_file():
+            raise InputError(f"manifest {path} does not exist.")
+        sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else None
+        try:
+            table = pd.read_csv(path, sep=sep, engine="python", dtype=str, keep_default_na=False)
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise InputError(f"manifest {path} is not a CSV / TSV table ({exc}).") from None
+        base = path.resolve().parent
+    missing = [c for c in ("section", "path") if c not in table.columns]
+    if missing:
+        raise InputError(f"manifest has no column(s) {missing} (columns: {list(table.columns)}).")
+    if table.empty:
+        raise InputError("manifest lists no sections.")
+    ids = table["section"].astype(str).str.strip()
+    bad = [s for s in ids if not _SECTION_ID.match(s)]
+    if bad:
+        raise InputError(f"section id {bad[0]!r} is empty or has characters other than letters, digits, '.', '_', '-'.")
+    dup = sorted(set(ids[ids.duplicated()]))
+    if dup:
+        raise InputError(f"section id(s) {dup} appear more than once in the manifest.")
+    table["section"] = ids
+    table["path"] = [str((base / p.strip()).resolve()) if p.strip() else "" for p in table["path"].astype(str)]
+    return table.set_index("section")
+
+
+@dataclass
+class Cohort:
+    """An opened cohort folder: its sections (with metadata) and their isoform stores."""
+
+    path: Path
+    sections: pd.DataFrame
+
+    @property
+    def section_ids(self) -> list[str]:
+        return list(self.sections.index)
+
+    def store(self, section: str) -> IsoformStore:
+        """The isoform store of one section."""
+        if section not in self.sections.index:
+            raise InputError(f"cohort {self.path} has no section {section!r} (sections: {self.section_ids}).")
+        return open_store(self.path / "sections" / f"{section}.zarr")
+
+    def __repr__(self) -> str:
+        return f"Cohort({str(self.path)!r}, sections={self.section_ids})"
+
+
+def open_cohort(path: str | os.PathLike) -> Cohort:
+    """Open a cohort folder written by :func:`ingest_cohort`."""
+    path = Path(os.path.abspath(path))
+    meta = _read_meta(path)
+    if meta is None:
+        raise InputError(f"{path} is not a cohort folder (no {COHORT_FILE}); create one with `spatialscale cohort "
+                         "ingest`.")
+    sections = pd.DataFrame(meta["sections"]).set_index("section")
+    for sid in sections.index:
+        if not (path / "sections" / f"{sid}.zarr").exists():
+            raise InputError(f"section {sid!r} of cohort {path} has no store; re-run `spatialscale cohort ingest`.")
+    return Cohort(path, sections)
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        meta = json.loads((path / COHORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get(COHORT_MARK) else None
+
+
+def _source_token(source: str, options: dict[str, Any]) -> str:
+    """What a section's store was made from: the input file (path, size, time) and the ingest options."""
+    st = Path(source).stat()
+    blob = json.dumps({"source": source, "size": st.st_size, "mtime": st.st_mtime_ns, "options": options},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _ingest_section(source: str, store: str, options: dict[str, Any]) -> dict[str, Any]:
+    """One task: ingest one section (replacing only an isoform store of an earlier attempt)."""
+    from spatialscale.store import ingest
+
+    st = ingest(source, store, overwrite=True, **options)
+    return {"n_spots": st.n_spots, "n_genes": st.n_genes}
+
+
+def ingest_cohort(
+    manifest: str | os.PathLike | pd.DataFrame,
+    out_dir: str | os.PathLike,
+    *,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Cohort:
+    """Ingest every section of a manifest into its own isoform store, sections in parallel.
+
+    Parameters
+    ----------
+    manifest
+        CSV / TSV path (or a DataFrame): ``section`` ids, ``path`` of each
+        section's AnnData (``.h5ad`` or ``.zarr``), further columns kept as
+        section metadata (e.g. donor, condition).
+    out_dir
+        The cohort folder (created; an existing one is completed, never
+        emptied).
+    client, scheduler, workers
+        Where the ingest tasks run (as in :func:`spatialscale.sv_test`).
+    progress
+        Show a progress bar of sections.
+    **options
+        Options of :func:`spatialscale.ingest` (``layer``, ``gene_key``,
+        ``spatial_key``, filters, kernel parameters), the same for every section.
+
+    Returns
+    -------
+    Cohort
+        When every section is ingested.
+
+    Raises
+    ------
+    InputError
+        For a bad manifest or option (before anything is written), or, after
+        the good sections are kept, naming every section that failed (id,
+        path and problem).  Re-running after a fix ingests only what is
+        missing or changed.
+    """
+    from tqdm import tqdm
+
+    from spatialscale.engine import execution
+    from spatialscale.options import ExecutionOptions
+
+    table = read_manifest(manifest)
+    allowed = {"layer", "gene_key", "spatial_key", "adj_key", "min_counts", "min_bin_pct", "filter_single_iso_genes",
+               "min_component_size", "k_neighbors", "rho", "standardize_cov", "block_bytes"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise InputError(f"unknown ingest option(s) {unknown}; choose from {sorted(allowed)}.")
+    check_ingest_options(**{k: v for k, v in options.items() if k in (
+        "min_counts", "min_bin_pct", "min_component_size", "k_neighbors", "rho", "standardize_cov", "block_bytes")})
+    run = ExecutionOptions(client=client, scheduler=scheduler, workers=workers, progress=progress).validated()
+    out = Path(os.path.abspath(out_dir))
+    if out.exists() and _read_meta(out) is None and any(out.iterdir()):
+        raise InputError(f"{out} exists and is not a cohort folder; choose another OUT_DIR (spatialscale never "
+                         "replaces what it did not write).")
+    for sid, src in table["path"].items():
+        if src and (Path(src) == out or out in Path(src).parents):
+            raise InputError(f"section {sid!r}: its input {src} lies inside the cohort folder {out}.")
+
+    done = {s["section"]: s for s in (_read_meta(out) or {}).get("sections", [])}
+    failures: dict[str, str] = {}
+    todo: dict[str, tuple[str, str]] = {}
+    kept: dict[str, dict] = {}
+    for sid, row in table.iterrows():
+        src = row["path"]
+        if not src or not Path(src).exists():
+            failures[sid] = f"{src or '(no path)'}: input does not exist"
+            continue
+        token = _source_token(src, options)
+        store = out / "sections" / f"{sid}.zarr"
+        prev = done.get(sid)
+        if prev is not None and prev.get("token") == token and store.exists():
+            kept[sid] = prev
+            continue
+        todo[sid] = (src, token)
+    (out / "sections").mkdir(parents=True, exist_ok=True)
+    with execution(run.client, scheduler=run.scheduler, workers=run.workers) as runner:
+        futures = {runner.submit(_ingest_section, src, str(out / "sections" / f"{sid}.zarr"), options,
+                                 key=f"ingest-{sid}-{uuid.uuid4().hex[:6]}"): sid for sid, (src, _) in todo.items()}
+        with tqdm(total=len(table), initial=len(kept), desc="cohort ingest", unit="section",
+                  disable=not progress) as bar:
+            for fut in runner.as_completed(list(futures)):
+                sid = futures[fut]
+                try:
+                    info = fut.result()
+                except Exception as exc:  # noqa: BLE001 - each section's failure is reported by id
+                    failures[sid] = f"{todo[sid][0]}: {' '.join(str(exc).split())}"
+                else:
+                    kept[sid] = {"section": sid, "token": todo[sid][1], **info}
+                bar.update(1)
+    rows = []
+    for sid, row in table.iterrows():
+        if sid in kept:
+            meta = {k: v for k, v in row.items()}
+            rows.append({**meta, **kept[sid], "section": sid})
+    _write_meta(out, rows)
+    if failures:
+        listed = "; ".join(f"section {sid!r} ({msg})" for sid, msg in sorted(failures.items()))
+        raise InputError(f"{len(failures)} of {len(table)} section(s) failed: {listed}. The other sections are in "
+                         f"{out}; fix these and re-run to ingest only what is missing.")
+    return open_cohort(out)
+
+
+def _write_meta(out: Path, rows: list[dict]) -> None:
+    meta = {COHORT_MARK: True, "format": 1, "spatialscale_version": __version__,
+            "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "sections": rows}
+    tmp = out / f".{COHORT_FILE}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(meta, indent=1, default=str))
+    os.replace(tmp, out / COHORT_FILE)
