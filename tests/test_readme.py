@@ -1,7 +1,8 @@
 """The README's examples run as written.
 
 Every fenced ```bash and ```python block of README.md is extracted and run, in README order, on a small
-simulated section written as ``sample.h5ad`` (obs ``celltype``, ``rbp``, ``region``, as the examples use).
+simulated section written as ``sample.h5ad`` (obs ``celltype``, ``rbp``, ``region``, as the examples use)
+and a ``manifest.csv`` of two sections for the cohort examples.
 
 - bash: each command line (continuations joined, ``# comments`` dropped) runs as a subprocess;
   ``spatialscale ...`` becomes ``python -m spatialscale.cli ...`` (plus ``--no-progress`` where the
@@ -47,6 +48,8 @@ _CLIENT = 'client = Client(LocalCluster(n_workers=2, host="127.0.0.1"))'
 _STORE = 'store = spatialscale.open_store("sample.zarr")  # written by the first Python block'
 #: python blocks that use names (store, client) defined by earlier blocks: first line -> prelude
 PRELUDES = {
+    'cohort = spatialscale.ingest_cohort("manifest.csv", "cohort/", workers=2)   # or open_cohort("cohort/")':
+        "import spatialscale\n",
     'ds = spatialscale.du_test(store, ["celltype", "rbp"], method="hsic-gp", client=client, out="du.zarr")':
         f"import spatialscale\nfrom dask.distributed import Client, LocalCluster\n{_CLIENT}\n{_STORE}\n",
     'ds = spatialscale.du_test(store, ["celltype", "rbp"], method="glmm-score", model="glmm-full", client=client)':
@@ -156,6 +159,8 @@ def workdir(tmp_path_factory):
     for sub in ("cli", "python"):
         (base / sub).mkdir()
         adata.write_h5ad(base / sub / "sample.h5ad")
+        # the cohort examples' manifest: two sections (the same file twice will do)
+        (base / sub / "manifest.csv").write_text("section,path,donor\nA1,sample.h5ad,d1\nB1,sample.h5ad,d2\n")
     return base
 
 
