@@ -30,6 +30,8 @@ from spatialscale.output import PartialStore
 log = logging.getLogger("spatialscale")
 
 __all__ = [
+    "Work",
+    "run_work",
     "Batch",
     "check_worker_paths",
     "local_cluster",
@@ -135,6 +137,25 @@ def free_device_memory(device: str) -> int | None:
         return None
 
 
+class _ThreadCompletion:
+    """``distributed.as_completed`` for ``concurrent.futures``: iterate done futures, ``add`` new ones meanwhile."""
+
+    def __init__(self, futures: Sequence[Any]) -> None:
+        self._pending = list(futures)
+
+    def add(self, future: Any) -> None:
+        self._pending.append(future)
+
+    def __iter__(self) -> Iterator[Any]:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        while self._pending:
+            done, _ = wait(self._pending, return_when=FIRST_COMPLETED)
+            for fut in [f for f in self._pending if f in done]:
+                self._pending.remove(fut)
+                yield fut
+
+
 class _ThreadRunner:
     """Runs tasks in local threads (no cluster)."""
 
@@ -158,6 +179,10 @@ class _ThreadRunner:
         from concurrent.futures import as_completed
 
         return as_completed(futures)
+
+    def completion(self, futures: Sequence[Any]) -> _ThreadCompletion:
+        """Futures as they complete; more can be added while iterating."""
+        return _ThreadCompletion(futures)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -188,6 +213,12 @@ class _DaskRunner:
         from distributed import as_completed
 
         return as_completed(futures, loop=self.client.loop)  # this client's, not the default one
+
+    def completion(self, futures: Sequence[Any]) -> Any:
+        """Futures as they complete; more can be added while iterating (``distributed.as_completed``)."""
+        from distributed import as_completed
+
+        return as_completed(futures, loop=self.client.loop)
 
     def close(self) -> None:
         pass
@@ -374,6 +405,17 @@ def _run_one(task: Callable, batch: Batch, partial: PartialStore | None, *extra:
     return result
 
 
+@dataclass(frozen=True)
+class Work:
+    """One batch of one section's run: the task, its batch, where it is recorded, and extra task arguments."""
+
+    task: Callable
+    batch: Batch
+    partial: PartialStore | None = None
+    extra: tuple = ()
+    tag: str = ""
+
+
 def run_batches(
     task: Callable[[Batch], dict[str, np.ndarray]],
     batches: Sequence[Batch],
@@ -405,32 +447,57 @@ def run_batches(
         More arguments of ``task`` after the batch (e.g. a scattered
         design matrix: futures given here are resolved on the worker).
     """
+    return run_work([Work(task, b, partial, extra) for b in batches], runner, progress=progress, label=label)
+
+
+def run_work(items: Sequence[Work], runner: Any, *, progress: bool = True, label: str = "batches",
+             max_in_flight: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Run every item not already recorded; return results in item order.
+
+    Items may come from several sections (different tasks and partial
+    stores) and run as one set of tasks on one runner.  At most
+    ``max_in_flight`` tasks are submitted at a time (``None``: all), so the
+    client's and scheduler's memory stays bounded whatever the number of
+    items; recorded items are verified and reused (see
+    :meth:`PartialStore.load`).
+    """
     from tqdm import tqdm
 
     results: dict[int, dict[str, np.ndarray]] = {}
     todo = []
-    for i, b in enumerate(batches):
-        done = partial.load(b) if partial is not None else None
+    for i, w in enumerate(items):
+        done = w.partial.load(w.batch) if w.partial is not None else None
         if done is not None:
             results[i] = done
         else:
             todo.append(i)
-    log.info("%s: %d batches, %d already done, %d to run (%s)", label, len(batches), len(batches) - len(todo),
+    log.info("%s: %d batches, %d already done, %d to run (%s)", label, len(items), len(items) - len(todo),
              len(todo), runner.kind)
     tag = uuid.uuid4().hex[:8]
-    futures = {}
-    for i in todo:
-        fut = runner.submit(_run_one, task, batches[i], partial, *extra, key=f"{label}-{tag}-{batches[i].name}")
-        futures[fut] = i
-    with tqdm(total=len(batches), initial=len(batches) - len(todo), desc=label, unit="batch",
+    limit = len(todo) if max_in_flight is None else max(1, int(max_in_flight))
+    queue = list(reversed(todo))
+    pending: dict[Any, int] = {}
+
+    def submit_next() -> Any:
+        i = queue.pop()
+        w = items[i]
+        fut = runner.submit(_run_one, w.task, w.batch, w.partial, *w.extra, key=f"{label}-{tag}{w.tag}-{w.batch.name}")
+        pending[fut] = i
+        return fut
+
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc=label, unit="batch",
               disable=not progress) as bar:
         try:
-            for fut in runner.as_completed(list(futures)):
-                results[futures[fut]] = fut.result()
+            while queue and len(pending) < limit:
+                submit_next()
+            flow = runner.completion(list(pending))
+            for fut in flow:
+                results[pending.pop(fut)] = fut.result()
                 bar.update(1)
+                if queue:
+                    flow.add(submit_next())
         except BaseException:
-            for fut in futures:  # batches already recorded stay; the rest are dropped
+            for fut in pending:  # batches already recorded stay; the rest are dropped
                 fut.cancel()
             raise
-    return [results[i] for i in range(len(batches))]
-
+    return [results[i] for i in range(len(items))]

@@ -257,3 +257,28 @@ def test_batch_memory_sizes_the_batches(store, reference, monkeypatch):
     three = [[b.n_genes for b in plan if b.n_isoforms == 3] for _, plan in plans]
     assert max(three[1]) == 2 and max(three[2]) == 1  # 2.5 and 1.5 genes' worth of memory
     assert len(three[2]) > len(three[1]) > 1
+
+
+def test_run_work_bounds_tasks_in_flight_and_keeps_order():
+    import threading
+    import time
+
+    from spatialscale.engine import Work, run_work
+
+    state = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def task(batch: Batch) -> dict:
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.01)
+        with lock:
+            state["now"] -= 1
+        return {"g": np.arange(batch.gene_start, batch.gene_stop)}
+
+    items = [Work(task, Batch(2 * i, 2 * i + 2, 4 * i, 4 * i + 4, 2)) for i in range(20)]
+    with execution(scheduler="threads", threads=8) as runner:
+        out = run_work(items, runner, progress=False, max_in_flight=3)
+    np.testing.assert_array_equal(np.concatenate([o["g"] for o in out]), np.arange(40))
+    assert 1 <= state["max"] <= 3
