@@ -104,6 +104,7 @@ def sv_test(
     fit: str | None = None,
     glmm: dict[str, Any] | None = None,
     with_summary: bool = False,
+    combine: str | None = None,
     execution: ExecutionOptions,
     **extra: Any,
 ) -> xr.Dataset:
@@ -112,7 +113,10 @@ def sv_test(
     Parameters
     ----------
     store
-        An opened store or its path.
+        An opened store or its path, or a cohort (:func:`spatialscale.open_cohort`
+        or a cohort folder): then every section is tested in one set of
+        tasks and the results gain a ``section`` dimension and per-gene
+        combined p-values (see :func:`spatialscale.cohort.run_cohort`).
     method
         ``hsic-ir`` (isoform ratios), ``hsic-ic`` (isoform counts),
         ``hsic-gc`` (gene counts), or ``glmm-llr``: ``2 (l_full - l_null)``
@@ -145,6 +149,10 @@ def sv_test(
         Also return the gene-level feature summaries (``gene_perplexity``,
         ``gene_count_avg``...; see :func:`feature_summary`), computed by the
         same tasks from the counts they read.
+    combine
+        Cohorts: how each gene's section p-values are combined, ``cauchy``
+        (default; valid under dependence), ``fisher`` or ``stouffer``
+        (weights ``sqrt(n_spots)``).
     {execution}
 
     Returns
@@ -155,7 +163,8 @@ def sv_test(
     """
     given = {"null": null, "transformation": transformation, "nan_filling": nan_filling, "n_perms": n_perms,
              "perm_seed": perm_seed, "fit": fit, "glmm": glmm, **extra}
-    return run_family("sv", store, method=method, options=given, execution=execution, with_summary=with_summary)
+    return run_family("sv", store, method=method, options=given, execution=execution, with_summary=with_summary,
+                      combine=combine)
 
 
 @_with_execution
@@ -173,6 +182,7 @@ def du_test(
     fit: str | None = None,
     glmm: dict[str, Any] | None = None,
     with_summary: bool = False,
+    combine: str | None = None,
     execution: ExecutionOptions,
     **extra: Any,
 ) -> xr.Dataset:
@@ -244,8 +254,8 @@ def du_test(
         and is conservative for GLMM fits) or ``adjusted`` (``Var(s) = Z' P Z``
         of the linearised GLMM with the intercepts and the random effect
         accounted for, GMMAT-style).
-    with_summary
-        As in :func:`sv_test`.
+    with_summary, combine
+        As in :func:`sv_test` (``store`` may be a cohort too).
     {execution}
 
     Returns
@@ -258,7 +268,7 @@ def du_test(
     given = {"transformation": transformation, "nan_filling": nan_filling, "residualize": residualize, "null": null,
              "gp": gp, "model": model, "fit": fit, "glmm": glmm, **extra}
     return run_family("du", store, method=method, options=given, execution=execution, covariates=covariates,
-                      with_summary=with_summary)
+                      with_summary=with_summary, combine=combine)
 
 
 @_with_execution

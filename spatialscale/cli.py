@@ -105,7 +105,8 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
     families = [f for f in FAMILIES.values() if f.command == command]
     p = sub.add_parser(command, help=short, description=description + " Options come from the test families: "
                        + "; ".join(f"{f.name}: {f.description}" for f in families) + ".")
-    p.add_argument("store", help="isoform store (from `spatialscale ingest`)")
+    p.add_argument("store", help="isoform store (from `spatialscale ingest`)"
+                   + (", or a cohort folder (from `spatialscale cohort ingest`)" if command in ("sv", "du") else ""))
     p.add_argument("--out", required=True, help=out_help)
     cov = {f.covariates for f in families} - {"none"}
     if cov:
@@ -135,6 +136,8 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
         p.add_argument("--with-summary", action="store_true", help="add the gene-level feature summaries")
     if command in ("sv", "du"):
         p.add_argument("--top", type=int, default=10, help="print the N most significant results (10)")
+        p.add_argument("--combine", default=None, choices=("cauchy", "fisher", "stouffer"),
+                       help="when STORE is a cohort folder: how sections' p-values are combined per gene (cauchy)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace results of other options at --out (only results spatialscale wrote)")
     _add_execution(p)
@@ -148,7 +151,7 @@ def _run_family_command(args: argparse.Namespace) -> int:
         if decl[0][1].kind == "dict" and value is not None:
             value = dict(value)
         kwargs[name] = value
-    for name in ("method", "covariates", "with_summary"):
+    for name in ("method", "covariates", "with_summary", "combine"):
         if hasattr(args, name):
             kwargs[name] = getattr(args, name)
     covariates = kwargs.pop("covariates", None)
@@ -165,7 +168,14 @@ def _run_family_command(args: argparse.Namespace) -> int:
 
 
 def _report(command: str, args: argparse.Namespace, ds) -> None:
-    if command == "sv":
+    if "section" in ds.dims:
+        n_sig = int((ds["combined_pvalue_adj"] < 0.05).sum())
+        print(f"{ds.sizes['gene']} genes in {ds.sizes['section']} sections tested ({ds.attrs['method']}, "
+              f"{ds.attrs['combine']} combination); {n_sig} with combined BH-adjusted p < 0.05; results in {args.out}")
+        if args.top:
+            table = ds[["combined_pvalue", "combined_pvalue_adj", "n_sections_tested", "n_sections_significant"]]
+            print(table.to_dataframe().nsmallest(args.top, "combined_pvalue").to_string())
+    elif command == "sv":
         n_sig = int((ds["sv_pvalue_adj"] < 0.05).sum())
         print(f"{ds.sizes['gene']} genes tested ({ds.attrs['method']}, {ds.attrs['null']} null); "
               f"{n_sig} with BH-adjusted p < 0.05; results in {args.out}")

@@ -244,3 +244,79 @@ def _write_meta(out: Path, rows: list[dict]) -> None:
     tmp = out / f".{COHORT_FILE}.{uuid.uuid4().hex[:8]}"
     tmp.write_text(json.dumps(meta, indent=1, default=str))
     os.replace(tmp, out / COHORT_FILE)
+
+
+def is_cohort(obj: Any) -> bool:
+    """Whether ``obj`` is a :class:`Cohort` or the path of a cohort folder."""
+    if isinstance(obj, Cohort):
+        return True
+    if isinstance(obj, str | os.PathLike):
+        return _read_meta(Path(obj)) is not None
+    return False
+
+
+def run_cohort(family: Any, cohort: Cohort | str | os.PathLike, *, method: str | None, opts: dict[str, Any],
+               execution: Any, covariates: Any = None, with_summary: bool = False,
+               combine: str = "cauchy") -> Any:
+    """Run a family over every section of a cohort as one set of tasks; results over ``section`` x ``gene``.
+
+    Each section is prepared as a single-section run would be (so a section's
+    variables equal its own run's); the batches of all sections interleave
+    on one cluster with a bounded number of tasks in flight, and each
+    section's finished batches are recorded (and resumed) on their own.  The
+    per-section variables gain a ``section`` dimension (NaN where a gene is
+    not tested in a section); section metadata become coordinates on
+    ``section``; per gene, ``combined_pvalue`` combines the sections where the
+    gene was tested (``combine``: cauchy, fisher or stouffer weighted by
+    ``sqrt(n_spots)``), with its BH adjustment, ``n_sections_tested`` and
+    ``n_sections_significant`` (section-level adjusted p < 0.05).
+    """
+    import numpy as np
+    import xarray as xr
+
+    from spatialscale.families.common import run_spec
+    from spatialscale.stats.combine import COMBINATIONS, combine_pvalues
+    from spatialscale.stats.multitest import bh_adjust
+
+    if combine not in COMBINATIONS:
+        raise InputError(f"unknown combination {combine!r}; choose one of {', '.join(COMBINATIONS)}.")
+    if family.command not in ("sv", "du"):
+        raise InputError(f"{family.command} does not run on cohorts yet; run it per section (cohort.store(id)).")
+    cohort = cohort if isinstance(cohort, Cohort) else open_cohort(cohort)
+    specs = {}
+    for sid in cohort.section_ids:
+        store = cohort.store(sid)
+        try:
+            prep = family.prepare(store, method, opts, covariates, execution.device)
+        except InputError as exc:
+            raise InputError(f"section {sid!r}: {exc}") from None
+        specs[sid] = run_spec(store, prep, with_summary)
+    prefix = family.command
+    weights = np.sqrt([specs[s].store.n_spots for s in cohort.section_ids], dtype=np.float64)
+
+    def finalize(datasets: dict[str, xr.Dataset]) -> xr.Dataset:
+        per = []
+        for sid, ds in datasets.items():
+            keep = {k: v for k, v in ds.attrs.items() if not k.startswith("kernel_") and k not in (
+                "store", "n_spots", "n_genes", "created")}
+            per.append(ds.drop_attrs().expand_dims(section=[sid]))
+        out = xr.concat(per, dim="section", join="outer", combine_attrs="drop", fill_value=np.nan)
+        p = out[f"{prefix}_pvalue"].transpose(..., "section").values
+        adj = out[f"{prefix}_pvalue_adj"].transpose(..., "section").values
+        dims = [d for d in out[f"{prefix}_pvalue"].transpose(..., "section").dims if d != "section"]
+        combined = combine_pvalues(p, combine, weights if combine == "stouffer" else None)
+        out["combined_pvalue"] = (dims, combined)
+        out["combined_pvalue_adj"] = (dims, bh_adjust(combined, axis=0))
+        out["n_sections_tested"] = (dims, np.isfinite(p).sum(-1))
+        out["n_sections_significant"] = (dims, (np.nan_to_num(adj, nan=1.0) < 0.05).sum(-1))
+        meta = cohort.sections.drop(columns=[c for c in ("token",) if c in cohort.sections.columns])
+        for col in meta.columns:
+            out = out.assign_coords({f"section_{col}" if col in out.variables else col:
+                                     ("section", meta.loc[list(out["section"].values), col].to_numpy())})
+        out.attrs.update({**keep, "cohort": str(cohort.path), "combine": combine,
+                          "n_sections": len(cohort.section_ids)})
+        return out
+
+    from spatialscale.families.common import execute
+
+    return execute(specs, execution, finalize=finalize, protect=[cohort.path], label=f"cohort {prefix} {method}")

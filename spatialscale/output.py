@@ -51,6 +51,7 @@ RESULTS_MARK = "spatialscale_results"
 PARTIAL_MARK = "spatialscale_partial"
 CHECKSUMS_ATTR = "spatialscale_checksums"
 BATCHES = "_batches"
+SECTIONS = "_sections"
 
 
 class StaleRunError(RuntimeError):
@@ -104,18 +105,22 @@ class PartialStore:
     ----------
     root
         The run's staging group (the output itself, or a sibling while other
-        results stay in place).
+        results stay in place), or a section's folder inside it.
     fp
         Fingerprint of the run's options: batches of other runs are ignored.
     run_id
-        The run that owns ``root``; :meth:`write` refuses once another run
+        The run that owns ``owner``; :meth:`write` refuses once another run
         has taken it over (``None``: no ownership check).
+    owner
+        The staging group whose ``run_id`` decides (default ``root``).
     """
 
-    def __init__(self, root: str | os.PathLike, fp: str, run_id: str | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, fp: str, run_id: str | None = None,
+                 owner: str | os.PathLike | None = None) -> None:
         self.root = Path(root)
         self.fp = fp
         self.run_id = run_id
+        self.owner = Path(owner) if owner is not None else self.root
 
     def _path(self, batch: Any) -> Path:
         return self.root / BATCHES / batch.name
@@ -173,9 +178,9 @@ class PartialStore:
         """Raise :class:`StaleRunError` unless this run still owns :attr:`root`."""
         if self.run_id is None:
             return
-        owner = _attrs_of(self.root).get("run_id")
+        owner = _attrs_of(self.owner).get("run_id")
         if owner != self.run_id:
-            raise StaleRunError(f"{self.root} is now owned by another run; this run's batch was discarded.")
+            raise StaleRunError(f"{self.owner} is now owned by another run; this run's batch was discarded.")
 
     def write(self, batch: Any, result: dict[str, np.ndarray]) -> None:
         """Record a batch: arrays and checksums in a temporary group, renamed into place."""
@@ -262,7 +267,7 @@ def _is_ours(path: Path) -> bool:
     if not (attrs.get(RESULTS_MARK) or attrs.get(PARTIAL_MARK)):
         return False
     for entry in path.iterdir():
-        if entry.name in ("zarr.json", BATCHES) or entry.name.startswith(".zarr.json."):
+        if entry.name in ("zarr.json", BATCHES, SECTIONS) or entry.name.startswith(".zarr.json."):
             continue
         if not (entry.is_dir() and (entry / "zarr.json").exists()):
             return False
@@ -271,7 +276,7 @@ def _is_ours(path: Path) -> bool:
 
 def _stray_entries(path: Path) -> list[str]:
     return [e.name for e in path.iterdir()
-            if e.name not in ("zarr.json", BATCHES) and not (e.is_dir() and (e / "zarr.json").exists())]
+            if e.name not in ("zarr.json", BATCHES, SECTIONS) and not (e.is_dir() and (e / "zarr.json").exists())]
 
 
 def _within(a: Path, b: Path) -> bool:

@@ -30,6 +30,11 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "loss": (("gene",), "best negative log joint likelihood (GLM: negative log likelihood)"),
     "epochs": (("gene",), "optimiser epochs (GLM: Newton iterations) used by the gene"),
     "nu": (("gene", "spot", "contrast"), "fitted random effect (only on request)"),
+    # cohorts (spatialscale.cohort.run_cohort): per gene (and covariate for DU), over the sections that tested it
+    "combined_pvalue": (("gene",), "p-value combining the sections where the gene was tested (attribute combine)"),
+    "combined_pvalue_adj": (("gene",), "Benjamini-Hochberg adjusted combined_pvalue over genes"),
+    "n_sections_tested": (("gene",), "sections where the gene was tested"),
+    "n_sections_significant": (("gene",), "sections where the gene's adjusted p-value is below 0.05"),
     # feature summaries (SPLISOSM's extract_feature_summary; spatialscale.stats.summary)
     "gene_n_isos": (("gene",), "isoforms of the gene (SPLISOSM n_isos)"),
     "gene_perplexity": (("gene",), "exp(entropy) of the gene's pooled isoform usage: effective number of isoforms"),

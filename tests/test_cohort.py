@@ -92,3 +92,89 @@ def test_cli_cohort_ingest(inputs, tmp_path, capsys):
     assert main(["cohort", "ingest", str(man), str(tmp_path / "mine"), "--no-progress"]) == 2
     assert "not a cohort folder" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
+# ------------------------------------------------------------------ one graph over the sections
+@pytest.fixture(scope="module")
+def cohort(inputs, tmp_path_factory):
+    man = _manifest(inputs, [("A1", "s0.h5ad", "d1"), ("A2", "s1.h5ad", "d1"), ("B1", "s2.h5ad", "d2")],
+                    name="run.csv")
+    return spatialscale.ingest_cohort(man, tmp_path_factory.mktemp("runs") / "co", scheduler="threads",
+                                      progress=False)
+
+
+def test_each_section_equals_its_own_run_and_evidence_is_combined(cohort, client):
+    from spatialscale.stats.combine import cauchy_combine
+
+    ds = spatialscale.sv_test(cohort, client=client, batch_size=2, progress=False)
+    assert list(ds["section"].values) == ["A1", "A2", "B1"] and list(ds["donor"].values) == ["d1", "d1", "d2"]
+    for sid in cohort.section_ids:
+        own = spatialscale.sv_test(cohort.store(sid), scheduler="threads", progress=False)
+        got = ds.sel(section=sid, gene=own["gene"].values)
+        for v in ("sv_statistic", "sv_pvalue", "sv_pvalue_adj"):
+            np.testing.assert_array_equal(got[v].values, own[v].values)
+    p = ds["sv_pvalue"].transpose("gene", "section").values
+    np.testing.assert_array_equal(ds["combined_pvalue"].values, cauchy_combine(p))
+    np.testing.assert_array_equal(ds["n_sections_tested"].values, np.isfinite(p).sum(1))
+    assert ds.attrs["combine"] == "cauchy" and ds.attrs["n_sections"] == 3
+
+
+def test_a_cohort_of_one_section_gives_the_single_section_results(inputs, tmp_path):
+    man = _manifest(inputs, [("only", "s1.h5ad", "d1")], name="one.csv")
+    one = spatialscale.ingest_cohort(man, tmp_path / "co", scheduler="threads", progress=False)
+    ds = spatialscale.sv_test(one, combine="fisher", scheduler="threads", progress=False)
+    own = spatialscale.sv_test(one.store("only"), scheduler="threads", progress=False)
+    for v in ("sv_statistic", "sv_pvalue", "sv_pvalue_adj"):
+        np.testing.assert_array_equal(ds[v].isel(section=0).values, own[v].values)
+    np.testing.assert_allclose(ds["combined_pvalue"].values, own["sv_pvalue"].values, rtol=1e-10)
+
+
+def test_cohort_run_resumes_per_section_and_cli(cohort, tmp_path, monkeypatch, capsys):
+    import spatialscale.families.sv_hsic as fam
+
+    ref = spatialscale.sv_test(cohort, scheduler="threads", progress=False)
+    real = fam._sv_task
+    calls: list[str] = []
+
+    def flaky(store_path, *args):
+        if store_path.endswith("B1.zarr"):
+            raise RuntimeError("node lost")
+        return real(store_path, *args)
+
+    monkeypatch.setattr(fam, "_sv_task", flaky)
+    out = tmp_path / "sv.zarr"
+    with pytest.raises(RuntimeError, match="node lost"):
+        spatialscale.sv_test(cohort, out=out, batch_size=3, scheduler="threads", progress=False)
+    recorded = {d.name: len(list((d / "_batches").iterdir())) for d in (out / "_sections").iterdir()}
+    assert "B1" not in recorded or recorded["B1"] == 0
+
+    def counting(store_path, *args):
+        calls.append(store_path.rsplit("/", 1)[-1])
+        return real(store_path, *args)
+
+    monkeypatch.setattr(fam, "_sv_task", counting)
+    ds = spatialscale.sv_test(cohort, out=out, batch_size=3, scheduler="threads", progress=False)
+    per_section = cohort.store("A1").n_genes  # genes of 2-4 isoforms: one batch per gene at 8 genes a section
+    for sid in ("A1", "A2", "B1"):  # only what was not recorded ran again
+        assert calls.count(f"{sid}.zarr") == per_section - recorded.get(sid, 0)
+    for v in ("sv_pvalue", "combined_pvalue"):
+        np.testing.assert_array_equal(ds[v].values, ref[v].values)
+    back = spatialscale.open_results(out)
+    np.testing.assert_array_equal(back["combined_pvalue"].values, ref["combined_pvalue"].values)
+    monkeypatch.undo()
+    assert main(["sv", str(cohort.path), "--out", str(tmp_path / "cli.zarr"), "--scheduler", "threads",
+                 "--no-progress", "--top", "3", "--combine", "stouffer"]) == 0
+    assert "in 3 sections tested (hsic-ir, stouffer combination)" in capsys.readouterr().out
+    with pytest.raises(InputError, match="combine applies to cohorts"):
+        spatialscale.sv_test(cohort.store("A1"), combine="fisher", scheduler="threads")
+
+
+def test_du_over_a_cohort(cohort):
+    ds = spatialscale.du_test(cohort, ["rbp"], method="hsic", scheduler="threads", progress=False)
+    assert ds["du_pvalue"].dims == ("section", "gene", "covariate")
+    assert ds["combined_pvalue"].dims == ("gene", "covariate")
+    own = spatialscale.du_test(cohort.store("A2"), ["rbp"], method="hsic", scheduler="threads", progress=False)
+    np.testing.assert_array_equal(ds["du_pvalue"].sel(section="A2", gene=own["gene"].values).values,
+                                  own["du_pvalue"].values)
+    with pytest.raises(InputError, match="does not run on cohorts yet"):
+        spatialscale.glmm_fit(cohort, model="glm", scheduler="threads")

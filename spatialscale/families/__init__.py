@@ -18,7 +18,7 @@ import xarray as xr
 from spatialscale.errors import InputError
 from spatialscale.families import du_glmm, du_kernel, fit, summary, sv_hsic, sv_llr
 from spatialscale.families.base import Family, Option, Prepared, resolve_options
-from spatialscale.families.common import as_store, execute
+from spatialscale.families.common import as_store, execute, run_spec
 from spatialscale.options import ExecutionOptions
 from spatialscale.store import IsoformStore
 
@@ -44,7 +44,7 @@ def family_for(command: str, method: str | None) -> Family:
 
 def run_family(command: str, store: IsoformStore | str | os.PathLike, *, method: str | None,
                options: dict[str, Any], execution: ExecutionOptions, covariates: Any = None,
-               with_summary: bool = False) -> xr.Dataset:
+               with_summary: bool = False, combine: str | None = None) -> xr.Dataset:
     """Validate everything, then run a family's batches on the engine and return its Dataset.
 
     Parameters
@@ -59,6 +59,8 @@ def run_family(command: str, store: IsoformStore | str | os.PathLike, *, method:
         Covariates of DU tests and GLMM fits.
     with_summary
         Add the gene-level feature summaries (computed by the same tasks).
+    combine
+        Cohorts: how sections' p-values are combined per gene (cauchy by default).
     """
     execution = execution.validated()
     family = family_for(command, method)
@@ -74,9 +76,14 @@ def run_family(command: str, store: IsoformStore | str | os.PathLike, *, method:
         raise InputError(f"{command} {method or ''} takes no covariates.".replace("  ", " "))
     if with_summary and not family.summaries:
         raise InputError(f"with_summary does not apply to {command}.")
+    from spatialscale.cohort import is_cohort, run_cohort
+
+    if is_cohort(store):
+        return run_cohort(family, store, method=method, opts=opts, execution=execution, covariates=covariates,
+                          with_summary=with_summary, combine=combine or "cauchy")
+    if combine is not None:
+        raise InputError("combine applies to cohorts (a Cohort or a cohort folder), not to one store.")
     store = as_store(store)
     prep = family.prepare(store, method, opts, covariates, execution.device)
-    return execute(store, kind=prep.kind, params=prep.params, task=prep.task, bytes_per_gene=prep.bytes_per_gene,
-                   options=execution, label=prep.label, assemble=prep.assemble, shared=prep.shared,
-                   fingerprint_extra=prep.fingerprint_extra, min_batches=prep.min_batches,
-                   with_summary=with_summary)
+    spec = run_spec(store, prep, with_summary)
+    return execute({"": spec}, execution, finalize=lambda ds: ds[""], protect=[store.path], label=prep.label)

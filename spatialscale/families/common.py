@@ -13,12 +13,15 @@ import numpy as np
 import xarray as xr
 
 from spatialscale._version import __version__
-from spatialscale.engine import Batch, check_worker_paths, execution, fingerprint, plan_batches, run_batches
+from spatialscale.engine import Batch, Work, check_worker_paths, execution, fingerprint, plan_batches, run_work
 from spatialscale.errors import InputError
 from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM  # noqa: F401 - re-exported
 from spatialscale.options import ExecutionOptions
-from spatialscale.output import claim_output
+from spatialscale.output import SECTIONS, PartialStore, claim_output
 from spatialscale.store import IsoformStore, open_store, read_count_columns
+
+#: tasks submitted at a time when several runs (a cohort's sections) share one graph
+MAX_IN_FLIGHT = 64
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -50,50 +53,87 @@ def provenance(store: IsoformStore) -> dict[str, Any]:
     }
 
 
-def execute(store: IsoformStore, *, kind: str, params: dict[str, Any], task: Any, bytes_per_gene: Any,
-            options: ExecutionOptions, label: str, assemble: Callable[[_Run], xr.Dataset], shared: Any = None,
-            fingerprint_extra: Any = None, min_batches: int = MIN_BATCHES, with_summary: bool = False) -> xr.Dataset:
-    """Plan batches, run them where asked (resuming from ``options.out``), assemble and write the results.
+@dataclass
+class RunSpec:
+    """One section's part of a run: its store, the family's prepared run, the task as sent, its fingerprint."""
 
-    ``options`` must already be validated (:meth:`ExecutionOptions.validated`)
-    and every other input checked: from here on the output is claimed
-    (locked; see :mod:`spatialscale.output`) and written.  ``assemble`` turns
-    the per-batch results into the Dataset.  With ``with_summary`` every task
-    also returns the gene-level feature summaries of its genes (see
-    :func:`summary_variables`).  ``shared`` (an array every task receives as
-    its last argument, sent to the workers once) may be a callable, evaluated
-    only if some batch is left to run.
+    store: IsoformStore
+    prep: Any
+    task: Any
+    fp: str
+
+
+def run_spec(store: IsoformStore, prep: Any, with_summary: bool = False) -> RunSpec:
+    """The task and fingerprint of a prepared run on one store.
+
+    With ``with_summary`` every task also returns the gene-level feature
+    summaries of its genes (see :func:`summary_variables`).
     """
     store_path = str(store.path.resolve())
+    task, params = prep.task, prep.params
     if with_summary:  # the gene-level feature summaries ride along with each batch's test
         task = functools.partial(_summarised, task, store_path)
         params = {**params, "with_summary": True}
-    fp = fingerprint(kind=kind, store=store_path, kernel=store.kernel_token,
-                     genes=list(store.genes.index), extra=fingerprint_extra, **params)
+    fp = fingerprint(kind=prep.kind, store=store_path, kernel=store.kernel_token,
+                     genes=list(store.genes.index), extra=prep.fingerprint_extra, **params)
+    return RunSpec(store, prep, task, fp)
+
+
+def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
+            finalize: Callable[[dict[str, xr.Dataset]], xr.Dataset], protect: list, label: str,
+            fp: str | None = None) -> xr.Dataset:
+    """Plan the batches of one or several runs, run them as one set of tasks, assemble, write the results.
+
+    ``options`` must already be validated (:meth:`ExecutionOptions.validated`)
+    and every other input checked: from here on the output is claimed
+    (locked; see :mod:`spatialscale.output`) and written.  Each run's
+    ``prep.assemble`` turns its per-batch results into a Dataset and
+    ``finalize`` turns those (by key) into the result.  A run's ``shared``
+    value (sent to the workers once) may be a callable, evaluated only if
+    some of its batches are left to run.  With several runs (a cohort), their
+    batches interleave and each run's finished batches are recorded under
+    ``_sections/<key>`` of the output.
+    """
+    single = len(specs) == 1
+    fp = fp or (next(iter(specs.values())).fp if single else fingerprint(runs={k: v.fp for k, v in specs.items()}))
     claim = None
     if options.out is not None:
-        claim = claim_output(options.out, fp, overwrite=options.overwrite, protect=[store.path])
+        claim = claim_output(options.out, fp, overwrite=options.overwrite, protect=protect)
         if claim.existing is not None:
             claim.release()
             return claim.existing
     try:
         with execution(options.client, scheduler=options.scheduler, workers=options.workers,
                        device=options.device) as runner:
-            needed = {"store": store_path}
+            needed = {f"store {k}".strip(): str(v.store.path.resolve()) for k, v in specs.items()}
             if claim is not None:
                 needed["output folder"] = str(claim.out.parent)
             check_worker_paths(runner, needed)
             check_worker_device(runner, options.device)
             budget = batch_budget(options.batch_memory, runner, options.device)
-            batches = plan_batches(store.genes, store.n_spots, bytes_per_gene=bytes_per_gene, memory_bytes=budget,
-                                   batch_size=options.batch_size, min_batches=min_batches)
-            partial = claim.start() if claim is not None else None
-            if callable(shared):  # computed only when there is something left to run
-                shared = shared()
-            extra = () if shared is None else (runner.share(shared),)
-            parts = run_batches(task, batches, runner, partial=partial, progress=options.progress, label=label,
-                                extra=extra)
-        ds = assemble(_Run(parts, runner.kind, fp))
+            root = claim.start() if claim is not None else None
+            lanes = []
+            for key, spec in specs.items():
+                batches = plan_batches(spec.store.genes, spec.store.n_spots, bytes_per_gene=spec.prep.bytes_per_gene,
+                                       memory_bytes=budget, batch_size=options.batch_size,
+                                       min_batches=spec.prep.min_batches)
+                partial = root
+                if root is not None and not single:
+                    partial = PartialStore(root.root / SECTIONS / key, spec.fp, root.run_id, owner=root.root)
+                shared = spec.prep.shared
+                if callable(shared):  # computed only when some of the run's batches are left to run
+                    done = partial is not None and all(partial.load(b) is not None for b in batches)
+                    shared = None if done else shared()
+                extra = () if shared is None else (runner.share(shared),)
+                lanes.append([(key, Work(spec.task, b, partial, extra, tag=f"-{key}" if key else "")) for b in batches])
+            items = [lane[i] for i in range(max(map(len, lanes), default=0)) for lane in lanes if i < len(lane)]
+            parts = run_work([w for _, w in items], runner, progress=options.progress, label=label,
+                             max_in_flight=None if single else MAX_IN_FLIGHT)
+        by_key: dict[str, list] = {k: [] for k in specs}
+        for (key, _), part in zip(items, parts):
+            by_key[key].append(part)
+        datasets = {k: specs[k].prep.assemble(_Run(by_key[k], runner.kind, specs[k].fp)) for k in specs}
+        ds = finalize(datasets)
         if claim is not None:
             claim.commit(ds)
         return ds
