@@ -243,6 +243,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (2)")
     p.add_argument("--out-dir", default="demo-output", help="where the store and results go")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cohort", action="store_true",
+                   help="a cohort instead: --sections sections of 900-1600 spots x --genes genes, weak shared SV "
+                   "genes; prints per-section and combined recovery")
+    p.add_argument("--sections", type=int, default=4, help="sections of the --cohort demo (4)")
 
     p = sub.add_parser("bench", help="time spatialscale against SPLISOSM on the same simulated data",
                        description="Run SPLISOSM 1.2.0 and spatialscale on the same data in one run.")
@@ -284,8 +288,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in COMMANDS:
         return _run_family_command(args)
     if args.command == "demo":
-        from spatialscale.demo import run_demo
+        from spatialscale.demo import run_cohort_demo, run_demo
 
+        if args.cohort:
+            run_cohort_demo(n_sections=args.sections, n_genes=args.genes if args.genes != 400 else 200,
+                            workers=args.workers, out_dir=args.out_dir, seed=args.seed)
+            return 0
         run_demo(n_spots=args.spots, n_genes=args.genes, n_sv=args.sv_genes, workers=args.workers,
                  out_dir=args.out_dir, seed=args.seed)
         return 0

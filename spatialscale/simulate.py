@@ -9,6 +9,9 @@ spatial pattern (gradient, blob or stripes), and ``base_g`` for null genes.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import scipy.sparse
@@ -69,6 +72,7 @@ def simulate_section(
     library_sd: float = 0.0,
     sparse: bool = True,
     seed: int = 0,
+    sv_mask: np.ndarray | None = None,
 ):
     """Simulate one section as an AnnData.
 
@@ -98,6 +102,10 @@ def simulate_section(
         Store counts as CSR (else dense).
     seed
         Random seed; the same seed gives the same section.
+    sv_mask
+        ``(n_genes,)`` booleans: exactly these genes are spatially variable
+        (instead of ``n_sv`` random ones), e.g. the genes shared by the
+        sections of a cohort (:func:`simulate_cohort`); no DU genes then.
 
     Returns
     -------
@@ -121,6 +129,11 @@ def simulate_section(
     is_du[n_sv : n_sv + n_du] = True
     order = rng.permutation(n_genes)
     is_sv, is_du, p_of = is_sv[order], is_du[order], p_of[order]
+    if sv_mask is not None:
+        is_sv = np.asarray(sv_mask, dtype=bool).copy()
+        if is_sv.shape != (n_genes,):
+            raise ValueError("sv_mask must have one entry per gene.")
+        is_du[:] = False
     celltype = rng.choice(["ct0", "ct1", "ct2"], n)
     size = rng.lognormal(0.0, library_sd, n) if library_sd > 0 else np.ones(n)
     kinds = np.array(["gradient", "blob", "stripes"])
@@ -170,3 +183,60 @@ def null_section(n_spots: int = 900, n_genes: int = 2000, **kw):
 def truth(adata) -> pd.Series:
     """Gene -> whether it was simulated as spatially variable."""
     return adata.var.groupby("gene_symbol", sort=False, observed=True)["is_sv"].first().astype(bool)
+
+
+def simulate_cohort(
+    out_dir: str | os.PathLike,
+    n_sections: int = 4,
+    n_genes: int = 200,
+    *,
+    n_shared: int = 20,
+    n_specific: int = 10,
+    spots: tuple[int, int] = (900, 1600),
+    depth: tuple[float, float] = (4.0, 12.0),
+    effect: float = 0.5,
+    isoforms: tuple[int, int] = (2, 4),
+    seed: int = 0,
+) -> tuple[Path, pd.DataFrame]:
+    """Simulate a cohort of sections and write them with a manifest.
+
+    Sections differ in geometry (grid, hex, random in turn), size (spots
+    drawn in ``spots``) and depth (``depth``).  The same ``n_shared`` genes are
+    spatially variable in every section, and each section has ``n_specific``
+    further SV genes of its own; with a weak ``effect`` single sections miss
+    many shared genes that combining sections finds.
+
+    Returns
+    -------
+    manifest, truth
+        The manifest path (``out_dir/manifest.csv``: section, path, geometry,
+        n_spots, depth) and a gene x section table of which genes are SV
+        (column ``shared`` marks the shared ones).
+    """
+    if n_shared + n_specific > n_genes:
+        raise ValueError("n_shared + n_specific must not exceed n_genes.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    genes = np.array([f"gene{g:04d}" for g in range(n_genes)])
+    shared = np.zeros(n_genes, bool)
+    shared[rng.choice(n_genes, n_shared, replace=False)] = True
+    geometries = ("grid", "hex", "random")
+    rows, truth_cols = [], {}
+    for s in range(n_sections):
+        sid = f"S{s + 1:02d}"
+        mask = shared.copy()
+        mask[rng.choice(np.flatnonzero(~shared), n_specific, replace=False)] = True
+        n = int(rng.integers(spots[0], spots[1] + 1))
+        d = float(rng.uniform(*depth))
+        adata = simulate_section(n, n_genes, n_sv=0, isoforms=isoforms, geometry=geometries[s % 3], mean_depth=d,
+                                 effect=effect, seed=seed * 1000 + s + 1, sv_mask=mask)
+        adata.write_h5ad(out / f"{sid}.h5ad")
+        rows.append({"section": sid, "path": f"{sid}.h5ad", "geometry": geometries[s % 3], "n_spots": adata.n_obs,
+                     "depth": round(d, 2)})
+        truth_cols[sid] = mask
+    manifest = out / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    truth_table = pd.DataFrame(truth_cols, index=pd.Index(genes, name="gene"))
+    truth_table["shared"] = shared
+    return manifest, truth_table

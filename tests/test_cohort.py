@@ -178,3 +178,21 @@ def test_du_over_a_cohort(cohort):
                                   own["du_pvalue"].values)
     with pytest.raises(InputError, match="does not run on cohorts yet"):
         spatialscale.glmm_fit(cohort, model="glm", scheduler="threads")
+
+
+def test_simulate_cohort_and_the_cohort_demo(tmp_path, capsys):
+    import pandas as pd
+
+    from spatialscale.simulate import simulate_cohort
+
+    manifest, truth = simulate_cohort(tmp_path / "sim", 3, 60, n_shared=6, n_specific=4, spots=(100, 160), seed=1)
+    table = pd.read_csv(manifest)
+    assert list(table["section"]) == ["S01", "S02", "S03"] and list(table["geometry"]) == ["grid", "hex", "random"]
+    assert truth["shared"].sum() == 6 and (truth.drop(columns="shared").sum() == 10).all()
+    assert truth.loc[truth["shared"]].drop(columns="shared").all(axis=None)
+    a = spatialscale.ingest(tmp_path / "sim" / "S02.h5ad", tmp_path / "s2.zarr", min_counts=0)
+    assert a.n_spots == table.loc[1, "n_spots"]
+    assert main(["demo", "--cohort", "--sections", "2", "--genes", "40", "--workers", "1",
+                 "--out-dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "Genes SV in every section, found at 5% FDR" in out and "combined (cauchy)" in out
