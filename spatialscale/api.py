@@ -152,7 +152,9 @@ def sv_test(
     combine
         Cohorts: how each gene's section p-values are combined, ``cauchy``
         (default; valid under dependence), ``fisher`` or ``stouffer``
-        (weights ``sqrt(n_spots)``).
+        (weights ``sqrt(n_spots)``), or ``pooled`` (HSIC SV tests with the
+        Liu null: statistics summed over independent sections and tested
+        against their summed null mixtures).
     {execution}
 
     Returns

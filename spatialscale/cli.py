@@ -136,7 +136,7 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
         p.add_argument("--with-summary", action="store_true", help="add the gene-level feature summaries")
     if command in ("sv", "du"):
         p.add_argument("--top", type=int, default=10, help="print the N most significant results (10)")
-        p.add_argument("--combine", default=None, choices=("cauchy", "fisher", "stouffer"),
+        p.add_argument("--combine", default=None, choices=("cauchy", "fisher", "stouffer", "pooled"),
                        help="when STORE is a cohort folder: how sections' p-values are combined per gene (cauchy)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace results of other options at --out (only results spatialscale wrote)")

@@ -268,18 +268,22 @@ def run_cohort(family: Any, cohort: Cohort | str | os.PathLike, *, method: str |
     not tested in a section); section metadata become coordinates on
     ``section``; per gene, ``combined_pvalue`` combines the sections where the
     gene was tested (``combine``: cauchy, fisher or stouffer weighted by
-    ``sqrt(n_spots)``), with its BH adjustment, ``n_sections_tested`` and
+    ``sqrt(n_spots)``, or ``pooled``: the HSIC statistics summed and tested
+    against the summed null mixtures), with its BH adjustment, ``n_sections_tested`` and
     ``n_sections_significant`` (section-level adjusted p < 0.05).
     """
     import numpy as np
     import xarray as xr
 
     from spatialscale.families.common import run_spec
-    from spatialscale.stats.combine import COMBINATIONS, combine_pvalues
+    from spatialscale.stats.combine import COMBINATIONS, combine_pvalues, pooled_liu
     from spatialscale.stats.multitest import bh_adjust
 
-    if combine not in COMBINATIONS:
-        raise InputError(f"unknown combination {combine!r}; choose one of {', '.join(COMBINATIONS)}.")
+    if combine not in COMBINATIONS + ("pooled",):
+        raise InputError(f"unknown combination {combine!r}; choose one of {', '.join(COMBINATIONS + ('pooled',))}.")
+    if combine == "pooled" and (family.name != "sv-hsic" or opts.get("null") != "liu"):
+        raise InputError("combine='pooled' (summed HSIC statistics, Liu's p-value) applies to the HSIC SV tests "
+                         "with null='liu'.")
     if family.command not in ("sv", "du"):
         raise InputError(f"{family.command} does not run on cohorts yet; run it per section (cohort.store(id)).")
     cohort = cohort if isinstance(cohort, Cohort) else open_cohort(cohort)
@@ -294,7 +298,18 @@ def run_cohort(family: Any, cohort: Cohort | str | os.PathLike, *, method: str |
     prefix = family.command
     weights = np.sqrt([specs[s].store.n_spots for s in cohort.section_ids], dtype=np.float64)
 
-    def finalize(datasets: dict[str, xr.Dataset]) -> xr.Dataset:
+    def pooled(parts: dict[str, list], genes: np.ndarray) -> np.ndarray:
+        """Each gene's summed statistic against its summed null mixture, over the sections that tested it."""
+        stat = np.full((len(genes), len(parts)), np.nan)
+        cum = np.full((len(genes), len(parts), 4), np.nan)
+        where = {g: i for i, g in enumerate(genes)}
+        for j, (sid, batches) in enumerate(parts.items()):
+            rows = [where[g] for g in specs[sid].store.genes.index]
+            stat[rows, j] = np.concatenate([b["null_statistic"] for b in batches])
+            cum[rows, j] = np.concatenate([b["null_cumulants"] for b in batches])
+        return pooled_liu(stat, cum)
+
+    def finalize(datasets: dict[str, xr.Dataset], parts: dict[str, list]) -> xr.Dataset:
         per = []
         for sid, ds in datasets.items():
             keep = {k: v for k, v in ds.attrs.items() if not k.startswith("kernel_") and k not in (
@@ -304,7 +319,10 @@ def run_cohort(family: Any, cohort: Cohort | str | os.PathLike, *, method: str |
         p = out[f"{prefix}_pvalue"].transpose(..., "section").values
         adj = out[f"{prefix}_pvalue_adj"].transpose(..., "section").values
         dims = [d for d in out[f"{prefix}_pvalue"].transpose(..., "section").dims if d != "section"]
-        combined = combine_pvalues(p, combine, weights if combine == "stouffer" else None)
+        if combine == "pooled":
+            combined = pooled(parts, out["gene"].values)
+        else:
+            combined = combine_pvalues(p, combine, weights if combine == "stouffer" else None)
         out["combined_pvalue"] = (dims, combined)
         out["combined_pvalue_adj"] = (dims, bh_adjust(combined, axis=0))
         out["n_sections_tested"] = (dims, np.isfinite(p).sum(-1))

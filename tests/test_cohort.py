@@ -196,3 +196,34 @@ def test_simulate_cohort_and_the_cohort_demo(tmp_path, capsys):
                  "--out-dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "Genes SV in every section, found at 5% FDR" in out and "combined (cauchy)" in out
+
+
+def test_pooled_hsic_over_sections(cohort, inputs, tmp_path):
+    from spatialscale.stats.combine import pooled_liu
+
+    ds = spatialscale.sv_test(cohort, combine="pooled", scheduler="threads", progress=False)
+    assert ds.attrs["combine"] == "pooled"
+    pooled = ds["combined_pvalue"].values
+    assert np.isfinite(pooled).all() and ((pooled >= 0) & (pooled <= 1)).all()
+    # one section: the pooled test is the section's own Liu test
+    man = _manifest(inputs, [("only", "s1.h5ad", "d1")], name="pool1.csv")
+    one = spatialscale.ingest_cohort(man, tmp_path / "co", scheduler="threads", progress=False)
+    ds1 = spatialscale.sv_test(one, combine="pooled", scheduler="threads", progress=False)
+    np.testing.assert_array_equal(ds1["combined_pvalue"].values, ds1["sv_pvalue"].isel(section=0).values)
+    # the sums are those of the sections' own null mixtures
+    from spatialscale.stats.sv import sv_batch
+    from spatialscale.worker import kernel_operator
+
+    stat, cum = [], []
+    for sid in cohort.section_ids:
+        st = cohort.store(sid)
+        op, sums = kernel_operator(str(st.path), st.kernel_token)
+        g = ds["gene"].values[0]
+        counts = st.gene_counts(g)[None] if g in st.genes.index else None
+        out = sv_batch(counts, op, sums) if counts is not None else None
+        stat.append(np.nan if out is None else out["null_statistic"][0])
+        cum.append(np.full(4, np.nan) if out is None else out["null_cumulants"][0])
+    np.testing.assert_allclose(ds["combined_pvalue"].values[0], pooled_liu(np.array([stat]), np.array([cum]))[0],
+                               rtol=1e-12)
+    with pytest.raises(InputError, match="combine='pooled'"):
+        spatialscale.sv_test(cohort, null="welch", combine="pooled", scheduler="threads")

@@ -86,4 +86,4 @@ def run_family(command: str, store: IsoformStore | str | os.PathLike, *, method:
     store = as_store(store)
     prep = family.prepare(store, method, opts, covariates, execution.device)
     spec = run_spec(store, prep, with_summary)
-    return execute({"": spec}, execution, finalize=lambda ds: ds[""], protect=[store.path], label=prep.label)
+    return execute({"": spec}, execution, finalize=lambda ds, parts: ds[""], protect=[store.path], label=prep.label)

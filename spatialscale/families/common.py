@@ -80,7 +80,7 @@ def run_spec(store: IsoformStore, prep: Any, with_summary: bool = False) -> RunS
 
 
 def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
-            finalize: Callable[[dict[str, xr.Dataset]], xr.Dataset], protect: list, label: str,
+            finalize: Callable[[dict[str, xr.Dataset], dict[str, list]], xr.Dataset], protect: list, label: str,
             fp: str | None = None) -> xr.Dataset:
     """Plan the batches of one or several runs, run them as one set of tasks, assemble, write the results.
 
@@ -88,7 +88,8 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
     and every other input checked: from here on the output is claimed
     (locked; see :mod:`spatialscale.output`) and written.  Each run's
     ``prep.assemble`` turns its per-batch results into a Dataset and
-    ``finalize`` turns those (by key) into the result.  A run's ``shared``
+    ``finalize`` turns those (and the per-batch results, by key) into the
+    result.  A run's ``shared``
     value (sent to the workers once) may be a callable, evaluated only if
     some of its batches are left to run.  With several runs (a cohort), their
     batches interleave and each run's finished batches are recorded under
@@ -133,7 +134,7 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
         for (key, _), part in zip(items, parts):
             by_key[key].append(part)
         datasets = {k: specs[k].prep.assemble(_Run(by_key[k], runner.kind, specs[k].fp)) for k in specs}
-        ds = finalize(datasets)
+        ds = finalize(datasets, by_key)
         if claim is not None:
             claim.commit(ds)
         return ds

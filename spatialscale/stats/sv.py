@@ -125,7 +125,10 @@ def sv_batch(
     -------
     dict
         ``statistic`` (``Q / (n_eff - 1)^2``), ``pvalue`` and ``n_spots_used``,
-        each ``(B,)``.
+        each ``(B,)``; ``null_statistic`` (``Q``) and ``null_cumulants``
+        ``(B, 4)`` (its null's mixture sums ``c_1..c_4``; NaN where the test is
+        degenerate), which pool across independent sections
+        (:func:`spatialscale.stats.combine.pooled_liu`).
     """
     if nan_filling not in NAN_FILLINGS:
         raise ValueError(f"Unknown nan_filling {nan_filling!r}; choose from {NAN_FILLINGS}.")
@@ -158,7 +161,9 @@ def sv_batch(
     degenerate = (f[:, 1] <= 0) | (k[:, 1] <= 0)
     p = np.where(degenerate | ~finite, 1.0, p)
     stat = np.where(finite, q / np.maximum(n_eff - 1.0, 1.0) ** 2, np.nan)
-    return {"statistic": stat, "pvalue": p, "n_spots_used": n_eff.astype(np.int64)}
+    usable = finite & ~degenerate
+    return {"statistic": stat, "pvalue": p, "n_spots_used": n_eff.astype(np.int64),
+            "null_statistic": np.where(usable, q, np.nan), "null_cumulants": np.where(usable[:, None], c, np.nan)}
 
 
 def _permutation_statistics(op: KernelOperator, y: np.ndarray, n_perms: int, seed: int, block: int) -> np.ndarray:
