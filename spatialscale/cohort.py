@@ -210,13 +210,16 @@ def ingest_cohort(
             kept[sid] = prev
             continue
         todo[sid] = (src, token)
-    (out / "sections").mkdir(parents=True, exist_ok=True)
+    if _read_meta(out) is None:  # mark the folder as a cohort before anything goes into it, so that an
+        out.mkdir(parents=True, exist_ok=True)  # interrupted ingest leaves a folder a re-run recognises
+        _write_meta(out, [])
+    (out / "sections").mkdir(exist_ok=True)
     with execution(run.client, scheduler=run.scheduler, workers=run.workers) as runner:
         futures = {runner.submit(_ingest_section, src, str(out / "sections" / f"{sid}.zarr"), options,
                                  key=f"ingest-{sid}-{uuid.uuid4().hex[:6]}"): sid for sid, (src, _) in todo.items()}
         with tqdm(total=len(table), initial=len(kept), desc="cohort ingest", unit="section",
                   disable=not progress) as bar:
-            for fut in runner.as_completed(list(futures)):
+            for fut in runner.completion(list(futures)):
                 sid = futures[fut]
                 try:
                     info = fut.result()
@@ -302,19 +305,17 @@ def run_cohort(family: Any, cohort: Cohort | str | os.PathLike, *, method: str |
         """Each gene's summed statistic against its summed null mixture, over the sections that tested it."""
         stat = np.full((len(genes), len(parts)), np.nan)
         cum = np.full((len(genes), len(parts), 4), np.nan)
-        where = {g: i for i, g in enumerate(genes)}
         for j, (sid, batches) in enumerate(parts.items()):
-            rows = [where[g] for g in specs[sid].store.genes.index]
+            rows = pd.Index(genes).get_indexer(specs[sid].store.genes.index)
             stat[rows, j] = np.concatenate([b["null_statistic"] for b in batches])
             cum[rows, j] = np.concatenate([b["null_cumulants"] for b in batches])
         return pooled_liu(stat, cum)
 
     def finalize(datasets: dict[str, xr.Dataset], parts: dict[str, list]) -> xr.Dataset:
-        per = []
-        for sid, ds in datasets.items():
-            keep = {k: v for k, v in ds.attrs.items() if not k.startswith("kernel_") and k not in (
-                "store", "n_spots", "n_genes", "created")}
-            per.append(ds.drop_attrs().expand_dims(section=[sid]))
+        first = next(iter(datasets.values()))
+        keep = {k: v for k, v in first.attrs.items()  # the run's settings, not one section's store and kernel
+                if not k.startswith("kernel_") and k not in ("store", "n_spots", "n_genes", "created")}
+        per = [ds.drop_attrs().expand_dims(section=[sid]) for sid, ds in datasets.items()]
         out = xr.concat(per, dim="section", join="outer", combine_attrs="drop", fill_value=np.nan)
         p = out[f"{prefix}_pvalue"].transpose(..., "section").values
         adj = out[f"{prefix}_pvalue_adj"].transpose(..., "section").values

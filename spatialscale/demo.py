@@ -86,8 +86,6 @@ def run_cohort_demo(
     xarray.Dataset
         The cohort's SV results (also written to ``<out_dir>/cohort-sv.zarr``).
     """
-    import shutil
-
     import numpy as np
     from distributed import Client
 
@@ -105,8 +103,6 @@ def run_cohort_demo(
     with local_cluster(workers) as cluster, Client(cluster) as client:
         print(f"      LocalCluster with {workers} workers; dashboard: {client.dashboard_link}")
         t1 = time.perf_counter()
-        if (out / "cohort").exists() and not (out / "cohort" / "cohort.json").exists():
-            shutil.rmtree(out / "cohort")  # pragma: no cover - a leftover of an interrupted demo
         cohort = ingest_cohort(manifest, out / "cohort", client=client, progress=False)
         print(f"[2/3] ingested {len(cohort.section_ids)} sections: "
               + ", ".join(f"{s} ({cohort.store(s).n_spots} spots)" for s in cohort.section_ids)

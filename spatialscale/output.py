@@ -41,7 +41,7 @@ import numpy as np
 
 from spatialscale.errors import InputError
 
-__all__ = ["remove_empty_folders",
+__all__ = ["group_attributes", "remove_empty_folders",
            "RESULTS_MARK", "PARTIAL_MARK", "PartialStore", "OutputLock", "Output", "claim_output",
            "array_checksum", "dataset_checksums", "open_results", "StaleRunError"]
 
@@ -51,6 +51,8 @@ RESULTS_MARK = "spatialscale_results"
 PARTIAL_MARK = "spatialscale_partial"
 CHECKSUMS_ATTR = "spatialscale_checksums"
 BATCHES = "_batches"
+#: how every lock file spatialscale writes begins (a file without it is not ours)
+LOCK_PREFIX = b"pid "
 SECTIONS = "_sections"
 
 
@@ -80,7 +82,8 @@ def dataset_checksums(ds: Any) -> dict[str, str]:
     return {str(k): array_checksum(ds[k].values) for k in sorted(map(str, ds.variables))}
 
 
-def _attrs_of(path: Path) -> dict:
+def group_attributes(path: Path) -> dict:
+    """The attributes of a zarr v3 group (``{}`` if ``path`` holds none)."""
     try:
         return json.loads((path / "zarr.json").read_text()).get("attributes", {}) or {}
     except (OSError, ValueError):
@@ -133,9 +136,7 @@ class PartialStore:
         removed, so that it is recomputed.
         """
         path = self._path(batch)
-        attrs = _attrs_of(path)
-        if not path.exists():
-            return None
+        attrs = group_attributes(path)
         if attrs.get("fingerprint") != self.fp or not attrs.get("done"):
             return None
         problem = None
@@ -178,7 +179,7 @@ class PartialStore:
         """Raise :class:`StaleRunError` unless this run still owns :attr:`root`."""
         if self.run_id is None:
             return
-        owner = _attrs_of(self.owner).get("run_id")
+        owner = group_attributes(self.owner).get("run_id")
         if owner != self.run_id:
             raise StaleRunError(f"{self.owner} is now owned by another run; this run's batch was discarded.")
 
@@ -240,9 +241,14 @@ class OutputLock:
             except FileNotFoundError:
                 same = False
             if same:
+                content = os.pread(fd, len(LOCK_PREFIX), 0)
+                if content and not content.startswith(LOCK_PREFIX):  # someone else's file: never rewrite it
+                    os.close(fd)
+                    raise InputError(f"{self.path} exists and is not a spatialscale lock; move it or choose another "
+                                     "--out.")
                 break
             os.close(fd)
-        info = (f"pid {os.getpid()} on {socket.gethostname()} since "
+        info = (f"{LOCK_PREFIX.decode()}{os.getpid()} on {socket.gethostname()} since "
                 f"{_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')}")
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
@@ -263,20 +269,15 @@ def _is_ours(path: Path) -> bool:
     """A zarr group spatialscale wrote (marker) that holds nothing but zarr entries."""
     if not path.is_dir() or path.is_symlink():
         return False
-    attrs = _attrs_of(path)
-    if not (attrs.get(RESULTS_MARK) or attrs.get(PARTIAL_MARK)):
-        return False
-    for entry in path.iterdir():
-        if entry.name in ("zarr.json", BATCHES, SECTIONS) or entry.name.startswith(".zarr.json."):
-            continue
-        if not (entry.is_dir() and (entry / "zarr.json").exists()):
-            return False
-    return True
+    attrs = group_attributes(path)
+    return bool(attrs.get(RESULTS_MARK) or attrs.get(PARTIAL_MARK)) and not _stray_entries(path)
 
 
 def _stray_entries(path: Path) -> list[str]:
+    """Entries of a results folder that are not spatialscale's zarr content."""
     return [e.name for e in path.iterdir()
-            if e.name not in ("zarr.json", BATCHES, SECTIONS) and not (e.is_dir() and (e / "zarr.json").exists())]
+            if e.name not in ("zarr.json", BATCHES, SECTIONS) and not e.name.startswith(".zarr.json.")
+            and not (e.is_dir() and (e / "zarr.json").exists())]
 
 
 def _within(a: Path, b: Path) -> bool:
@@ -287,8 +288,9 @@ def _within(a: Path, b: Path) -> bool:
 def _refusal(out: Path) -> str:
     if not out.is_dir():
         return f"{out} exists and is not a spatialscale results folder; choose another --out."
-    if not (_attrs_of(out).get(RESULTS_MARK) or _attrs_of(out).get(PARTIAL_MARK)):
-        if _attrs_of(out).get("spatialscale"):
+    attrs = group_attributes(out)
+    if not (attrs.get(RESULTS_MARK) or attrs.get(PARTIAL_MARK)):
+        if attrs.get("spatialscale"):
             return f"{out} is an isoform store, not results; choose another --out."
         return (f"{out} exists and was not written by spatialscale; spatialscale never replaces what it did not "
                 "write: choose another --out.")
@@ -476,7 +478,7 @@ def _claim_locked(out: Path, fp: str, overwrite: bool, lock: OutputLock) -> Outp
         return claim
     if not _is_ours(out):  # re-checked under the lock
         raise InputError(_refusal(out))
-    attrs = _attrs_of(out)
+    attrs = group_attributes(out)
     same = attrs.get("fingerprint") == fp
     if same and not overwrite:
         if attrs.get(RESULTS_MARK):
@@ -494,7 +496,7 @@ def _claim_locked(out: Path, fp: str, overwrite: bool, lock: OutputLock) -> Outp
     # other results stay in place until the new ones are complete
     staging = out.with_name(f".{out.name}.partial-{fp}")
     if staging.exists():
-        if not (_is_ours(staging) and _attrs_of(staging).get("fingerprint") == fp):
+        if not (_is_ours(staging) and group_attributes(staging).get("fingerprint") == fp):
             raise InputError(_refusal(staging))
         claim.staging, claim.resume = staging, True
     else:

@@ -227,3 +227,24 @@ def test_pooled_hsic_over_sections(cohort, inputs, tmp_path):
                                rtol=1e-12)
     with pytest.raises(InputError, match="combine='pooled'"):
         spatialscale.sv_test(cohort, null="welch", combine="pooled", scheduler="threads")
+
+
+def test_an_interrupted_cohort_ingest_is_recognised_and_completed(inputs, tmp_path, monkeypatch):
+    import spatialscale.cohort as co
+
+    man = _manifest(inputs, [("A1", "s0.h5ad", "d1"), ("B1", "s2.h5ad", "d2")], name="int.csv")
+    real, calls = co._write_meta, []
+
+    def dies_at_the_end(out, rows):
+        calls.append(len(rows))
+        if rows:
+            raise KeyboardInterrupt
+        real(out, rows)
+
+    monkeypatch.setattr(co, "_write_meta", dies_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        spatialscale.ingest_cohort(man, tmp_path / "co", scheduler="threads", progress=False)
+    monkeypatch.undo()
+    assert calls == [0, 2]  # the folder was marked before anything went into it
+    cohort = spatialscale.ingest_cohort(man, tmp_path / "co", scheduler="threads", progress=False)
+    assert cohort.section_ids == ["A1", "B1"]

@@ -212,3 +212,12 @@ def test_single_isoform_genes_get_nan_in_glmm_tests(tmp_path):
     assert np.isnan(fit["loss"].values[single]).all() and np.isfinite(fit["loss"].values[~single]).all()
     llr = spatialscale.sv_test(st, method="glmm-llr", glmm={"max_epochs": 20}, scheduler="threads", progress=False)
     assert np.isnan(llr["sv_pvalue"].values[single]).all() and np.isfinite(llr["sv_pvalue"].values[~single]).all()
+
+
+def test_a_file_that_is_not_our_lock_is_never_rewritten(store, tmp_path):
+    out = tmp_path / "sv.zarr"
+    foreign = tmp_path / ".sv.zarr.lock"
+    foreign.write_text("my notes")
+    with pytest.raises(InputError, match="is not a spatialscale lock"):
+        spatialscale.sv_test(store, out=out, scheduler="threads", progress=False)
+    assert foreign.read_text() == "my notes" and not out.exists()
