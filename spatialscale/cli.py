@@ -154,11 +154,6 @@ def _run_family_command(args: argparse.Namespace) -> int:
     for name in ("method", "covariates", "with_summary", "combine"):
         if hasattr(args, name):
             kwargs[name] = getattr(args, name)
-    covariates = kwargs.pop("covariates", None)
-    if command == "du":
-        kwargs["covariates"] = covariates
-    elif covariates is not None:
-        kwargs["covariates"] = covariates
     ds = api_function(command)(
         args.store, **kwargs, scheduler=args.scheduler, workers=args.workers, device=args.device,
         batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,

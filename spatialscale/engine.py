@@ -31,6 +31,7 @@ log = logging.getLogger("spatialscale")
 
 __all__ = [
     "Work",
+    "load_recorded",
     "run_work",
     "Batch",
     "check_worker_paths",
@@ -175,11 +176,6 @@ class _ThreadRunner:
         """Free device memory where tasks run (None on CPU)."""
         return free_device_memory(device)
 
-    def as_completed(self, futures: Sequence[Any]) -> Iterator[Any]:
-        from concurrent.futures import as_completed
-
-        return as_completed(futures)
-
     def completion(self, futures: Sequence[Any]) -> _ThreadCompletion:
         """Futures as they complete; more can be added while iterating."""
         return _ThreadCompletion(futures)
@@ -209,16 +205,11 @@ class _DaskRunner:
         found = [v for v in self.client.run(free_device_memory, device).values() if v]
         return min(found) if found else None
 
-    def as_completed(self, futures: Sequence[Any]) -> Iterator[Any]:
-        from distributed import as_completed
-
-        return as_completed(futures, loop=self.client.loop)  # this client's, not the default one
-
     def completion(self, futures: Sequence[Any]) -> Any:
         """Futures as they complete; more can be added while iterating (``distributed.as_completed``)."""
         from distributed import as_completed
 
-        return as_completed(futures, loop=self.client.loop)
+        return as_completed(futures, loop=self.client.loop)  # this client's loop, not the default client's
 
     def close(self) -> None:
         pass
@@ -256,7 +247,7 @@ def execution(
     Yields
     ------
     runner
-        An object with ``submit``, ``as_completed`` and ``kind``.
+        An object with ``submit``, ``completion``, ``share`` and ``kind``.
     """
     if client is not None:
         yield _DaskRunner(client, retries)
@@ -305,10 +296,10 @@ def _connect(scheduler: str) -> Any:
     from distributed import Client
 
     from spatialscale.errors import InputError
-    from spatialscale.options import CONNECT_TIMEOUT_S
+    from spatialscale.options import CONNECT_TIMEOUT_S, is_scheduler_file
 
     try:
-        if scheduler.endswith(".json") and "://" not in scheduler:
+        if is_scheduler_file(scheduler):
             return Client(scheduler_file=scheduler, timeout=CONNECT_TIMEOUT_S)
         return Client(scheduler, timeout=CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError) as exc:
@@ -416,6 +407,11 @@ class Work:
     tag: str = ""
 
 
+def load_recorded(work: Work) -> dict[str, np.ndarray] | None:
+    """The verified recorded result of a work item, or ``None`` if it has to run."""
+    return work.partial.load(work.batch) if work.partial is not None else None
+
+
 def run_batches(
     task: Callable[[Batch], dict[str, np.ndarray]],
     batches: Sequence[Batch],
@@ -451,7 +447,8 @@ def run_batches(
 
 
 def run_work(items: Sequence[Work], runner: Any, *, progress: bool = True, label: str = "batches",
-             max_in_flight: int | None = None) -> list[dict[str, np.ndarray]]:
+             max_in_flight: int | None = None,
+             recorded: Sequence[dict[str, np.ndarray] | None] | None = None) -> list[dict[str, np.ndarray]]:
     """Run every item not already recorded; return results in item order.
 
     Items may come from several sections (different tasks and partial
@@ -459,14 +456,16 @@ def run_work(items: Sequence[Work], runner: Any, *, progress: bool = True, label
     ``max_in_flight`` tasks are submitted at a time (``None``: all), so the
     client's and scheduler's memory stays bounded whatever the number of
     items; recorded items are verified and reused (see
-    :meth:`PartialStore.load`).
+    :meth:`PartialStore.load`); ``recorded`` gives them when the caller
+    has loaded them already (one per item, ``None`` for those to run).
     """
     from tqdm import tqdm
 
     results: dict[int, dict[str, np.ndarray]] = {}
     todo = []
-    for i, w in enumerate(items):
-        done = w.partial.load(w.batch) if w.partial is not None else None
+    if recorded is None:
+        recorded = [load_recorded(w) for w in items]
+    for i, done in enumerate(recorded):
         if done is not None:
             results[i] = done
         else:

@@ -17,7 +17,7 @@ from typing import Any
 
 from spatialscale.errors import InputError
 
-__all__ = ["ExecutionOptions", "DEVICES", "check_scheduler_address", "cuda_available"]
+__all__ = ["ExecutionOptions", "DEVICES", "check_scheduler_address", "cuda_available", "is_scheduler_file"]
 
 DEVICES = ("cpu", "cuda", "auto")
 #: seconds to wait for an existing scheduler to answer
@@ -145,13 +145,13 @@ class ExecutionOptions:
         if scheduler is not None:
             if not isinstance(scheduler, str) or not scheduler.strip():
                 raise InputError(f"scheduler must be an address, a scheduler file or 'threads' (got {scheduler!r}).")
-            if scheduler != "threads" and not _is_scheduler_file(scheduler):
-                check_scheduler_address(scheduler)
-            elif _is_scheduler_file(scheduler):
+            if is_scheduler_file(scheduler):
                 if not Path(scheduler).is_file():
                     raise InputError(f"scheduler file {scheduler} does not exist.")
                 scheduler = str(Path(scheduler).resolve())
-        local = self.client is None and (scheduler is None or scheduler == "threads")
+            elif scheduler != "threads":
+                check_scheduler_address(scheduler)
+        local = self.client is None and scheduler in (None, "threads")
         if self.device == "cuda" and local and not cuda_available():
             raise InputError("device 'cuda' was requested but this machine has no CUDA device "
                              "(torch.cuda.is_available() is False); use --device cpu or auto.")
@@ -160,5 +160,6 @@ class ExecutionOptions:
                        out=out, overwrite=bool(self.overwrite), progress=bool(self.progress))
 
 
-def _is_scheduler_file(value: str) -> bool:
+def is_scheduler_file(value: str) -> bool:
+    """Whether a ``scheduler`` value names a scheduler file rather than an address."""
     return value.endswith(".json") and "://" not in value

@@ -164,13 +164,9 @@ def check_ingest_options(*, min_counts: float = 10, min_bin_pct: float = 0.0, mi
 
 def _is_store(path: Path) -> bool:
     """A folder spatialscale's ingest wrote (its ``spatialscale`` marker), complete or not."""
-    import json
+    from spatialscale.output import group_attributes
 
-    try:
-        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
-    return path.is_dir() and isinstance(attrs.get("spatialscale"), dict)
+    return path.is_dir() and isinstance(group_attributes(path).get("spatialscale"), dict)
 
 
 def _check_store_target(store_path: Path, source: Any, overwrite: bool) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import xarray as xr
 
+from spatialscale.cohort import is_cohort, run_cohort
 from spatialscale.errors import InputError
 from spatialscale.families import du_glmm, du_kernel, fit, summary, sv_hsic, sv_llr
 from spatialscale.families.base import Family, Option, Prepared, resolve_options
@@ -76,8 +77,6 @@ def run_family(command: str, store: IsoformStore | str | os.PathLike, *, method:
         raise InputError(f"{command} {method or ''} takes no covariates.".replace("  ", " "))
     if with_summary and not family.summaries:
         raise InputError(f"with_summary does not apply to {command}.")
-    from spatialscale.cohort import is_cohort, run_cohort
-
     if is_cohort(store):
         return run_cohort(family, store, method=method, opts=opts, execution=execution, covariates=covariates,
                           with_summary=with_summary, combine=combine or "cauchy")

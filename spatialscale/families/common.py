@@ -13,7 +13,16 @@ import numpy as np
 import xarray as xr
 
 from spatialscale._version import __version__
-from spatialscale.engine import Batch, Work, check_worker_paths, execution, fingerprint, plan_batches, run_work
+from spatialscale.engine import (
+    Batch,
+    Work,
+    check_worker_paths,
+    execution,
+    fingerprint,
+    load_recorded,
+    plan_batches,
+    run_work,
+)
 from spatialscale.errors import InputError
 from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM  # noqa: F401 - re-exported
 from spatialscale.options import ExecutionOptions
@@ -121,17 +130,18 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
                 partial = root
                 if root is not None and not single:
                     partial = PartialStore(root.root / SECTIONS / key, spec.fp, root.run_id, owner=root.root)
+                recorded = [load_recorded(Work(spec.task, b, partial)) for b in batches]
                 shared = spec.prep.shared
                 if callable(shared):  # computed only when some of the run's batches are left to run
-                    done = partial is not None and all(partial.load(b) is not None for b in batches)
-                    shared = None if done else shared()
+                    shared = None if all(r is not None for r in recorded) else shared()
                 extra = () if shared is None else (runner.share(shared),)
-                lanes.append([(key, Work(spec.task, b, partial, extra, tag=f"-{key}" if key else "")) for b in batches])
+                tag = f"-{key}" if key else ""
+                lanes.append([(key, Work(spec.task, b, partial, extra, tag=tag), r) for b, r in zip(batches, recorded)])
             items = [lane[i] for i in range(max(map(len, lanes), default=0)) for lane in lanes if i < len(lane)]
-            parts = run_work([w for _, w in items], runner, progress=options.progress, label=label,
-                             max_in_flight=None if single else MAX_IN_FLIGHT)
+            parts = run_work([w for _, w, _ in items], runner, progress=options.progress, label=label,
+                             max_in_flight=None if single else MAX_IN_FLIGHT, recorded=[r for _, _, r in items])
         by_key: dict[str, list] = {k: [] for k in specs}
-        for (key, _), part in zip(items, parts):
+        for (key, _, _), part in zip(items, parts):
             by_key[key].append(part)
         datasets = {k: specs[k].prep.assemble(_Run(by_key[k], runner.kind, specs[k].fp)) for k in specs}
         ds = finalize(datasets, by_key)

@@ -91,14 +91,14 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
     params = {"method": method, "transformation": transformation, "nan_filling": nan_filling,
               **({"residualize": residualize, "gp": gp_opts} if method == "hsic-gp" else {}),
               **({"null": null} if null != "liu" else {})}
-    xy_token = coordinates_token(store.coords()) if residualize == "both" else ""
+    xy_token = coordinates_token(store.coords()) if method == "hsic-gp" else ""
     task = functools.partial(_du_np_task, str(store.path.resolve()), xy_token, method, transformation, nan_filling,
                              gp_opts if residualize == "both" else None, device)
 
     def shared() -> np.ndarray | GPNull:
         if method != "hsic-gp":
             return z
-        return _residualize_covariates(store, z, gp_opts, device, null)
+        return _residualize_covariates(store, xy_token, z, gp_opts, device, null)
 
     attrs = {"test": "differential_usage", "method": method, "transformation": transformation,
              "nan_filling": nan_filling}
@@ -142,7 +142,7 @@ def _gp_options(gp: dict[str, Any] | None) -> dict[str, Any]:
     return opts
 
 
-def _residualize_covariates(store: IsoformStore, z: np.ndarray, gp: dict[str, Any], device: str,
+def _residualize_covariates(store: IsoformStore, xy_token: str, z: np.ndarray, gp: dict[str, Any], device: str,
                             null: str) -> np.ndarray | GPNull:
     """Standardise each covariate (ddof 1) and remove its spatial-GP trend: once per covariate, for all genes.
 
@@ -155,7 +155,7 @@ def _residualize_covariates(store: IsoformStore, z: np.ndarray, gp: dict[str, An
     from spatialscale.worker import normalized_coordinates
 
     zs = (z - z.mean(0)) / z.std(0, ddof=1)
-    x = normalized_coordinates(str(store.path.resolve()), coordinates_token(store.coords()))
+    x = normalized_coordinates(str(store.path.resolve()), xy_token)
     # this runs in the client process, which need not have the workers' GPU
     dev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
     res, info = residualize(x, zs, device=dev, **gp)
