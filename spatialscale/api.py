@@ -105,6 +105,7 @@ def sv_test(
     glmm: dict[str, Any] | None = None,
     with_summary: bool = False,
     combine: str | None = None,
+    group_by: str | None = None,
     execution: ExecutionOptions,
     **extra: Any,
 ) -> xr.Dataset:
@@ -155,6 +156,11 @@ def sv_test(
         (weights ``sqrt(n_spots)``), or ``pooled`` (HSIC SV tests with the
         Liu null: statistics summed over independent sections and tested
         against their summed null mixtures).
+    group_by
+        Cohorts: a column of the manifest (e.g. ``condition``); the sections
+        are also combined within each of its groups, as ``group_combined_pvalue``
+        (and ``group_combined_pvalue_adj``, ``group_n_sections_tested``,
+        ``group_n_sections_significant``) over a ``group`` dimension.
     {execution}
 
     Returns
@@ -166,7 +172,7 @@ def sv_test(
     given = {"null": null, "transformation": transformation, "nan_filling": nan_filling, "n_perms": n_perms,
              "perm_seed": perm_seed, "fit": fit, "glmm": glmm, **extra}
     return run_family("sv", store, method=method, options=given, execution=execution, with_summary=with_summary,
-                      combine=combine)
+                      combine=combine, group_by=group_by)
 
 
 @_with_execution
@@ -185,6 +191,7 @@ def du_test(
     glmm: dict[str, Any] | None = None,
     with_summary: bool = False,
     combine: str | None = None,
+    group_by: str | None = None,
     execution: ExecutionOptions,
     **extra: Any,
 ) -> xr.Dataset:
@@ -256,7 +263,7 @@ def du_test(
         and is conservative for GLMM fits) or ``adjusted`` (``Var(s) = Z' P Z``
         of the linearised GLMM with the intercepts and the random effect
         accounted for, GMMAT-style).
-    with_summary, combine
+    with_summary, combine, group_by
         As in :func:`sv_test` (``store`` may be a cohort too).
     {execution}
 
@@ -270,7 +277,7 @@ def du_test(
     given = {"transformation": transformation, "nan_filling": nan_filling, "residualize": residualize, "null": null,
              "gp": gp, "model": model, "fit": fit, "glmm": glmm, **extra}
     return run_family("du", store, method=method, options=given, execution=execution, covariates=covariates,
-                      with_summary=with_summary, combine=combine)
+                      with_summary=with_summary, combine=combine, group_by=group_by)
 
 
 @_with_execution

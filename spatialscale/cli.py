@@ -138,6 +138,9 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
         p.add_argument("--top", type=int, default=10, help="print the N most significant results (10)")
         p.add_argument("--combine", default=None, choices=("cauchy", "fisher", "stouffer", "pooled"),
                        help="when STORE is a cohort folder: how sections' p-values are combined per gene (cauchy)")
+        p.add_argument("--group-by", default=None, metavar="COLUMN",
+                       help="when STORE is a cohort folder: also combine the sections within each group of this "
+                            "manifest column (e.g. condition)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace results of other options at --out (only results spatialscale wrote)")
     _add_execution(p)
@@ -151,7 +154,7 @@ def _run_family_command(args: argparse.Namespace) -> int:
         if decl[0][1].kind == "dict" and value is not None:
             value = dict(value)
         kwargs[name] = value
-    for name in ("method", "covariates", "with_summary", "combine"):
+    for name in ("method", "covariates", "with_summary", "combine", "group_by"):
         if hasattr(args, name):
             kwargs[name] = getattr(args, name)
     ds = api_function(command)(
@@ -170,6 +173,10 @@ def _report(command: str, args: argparse.Namespace, ds) -> None:
         if args.top:
             table = ds[["combined_pvalue", "combined_pvalue_adj", "n_sections_tested", "n_sections_significant"]]
             print(table.to_dataframe().nsmallest(args.top, "combined_pvalue").to_string())
+        for g in ds["group"].values if "group" in ds.dims else ():
+            sig = int((ds["group_combined_pvalue_adj"].sel(group=g) < 0.05).sum())
+            print(f"{ds.attrs['group_by']} = {g}: {sig} with combined BH-adjusted p < 0.05 "
+                  f"({int((ds[ds.attrs['group_by']] == g).sum())} sections)")
     elif command == "sv":
         n_sig = int((ds["sv_pvalue_adj"] < 0.05).sum())
         print(f"{ds.sizes['gene']} genes tested ({ds.attrs['method']}, {ds.attrs['null']} null); "

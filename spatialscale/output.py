@@ -101,6 +101,13 @@ def _set_attrs(path: Path, **attrs: Any) -> None:
 
 
 # --------------------------------------------------------------------------- partial results
+@dataclass
+class _Named:
+    """A batch known only by its name (for copying recorded batches)."""
+
+    name: str
+
+
 class PartialStore:
     """Per-batch results of one run, under ``<root>/_batches/<batch>``, each with checksums.
 
@@ -174,6 +181,29 @@ class PartialStore:
 
         g = zarr.open_group(str(path), mode="r")
         return {k: np.asarray(g[k][...]) for k in g.array_keys()}
+
+    def adopt(self, other: str | os.PathLike) -> int:
+        """Copy the verified batches of this run's fingerprint from another record (``other``); returns how many.
+
+        Batches already recorded here are left as they are.
+        """
+        source = Path(other) / BATCHES
+        if not source.is_dir():
+            return 0
+        n = 0
+        for path in sorted(source.iterdir()):
+            if path.name.startswith(".") or (self.root / BATCHES / path.name).exists():
+                continue
+            attrs = group_attributes(path)
+            if attrs.get("fingerprint") != self.fp or not attrs.get("done"):
+                continue
+            result = self._read(path)
+            if {k: array_checksum(v) for k, v in result.items()} != attrs.get("checksums"):
+                log.warning("batch %s in %s is damaged; it is recomputed.", path.name, source.parent)
+                continue
+            self.write(_Named(path.name), result)
+            n += 1
+        return n
 
     def check_owner(self) -> None:
         """Raise :class:`StaleRunError` unless this run still owns :attr:`root`."""
@@ -312,6 +342,9 @@ class Output:
     partial: PartialStore | None = None
     created: list[Path] = field(default_factory=list)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    base: str | None = None
+    keep: tuple[str, ...] = ()
+    previous: Path | None = None
 
     def start(self) -> PartialStore:
         """Create (or take over, for resuming) the staging group; the first write of the run."""
@@ -321,7 +354,7 @@ class Output:
                 _set_attrs(self.staging, run_id=self.run_id)  # from now on only this run commits batches here
                 self.partial = PartialStore(self.staging, self.fp, self.run_id)
             else:
-                self.partial = _new_partial(self.staging, self.fp, self.run_id)
+                self.partial = _new_partial(self.staging, self.fp, self.run_id, self.base)
         return self.partial
 
     def commit(self, ds: Any) -> None:
@@ -337,6 +370,8 @@ class Output:
         tmp = out.with_name(f".{out.name}.final-{uuid.uuid4().hex[:8]}")
         ds = ds.copy()
         ds.attrs.update({RESULTS_MARK: True, "fingerprint": self.fp})
+        if self.base is not None:
+            ds.attrs["base_fingerprint"] = self.base
         ds.attrs[CHECKSUMS_ATTR] = json.dumps(dataset_checksums(ds))
         try:
             with warnings.catch_warnings():
@@ -351,6 +386,9 @@ class Output:
                     f"{where}/{BATCHES} and re-running the same command resumes from them."
                 ) from exc
             raise
+        for name in self.keep:  # recorded batches that stay with the results (to extend them later)
+            if self.staging is not None and (self.staging / name).is_dir():
+                os.replace(self.staging / name, tmp / name)
         old = None
         if out.exists():
             if not _is_ours(out):  # changed under us since the claim: never replace it
@@ -394,15 +432,17 @@ def _verified_results(out: Path) -> Any | None:
     return ds
 
 
-def _new_partial(path: Path, fp: str, run_id: str) -> PartialStore:
+def _new_partial(path: Path, fp: str, run_id: str, base: str | None = None) -> PartialStore:
     import zarr
 
     g = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    g.attrs.update({PARTIAL_MARK: True, "fingerprint": fp, "run_id": run_id})
+    g.attrs.update({PARTIAL_MARK: True, "fingerprint": fp, "run_id": run_id,
+                    **({"base_fingerprint": base} if base is not None else {})})
     return PartialStore(path, fp, run_id)
 
 
-def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path] = ()) -> Output:
+def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path] = (), base: str | None = None,
+                 keep: Sequence[str] = ()) -> Output:
     """Claim ``out`` for a run with fingerprint ``fp``; call after every option has been validated.
 
     Parameters
@@ -416,6 +456,14 @@ def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path]
         replaced at the end.
     protect
         Inputs that must not be, contain or lie inside ``out``.
+    base
+        Fingerprint of what the run computes apart from its coverage (a
+        cohort's options without its set of sections): results or staged
+        batches of the same ``base`` are extended without ``overwrite``
+        (:attr:`Output.previous` names them, to reuse their batches).
+    keep
+        Folders of the staging group moved into the results at the end
+        (a cohort's per-section batches).
 
     Returns
     -------
@@ -454,7 +502,8 @@ def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path]
             lock = OutputLock(out).acquire()
         except OSError as exc:
             raise InputError(f"cannot write into {parent} ({exc.strerror or exc}); choose another --out.") from None
-        claim = _claim_locked(out, fp, overwrite, lock)
+        claim = _claim_locked(out, fp, overwrite, lock, base)
+        claim.base, claim.keep = base, tuple(keep)
     except BaseException:
         with contextlib.suppress(UnboundLocalError):
             lock.release()
@@ -471,7 +520,7 @@ def remove_empty_folders(folders: list[Path]) -> None:
             d.rmdir()
 
 
-def _claim_locked(out: Path, fp: str, overwrite: bool, lock: OutputLock) -> Output:
+def _claim_locked(out: Path, fp: str, overwrite: bool, lock: OutputLock, base: str | None = None) -> Output:
     claim = Output(out, fp, lock)
     if not out.exists():
         claim.staging, claim.resume = out, False
@@ -490,9 +539,11 @@ def _claim_locked(out: Path, fp: str, overwrite: bool, lock: OutputLock) -> Outp
         elif attrs.get(PARTIAL_MARK):
             claim.staging, claim.resume = out, True
             return claim
-    elif not overwrite:
+    elif not overwrite and not (base is not None and attrs.get("base_fingerprint") == base):
         raise InputError(f"{out} holds results of a run with other options; pass overwrite=True (--overwrite) "
                          "to replace them, or choose another --out.")
+    if not same:  # recorded batches there are reused where their fingerprints match (not when forced anew)
+        claim.previous = out
     # other results stay in place until the new ones are complete
     staging = out.with_name(f".{out.name}.partial-{fp}")
     if staging.exists():

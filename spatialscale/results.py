@@ -35,6 +35,12 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "combined_pvalue_adj": (("gene",), "Benjamini-Hochberg adjusted combined_pvalue over genes"),
     "n_sections_tested": (("gene",), "sections where the gene was tested"),
     "n_sections_significant": (("gene",), "sections where the gene's adjusted p-value is below 0.05"),
+    "group_combined_pvalue": (("group", "gene"), "combined_pvalue over the sections of each group (attribute "
+                                                 "group_by names the manifest column)"),
+    "group_combined_pvalue_adj": (("group", "gene"), "Benjamini-Hochberg adjusted group_combined_pvalue over genes"),
+    "group_n_sections_tested": (("group", "gene"), "sections of the group where the gene was tested"),
+    "group_n_sections_significant": (("group", "gene"), "sections of the group where the gene's adjusted p-value "
+                                                        "is below 0.05"),
     # feature summaries (SPLISOSM's extract_feature_summary; spatialscale.stats.summary)
     "gene_n_isos": (("gene",), "isoforms of the gene (SPLISOSM n_isos)"),
     "gene_perplexity": (("gene",), "exp(entropy) of the gene's pooled isoform usage: effective number of isoforms"),

@@ -248,3 +248,100 @@ def test_an_interrupted_cohort_ingest_is_recognised_and_completed(inputs, tmp_pa
     assert calls == [0, 2]  # the folder was marked before anything went into it
     cohort = spatialscale.ingest_cohort(man, tmp_path / "co", scheduler="threads", progress=False)
     assert cohort.section_ids == ["A1", "B1"]
+
+
+def test_sections_are_also_combined_within_groups(cohort, tmp_path, capsys):
+    from spatialscale.stats.combine import cauchy_combine, fisher_combine
+
+    ds = spatialscale.sv_test(cohort, group_by="donor", scheduler="threads", progress=False)
+    assert list(ds["group"].values) == ["d1", "d2"] and ds.attrs["group_by"] == "donor"
+    assert ds["group_combined_pvalue"].dims == ("group", "gene")
+    p = ds["sv_pvalue"].transpose("gene", "section").values
+    np.testing.assert_array_equal(ds["group_combined_pvalue"].sel(group="d1").values, cauchy_combine(p[:, :2]))
+    # a group of one section: its own p-value (NaN where the section did not test the gene)
+    np.testing.assert_allclose(ds["group_combined_pvalue"].sel(group="d2").values, p[:, 2], rtol=1e-12)
+    np.testing.assert_array_equal(ds["group_n_sections_tested"].sel(group="d1").values, np.isfinite(p[:, :2]).sum(1))
+    np.testing.assert_array_equal(ds["combined_pvalue"].values, cauchy_combine(p))  # overall unchanged
+    fi = spatialscale.sv_test(cohort, group_by="donor", combine="fisher", scheduler="threads", progress=False)
+    np.testing.assert_allclose(fi["group_combined_pvalue"].sel(group="d1").values, fisher_combine(p[:, :2]),
+                               rtol=1e-12)
+    pooled = spatialscale.sv_test(cohort, group_by="donor", combine="pooled", scheduler="threads", progress=False)
+    # pooling one section is that section's own Liu test
+    np.testing.assert_allclose(pooled["group_combined_pvalue"].sel(group="d2").values, p[:, 2], rtol=1e-10)
+    with pytest.raises(InputError, match=r"group_by 'tissue' is not a column .*'donor'"):
+        spatialscale.sv_test(cohort, group_by="tissue", scheduler="threads")
+    with pytest.raises(InputError, match="group_by applies to cohorts"):
+        spatialscale.sv_test(cohort.store("A1"), group_by="donor", scheduler="threads")
+    assert main(["sv", str(cohort.path), "--group-by", "donor", "--out", str(tmp_path / "g.zarr"), "--scheduler",
+                 "threads", "--no-progress", "--top", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "donor = d1:" in out and "(2 sections)" in out and "donor = d2:" in out
+
+
+def test_adding_a_section_computes_only_that_section(inputs, tmp_path, monkeypatch, capsys):
+    import spatialscale.families.sv_hsic as fam
+
+    rows = [("A1", "s0.h5ad", "d1"), ("A2", "s1.h5ad", "d1"), ("B1", "s2.h5ad", "d2")]
+    two = spatialscale.ingest_cohort(_manifest(inputs, [rows[0], rows[2]], name="add2.csv"), tmp_path / "co",
+                                     scheduler="threads", progress=False)
+    out = tmp_path / "sv.zarr"
+    first = spatialscale.sv_test(two, out=out, scheduler="threads", progress=False)
+    assert list(first["section"].values) == ["A1", "B1"]
+    three = spatialscale.ingest_cohort(_manifest(inputs, rows, name="add3.csv"), tmp_path / "co",
+                                       scheduler="threads", progress=False)
+    real, calls = fam._sv_task, []
+
+    def counting(store_path, *args):
+        calls.append(store_path.rsplit("/", 1)[-1])
+        return real(store_path, *args)
+
+    monkeypatch.setattr(fam, "_sv_task", counting)
+    ds = spatialscale.sv_test(three, out=out, scheduler="threads", progress=False)  # no overwrite needed
+    assert set(calls) == {"A2.zarr"} and len(calls) == three.store("A2").n_genes
+    monkeypatch.undo()
+    fresh = spatialscale.sv_test(three, scheduler="threads", progress=False)
+    for v in ("sv_pvalue", "combined_pvalue", "combined_pvalue_adj", "n_sections_tested"):
+        np.testing.assert_array_equal(ds[v].values, fresh[v].values)
+    np.testing.assert_array_equal(spatialscale.open_results(out)["combined_pvalue"].values,
+                                  fresh["combined_pvalue"].values)
+    assert sorted(p.name for p in (out / "_sections").iterdir()) == ["A1", "A2", "B1"]
+    # other options are not an extension: they need --overwrite, and then reuse what they can
+    with pytest.raises(InputError, match="other options"):
+        spatialscale.sv_test(three, out=out, combine="fisher", scheduler="threads", progress=False)
+    assert main(["sv", str(three.path), "--out", str(out), "--combine", "fisher", "--scheduler", "threads",
+                 "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    monkeypatch.setattr(fam, "_sv_task", counting)
+    calls.clear()
+    fi = spatialscale.sv_test(three, out=out, combine="fisher", overwrite=True, scheduler="threads", progress=False)
+    assert calls == [] and fi.attrs["combine"] == "fisher"  # same sections, same batches: only recombined
+    np.testing.assert_array_equal(fi["sv_pvalue"].values, fresh["sv_pvalue"].values)
+    assert spatialscale.open_results(out).attrs["combine"] == "fisher"
+    # a section dropped from the cohort: nothing recomputed, its batches not carried into the new results
+    calls.clear()
+    fewer = spatialscale.ingest_cohort(_manifest(inputs, rows[:2], name="add4.csv"), tmp_path / "co",
+                                       scheduler="threads", progress=False)
+    ds = spatialscale.sv_test(fewer, out=out, combine="fisher", scheduler="threads", progress=False)
+    assert calls == [] and list(ds["section"].values) == ["A1", "A2"]
+    assert sorted(p.name for p in (out / "_sections").iterdir()) == ["A1", "A2"]
+    np.testing.assert_array_equal(ds["sv_pvalue"].values, fresh["sv_pvalue"].sel(section=["A1", "A2"]).values)
+
+
+def test_cohort_results_do_not_depend_on_order_batches_workers_or_mode(inputs, tmp_path, client):
+    rows = [("A1", "s0.h5ad", "d1"), ("A2", "s1.h5ad", "d1"), ("B1", "s2.h5ad", "d2")]
+    fwd = spatialscale.ingest_cohort(_manifest(inputs, rows, name="fwd.csv"), tmp_path / "fwd", scheduler="threads",
+                                     progress=False)
+    rev = spatialscale.ingest_cohort(_manifest(inputs, rows[::-1], name="rev.csv"), tmp_path / "rev",
+                                     scheduler="threads", progress=False)
+    ref = spatialscale.sv_test(fwd, combine="stouffer", group_by="donor", scheduler="threads", progress=False)
+    runs = [spatialscale.sv_test(rev, combine="stouffer", group_by="donor", scheduler="threads", progress=False),
+            spatialscale.sv_test(fwd, combine="stouffer", group_by="donor", batch_size=1, workers=1,
+                                 progress=False),
+            spatialscale.sv_test(fwd, combine="stouffer", group_by="donor", client=client, batch_size=3,
+                                 progress=False)]
+    for ds in runs:
+        ds = ds.sel(section=ref["section"].values, gene=ref["gene"].values)
+        for v in ("sv_statistic", "sv_pvalue", "combined_pvalue", "group_combined_pvalue", "n_sections_tested"):
+            # worker processes use one BLAS thread: equal to rounding, not bit for bit
+            np.testing.assert_allclose(ds[v].values, ref[v].values, rtol=1e-10, atol=0)
+        assert list(ds["donor"].values) == list(ref["donor"].values)

@@ -45,7 +45,8 @@ def family_for(command: str, method: str | None) -> Family:
 
 def run_family(command: str, store: IsoformStore | str | os.PathLike, *, method: str | None,
                options: dict[str, Any], execution: ExecutionOptions, covariates: Any = None,
-               with_summary: bool = False, combine: str | None = None) -> xr.Dataset:
+               with_summary: bool = False, combine: str | None = None,
+               group_by: str | None = None) -> xr.Dataset:
     """Validate everything, then run a family's batches on the engine and return its Dataset.
 
     Parameters
@@ -62,6 +63,8 @@ def run_family(command: str, store: IsoformStore | str | os.PathLike, *, method:
         Add the gene-level feature summaries (computed by the same tasks).
     combine
         Cohorts: how sections' p-values are combined per gene (cauchy by default).
+    group_by
+        Cohorts: a metadata column; sections are also combined within each of its groups.
     """
     execution = execution.validated()
     family = family_for(command, method)
@@ -79,9 +82,10 @@ def run_family(command: str, store: IsoformStore | str | os.PathLike, *, method:
         raise InputError(f"with_summary does not apply to {command}.")
     if is_cohort(store):
         return run_cohort(family, store, method=method, opts=opts, execution=execution, covariates=covariates,
-                          with_summary=with_summary, combine=combine or "cauchy")
-    if combine is not None:
-        raise InputError("combine applies to cohorts (a Cohort or a cohort folder), not to one store.")
+                          with_summary=with_summary, combine=combine or "cauchy", group_by=group_by)
+    if combine is not None or group_by is not None:
+        raise InputError(f"{'combine' if combine is not None else 'group_by'} applies to cohorts (a Cohort or a "
+                         "cohort folder), not to one store.")
     store = as_store(store)
     prep = family.prepare(store, method, opts, covariates, execution.device)
     spec = run_spec(store, prep, with_summary)

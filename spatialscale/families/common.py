@@ -90,7 +90,7 @@ def run_spec(store: IsoformStore, prep: Any, with_summary: bool = False) -> RunS
 
 def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
             finalize: Callable[[dict[str, xr.Dataset], dict[str, list]], xr.Dataset], protect: list, label: str,
-            fp: str | None = None) -> xr.Dataset:
+            fp: str | None = None, base: str | None = None) -> xr.Dataset:
     """Plan the batches of one or several runs, run them as one set of tasks, assemble, write the results.
 
     ``options`` must already be validated (:meth:`ExecutionOptions.validated`)
@@ -102,13 +102,17 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
     value (sent to the workers once) may be a callable, evaluated only if
     some of its batches are left to run.  With several runs (a cohort), their
     batches interleave and each run's finished batches are recorded under
-    ``_sections/<key>`` of the output.
+    ``_sections/<key>`` of the output and kept there with the results; an
+    output holding results of the same ``base`` fingerprint (the same runs
+    apart from which keys they cover) is then updated without ``overwrite``,
+    its recorded batches reused where a key's fingerprint is unchanged.
     """
     single = len(specs) == 1
     fp = fp or (next(iter(specs.values())).fp if single else fingerprint(runs={k: v.fp for k, v in specs.items()}))
     claim = None
     if options.out is not None:
-        claim = claim_output(options.out, fp, overwrite=options.overwrite, protect=protect)
+        claim = claim_output(options.out, fp, overwrite=options.overwrite, protect=protect, base=base,
+                             keep=() if single else (SECTIONS,))
         if claim.existing is not None:
             claim.release()
             return claim.existing
@@ -130,6 +134,8 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
                 partial = root
                 if root is not None and not single:
                     partial = PartialStore(root.root / SECTIONS / key, spec.fp, root.run_id, owner=root.root)
+                    if claim.previous is not None:  # results of other sections: reuse this section's batches
+                        partial.adopt(claim.previous / SECTIONS / key)
                 recorded = [load_recorded(Work(spec.task, b, partial)) for b in batches]
                 shared = spec.prep.shared
                 if callable(shared):  # computed only when some of the run's batches are left to run
