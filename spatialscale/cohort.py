@@ -305,9 +305,9 @@ def run_cohort(family: Any, cohort: Cohort | str | os.PathLike, *, method: str |
 
     if combine not in COMBINATIONS + ("pooled",):
         raise InputError(f"unknown combination {combine!r}; choose one of {', '.join(COMBINATIONS + ('pooled',))}.")
-    if combine == "pooled" and (family.name != "sv-hsic" or opts.get("null") != "liu"):
+    if combine == "pooled" and (family.name != "sv-hsic" or opts.get("null") not in ("liu", "liu-perm")):
         raise InputError("combine='pooled' (summed HSIC statistics, Liu's p-value) applies to the HSIC SV tests "
-                         "with null='liu'.")
+                         "with null='liu' or 'liu-perm'.")
     if family.command not in ("sv", "du"):
         raise InputError(f"{family.command} does not run on cohorts yet; run it per section (cohort.store(id)).")
     cohort = cohort if isinstance(cohort, Cohort) else open_cohort(cohort)

@@ -80,6 +80,29 @@ def _load(store_path: str, token: str, device: str) -> tuple[Any, np.ndarray]:
     return SparseCAROperator(precision), sums
 
 
+def kernel_diag_sq(store_path: str, token: str) -> float:
+    """``sum_i (K_eff)_ii^2`` of the section's centred kernel (for exact permutation moments), cached per process."""
+    with _lock:
+        return _load_diag_sq(str(store_path), token)
+
+
+@lru_cache(maxsize=8)
+def _load_diag_sq(store_path: str, token: str) -> float:
+    import scipy.sparse.linalg
+
+    from spatialscale.kernel import inverse_diagonal
+    from spatialscale.store import open_store
+
+    store = open_store(store_path)
+    if store.kernel_token != token:
+        raise RuntimeError(f"the kernel in {store_path} changed during the run; restart it.")
+    m = store.precision()
+    n = m.shape[0]
+    u = scipy.sparse.linalg.spsolve(scipy.sparse.csc_matrix(m), np.ones(n))  # K 1
+    diag = inverse_diagonal(m) - 2.0 * u / n + u.sum() / n**2  # diag(H K H)
+    return float(np.sum(diag**2))
+
+
 def kernel_eigenpairs(store_path: str, token: str, rank: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The section's kernel eigenpairs (already written to the store), cached per process."""
     with _lock:

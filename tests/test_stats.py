@@ -88,3 +88,46 @@ def test_simplex_statistic_equals_full_statistic():
     counts = rng.poisson(2.0, size=(5, 200, 4)).astype(float)
     y, _ = ratio_response(counts)
     np.testing.assert_allclose(quadratic_statistic_simplex(op, y), quadratic_statistic(op, y), rtol=1e-10)
+
+
+def test_exact_permutation_moments_match_permutations():
+    from spatialscale.kernel import _dense_centred_kernel, build_kernel
+    from spatialscale.stats.nulls import permutation_moments
+
+    rng = np.random.default_rng(3)
+    n = 40
+    kd = _dense_centred_kernel(build_kernel(rng.uniform(0, 6, (n, 2))).precision)
+    y = (rng.random((n, 3)) < 0.2).astype(float)  # discrete, bounded responses
+    y -= y.mean(0)
+    b = y @ y.T
+    sums = np.array([np.trace(np.linalg.matrix_power(kd, r)) for r in range(1, 5)])
+    mu = np.linalg.eigvalsh(y.T @ y)
+    f = np.array([[np.sum(mu**r) for r in range(1, 5)]])
+    mean, var = permutation_moments(sums, np.sum(np.diag(kd) ** 2), f, np.array([np.sum(np.diag(b) ** 2)]), n)
+    draws = np.array([np.sum(kd * b[np.ix_(pp, pp)]) for pp in (rng.permutation(n) for _ in range(40000))])
+    assert mean[0] == pytest.approx(draws.mean(), rel=0.01)
+    assert var[0] == pytest.approx(draws.var(), rel=0.03)
+    # the chi-square mixture's variance, 2 sum (lambda mu / (n-1))^2 (n-1)^2, overstates it here
+    assert 2 * sums[1] * f[0, 1] / (n - 1) ** 2 > 1.1 * var[0]
+
+
+def test_liu_perm_in_a_batch_uses_the_kernel_diagonal(tmp_path):
+    import spatialscale
+    from spatialscale.kernel import _dense_centred_kernel
+    from spatialscale.simulate import null_section
+    from spatialscale.stats.sv import sv_batch
+    from spatialscale.worker import kernel_diag_sq, kernel_operator
+
+    store = spatialscale.ingest(null_section(n_spots=150, n_genes=6, seed=2), tmp_path / "s.zarr")
+    kd = _dense_centred_kernel(store.precision())
+    assert kernel_diag_sq(str(store.path), store.kernel_token) == pytest.approx(np.sum(np.diag(kd) ** 2), rel=1e-10)
+    op, sums = kernel_operator(str(store.path), store.kernel_token)
+    counts = store.gene_counts(store.genes.index[0])[None]
+    liu = sv_batch(counts, op, sums)
+    exact = sv_batch(counts, op, sums, null="liu-perm", kernel_diag_sq=np.sum(np.diag(kd) ** 2))
+    np.testing.assert_array_equal(exact["statistic"], liu["statistic"])  # the statistic is the same
+    assert exact["pvalue"][0] != liu["pvalue"][0]
+    np.testing.assert_array_equal(exact["null_cumulants"], liu["null_cumulants"])
+    assert np.isfinite(exact["null_statistic"][0]) and exact["null_statistic"][0] != liu["null_statistic"][0]
+    with pytest.raises(ValueError, match="needs kernel_diag_sq"):
+        sv_batch(counts, op, sums, null="liu-perm")

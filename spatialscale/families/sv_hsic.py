@@ -18,7 +18,7 @@ from spatialscale.stats.nulls import NULLS
 from spatialscale.stats.responses import TRANSFORMS, response_width
 from spatialscale.stats.sv import NAN_FILLINGS, SV_METHODS, sv_batch
 from spatialscale.store import IsoformStore
-from spatialscale.worker import kernel_operator
+from spatialscale.worker import kernel_diag_sq, kernel_operator
 
 __all__ = ["FAMILY"]
 
@@ -27,6 +27,8 @@ def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], b
     """One Dask task: test the genes of ``batch`` (runs on a worker)."""
     op, sums = kernel_operator(store_path, token, device)
     counts = batch_counts(store_path, batch)
+    if params["null"] == "liu-perm":
+        params = {**params, "kernel_diag_sq": kernel_diag_sq(store_path, token)}
     return sv_batch(counts, op, sums, **params)
 
 
@@ -36,6 +38,8 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
         raise InputError("n_perms must be >= 1 for null='perm'.")
     if null != "perm" and opts["n_perms"] is not None:
         raise InputError("n_perms applies to null='perm' only.")
+    if null == "liu-perm" and opts["nan_filling"] != "mean":
+        raise InputError("null='liu-perm' needs nan_filling='mean' (every spot in the test).")
     n = store.n_spots
     transformation = opts.get("transformation", "none")
     params = {"method": method, "transformation": transformation, "nan_filling": opts["nan_filling"],

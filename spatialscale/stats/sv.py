@@ -16,7 +16,13 @@ from spatialscale.stats.hsic import (
     quadratic_statistic,
     quadratic_statistic_simplex,
 )
-from spatialscale.stats.nulls import liu_pvalue, permutation_pvalue, welch_pvalue
+from spatialscale.stats.nulls import (
+    liu_pvalue,
+    permutation_moments,
+    permutation_pvalue,
+    rescale_to_mixture,
+    welch_pvalue,
+)
 from spatialscale.stats.responses import (
     count_response,
     gene_count_response,
@@ -94,6 +100,7 @@ def sv_batch(
     perm_block: int = 32,
     n_probes: int = 60,
     probe_seed: int = 0,
+    kernel_diag_sq: float | None = None,
 ) -> dict[str, np.ndarray]:
     """HSIC spatial-variability test of every gene in a batch.
 
@@ -115,11 +122,15 @@ def sv_batch(
         ``none``: they are dropped per gene, with the kernel restricted to
         the covered spots (its power sums by seeded Hutchinson probes).
     null
-        ``liu``, ``welch`` or ``perm``.
+        ``liu``, ``welch``, ``perm`` or ``liu-perm`` (Liu's shape with the
+        exact permutation mean and variance; needs ``kernel_diag_sq`` and
+        ``nan_filling="mean"``).
     n_perms, perm_seed, perm_block
         Permutation count, seed and how many permutations share one solve.
     n_probes, probe_seed
         Hutchinson probes for ``nan_filling="none"``.
+    kernel_diag_sq
+        ``sum_i (K_eff)_ii^2`` of the section's kernel (for ``liu-perm``).
 
     Returns
     -------
@@ -128,8 +139,11 @@ def sv_batch(
         each ``(B,)``; ``null_statistic`` (``Q``) and ``null_cumulants``
         ``(B, 4)`` (its null's mixture sums ``c_1..c_4``; NaN where the test is
         degenerate), which pool across independent sections
-        (:func:`spatialscale.stats.combine.pooled_liu`).
+        (:func:`spatialscale.stats.combine.pooled_liu`); with ``liu-perm`` the
+        statistic is the one rescaled to the mixture's exact moments.
     """
+    if null == "liu-perm" and (kernel_diag_sq is None or nan_filling != "mean"):
+        raise ValueError("null='liu-perm' needs kernel_diag_sq and nan_filling='mean'.")
     if nan_filling not in NAN_FILLINGS:
         raise ValueError(f"Unknown nan_filling {nan_filling!r}; choose from {NAN_FILLINGS}.")
     counts = np.asarray(counts, dtype=np.float64)
@@ -150,20 +164,25 @@ def sv_batch(
         if partial.any():
             k[partial] = _masked_kernel_sums(op, covered[partial], n_probes, probe_seed)
     c = mixture_cumulants(k, f, n_eff)
+    q_null = q  # the statistic on the null mixture's scale
     if null == "liu":
         p = liu_pvalue(q, c)
     elif null == "welch":
         p = welch_pvalue(q, c)
     elif null == "perm":
         p = permutation_pvalue(q, _permutation_statistics(op, y, n_perms, perm_seed, perm_block))
+    elif null == "liu-perm":
+        mean, var = permutation_moments(k, kernel_diag_sq, f, (np.einsum("bnd,bnd->bn", y, y) ** 2).sum(1), n_eff)
+        q_null = rescale_to_mixture(q, c, mean, var)
+        p = liu_pvalue(q_null, c)
     else:
-        raise ValueError(f"Unknown null {null!r}; choose from ('liu', 'welch', 'perm').")
+        raise ValueError(f"Unknown null {null!r}; choose from ('liu', 'welch', 'perm', 'liu-perm').")
     degenerate = (f[:, 1] <= 0) | (k[:, 1] <= 0)
     p = np.where(degenerate | ~finite, 1.0, p)
     stat = np.where(finite, q / np.maximum(n_eff - 1.0, 1.0) ** 2, np.nan)
     usable = finite & ~degenerate
     return {"statistic": stat, "pvalue": p, "n_spots_used": n_eff.astype(np.int64),
-            "null_statistic": np.where(usable, q, np.nan), "null_cumulants": np.where(usable[:, None], c, np.nan)}
+            "null_statistic": np.where(usable, q_null, np.nan), "null_cumulants": np.where(usable[:, None], c, np.nan)}
 
 
 def _permutation_statistics(op: KernelOperator, y: np.ndarray, n_perms: int, seed: int, block: int) -> np.ndarray:
