@@ -68,6 +68,11 @@ def read_manifest(manifest: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
         raise InputError(f"section id(s) {dup} appear more than once in the manifest.")
     table["section"] = ids
     table["path"] = [str((base / p.strip()).resolve()) if p.strip() else "" for p in table["path"].astype(str)]
+    for col in table.columns.drop(["section", "path"]):  # numeric metadata (depth, age...) as numbers
+        try:
+            table[col] = pd.to_numeric(table[col])
+        except (ValueError, TypeError):
+            pass
     return table.set_index("section")
 
 

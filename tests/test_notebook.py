@@ -15,6 +15,7 @@ pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
+COHORT = ROOT / "notebooks" / "cohort.ipynb"
 
 
 def _kernel_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -43,8 +44,9 @@ def _text(cell) -> str:
     return "".join(parts)
 
 
-def test_committed_notebook_has_no_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize("path", [NOTEBOOK, COHORT], ids=["quickstart", "cohort"])
+def test_committed_notebook_has_no_outputs(path):
+    nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata["kernelspec"]["name"] == "python3"
     for cell in nb.cells:
@@ -52,18 +54,22 @@ def test_committed_notebook_has_no_outputs():
             assert cell.outputs == [] and cell.execution_count is None
 
 
-def test_quickstart_runs(tmp_path, monkeypatch):
+def _execute(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list, Path]:
+    """Run a notebook in an empty working directory; its code cells (with outputs) and that directory."""
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     pythonpath = [str(ROOT), os.environ.get("PYTHONPATH", "")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in pythonpath if p))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name=_kernel_name(tmp_path, monkeypatch), resources={"metadata": {"path": str(workdir)}}
     )
     client.execute()  # raises CellExecutionError if any cell fails
+    return [c for c in nb.cells if c.cell_type == "code"], workdir
 
-    code = [c for c in nb.cells if c.cell_type == "code"]
+
+def test_quickstart_runs(tmp_path, monkeypatch):
+    code, workdir = _execute(NOTEBOOK, tmp_path, monkeypatch)
     table = next(c for c in code if "table.head(10)" in c.source)
     assert "sv_pvalue" in _text(table) and "truly_sv" in _text(table)
     summary = next(_text(c) for c in code if "true SV genes recovered" in c.source)
@@ -71,4 +77,19 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert recovered >= 20, summary  # of 30 simulated SV genes
     assert any("image/png" in out.get("data", {}) for c in code for out in c.outputs)
     assert "sv_pvalue_adj" in _text(next(c for c in code if "xr.open_zarr" in c.source))
+    assert list(workdir.iterdir()) == [], "the notebook must not write into its working directory"
+
+
+def test_cohort_notebook_runs(tmp_path, monkeypatch):
+    code, workdir = _execute(COHORT, tmp_path, monkeypatch)
+    table = next(c for c in code if "best_section_pvalue" in c.source and ".head(10)" in c.source)
+    assert "combined_pvalue" in _text(table) and "shared_sv" in _text(table)
+    lines = _text(next(c for c in code if "combined:" in c.source)).strip().splitlines()
+    per_section = [int(line.split(": ")[1].split(" of ")[0]) for line in lines if line.startswith("section ")]
+    combined = int(lines[-1].split(": ")[1].split(" of ")[0])
+    assert len(per_section) == 6 and combined > max(per_section), lines  # combining finds what sections miss
+    groups = _text(next(c for c in code if "group_combined_pvalue_adj" in c.source))
+    assert "control" in groups and "treated" in groups
+    assert any("image/png" in out.get("data", {}) for c in code for out in c.outputs)
+    assert "found by the pooled test" in _text(next(c for c in code if 'combine="pooled"' in c.source))
     assert list(workdir.iterdir()) == [], "the notebook must not write into its working directory"
