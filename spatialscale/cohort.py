@@ -32,6 +32,8 @@ __all__ = ["Cohort", "ingest_cohort", "open_cohort", "read_manifest"]
 
 COHORT_FILE = "cohort.json"
 COHORT_MARK = "spatialscale_cohort"
+#: ingest options a manifest column may set per section
+PER_SECTION = ("spatial_key", "layer", "gene_key")
 _SECTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -152,7 +154,10 @@ def ingest_cohort(
     manifest
         CSV / TSV path (or a DataFrame): ``section`` ids, ``path`` of each
         section's AnnData (``.h5ad`` or ``.zarr``), further columns kept as
-        section metadata (e.g. donor, condition).
+        section metadata (e.g. donor, condition).  Columns named
+        ``spatial_key``, ``layer`` or ``gene_key`` set that option for their
+        section (an empty cell: the option given here), for sections whose
+        AnnData differ in where they keep coordinates, counts or gene names.
     out_dir
         The cohort folder (created; an existing one is completed, never
         emptied).
@@ -162,7 +167,8 @@ def ingest_cohort(
         Show a progress bar of sections.
     **options
         Options of :func:`spatialscale.ingest` (``layer``, ``gene_key``,
-        ``spatial_key``, filters, kernel parameters), the same for every section.
+        ``spatial_key``, filters, kernel parameters), the same for every
+        section unless the manifest sets one per section.
 
     Returns
     -------
@@ -208,20 +214,22 @@ def ingest_cohort(
         if not src or not Path(src).exists():
             failures[sid] = f"{src or '(no path)'}: input does not exist"
             continue
-        token = _source_token(src, options)
+        own = {**options, **{k: row[k] for k in PER_SECTION if k in row.index and str(row[k]).strip()}}
+        token = _source_token(src, own)
         store = out / "sections" / f"{sid}.zarr"
         prev = done.get(sid)
         if prev is not None and prev.get("token") == token and store.exists():
             kept[sid] = prev
             continue
-        todo[sid] = (src, token)
+        todo[sid] = (src, token, own)
     if _read_meta(out) is None:  # mark the folder as a cohort before anything goes into it, so that an
         out.mkdir(parents=True, exist_ok=True)  # interrupted ingest leaves a folder a re-run recognises
         _write_meta(out, [])
     (out / "sections").mkdir(exist_ok=True)
     with execution(run.client, scheduler=run.scheduler, workers=run.workers) as runner:
-        futures = {runner.submit(_ingest_section, src, str(out / "sections" / f"{sid}.zarr"), options,
-                                 key=f"ingest-{sid}-{uuid.uuid4().hex[:6]}"): sid for sid, (src, _) in todo.items()}
+        futures = {runner.submit(_ingest_section, src, str(out / "sections" / f"{sid}.zarr"), own,
+                                 key=f"ingest-{sid}-{uuid.uuid4().hex[:6]}"): sid
+                   for sid, (src, _, own) in todo.items()}
         with tqdm(total=len(table), initial=len(kept), desc="cohort ingest", unit="section",
                   disable=not progress) as bar:
             for fut in runner.completion(list(futures)):
@@ -230,6 +238,8 @@ def ingest_cohort(
                     info = fut.result()
                 except Exception as exc:  # noqa: BLE001 - each section's failure is reported by id
                     failures[sid] = f"{todo[sid][0]}: {' '.join(str(exc).split())}"
+                    if "obsm has no coordinates" in failures[sid]:
+                        failures[sid] += " A spatial_key column in the manifest sets the key per section."
                 else:
                     kept[sid] = {"section": sid, "token": todo[sid][1], **info}
                 bar.update(1)

@@ -345,3 +345,27 @@ def test_cohort_results_do_not_depend_on_order_batches_workers_or_mode(inputs, t
             # worker processes use one BLAS thread: equal to rounding, not bit for bit
             np.testing.assert_allclose(ds[v].values, ref[v].values, rtol=1e-10, atol=0)
         assert list(ds["donor"].values) == list(ref["donor"].values)
+
+
+def test_sections_that_differ_or_filter_out_are_named_and_a_manifest_column_sets_their_key(tmp_path, capsys):
+    good = simulate_section(100, 8, n_sv=2, seed=1)
+    good.write_h5ad(tmp_path / "a.h5ad")
+    other = simulate_section(100, 8, n_sv=2, seed=2)
+    other.obsm["X_spatial"] = other.obsm.pop("spatial")
+    other.write_h5ad(tmp_path / "b.h5ad")
+    simulate_section(100, 8, n_sv=2, mean_depth=0.01, seed=3).write_h5ad(tmp_path / "c.h5ad")
+    man = tmp_path / "m.csv"
+    man.write_text("section,path\nA,a.h5ad\nB,b.h5ad\nC,c.h5ad\n")
+    assert main(["cohort", "ingest", str(man), str(tmp_path / "co"), "--scheduler", "threads", "--no-progress",
+                 "--min-counts", "50"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "section 'B' (" in err and "no coordinates 'spatial' (available: ['X_spatial'])" in err
+    assert "A spatial_key column in the manifest" in err
+    assert "section 'C' (" in err and "no genes left after filtering" in err
+    assert spatialscale.open_cohort(tmp_path / "co").section_ids == ["A"]  # the good section is kept
+    # a per-section key in the manifest; the section without genes left is dropped from the manifest
+    man.write_text("section,path,spatial_key\nA,a.h5ad,\nB,b.h5ad,X_spatial\n")
+    cohort = spatialscale.ingest_cohort(man, tmp_path / "co", scheduler="threads", progress=False, min_counts=50)
+    assert cohort.section_ids == ["A", "B"] and cohort.store("B").n_spots == 100
+    np.testing.assert_array_equal(cohort.store("B").coords(), other.obsm["X_spatial"])
