@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 import time
 import warnings
@@ -10,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["run_bench", "compare"]
+__all__ = ["run_bench", "run_cohort_bench", "compare", "task_stream_stats"]
 
 
 def compare(ref: pd.DataFrame, ours: pd.DataFrame) -> dict[str, float]:
@@ -306,3 +308,360 @@ def run_du_bench(spots: list[int], genes: list[int], *, covariates: int = 50,
           f"on {workers} workers (GP backend auto); with_setup adds setup_data / ingest")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return table
+
+
+# --------------------------------------------------------------------------- cohort: one graph vs a loop
+def task_stream_stats(records: list[dict], wall: float, n_threads: int) -> dict[str, float]:
+    """Figures of one timed run from its Dask task stream (``distributed.get_task_stream().data``).
+
+    Parameters
+    ----------
+    records
+        One record per finished task: ``startstops`` (``action``, ``start``,
+        ``stop``) and ``worker``.
+    wall
+        Wall-clock seconds of the run, as the client saw it.
+    n_threads
+        Worker threads of the cluster.
+
+    Returns
+    -------
+    dict
+        ``tasks``; ``compute_s``: summed ``compute`` intervals of the tasks;
+        ``idle_fraction = 1 - compute_s / (wall * n_threads)``: the share of
+        the threads' time not spent computing (client-side planning and
+        assembly, scheduling, transfers, waiting at the end);
+        ``overhead_ms_per_task = (wall * n_threads - compute_s) / tasks``: that
+        time charged to each task; ``gap_ms``: median gap between one task's
+        end and the next task's start on the same worker (the scheduler's
+        dispatch latency while work is queued).
+    """
+    compute = 0.0
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for rec in records:
+        for ss in rec.get("startstops", ()):
+            if ss["action"] == "compute":
+                compute += ss["stop"] - ss["start"]
+                spans.setdefault(str(rec.get("worker")), []).append((ss["start"], ss["stop"]))
+    gaps = []
+    for s in spans.values():
+        s.sort()
+        gaps.extend(b[0] - a[1] for a, b in zip(s[:-1], s[1:]))
+    n = len(records)
+    capacity = wall * max(n_threads, 1)
+    return {
+        "tasks": n,
+        "compute_s": compute,
+        "idle_fraction": min(max(1.0 - compute / capacity, 0.0), 1.0) if capacity > 0 else float("nan"),
+        "overhead_ms_per_task": 1e3 * (capacity - compute) / n if n else float("nan"),
+        "gap_ms": 1e3 * float(np.median(gaps)) if gaps else float("nan"),
+    }
+
+
+def _clear_worker_caches() -> None:
+    """Runs on a worker: forget cached kernels (every cache of :mod:`spatialscale.worker`), so that every
+    timed run loads them itself."""
+    from spatialscale import worker
+
+    for fn in list(vars(worker).values()):
+        if hasattr(fn, "cache_clear") and fn is not worker.tune_allocator:
+            fn.cache_clear()
+
+
+def _import_on_worker() -> None:
+    """Runs on a worker: import what the SV tasks use (module import is start-up, not test time)."""
+    import spatialscale.families.sv_hsic  # noqa: F401
+    import spatialscale.kernel  # noqa: F401
+    import spatialscale.stats.sv  # noqa: F401
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process so far, all threads (on a worker: its tasks, event loop and I/O threads)."""
+    return time.process_time()
+
+
+def _timed(client, fn):
+    """``fn()``, its wall seconds, the task stream of the tasks it ran, and CPU seconds used meanwhile.
+
+    The CPU seconds are those of this process (the client, and the
+    scheduler of a LocalCluster, which runs in it) and of the workers.
+    """
+    from distributed import get_task_stream
+
+    before = client.run(_cpu_seconds)
+    with get_task_stream(client=client) as ts:
+        c, t = time.process_time(), time.perf_counter()
+        out = fn()
+        wall, c = time.perf_counter() - t, time.process_time() - c
+    after = client.run(_cpu_seconds)
+    cpu = {"client_cpu_s": c, "worker_cpu_s": sum(after[w] - before[w] for w in after if w in before)}
+    return out, wall, ts.data, cpu
+
+
+def _warm(client, cohort, method: str, null: str, batch_memory: str) -> None:
+    """Start-up a timed run should not pay: imports and one section's run on every worker; then empty caches."""
+    from spatialscale.api import sv_test
+
+    client.run(_import_on_worker)
+    sv_test(cohort.store(cohort.section_ids[0]), method=method, null=null, client=client,
+            batch_memory=batch_memory, progress=False)
+    client.run(_clear_worker_caches)
+
+
+def _planned_tasks(cohort, method: str, null: str, batch_memory: str) -> dict[str, dict[str, int]]:
+    """Batches (tasks) the engine plans for each section, run alone (``single``) and in the cohort (``cohort``)."""
+    from spatialscale.families import family_for
+    from spatialscale.families.base import resolve_options
+    from spatialscale.families.common import parse_bytes, run_plan, run_spec
+
+    family = family_for("sv", method)
+    opts = resolve_options(family, method, {"null": null})
+    out: dict[str, dict[str, int]] = {"single": {}, "cohort": {}}
+    for sid in cohort.section_ids:
+        store = cohort.store(sid)
+        spec = run_spec(store, family.prepare(store, method, opts, None, "cpu"))
+        out["single"][sid] = len(run_plan(spec, parse_bytes(batch_memory)))
+        out["cohort"][sid] = len(run_plan(spec, parse_bytes(batch_memory), n_runs=len(cohort.section_ids)))
+    return out
+
+
+def _splisosm_parts(adata, method: str, null: str) -> tuple[pd.DataFrame, float, float]:
+    """SplisosmNP's SV results and its (setup_data, test_spatial_variability) wall times."""
+    from splisosm import SplisosmNP
+
+    t = time.perf_counter()
+    model = SplisosmNP()
+    model.setup_data(adata, layer="counts", group_iso_by="gene_symbol")
+    t_setup = time.perf_counter() - t
+    t = time.perf_counter()
+    res = model.test_spatial_variability(method=method, null_method=null, print_progress=False,
+                                         return_results=True)
+    t_test = time.perf_counter() - t
+    names = [str(g) for g in model.gene_names]
+    return (pd.DataFrame({"statistic": res["statistic"], "pvalue": res["pvalue"]}, index=names),
+            t_setup, t_test)
+
+
+def _section_frame(ds, sid: str | None = None) -> pd.DataFrame:
+    """A section's tested genes as ``statistic``, ``pvalue`` (one section of a cohort result, or a section's)."""
+    if sid is not None:
+        ds = ds.sel(section=sid)
+    df = pd.DataFrame({"statistic": ds["sv_statistic"].values, "pvalue": ds["sv_pvalue"].values},
+                      index=ds["gene"].values)
+    return df[np.isfinite(df["pvalue"])]
+
+
+#: cohort and single-section runs plan different batches, which round differently in the last bits
+AGREEMENT_RTOL = 1e-10
+
+
+def _max_rel_diff(a: pd.DataFrame, b: pd.DataFrame) -> float:
+    """Largest relative difference of two per-gene tables (``inf`` unless they hold the same genes)."""
+    if len(a) != len(b) or not a.index.isin(b.index).all():
+        return float("inf")
+    x, y = a.to_numpy(), b.reindex(a.index).to_numpy()
+    return float(np.max(np.abs(x - y) / np.maximum(np.abs(y), 1e-300), initial=0.0))
+
+
+def run_cohort_bench(n_sections: int = 24, spots: tuple[int, int] = (1500, 3000), n_genes: int = 300, *,
+                     method: str = "hsic-ir", null: str = "liu", workers: int = 2, seed: int = 0,
+                     splisosm: bool = True, scaling: bool = True, batch_memory: str = "256MB",
+                     out_dir: str | Path | None = None, verbose: bool = True) -> dict:
+    """Time a cohort's one-graph SV run against a loop of single-section runs, SplisosmNP and fewer workers.
+
+    A cohort of ``n_sections`` simulated sections (``spots`` = inclusive
+    range of spots per section, ``n_genes`` genes of 2-4 isoforms) is
+    ingested once (timed and reported, not part of the comparisons).  On one
+    LocalCluster of ``workers`` single-threaded processes, after a warm-up
+    (imports and one section's run; kernel caches emptied before every
+    timed run), it times
+
+    - ``cohort``: ``sv_test(cohort, client=client)``, all sections x batches
+      as one set of tasks;
+    - ``loop``: ``sv_test(cohort.store(sid), client=client)`` for every section in turn;
+
+    and checks that every section's ``sv_statistic`` and ``sv_pvalue`` agree
+    in both to :data:`AGREEMENT_RTOL` (the cohort plans fewer, larger
+    batches).  With ``scaling`` (and ``workers > 1``) the cohort run is
+    repeated on a LocalCluster of one worker: efficiency =
+    ``(t_1 / t_workers) / workers``.  With ``splisosm``, SPLISOSM 1.2.0's
+    SplisosmNP (``setup_data`` + ``test_spatial_variability``) runs section by
+    section on the same h5ad files (reading them is not timed), and its
+    results are compared with the cohort's (:func:`compare`).
+
+    Idle fraction and per-task overhead come from the task stream (see
+    :func:`task_stream_stats`); each run also records the CPU seconds of the
+    client process (where a LocalCluster's scheduler runs) and of the
+    workers.
+
+    Parameters
+    ----------
+    n_sections, spots, n_genes
+        Cohort size.
+    method, null
+        SV test (as in :func:`spatialscale.sv_test`).
+    workers
+        LocalCluster workers (one thread each).
+    seed
+        Seed of the simulation.
+    splisosm, scaling
+        Run the SplisosmNP reference / the one-worker run.
+    batch_memory
+        spatialscale's per-task memory budget.
+    out_dir
+        Where the simulated cohort and its stores go (default: a temporary folder, removed).
+    verbose
+        Print the steps and the table.
+
+    Returns
+    -------
+    dict
+        Times (seconds), ratios, the task-stream figures of each run
+        (``runs``: name -> dict), the planned tasks, ``max_rel_diff`` and
+        ``identical`` (cohort agrees with the loop), and SPLISOSM's agreement when run.
+    """
+    from distributed import Client
+
+    from spatialscale.api import sv_test
+    from spatialscale.cohort import ingest_cohort
+    from spatialscale.engine import local_cluster
+    from spatialscale.simulate import simulate_cohort
+
+    warnings.filterwarnings("ignore")
+    say = print if verbose else (lambda *a, **k: None)
+    lo, hi = int(spots[0]), int(spots[1])
+    fig: dict = {"n_sections": n_sections, "spots": (lo, hi), "n_genes": n_genes, "method": method, "null": null,
+                 "workers": workers, "runs": {}, "load_average_start": os.getloadavg()[0]}
+    with contextlib.ExitStack() as stack:
+        root = Path(out_dir) if out_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        t = time.perf_counter()
+        manifest, _ = simulate_cohort(root / "input", n_sections, n_genes, n_shared=min(20, n_genes // 5),
+                                      n_specific=min(10, n_genes // 10), spots=(lo, hi), seed=seed)
+        fig["simulate_s"] = time.perf_counter() - t
+        sizes = pd.read_csv(manifest)
+        fig["total_spots"] = int(sizes["n_spots"].sum())
+        say(f"simulated {n_sections} sections of {sizes['n_spots'].min()}-{sizes['n_spots'].max()} spots "
+            f"({fig['total_spots']:,} in all) x {n_genes} genes in {fig['simulate_s']:.1f}s")
+
+        def cohort_run(client, cohort):
+            return sv_test(cohort, method=method, null=null, client=client, batch_memory=batch_memory,
+                           progress=False)
+
+        def loop_run(client, cohort):
+            return {sid: sv_test(cohort.store(sid), method=method, null=null, client=client,
+                                 batch_memory=batch_memory, progress=False) for sid in cohort.section_ids}
+
+        def record(name, client, wall, stream, cpu):
+            threads = sum(client.nthreads().values())
+            fig["runs"][name] = {"wall_s": wall, "threads": threads, **task_stream_stats(stream, wall, threads), **cpu}
+
+        t = time.perf_counter()
+        with local_cluster(workers) as cluster, Client(cluster) as client:
+            fig["cluster_start_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            cohort = ingest_cohort(manifest, root / "cohort", client=client, progress=False)
+            fig["ingest_s"] = time.perf_counter() - t
+            say(f"LocalCluster of {workers} worker(s) started in {fig['cluster_start_s']:.1f}s; cohort ingested "
+                f"(kernels of {n_sections} sections, in parallel) in {fig['ingest_s']:.1f}s; neither is timed below")
+            fig["planned_tasks"] = _planned_tasks(cohort, method, null, batch_memory)
+            _warm(client, cohort, method, null, batch_memory)
+            ds, wall, stream, cpu = _timed(client, lambda: cohort_run(client, cohort))
+            record("cohort", client, wall, stream, cpu)
+            say(f"cohort, one graph: {wall:.2f}s")
+            client.run(_clear_worker_caches)
+            loop, wall, stream, cpu = _timed(client, lambda: loop_run(client, cohort))
+            record("loop", client, wall, stream, cpu)
+            say(f"loop of {n_sections} single-section runs: {wall:.2f}s")
+        fig["max_rel_diff"] = max(_max_rel_diff(_section_frame(ds, sid), _section_frame(one))
+                                  for sid, one in loop.items())
+        fig["identical"] = fig["max_rel_diff"] <= AGREEMENT_RTOL
+        fig["pairs_tested"] = int(np.isfinite(ds["sv_pvalue"].values).sum())
+
+        if scaling and workers > 1:
+            with local_cluster(1) as cluster, Client(cluster) as client:
+                _warm(client, cohort, method, null, batch_memory)
+                one, wall, stream, cpu = _timed(client, lambda: cohort_run(client, cohort))
+                record("cohort_1_worker", client, wall, stream, cpu)
+            say(f"cohort, one graph, 1 worker: {wall:.2f}s")
+            fig["identical_1_worker"] = bool(np.allclose(one["sv_pvalue"].values, ds["sv_pvalue"].values,
+                                                         rtol=AGREEMENT_RTOL, atol=0.0, equal_nan=True))
+            fig["scaling_speedup"] = fig["runs"]["cohort_1_worker"]["wall_s"] / fig["runs"]["cohort"]["wall_s"]
+            fig["scaling_efficiency"] = fig["scaling_speedup"] / workers
+
+        if splisosm:
+            import anndata as ad
+
+            t_setup = t_test = 0.0
+            agree = []
+            paths = pd.read_csv(manifest).set_index("section")["path"]
+            for sid in cohort.section_ids:
+                adata = ad.read_h5ad(Path(manifest).parent / paths[sid])
+                ref, ts, tt = _splisosm_parts(adata, method, null)
+                t_setup, t_test = t_setup + ts, t_test + tt
+                agree.append(compare(ref, _section_frame(ds, sid)))
+            fig["splisosm_setup_s"], fig["splisosm_test_s"] = t_setup, t_test
+            fig["splisosm_s"] = t_setup + t_test
+            agree_df = pd.DataFrame(agree)
+            fig["splisosm_agreement"] = {
+                "p_max_rel_diff": float(agree_df["p_max_rel_diff"].max()),
+                "p_spearman_min": float(agree_df["p_spearman"].min()),
+                "stat_spearman_min": float(agree_df["stat_spearman"].min()),
+                "top20_overlap_min": float(agree_df["top20_overlap"].min()),
+            }
+            say(f"SplisosmNP, {n_sections} sections one by one: {fig['splisosm_s']:.1f}s")
+
+    fig["load_average_end"] = os.getloadavg()[0]
+    runs = fig["runs"]
+    fig["loop_over_cohort"] = runs["loop"]["wall_s"] / runs["cohort"]["wall_s"]
+    if splisosm:
+        fig["splisosm_over_cohort"] = fig["splisosm_s"] / runs["cohort"]["wall_s"]
+        fig["splisosm_over_ingest_cohort"] = fig["splisosm_s"] / (fig["ingest_s"] + runs["cohort"]["wall_s"])
+    if verbose:
+        _print_cohort_bench(fig)
+    return fig
+
+
+def _print_cohort_bench(fig: dict) -> None:
+    runs = fig["runs"]
+    pairs = fig["pairs_tested"]
+    lo, hi = fig["spots"]
+    w = f"{fig['workers']} worker{'s' if fig['workers'] != 1 else ''}"
+    names = {"cohort": f"cohort: one graph, {w}", "loop": f"loop: {fig['n_sections']} single-section runs, {w}",
+             "cohort_1_worker": "cohort: one graph, 1 worker"}
+    rows = [{"run": names[k], "wall_s": r["wall_s"], "gene_sections_per_s": pairs / r["wall_s"],
+             "tasks": r["tasks"], "compute_s": r["compute_s"], "idle_fraction": r["idle_fraction"],
+             "overhead_ms_per_task": r["overhead_ms_per_task"], "gap_ms": r["gap_ms"],
+             "client_cpu_s": r["client_cpu_s"], "worker_cpu_s": r["worker_cpu_s"]} for k, r in runs.items()]
+    if "splisosm_s" in fig:
+        rows.append({"run": "SplisosmNP: section by section", "wall_s": fig["splisosm_s"],
+                     "gene_sections_per_s": pairs / fig["splisosm_s"]})
+    print(f"\n{fig['method']} / {fig['null']} on a cohort of {fig['n_sections']} sections ({lo}-{hi} spots, "
+          f"{fig['total_spots']:,} in all) x {fig['n_genes']} genes; {pairs:,} gene x section tests")
+    print(f"(ingest: {fig['ingest_s']:.1f}s for all sections' kernels, not included; "
+          f"tasks planned: {sum(fig['planned_tasks']['cohort'].values())} in the cohort, "
+          f"{sum(fig['planned_tasks']['single'].values())} for the single-section runs)")
+    print(pd.DataFrame(rows).to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"))
+    print(f"\nloop / cohort: {fig['loop_over_cohort']:.2f}x (target >= 1.5)")
+    if "splisosm_s" in fig:
+        a = fig["splisosm_agreement"]
+        print(f"SplisosmNP (setup_data {fig['splisosm_setup_s']:.1f}s + test {fig['splisosm_test_s']:.1f}s) / cohort: "
+              f"{fig['splisosm_over_cohort']:.2f}x (target >= 3); / (ingest + cohort): "
+              f"{fig['splisosm_over_ingest_cohort']:.2f}x")
+        print(f"vs SplisosmNP, worst section: p max relative difference {a['p_max_rel_diff']:.2g}, p Spearman "
+              f"{a['p_spearman_min']:.4f}, statistic Spearman {a['stat_spearman_min']:.4f}, top-20 overlap "
+              f"{a['top20_overlap_min']:.2f}")
+    if "scaling_efficiency" in fig:
+        print(f"1 -> {fig['workers']} workers: speed-up {fig['scaling_speedup']:.2f}x, efficiency "
+              f"{fig['scaling_efficiency']:.2f} (target >= 0.8)")
+    print(f"machine load average (1 min; this bench's own processes included): {fig['load_average_start']:.2f} at "
+          f"the start, {fig['load_average_end']:.2f} at the end; other work on the machine slows every run, "
+          "SplisosmNP most")
+    print(f"cohort vs loop (sv_statistic, sv_pvalue of every section): max relative difference "
+          f"{fig['max_rel_diff']:.2g}, within {AGREEMENT_RTOL:g}: {fig['identical']} (a cohort plans fewer, larger "
+          "batches per section, which round differently)"
+          + (f"; 1-worker cohort = {fig['workers']}-worker cohort within {AGREEMENT_RTOL:g}: "
+             f"{fig['identical_1_worker']}" if "identical_1_worker" in fig else ""))
+    print("idle_fraction = 1 - sum(task compute) / (wall x worker threads); overhead_ms_per_task = "
+          "(wall x threads - sum(task compute)) / tasks; gap_ms = median time between a task's end and the next "
+          "task's start on a worker (from distributed's task stream); client_cpu_s: CPU of the client process, "
+          "scheduler included; worker_cpu_s: CPU of the worker processes, tasks included")

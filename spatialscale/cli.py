@@ -269,6 +269,13 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: all up to 2,000 spots, else 2; minutes per covariate at 10,000 spots)")
     p.add_argument("--batch-memory", default="256MB", help="spatialscale's per-task memory budget (256MB)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cohort", action="store_true",
+                   help="sv on a simulated cohort: one graph over all sections vs a loop of single-section runs on "
+                   "the same cluster, vs SplisosmNP section by section, and 1 vs --workers workers; --spots LO HI is "
+                   "the range of spots per section (1500 3000), --genes one gene count (300)")
+    p.add_argument("--sections", type=int, default=24, help="--cohort: sections (24)")
+    p.add_argument("--no-splisosm", action="store_true", help="--cohort: skip the SplisosmNP reference")
+    p.add_argument("--no-scaling", action="store_true", help="--cohort: skip the 1-worker run")
     return parser
 
 
@@ -300,8 +307,22 @@ def _run(args: argparse.Namespace) -> int:
                  out_dir=args.out_dir, seed=args.seed)
         return 0
     if args.command == "bench":
-        from spatialscale.bench import run_bench, run_du_bench, run_glmm_bench
+        from spatialscale.bench import run_bench, run_cohort_bench, run_du_bench, run_glmm_bench
 
+        if args.cohort:
+            from spatialscale.errors import InputError
+
+            if args.test != "sv":
+                raise InputError("bench --cohort times the sv tests (leave --test at sv).")
+            spots = [1500, 3000] if args.spots == [10_000] else args.spots
+            if len(spots) != 2 or not 0 < spots[0] <= spots[1]:
+                raise InputError("bench --cohort: --spots takes the range of spots per section, LO HI (1500 3000).")
+            if len(args.genes) != 1 or args.sections < 1:
+                raise InputError("bench --cohort: give one --genes count and --sections >= 1.")
+            run_cohort_bench(args.sections, (spots[0], spots[1]), args.genes[0], method=args.method, null=args.null,
+                             workers=args.workers, seed=args.seed, splisosm=not args.no_splisosm,
+                             scaling=not args.no_scaling, batch_memory=args.batch_memory)
+            return 0
         if args.test == "du":
             genes = args.genes if args.genes != [300] else [200]
             run_du_bench(spots=args.spots, genes=genes, covariates=args.covariates,

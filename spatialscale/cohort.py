@@ -18,7 +18,7 @@ import json
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +84,25 @@ class Cohort:
 
     path: Path
     sections: pd.DataFrame
+    _opened: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def section_ids(self) -> list[str]:
         return list(self.sections.index)
 
     def store(self, section: str) -> IsoformStore:
-        """The isoform store of one section."""
+        """The isoform store of one section (opened once, again if it was rewritten since)."""
         if section not in self.sections.index:
             raise InputError(f"cohort {self.path} has no section {section!r} (sections: {self.section_ids}).")
-        return open_store(self.path / "sections" / f"{section}.zarr")
+        path = self.path / "sections" / f"{section}.zarr"
+        try:
+            stamp = (path / "zarr.json").stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        cached = self._opened.get(section)
+        if cached is None or cached[0] != stamp or stamp is None:
+            cached = self._opened[section] = (stamp, open_store(path))
+        return cached[1]
 
     def __repr__(self) -> str:
         return f"Cohort({str(self.path)!r}, sections={self.section_ids})"
@@ -106,6 +115,8 @@ def open_cohort(path: str | os.PathLike) -> Cohort:
     if meta is None:
         raise InputError(f"{path} is not a cohort folder (no {COHORT_FILE}); create one with `spatialscale cohort "
                          "ingest`.")
+    if not meta.get("sections"):
+        raise InputError(f"cohort {path} has no ingested sections yet; run `spatialscale cohort ingest` (again).")
     sections = pd.DataFrame(meta["sections"]).set_index("section")
     for sid in sections.index:
         if not (path / "sections" / f"{sid}.zarr").exists():
@@ -232,11 +243,9 @@ def ingest_cohort(
                    for sid, (src, _, own) in todo.items()}
         with tqdm(total=len(table), initial=len(kept), desc="cohort ingest", unit="section",
                   disable=not progress) as bar:
-            for fut in runner.completion(list(futures)):
+            for fut, info, exc in runner.completion(list(futures)):
                 sid = futures[fut]
-                try:
-                    info = fut.result()
-                except Exception as exc:  # noqa: BLE001 - each section's failure is reported by id
+                if exc is not None:  # each section's failure is reported by id
                     failures[sid] = f"{todo[sid][0]}: {' '.join(str(exc).split())}"
                     if "obsm has no coordinates" in failures[sid]:
                         failures[sid] += " A spatial_key column in the manifest sets the key per section."

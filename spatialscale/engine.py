@@ -139,7 +139,11 @@ def free_device_memory(device: str) -> int | None:
 
 
 class _ThreadCompletion:
-    """``distributed.as_completed`` for ``concurrent.futures``: iterate done futures, ``add`` new ones meanwhile."""
+    """``distributed.as_completed`` for ``concurrent.futures``: ``(future, result, error)`` as they finish.
+
+    ``add`` more futures while iterating; ``error`` is the task's exception
+    (``result`` is then ``None``).
+    """
 
     def __init__(self, futures: Sequence[Any]) -> None:
         self._pending = list(futures)
@@ -154,7 +158,10 @@ class _ThreadCompletion:
             done, _ = wait(self._pending, return_when=FIRST_COMPLETED)
             for fut in [f for f in self._pending if f in done]:
                 self._pending.remove(fut)
-                yield fut
+                try:
+                    yield fut, fut.result(), None
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    yield fut, None, exc
 
 
 class _ThreadRunner:
@@ -165,7 +172,7 @@ class _ThreadRunner:
     def __init__(self, n_threads: int) -> None:
         self._pool = ThreadPoolExecutor(max_workers=max(1, n_threads))
 
-    def submit(self, fn: Callable, *args: Any, key: str) -> Any:
+    def submit(self, fn: Callable, *args: Any, key: str, affinity: str | None = None) -> Any:
         return self._pool.submit(fn, *args)
 
     def share(self, value: Any) -> Any:
@@ -177,11 +184,34 @@ class _ThreadRunner:
         return free_device_memory(device)
 
     def completion(self, futures: Sequence[Any]) -> _ThreadCompletion:
-        """Futures as they complete; more can be added while iterating."""
+        """``(future, result, error)`` as futures complete; more can be added while iterating."""
         return _ThreadCompletion(futures)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _DaskCompletion:
+    """``distributed.as_completed`` with results, as ``(future, result, error)``."""
+
+    def __init__(self, futures: Sequence[Any], client: Any) -> None:
+        from distributed import as_completed
+
+        # this client's loop, not the default client's
+        self._flow = as_completed(futures, with_results=True, raise_errors=False, loop=client.loop)
+
+    def add(self, future: Any) -> None:
+        self._flow.add(future)
+
+    def __iter__(self) -> Iterator[Any]:
+        for fut, value in self._flow:
+            if fut.status == "error":
+                _, exc, tb = value
+                yield fut, None, exc.with_traceback(tb)
+            elif isinstance(value, BaseException):  # cancelled
+                yield fut, None, value
+            else:
+                yield fut, value, None
 
 
 class _DaskRunner:
@@ -192,9 +222,24 @@ class _DaskRunner:
     def __init__(self, client: Any, retries: int = 2) -> None:
         self.client = client
         self.retries = retries
+        self._homes: dict[str, str] = {}
 
-    def submit(self, fn: Callable, *args: Any, key: str) -> Any:
-        return self.client.submit(fn, *args, key=key, retries=self.retries, pure=False)
+    def submit(self, fn: Callable, *args: Any, key: str, affinity: str | None = None) -> Any:
+        """Submit a task; tasks of one ``affinity`` (a cohort's section) prefer one worker.
+
+        Affinities are spread over the workers in turn and the preference is
+        loose (``allow_other_workers``: an idle worker still takes the task), so
+        a section's kernel is loaded by about one worker instead of every one.
+        """
+        where: dict[str, Any] = {}
+        if affinity is not None:
+            if affinity not in self._homes:
+                workers = sorted(self.client.scheduler_info()["workers"])
+                if workers:
+                    self._homes[affinity] = workers[len(self._homes) % len(workers)]
+            if affinity in self._homes:
+                where = {"workers": [self._homes[affinity]], "allow_other_workers": True}
+        return self.client.submit(fn, *args, key=key, retries=self.retries, pure=False, **where)
 
     def share(self, value: Any) -> Any:
         """One plain future of ``value`` (never broadcast: it conflicts with the Active Memory Manager)."""
@@ -205,11 +250,13 @@ class _DaskRunner:
         found = [v for v in self.client.run(free_device_memory, device).values() if v]
         return min(found) if found else None
 
-    def completion(self, futures: Sequence[Any]) -> Any:
-        """Futures as they complete; more can be added while iterating (``distributed.as_completed``)."""
-        from distributed import as_completed
+    def completion(self, futures: Sequence[Any]) -> _DaskCompletion:
+        """``(future, result, error)`` as futures complete; more can be added while iterating.
 
-        return as_completed(futures, loop=self.client.loop)  # this client's loop, not the default client's
+        Results are fetched by ``distributed.as_completed`` in the background
+        as tasks finish, not one round trip per ``result()`` call.
+        """
+        return _DaskCompletion(futures, self.client)
 
     def close(self) -> None:
         pass
@@ -390,6 +437,9 @@ def run_splitting(task: Callable, batch: Batch, *extra: Any) -> dict[str, np.nda
 
 
 def _run_one(task: Callable, batch: Batch, partial: PartialStore | None, *extra: Any) -> dict[str, np.ndarray]:
+    from spatialscale.worker import tune_allocator
+
+    tune_allocator()  # once per process: large temporaries stay in the heap instead of fresh mmaps
     result = run_splitting(task, batch, *extra)
     if partial is not None:
         partial.write(batch, result)
@@ -480,7 +530,8 @@ def run_work(items: Sequence[Work], runner: Any, *, progress: bool = True, label
     def submit_next() -> Any:
         i = queue.pop()
         w = items[i]
-        fut = runner.submit(_run_one, w.task, w.batch, w.partial, *w.extra, key=f"{label}-{tag}{w.tag}-{w.batch.name}")
+        fut = runner.submit(_run_one, w.task, w.batch, w.partial, *w.extra, key=f"{label}-{tag}{w.tag}-{w.batch.name}",
+                            affinity=w.tag or None)
         pending[fut] = i
         return fut
 
@@ -490,8 +541,10 @@ def run_work(items: Sequence[Work], runner: Any, *, progress: bool = True, label
             while queue and len(pending) < limit:
                 submit_next()
             flow = runner.completion(list(pending))
-            for fut in flow:
-                results[pending.pop(fut)] = fut.result()
+            for fut, value, error in flow:
+                if error is not None:
+                    raise error
+                results[pending.pop(fut)] = value
                 bar.update(1)
                 if queue:
                     flow.add(submit_next())

@@ -112,7 +112,8 @@ def test_each_section_equals_its_own_run_and_evidence_is_combined(cohort, client
         own = spatialscale.sv_test(cohort.store(sid), scheduler="threads", progress=False)
         got = ds.sel(section=sid, gene=own["gene"].values)
         for v in ("sv_statistic", "sv_pvalue", "sv_pvalue_adj"):
-            np.testing.assert_array_equal(got[v].values, own[v].values)
+            # other batches (a cohort's sections take fewer, larger ones) round differently in the last bits
+            np.testing.assert_allclose(got[v].values, own[v].values, rtol=1e-10, atol=0)
     p = ds["sv_pvalue"].transpose("gene", "section").values
     np.testing.assert_array_equal(ds["combined_pvalue"].values, cauchy_combine(p))
     np.testing.assert_array_equal(ds["n_sections_tested"].values, np.isfinite(p).sum(1))
@@ -132,9 +133,18 @@ def test_a_cohort_of_one_section_gives_the_single_section_results(inputs, tmp_pa
 def test_cohort_run_resumes_per_section_and_cli(cohort, tmp_path, monkeypatch, capsys):
     import spatialscale.families.sv_hsic as fam
 
-    ref = spatialscale.sv_test(cohort, scheduler="threads", progress=False)
     real = fam._sv_task
     calls: list[str] = []
+
+    def counting(store_path, *args):
+        calls.append(store_path.rsplit("/", 1)[-1])
+        return real(store_path, *args)
+
+    monkeypatch.setattr(fam, "_sv_task", counting)
+    ref = spatialscale.sv_test(cohort, batch_size=3, scheduler="threads", progress=False)
+    planned = {sid: calls.count(f"{sid}.zarr") for sid in cohort.section_ids}
+    assert all(n >= 3 for n in planned.values())  # 8 genes of 2-4 isoforms, at most 3 a batch
+    calls.clear()
 
     def flaky(store_path, *args):
         if store_path.endswith("B1.zarr"):
@@ -147,16 +157,11 @@ def test_cohort_run_resumes_per_section_and_cli(cohort, tmp_path, monkeypatch, c
         spatialscale.sv_test(cohort, out=out, batch_size=3, scheduler="threads", progress=False)
     recorded = {d.name: len(list((d / "_batches").iterdir())) for d in (out / "_sections").iterdir()}
     assert "B1" not in recorded or recorded["B1"] == 0
-
-    def counting(store_path, *args):
-        calls.append(store_path.rsplit("/", 1)[-1])
-        return real(store_path, *args)
-
+    assert sum(recorded.values()) > 0
     monkeypatch.setattr(fam, "_sv_task", counting)
     ds = spatialscale.sv_test(cohort, out=out, batch_size=3, scheduler="threads", progress=False)
-    per_section = cohort.store("A1").n_genes  # genes of 2-4 isoforms: one batch per gene at 8 genes a section
     for sid in ("A1", "A2", "B1"):  # only what was not recorded ran again
-        assert calls.count(f"{sid}.zarr") == per_section - recorded.get(sid, 0)
+        assert calls.count(f"{sid}.zarr") == planned[sid] - recorded.get(sid, 0)
     for v in ("sv_pvalue", "combined_pvalue"):
         np.testing.assert_array_equal(ds[v].values, ref[v].values)
     back = spatialscale.open_results(out)
@@ -174,8 +179,9 @@ def test_du_over_a_cohort(cohort):
     assert ds["du_pvalue"].dims == ("section", "gene", "covariate")
     assert ds["combined_pvalue"].dims == ("gene", "covariate")
     own = spatialscale.du_test(cohort.store("A2"), ["rbp"], method="hsic", scheduler="threads", progress=False)
-    np.testing.assert_array_equal(ds["du_pvalue"].sel(section="A2", gene=own["gene"].values).values,
-                                  own["du_pvalue"].values)
+    # DU sums round differently in other batches and Liu amplifies that (as across batch sizes, test_du.py)
+    np.testing.assert_allclose(ds["du_pvalue"].sel(section="A2", gene=own["gene"].values).values,
+                               own["du_pvalue"].values, rtol=1e-7)
     with pytest.raises(InputError, match="does not run on cohorts yet"):
         spatialscale.glmm_fit(cohort, model="glm", scheduler="threads")
 
@@ -297,7 +303,7 @@ def test_adding_a_section_computes_only_that_section(inputs, tmp_path, monkeypat
 
     monkeypatch.setattr(fam, "_sv_task", counting)
     ds = spatialscale.sv_test(three, out=out, scheduler="threads", progress=False)  # no overwrite needed
-    assert set(calls) == {"A2.zarr"} and len(calls) == three.store("A2").n_genes
+    assert set(calls) == {"A2.zarr"}  # only the new section's batches ran
     monkeypatch.undo()
     fresh = spatialscale.sv_test(three, scheduler="threads", progress=False)
     for v in ("sv_pvalue", "combined_pvalue", "combined_pvalue_adj", "n_sections_tested"):

@@ -101,7 +101,8 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
     result.  A run's ``shared``
     value (sent to the workers once) may be a callable, evaluated only if
     some of its batches are left to run.  With several runs (a cohort), their
-    batches interleave and each run's finished batches are recorded under
+    batches are submitted run after run, at most :data:`MAX_IN_FLIGHT` at a
+    time, so consecutive runs overlap; each run's finished batches are recorded under
     ``_sections/<key>`` of the output and kept there with the results; an
     output holding results of the same ``base`` fingerprint (the same runs
     apart from which keys they cover) is then updated without ``overwrite``,
@@ -128,9 +129,7 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
             root = claim.start() if claim is not None else None
             lanes = []
             for key, spec in specs.items():
-                batches = plan_batches(spec.store.genes, spec.store.n_spots, bytes_per_gene=spec.prep.bytes_per_gene,
-                                       memory_bytes=budget, batch_size=options.batch_size,
-                                       min_batches=spec.prep.min_batches)
+                batches = run_plan(spec, budget, options.batch_size, len(specs))
                 partial = root
                 if root is not None and not single:
                     partial = PartialStore(root.root / SECTIONS / key, spec.fp, root.run_id, owner=root.root)
@@ -143,7 +142,9 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
                 extra = () if shared is None else (runner.share(shared),)
                 tag = f"-{key}" if key else ""
                 lanes.append([(key, Work(spec.task, b, partial, extra, tag=tag), r) for b, r in zip(batches, recorded)])
-            items = [lane[i] for i in range(max(map(len, lanes), default=0)) for lane in lanes if i < len(lane)]
+            # section after section: with a bounded number in flight, the tasks running at any time span
+            # few sections, so each worker loads a section's kernel once (its cache holds a few)
+            items = [item for lane in lanes for item in lane]
             parts = run_work([w for _, w, _ in items], runner, progress=options.progress, label=label,
                              max_in_flight=None if single else MAX_IN_FLIGHT, recorded=[r for _, _, r in items])
         by_key: dict[str, list] = {k: [] for k in specs}
@@ -157,6 +158,21 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
     finally:
         if claim is not None:
             claim.release()
+
+
+def run_plan(spec: RunSpec, budget: int, batch_size: int | None = None, n_runs: int = 1) -> list[Batch]:
+    """The batches of one run that is one of ``n_runs`` run together (a cohort's sections).
+
+    A run alone is split into at least the family's ``min_batches`` so that
+    every worker has work.  Runs together (a cohort's sections) keep the
+    workers busy between them, so each is planned by the memory budget alone:
+    fewer, larger batches (fewer tasks, less scheduling per gene), and a
+    section's plan does not depend on how many sections there are, so its
+    recorded batches stay valid when sections are added.
+    """
+    return plan_batches(spec.store.genes, spec.store.n_spots, bytes_per_gene=spec.prep.bytes_per_gene,
+                        memory_bytes=budget, batch_size=batch_size,
+                        min_batches=spec.prep.min_batches if n_runs == 1 else 1)
 
 
 def check_worker_device(runner: Any, device: str) -> None:

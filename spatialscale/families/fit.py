@@ -25,11 +25,10 @@ def fit_batch(store_path: str, token: str, model: str, glmm: dict[str, Any], dev
     """Fit the batch's genes with the GLM or GLMM."""
     from spatialscale.glmm import fit_glm
     from spatialscale.glmm.glmm import fit_glmm
-    from spatialscale.worker import kernel_eigenpairs, resolve_device, tune_allocator
+    from spatialscale.worker import kernel_eigenpairs, resolve_device
 
     if model == "glm" and glmm.get("fit", "iwls") != "gd":
         return fit_glm(counts, design)
-    tune_allocator()
     lam = vec = None
     if model == "glmm-full":
         lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))

@@ -35,13 +35,12 @@ def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str,
     """
     from spatialscale.glmm import llr_test
     from spatialscale.glmm.llr import sv_log_marginals
-    from spatialscale.worker import kernel_eigenpairs, resolve_device, tune_allocator
+    from spatialscale.worker import kernel_eigenpairs, resolve_device
 
     if batch.n_isoforms < 2:  # one isoform: no usage to model
         nan = np.full(batch.n_genes, np.nan)
         out = {"statistic": nan, "pvalue": nan, "n_spots_used": np.zeros(batch.n_genes, np.int64)}
         return {**out, "perm_statistic": np.full((batch.n_genes, n_perms), np.nan)} if n_perms else out
-    tune_allocator()
     counts = batch_counts(store_path, batch)
     lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))
     cfg = glmm_config("glmm-full", glmm)  # fit_sv_pair sets the model of each fit
