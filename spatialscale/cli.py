@@ -276,6 +276,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", type=int, default=24, help="--cohort: sections (24)")
     p.add_argument("--no-splisosm", action="store_true", help="--cohort: skip the SplisosmNP reference")
     p.add_argument("--no-scaling", action="store_true", help="--cohort: skip the 1-worker run")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="--cohort: time each spatialscale run this many times, report the median (3)")
     return parser
 
 
@@ -317,11 +319,12 @@ def _run(args: argparse.Namespace) -> int:
             spots = [1500, 3000] if args.spots == [10_000] else args.spots
             if len(spots) != 2 or not 0 < spots[0] <= spots[1]:
                 raise InputError("bench --cohort: --spots takes the range of spots per section, LO HI (1500 3000).")
-            if len(args.genes) != 1 or args.sections < 1:
-                raise InputError("bench --cohort: give one --genes count and --sections >= 1.")
+            if len(args.genes) != 1 or args.sections < 1 or args.repeats < 1:
+                raise InputError("bench --cohort: give one --genes count, --sections >= 1 and --repeats >= 1.")
             run_cohort_bench(args.sections, (spots[0], spots[1]), args.genes[0], method=args.method, null=args.null,
                              workers=args.workers, seed=args.seed, splisosm=not args.no_splisosm,
-                             scaling=not args.no_scaling, batch_memory=args.batch_memory)
+                             scaling=not args.no_scaling, batch_memory=args.batch_memory,
+                             repeats=args.repeats)
             return 0
         if args.test == "du":
             genes = args.genes if args.genes != [300] else [200]

@@ -382,7 +382,9 @@ def run_cohort(family: Any, cohort: Cohort | str | os.PathLike, *, method: str |
         first = next(iter(datasets.values()))
         keep = {k: v for k, v in first.attrs.items()  # the run's settings, not one section's store and kernel
                 if not k.startswith("kernel_") and k not in ("store", "n_spots", "n_genes", "created")}
-        per = [datasets[sid].drop_attrs().expand_dims(section=[sid]) for sid in ids]
+        per = [datasets[sid].expand_dims(section=[sid]) for sid in ids]
+        for d in per:
+            d.attrs = {}  # the sections' provenance stays in their stores; variables keep their descriptions
         out = xr.concat(per, dim="section", join="outer", combine_attrs="drop", fill_value=np.nan)
         pv = out[f"{prefix}_pvalue"].transpose(..., "section")
         p, adj = pv.values, out[f"{prefix}_pvalue_adj"].transpose(..., "section").values

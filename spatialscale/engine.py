@@ -223,6 +223,7 @@ class _DaskRunner:
         self.client = client
         self.retries = retries
         self._homes: dict[str, str] = {}
+        self._workers: list[str] | None = None
 
     def submit(self, fn: Callable, *args: Any, key: str, affinity: str | None = None) -> Any:
         """Submit a task; tasks of one ``affinity`` (a cohort's section) prefer one worker.
@@ -234,9 +235,10 @@ class _DaskRunner:
         where: dict[str, Any] = {}
         if affinity is not None:
             if affinity not in self._homes:
-                workers = sorted(self.client.scheduler_info()["workers"])
-                if workers:
-                    self._homes[affinity] = workers[len(self._homes) % len(workers)]
+                if not self._workers:  # the workers at the first affinity (a lost one: allow_other_workers)
+                    self._workers = sorted(self.client.scheduler_info()["workers"])
+                if self._workers:
+                    self._homes[affinity] = self._workers[len(self._homes) % len(self._workers)]
             if affinity in self._homes:
                 where = {"workers": [self._homes[affinity]], "allow_other_workers": True}
         return self.client.submit(fn, *args, key=key, retries=self.retries, pure=False, **where)

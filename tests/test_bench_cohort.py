@@ -30,7 +30,7 @@ def test_task_stream_stats_definitions():
 
 @pytest.mark.slow
 def test_cohort_bench_small(tmp_path, capsys):
-    fig = run_cohort_bench(3, (100, 150), 20, workers=2, seed=1, out_dir=tmp_path)
+    fig = run_cohort_bench(3, (100, 150), 20, workers=2, seed=1, out_dir=tmp_path, repeats=3)
     # the one-graph run gives every section the numbers of its own run (and of a 1-worker cluster), to rounding
     assert fig["identical"] is True and fig["max_rel_diff"] <= 1e-10
     assert fig["identical_1_worker"] is True
@@ -43,6 +43,7 @@ def test_cohort_bench_small(tmp_path, capsys):
         # one task per planned batch, nothing else in the timed window
         assert run["tasks"] == planned["single" if name == "loop" else "cohort"], name
         assert run["threads"] == (1 if name == "cohort_1_worker" else 2)
+        assert len(run["walls"]) == 3 and run["wall_s"] == sorted(run["walls"])[1]  # the median run
         assert 0.0 <= run["idle_fraction"] <= 1.0
         assert 0.0 < run["compute_s"] <= run["wall_s"] * run["threads"] * 1.05
         for key in ("wall_s", "overhead_ms_per_task", "gap_ms", "client_cpu_s", "worker_cpu_s"):
