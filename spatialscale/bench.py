@@ -429,16 +429,17 @@ def _planned_tasks(cohort, method: str, null: str, batch_memory: str) -> dict[st
     """Batches (tasks) the engine plans for each section, run alone (``single``) and in the cohort (``cohort``)."""
     from spatialscale.families import family_for
     from spatialscale.families.base import resolve_options
-    from spatialscale.families.common import parse_bytes, run_plan, run_spec
+    from spatialscale.families.common import COHORT_BUNDLE, parse_bytes, run_plan, run_spec
 
     family = family_for("sv", method)
     opts = resolve_options(family, method, {"null": null})
-    out: dict[str, dict[str, int]] = {"single": {}, "cohort": {}}
+    out: dict[str, dict[str, int]] = {"single": {}, "cohort": {}, "cohort_tasks": {}}
     for sid in cohort.section_ids:
         store = cohort.store(sid)
         spec = run_spec(store, family.prepare(store, method, opts, None, "cpu"))
         out["single"][sid] = len(run_plan(spec, parse_bytes(batch_memory)))
         out["cohort"][sid] = len(run_plan(spec, parse_bytes(batch_memory), n_runs=len(cohort.section_ids)))
+        out["cohort_tasks"][sid] = -(-out["cohort"][sid] // COHORT_BUNDLE)  # a section's batches, 8 to a task
     return out
 
 
@@ -659,7 +660,8 @@ def _print_cohort_bench(fig: dict) -> None:
     print(f"\n{fig['method']} / {fig['null']} on a cohort of {fig['n_sections']} sections ({lo}-{hi} spots, "
           f"{fig['total_spots']:,} in all) x {fig['n_genes']} genes; {pairs:,} gene x section tests")
     print(f"(ingest: {fig['ingest_s']:.1f}s for all sections' kernels, not included; "
-          f"tasks planned: {sum(fig['planned_tasks']['cohort'].values())} in the cohort, "
+          f"batches planned: {sum(fig['planned_tasks']['cohort'].values())} in the cohort (in "
+          f"{sum(fig['planned_tasks']['cohort_tasks'].values())} tasks), "
           f"{sum(fig['planned_tasks']['single'].values())} for the single-section runs)")
     print(pd.DataFrame(rows).to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"))
     print(f"\nloop / cohort: {fig['loop_over_cohort']:.2f}x (target >= 1.5)")

@@ -498,9 +498,15 @@ def run_batches(
     return run_work([Work(task, b, partial, extra) for b in batches], runner, progress=progress, label=label)
 
 
+def _run_bundle(tasks: list, batches: list, partials: list) -> list[dict[str, np.ndarray]]:
+    """Several batches of one section in one task, one after another (each recorded as it finishes)."""
+    return [_run_one(t, b, p) for t, b, p in zip(tasks, batches, partials)]
+
+
 def run_work(items: Sequence[Work], runner: Any, *, progress: bool = True, label: str = "batches",
              max_in_flight: int | None = None,
-             recorded: Sequence[dict[str, np.ndarray] | None] | None = None) -> list[dict[str, np.ndarray]]:
+             recorded: Sequence[dict[str, np.ndarray] | None] | None = None,
+             bundle: int = 1) -> list[dict[str, np.ndarray]]:
     """Run every item not already recorded; return results in item order.
 
     Items may come from several sections (different tasks and partial
@@ -510,6 +516,10 @@ def run_work(items: Sequence[Work], runner: Any, *, progress: bool = True, label
     items; recorded items are verified and reused (see
     :meth:`PartialStore.load`); ``recorded`` gives them when the caller
     has loaded them already (one per item, ``None`` for those to run).
+    With ``bundle > 1``, up to that many consecutive items of one section
+    (same ``tag``, no extra arguments) run as one task, each still recorded
+    on its own: fewer tasks, less scheduling per batch, where the sections
+    keep the workers busy between them.
     """
     from tqdm import tqdm
 
@@ -526,15 +536,27 @@ def run_work(items: Sequence[Work], runner: Any, *, progress: bool = True, label
              len(todo), runner.kind)
     tag = uuid.uuid4().hex[:8]
     limit = len(todo) if max_in_flight is None else max(1, int(max_in_flight))
-    queue = list(reversed(todo))
-    pending: dict[Any, int] = {}
+    groups: list[list[int]] = []
+    for i in todo:
+        last = groups[-1] if groups else None
+        if (last is not None and len(last) < bundle and not items[i].extra and not items[last[0]].extra
+                and items[i].tag == items[last[0]].tag):
+            last.append(i)
+        else:
+            groups.append([i])
+    queue = list(reversed(groups))
+    pending: dict[Any, list[int]] = {}
 
     def submit_next() -> Any:
-        i = queue.pop()
-        w = items[i]
-        fut = runner.submit(_run_one, w.task, w.batch, w.partial, *w.extra, key=f"{label}-{tag}{w.tag}-{w.batch.name}",
-                            affinity=w.tag or None)
-        pending[fut] = i
+        group = queue.pop()
+        w = items[group[0]]
+        key = f"{label}-{tag}{w.tag}-{w.batch.name}" + (f"+{len(group) - 1}" if len(group) > 1 else "")
+        if len(group) == 1:
+            fut = runner.submit(_run_one, w.task, w.batch, w.partial, *w.extra, key=key, affinity=w.tag or None)
+        else:
+            fut = runner.submit(_run_bundle, [items[i].task for i in group], [items[i].batch for i in group],
+                                [items[i].partial for i in group], key=key, affinity=w.tag or None)
+        pending[fut] = group
         return fut
 
     with tqdm(total=len(items), initial=len(items) - len(todo), desc=label, unit="batch",
@@ -546,8 +568,10 @@ def run_work(items: Sequence[Work], runner: Any, *, progress: bool = True, label
             for fut, value, error in flow:
                 if error is not None:
                     raise error
-                results[pending.pop(fut)] = value
-                bar.update(1)
+                group = pending.pop(fut)
+                for i, v in zip(group, value if len(group) > 1 else [value]):
+                    results[i] = v
+                bar.update(len(group))
                 if queue:
                     flow.add(submit_next())
         except BaseException:

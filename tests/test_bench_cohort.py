@@ -38,10 +38,11 @@ def test_cohort_bench_small(tmp_path, capsys):
     planned = {k: sum(v.values()) for k, v in fig["planned_tasks"].items()}
     assert set(fig["planned_tasks"]["cohort"]) == {"S01", "S02", "S03"}
     assert 3 <= planned["cohort"] < planned["single"]  # a cohort's sections take fewer, larger batches
+    assert planned["cohort_tasks"] == 3  # each section's batches (at most 8) in one task
     assert set(fig["runs"]) == {"cohort", "loop", "cohort_1_worker"}
     for name, run in fig["runs"].items():
-        # one task per planned batch, nothing else in the timed window
-        assert run["tasks"] == planned["single" if name == "loop" else "cohort"], name
+        # one task per planned batch (a cohort: per bundle of a section's batches), nothing else in the timed window
+        assert run["tasks"] == planned["single" if name == "loop" else "cohort_tasks"], name
         assert run["threads"] == (1 if name == "cohort_1_worker" else 2)
         assert len(run["walls"]) == 3 and run["wall_s"] == sorted(run["walls"])[1]  # the median run
         assert 0.0 <= run["idle_fraction"] <= 1.0

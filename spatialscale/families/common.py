@@ -31,6 +31,8 @@ from spatialscale.store import IsoformStore, open_store, read_count_columns
 
 #: tasks submitted at a time when several runs (a cohort's sections) share one graph
 MAX_IN_FLIGHT = 64
+#: batches of one section run in one task when several runs share one graph (each recorded on its own)
+COHORT_BUNDLE = 8
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -151,7 +153,8 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
 
             items = [item for lane in sorted(lanes, key=size, reverse=True) for item in lane]
             parts = run_work([w for _, w, _ in items], runner, progress=options.progress, label=label,
-                             max_in_flight=None if single else MAX_IN_FLIGHT, recorded=[r for _, _, r in items])
+                             max_in_flight=None if single else MAX_IN_FLIGHT, recorded=[r for _, _, r in items],
+                             bundle=1 if single else COHORT_BUNDLE)
         by_key: dict[str, list] = {k: [] for k in specs}
         for (key, _, _), part in zip(items, parts):
             by_key[key].append(part)
