@@ -143,26 +143,30 @@ class PartialStore:
         removed, so that it is recomputed.
         """
         path = self._path(batch)
-        attrs = group_attributes(path)
-        if attrs.get("fingerprint") != self.fp or not attrs.get("done"):
-            return None
-        problem = None
-        try:
-            result = self._read(path)
-            sums = attrs.get("checksums") or {}
-            if sorted(sums) != sorted(result):
-                problem = "arrays are missing"
-            else:
-                bad = [k for k, v in result.items() if array_checksum(v) != sums[k]]
-                if bad:
-                    problem = f"checksum mismatch in {', '.join(bad)}"
-        except Exception as exc:  # noqa: BLE001 - any unreadable chunk means: recompute
-            problem = f"unreadable ({type(exc).__name__}: {exc})"
+        result, problem = self._verified(path)
         if problem is None:
             return result
-        log.warning("batch %s in %s is damaged (%s); recomputing it.", batch.name, self.root, problem)
-        shutil.rmtree(path, ignore_errors=True)
+        if problem:
+            log.warning("batch %s in %s is damaged (%s); recomputing it.", batch.name, self.root, problem)
+            shutil.rmtree(path, ignore_errors=True)
         return None
+
+    def _verified(self, path: Path) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        """A recorded batch's arrays and ``None``, or ``None`` and why not (``""``: not one of this run's)."""
+        attrs = group_attributes(path)
+        if attrs.get("fingerprint") != self.fp or not attrs.get("done"):
+            return None, ""
+        try:
+            result = self._read(path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable chunk means: recompute
+            return None, f"unreadable ({type(exc).__name__}: {exc})"
+        sums = attrs.get("checksums") or {}
+        if sorted(sums) != sorted(result):
+            return None, "arrays are missing"
+        bad = [k for k, v in result.items() if array_checksum(v) != sums[k]]
+        if bad:
+            return None, f"checksum mismatch in {', '.join(bad)}"
+        return result, None
 
     def is_done(self, batch: Any) -> bool:
         """Whether the batch is recorded and verifies."""
@@ -194,12 +198,10 @@ class PartialStore:
         for path in sorted(source.iterdir()):
             if path.name.startswith(".") or (self.root / BATCHES / path.name).exists():
                 continue
-            attrs = group_attributes(path)
-            if attrs.get("fingerprint") != self.fp or not attrs.get("done"):
-                continue
-            result = self._read(path)
-            if {k: array_checksum(v) for k, v in result.items()} != attrs.get("checksums"):
-                log.warning("batch %s in %s is damaged; it is recomputed.", path.name, source.parent)
+            result, problem = self._verified(path)  # the other record is only read, never changed
+            if problem:
+                log.warning("batch %s in %s is damaged (%s); it is recomputed.", path.name, source.parent, problem)
+            if result is None:
                 continue
             self.write(_Named(path.name), result)
             n += 1

@@ -130,7 +130,12 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
             budget = batch_budget(options.batch_memory, runner, options.device)
             root = claim.start() if claim is not None else None
             lanes = []
-            for key, spec in specs.items():
+            # section after section, largest first (the small ones then even out the workers at the end):
+            # with a bounded number in flight, the tasks running at any time span few sections, so each
+            # worker loads a section's kernel about once (its cache holds a few)
+            size = {k: v.store.n_spots * int(v.store.genes["n_isoforms"].sum()) for k, v in specs.items()}
+            for key in sorted(specs, key=size.__getitem__, reverse=True):
+                spec = specs[key]
                 batches = run_plan(spec, budget, options.batch_size, len(specs))
                 partial = root
                 if root is not None and not single:
@@ -144,14 +149,7 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
                 extra = () if shared is None else (runner.share(shared),)
                 tag = f"-{key}" if key else ""
                 lanes.append([(key, Work(spec.task, b, partial, extra, tag=tag), r) for b, r in zip(batches, recorded)])
-            # section after section, largest first (the small ones then even out the workers at the end):
-            # with a bounded number in flight, the tasks running at any time span few sections, so each
-            # worker loads a section's kernel about once (its cache holds a few)
-            def size(lane: list) -> int:
-                store = specs[lane[0][0]].store if lane else None
-                return 0 if store is None else store.n_spots * int(store.genes["n_isoforms"].sum())
-
-            items = [item for lane in sorted(lanes, key=size, reverse=True) for item in lane]
+            items = [item for lane in lanes for item in lane]
             parts = run_work([w for _, w, _ in items], runner, progress=options.progress, label=label,
                              max_in_flight=None if single else MAX_IN_FLIGHT, recorded=[r for _, _, r in items],
                              bundle=1 if single else COHORT_BUNDLE)
