@@ -25,6 +25,7 @@ import shutil
 import uuid
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -344,14 +345,16 @@ def _write_store(path: Path, src: AnnDataSource, var: pd.DataFrame, keep_spots: 
         for s in tqdm(range(0, len(var), step), desc="ingest: write", disable=not progress):
             e = min(s + step, len(var))
             arr[:, s:e] = src.read_columns(src_idx[s:e], rows).astype(dtype)
-        root.attrs["spatialscale"] = {"complete": True, "format": STORE_FORMAT}
+        # a JSON copy of uns/spatialscale beside the completion mark: opening the store (on every worker
+        # that loads the section) then reads one small file instead of one array per entry
+        root.attrs["spatialscale"] = {"complete": True, "format": STORE_FORMAT, "meta": _plain(meta)}
         zarr.consolidate_metadata(str(path))
 
 
 # --------------------------------------------------------------------------- open
 @dataclass
 class IsoformStore:
-    """An opened isoform store (cheap: reads only metadata and gene tables).
+    """An opened isoform store (cheap: reads metadata; the gene tables when first used).
 
     Attributes
     ----------
@@ -367,9 +370,21 @@ class IsoformStore:
     """
 
     path: Path
-    genes: pd.DataFrame
-    isoforms: pd.DataFrame
     meta: dict
+
+    @cached_property
+    def isoforms(self) -> pd.DataFrame:
+        from anndata.io import read_elem
+
+        return read_elem(self._group()["var"])
+
+    @cached_property
+    def genes(self) -> pd.DataFrame:
+        gene = self.isoforms["gene"].astype(str).to_numpy()
+        change = np.flatnonzero(np.r_[True, gene[1:] != gene[:-1]])
+        stops = np.r_[change[1:], len(gene)]
+        return pd.DataFrame({"n_isoforms": stops - change, "start": change, "stop": stops},
+                            index=pd.Index(gene[change], name="gene"))
 
     @property
     def n_spots(self) -> int:
@@ -500,19 +515,13 @@ def open_store(path: str | os.PathLike) -> IsoformStore:
         raise InputError(f"no isoform store at {path}; create one with `spatialscale ingest`.")
     try:
         root = zarr.open_group(str(path), mode="r")
-        ok = bool(dict(root.attrs).get("spatialscale", {}).get("complete", False))
+        mark = dict(root.attrs).get("spatialscale", {})
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{path} is not an isoform store ({exc}).") from exc
-    if not ok:
+    if not mark.get("complete", False):
         raise InputError(f"{path} is not a complete isoform store (was its ingest interrupted?). Re-run ingest.")
-    meta = read_elem(root["uns/spatialscale"])
-    var = read_elem(root["var"])
-    gene = var["gene"].astype(str).to_numpy()
-    change = np.flatnonzero(np.r_[True, gene[1:] != gene[:-1]])
-    stops = np.r_[change[1:], len(gene)]
-    genes = pd.DataFrame({"n_isoforms": stops - change, "start": change, "stop": stops},
-                         index=pd.Index(gene[change], name="gene"))
-    return IsoformStore(path=path, genes=genes, isoforms=var, meta=_plain(meta))
+    meta = mark["meta"] if "meta" in mark else _plain(read_elem(root["uns/spatialscale"]))  # older stores
+    return IsoformStore(path=path, meta=meta)
 
 
 def _plain(x: Any) -> Any:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
+import zarr
 from conftest import make_adata
 
 import spatialscale
@@ -222,3 +224,29 @@ def test_large_backed_csr_is_scanned_in_row_blocks(tmp_path, small_adata, monkey
     ref = spatialscale.ingest(small_adata, tmp_path / "r.zarr")
     assert len(scans) > 2 and max(scans) <= 16
     np.testing.assert_array_equal(store.read_counts(0, len(store.isoforms)), ref.read_counts(0, len(ref.isoforms)))
+
+
+def test_metadata_copy_in_root_attributes_and_older_stores(tmp_path, small_adata):
+    """Opening reads the JSON copy of uns/spatialscale; a store without it (older ingest) opens the same."""
+    import json
+
+    from anndata.io import read_elem
+
+    from spatialscale.store import _plain
+
+    path = tmp_path / "s.zarr"
+    store = spatialscale.ingest(small_adata, path)
+    root = zarr.open_group(str(path), mode="r")
+    assert root.attrs["spatialscale"]["meta"] == _plain(read_elem(root["uns/spatialscale"]))
+    genes = store.genes.copy()
+    # drop the copy, as a store written before it existed
+    zj = path / "zarr.json"
+    doc = json.loads(zj.read_text())
+    del doc["attributes"]["spatialscale"]["meta"]
+    zj.write_text(json.dumps(doc))
+    zarr.consolidate_metadata(str(path))
+    old = spatialscale.open_store(path)
+    assert "meta" not in zarr.open_group(str(path), mode="r").attrs["spatialscale"]
+    assert old.meta == store.meta
+    assert old.kernel_token == store.kernel_token
+    pd.testing.assert_frame_equal(old.genes, genes)
