@@ -61,6 +61,13 @@ def _worker_peak_mb() -> float:
     return float("nan")
 
 
+def _peak_mb_self() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _spatialscale(adata, client, method: str, null: str, tmp: Path, batch_memory: str) -> tuple[pd.DataFrame, float]:
     from spatialscale.api import sv_test
     from spatialscale.store import ingest
@@ -74,9 +81,15 @@ def _spatialscale(adata, client, method: str, null: str, tmp: Path, batch_memory
 
 
 def run_bench(spots: list[int], genes: list[int], *, method: str = "hsic-ir", null: str = "liu",
-              workers: int = 2, seed: int = 0, batch_memory: str = "256MB") -> pd.DataFrame:
+              workers: int = 2, seed: int = 0, batch_memory: str = "256MB", splisosm: bool = True) -> pd.DataFrame:
     """Time SplisosmNP (setup_data + test_spatial_variability) against spatialscale
     (ingest + sv_test, kernel build included) on the same simulated AnnData.
+
+    Above 5,000 spots spatialscale's null moments are ``selected`` (exact
+    ``k_1, k_2``) where SplisosmNP's are a 60-probe Hutchinson estimate, so
+    their p-values differ by that estimate's noise (the agreement columns
+    show it). ``splisosm=False`` times spatialscale alone (sizes SPLISOSM
+    cannot reach).
 
     The LocalCluster is started before timing (it is started once per
     session in practice); its start-up time is printed separately.  Workers
@@ -97,12 +110,15 @@ def run_bench(spots: list[int], genes: list[int], *, method: str = "hsic-ir", nu
         for n in spots:
             for g in genes:
                 adata = simulate_section(n, g, n_sv=max(1, g // 5), seed=seed)
-                ref, t_ref = _splisosm(adata, method, null)
+                if splisosm:
+                    ref, t_ref = _splisosm(adata, method, null)
                 client.restart()  # fresh worker processes: the peak memory below is this run's
                 ours, t_ours = _spatialscale(adata, client, method, null, Path(tmpdir), batch_memory)
                 peak = max(client.run(_worker_peak_mb).values())
-                row = {"spots": n, "genes": g, "splisosm_s": t_ref, "spatialscale_s": t_ours,
-                       "speedup": t_ref / t_ours, "worker_peak_MB": peak, **compare(ref, ours)}
+                row = {"spots": n, "genes": g, "spatialscale_s": t_ours, "worker_peak_MB": peak,
+                       "client_peak_MB": _peak_mb_self()}
+                if splisosm:
+                    row.update({"splisosm_s": t_ref, "speedup": t_ref / t_ours, **compare(ref, ours)})
                 rows.append(row)
                 print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     table = pd.DataFrame(rows)
@@ -436,7 +452,7 @@ def _planned_tasks(cohort, method: str, null: str, batch_memory: str) -> dict[st
     out: dict[str, dict[str, int]] = {"single": {}, "cohort": {}, "cohort_tasks": {}}
     for sid in cohort.section_ids:
         store = cohort.store(sid)
-        spec = run_spec(store, family.prepare(store, method, opts, None, "cpu"))
+        spec = run_spec(store, family.prepare_for(store, method, opts, None, "cpu"))
         out["single"][sid] = len(run_plan(spec, parse_bytes(batch_memory)))
         out["cohort"][sid] = len(run_plan(spec, parse_bytes(batch_memory), n_runs=len(cohort.section_ids)))
         out["cohort_tasks"][sid] = -(-out["cohort"][sid] // COHORT_BUNDLE)  # a section's batches, 8 to a task
@@ -691,3 +707,94 @@ def _print_cohort_bench(fig: dict) -> None:
           "(wall x threads - sum(task compute)) / tasks; gap_ms = median time between a task's end and the next "
           "task's start on a worker (from distributed's task stream); client_cpu_s: CPU of the client process, "
           "scheduler included; worker_cpu_s: CPU of the worker processes, tasks included")
+
+
+# --------------------------------------------------------------------------- kernel build at scale
+def _kernel_case(n: int, geometry: str, seed: int, splisosm: bool) -> dict:
+    """One kernel build (runs in its own process, so its peak memory is its own)."""
+    import resource
+
+    from spatialscale import kernel as K
+    from spatialscale.simulate import grid_coords
+
+    warnings.filterwarnings("ignore")
+    xy = grid_coords(n, geometry, seed)
+    out: dict = {"geometry": geometry, "spots": n}
+    t = time.perf_counter()
+    w = K.knn_adjacency(xy, 4)
+    m = K.car_precision(w, 0.99)
+    out["graph_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ms = K.standardised_precision(m)
+    out["standardise_s"] = time.perf_counter() - t
+    params = K.KernelParams()
+    out["power_sums"] = params.power_sum_method(n)
+    t = time.perf_counter()
+    if out["power_sums"] == "exact":
+        sums, se = K.exact_power_sums(ms), np.zeros(4)
+    else:
+        sums, se = K.selected_power_sums(ms, unit_diagonal=True, n_sketch=params.n_sketch,
+                                         n_probes=params.n_cv_probes, seed=params.probe_seed)
+    out["power_sums_s"] = time.perf_counter() - t
+    out["total_s"] = out["graph_s"] + out["standardise_s"] + out["power_sums_s"]
+    out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    out["se_k2"], out["se_k3"], out["se_k4"] = (se[1:] / sums[1:]).tolist()
+    if splisosm:
+        from splisosm.kernel import SpatialCovKernel
+
+        t = time.perf_counter()
+        SpatialCovKernel.from_coordinates(xy, k_neighbors=4, rho=0.99, standardize_cov=True)
+        out["splisosm_kernel_s"] = time.perf_counter() - t
+    return out
+
+
+def run_kernel_bench(spots: list[int], geometries: tuple[str, ...] = ("hex", "random", "grid"), *, seed: int = 0,
+                     splisosm_max_spots: int = 20_000, verbose: bool = True) -> pd.DataFrame:
+    """Time the kernel build of large sections: graph, standardisation, power sums, peak memory.
+
+    Each case runs in a fresh process (so ``peak_mb`` is that case's own
+    peak resident memory).  Where ``spots <= splisosm_max_spots``,
+    SPLISOSM 1.2.0's ``SpatialCovKernel.from_coordinates(standardize_cov=True)``
+    is timed in the same process after spatialscale's build (its
+    standardisation does one sparse solve per spot: 363 s at 10^5 spots).
+
+    Parameters
+    ----------
+    spots
+        Section sizes.
+    geometries
+        ``hex`` (Visium-like lattice), ``random`` (Slide-seq / Xenium-like) and
+        ``grid`` (a square mesh whose mutual 4-NN graph is fully connected: the
+        hardest case for sparse factors).
+    seed
+        Seed of the random layout.
+    splisosm_max_spots
+        Largest size at which SPLISOSM's kernel is built too.
+    verbose
+        Print the table.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per case: seconds per step, ``peak_mb``, the power-sum
+        method and the relative standard errors of ``k_2..k_4``.
+    """
+    import multiprocessing as mp
+
+    rows = []
+    for n in spots:
+        for geometry in geometries:
+            with mp.get_context("spawn").Pool(1) as pool:
+                row = pool.apply(_kernel_case, (int(n), geometry, seed, int(n) <= splisosm_max_spots))
+            rows.append(row)
+            if verbose:
+                print(f"{geometry} {n:,} spots: {row['total_s']:.1f}s, peak {row['peak_mb']:.0f} MB", flush=True)
+    df = pd.DataFrame(rows)
+    if verbose:
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
+            print(df.to_string(index=False))
+        print("graph_s: mutual 4-NN graph and CAR precision; standardise_s: diag(M^-1) by selected inversion; "
+              "power_sums_s: k1..k4 of the centred kernel (exact up to 5,000 spots, else 'selected': k1, k2 exact, "
+              "k3, k4 from a deflated probe estimate; se_k*: its standard error relative to the value; a nonzero "
+              "se_k2 means k2 was estimated too); peak_mb: the case's peak resident memory")
+    return df

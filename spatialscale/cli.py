@@ -29,6 +29,17 @@ def _add_ingest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k-neighbors", type=int, default=4, help="neighbours of the kNN graph (4)")
     p.add_argument("--rho", type=float, default=0.99, help="CAR autocorrelation, 0 <= rho < 1 (0.99)")
     p.add_argument("--no-standardize-cov", action="store_true", help="keep the CAR covariance unstandardised")
+    p.add_argument("--kernel", default="car", choices=("car", "fft"),
+                   help="car: CAR kernel on the kNN graph of the coordinates; fft: bins of a regular raster "
+                        "(integer row/column obs columns, --grid-keys) with the periodic CAR kernel of the grid")
+    p.add_argument("--grid-keys", nargs=2, default=["array_row", "array_col"], metavar=("ROW", "COL"),
+                   help="fft: obs columns of each bin's row and column (array_row array_col)")
+    p.add_argument("--grid-spacing", nargs=2, type=float, default=[1.0, 1.0], metavar=("DY", "DX"),
+                   help="fft: bin spacing (1 1)")
+    p.add_argument("--neighbor-degree", type=int, default=1, help="fft: rings of neighbouring bins (1)")
+    p.add_argument("--power-sums", default="auto", choices=("auto", "exact", "selected", "hutchinson"),
+                   help="kernel power sums of the null: auto (exact up to 5,000 spots, then selected), exact, "
+                        "selected (k1, k2 exact; k3, k4 from probes with control variates), hutchinson (SPLISOSM's)")
 
 
 def _ingest_kwargs(args: argparse.Namespace) -> dict:
@@ -36,7 +47,9 @@ def _ingest_kwargs(args: argparse.Namespace) -> dict:
             "min_counts": args.min_counts, "min_bin_pct": args.min_bin_pct,
             "filter_single_iso_genes": not args.keep_single_isoform_genes,
             "min_component_size": args.min_component_size, "k_neighbors": args.k_neighbors, "rho": args.rho,
-            "standardize_cov": not args.no_standardize_cov}
+            "standardize_cov": not args.no_standardize_cov, "power_sums": args.power_sums, "kernel": args.kernel,
+            "grid_keys": tuple(args.grid_keys), "grid_spacing": tuple(args.grid_spacing),
+            "neighbor_degree": args.neighbor_degree}
 
 
 def _add_execution(p: argparse.ArgumentParser) -> None:
@@ -257,9 +270,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="hsic-ir", help="SV method (hsic-ir)")
     p.add_argument("--null", default="liu", help="null (liu)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for spatialscale (2)")
-    p.add_argument("--test", default="sv", choices=("sv", "glmm", "du"),
+    p.add_argument("--test", default="sv", choices=("sv", "glmm", "du", "kernel"),
                    help="sv: HSIC SV tests; glmm: glmm-full fit + DU score test (genes of 3 isoforms); "
-                   "du: hsic and hsic-gp DU tests of every gene x covariate")
+                   "du: hsic and hsic-gp DU tests of every gene x covariate; kernel: kernel build of large sections "
+                   "(graph, standardisation, power sums, peak memory) at each --spots and --geometry")
+    p.add_argument("--geometry", nargs="+", default=["hex", "random", "grid"], choices=("hex", "random", "grid"),
+                   help="kernel: spot layouts (hex random grid)")
     p.add_argument("--covariates", type=int, default=50, help="du: covariates (50)")
     p.add_argument("--du-methods", default="hsic,hsic-gp", help="du: methods, comma separated (hsic,hsic-gp)")
     p.add_argument("--gp-backends", default="auto",
@@ -274,7 +290,8 @@ def _parser() -> argparse.ArgumentParser:
                    "the same cluster, vs SplisosmNP section by section, and 1 vs --workers workers; --spots LO HI is "
                    "the range of spots per section (1500 3000), --genes one gene count (300)")
     p.add_argument("--sections", type=int, default=24, help="--cohort: sections (24)")
-    p.add_argument("--no-splisosm", action="store_true", help="--cohort: skip the SplisosmNP reference")
+    p.add_argument("--no-splisosm", action="store_true",
+                   help="sv / --cohort: skip the SplisosmNP reference (sizes it cannot reach)")
     p.add_argument("--no-scaling", action="store_true", help="--cohort: skip the 1-worker run")
     p.add_argument("--repeats", type=int, default=3,
                    help="--cohort: time each spatialscale run this many times, report the median (3)")
@@ -309,7 +326,7 @@ def _run(args: argparse.Namespace) -> int:
                  out_dir=args.out_dir, seed=args.seed)
         return 0
     if args.command == "bench":
-        from spatialscale.bench import run_bench, run_cohort_bench, run_du_bench, run_glmm_bench
+        from spatialscale.bench import run_bench, run_cohort_bench, run_du_bench, run_glmm_bench, run_kernel_bench
 
         if args.cohort:
             from spatialscale.errors import InputError
@@ -333,11 +350,16 @@ def _run(args: argparse.Namespace) -> int:
                          seed=args.seed, splisosm_gp_covariates=args.splisosm_gp_covariates,
                          gp_backends=tuple(b.strip() for b in args.gp_backends.split(",")))
             return 0
+        if args.test == "kernel":
+            spots = [100_000] if args.spots == [10_000] else args.spots
+            run_kernel_bench(spots, tuple(args.geometry), seed=args.seed)
+            return 0
         if args.test == "glmm":
             run_glmm_bench(spots=args.spots, genes=args.genes, workers=args.workers, seed=args.seed)
             return 0
         run_bench(spots=args.spots, genes=args.genes, method=args.method, null=args.null,
-                  workers=args.workers, seed=args.seed, batch_memory=args.batch_memory)
+                  workers=args.workers, seed=args.seed, batch_memory=args.batch_memory,
+                  splisosm=not args.no_splisosm)
         return 0
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces choices
 

@@ -26,7 +26,7 @@ import pandas as pd
 
 from spatialscale._version import __version__
 from spatialscale.errors import InputError
-from spatialscale.store import IsoformStore, check_ingest_options, open_store
+from spatialscale.store import IsoformStore, check_ingest_options, check_raster_options, open_store
 
 __all__ = ["Cohort", "ingest_cohort", "open_cohort", "read_manifest"]
 
@@ -201,12 +201,16 @@ def ingest_cohort(
 
     table = read_manifest(manifest)
     allowed = {"layer", "gene_key", "spatial_key", "adj_key", "min_counts", "min_bin_pct", "filter_single_iso_genes",
-               "min_component_size", "k_neighbors", "rho", "standardize_cov", "block_bytes"}
+               "min_component_size", "k_neighbors", "rho", "standardize_cov", "power_sums", "block_bytes", "kernel",
+               "grid_keys", "grid_spacing", "neighbor_degree"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise InputError(f"unknown ingest option(s) {unknown}; choose from {sorted(allowed)}.")
     check_ingest_options(**{k: v for k, v in options.items() if k in (
-        "min_counts", "min_bin_pct", "min_component_size", "k_neighbors", "rho", "standardize_cov", "block_bytes")})
+        "min_counts", "min_bin_pct", "min_component_size", "k_neighbors", "rho", "standardize_cov", "power_sums",
+        "block_bytes")})
+    check_raster_options(**{k: v for k, v in options.items() if k in (
+        "kernel", "grid_keys", "grid_spacing", "neighbor_degree", "rho", "min_component_size", "adj_key")})
     run = ExecutionOptions(client=client, scheduler=scheduler, workers=workers, progress=progress).validated()
     out = Path(os.path.abspath(out_dir))
     if out.exists() and _read_meta(out) is None and any(out.iterdir()):
@@ -343,7 +347,7 @@ def run_cohort(family: Any, cohort: Cohort | str | os.PathLike, *, method: str |
     for sid in cohort.section_ids:
         store = cohort.store(sid)
         try:
-            prep = family.prepare(store, method, opts, covariates, execution.device)
+            prep = family.prepare_for(store, method, opts, covariates, execution.device)
         except InputError as exc:
             raise InputError(f"section {sid!r}: {exc}") from None
         specs[sid] = run_spec(store, prep, with_summary)

@@ -14,6 +14,7 @@ The math here knows nothing of Dask or zarr.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,8 @@ import scipy.linalg
 import scipy.sparse
 import scipy.sparse.csgraph
 import scipy.sparse.linalg
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "KernelParams",
@@ -39,6 +42,15 @@ __all__ = [
 #: Eigenvalue floor below which a kernel or feature eigenvalue counts as zero.
 EIG_FLOOR = 1e-8
 
+#: Ways of computing the kernel's power sums (see :class:`KernelParams`).
+POWER_SUM_METHODS = ("auto", "exact", "selected", "hutchinson")
+
+#: ``selected`` power sums: ``k_2`` is exact (selected inversion of ``M^2``) while that is predicted to
+#: take at most this many multiply-adds (``10 x sum_j |I_j|^2`` over the columns of ``M``'s factor: ``M^2``
+#: fills in about ten times more; ~3e8 per second here).  A connected mesh of 10^6 spots would need
+#: ~1.6e11 (minutes, and more memory than the rest of the build); there ``k_2`` is estimated like ``k_3, k_4``.
+EXACT_K2_MAX_WORK = 1e10
+
 
 @dataclass(frozen=True)
 class KernelParams:
@@ -53,12 +65,22 @@ class KernelParams:
     standardize_cov
         Rescale the covariance to unit diagonal.
     exact_threshold
-        Sections with at most this many spots get exact power sums from the
-        dense kernel; larger ones use a seeded Hutchinson estimate.
+        With ``power_sums="auto"``, sections with at most this many spots get
+        exact power sums from the dense kernel, larger ones ``"selected"``.
     n_probes
-        Rademacher probes for the Hutchinson estimate (large sections only).
+        Rademacher probes of the ``hutchinson`` estimate (SPLISOSM's 60).
+    n_sketch, n_cv_probes
+        Sketch vectors and remainder probes of the ``selected`` estimate of
+        ``k_3, k_4`` (see :func:`selected_power_sums`).
     probe_seed
         Seed of the probes; the same seed gives the same p-values everywhere.
+    power_sums
+        How the null's kernel power sums ``k_r = tr(K_eff^r)`` are computed:
+        ``"exact"`` (dense kernel, small sections), ``"selected"`` (``k_1`` and
+        ``k_2`` exact by selected inversion, ``k_3`` and ``k_4`` by Hutchinson
+        probes with ``k_1, k_2`` as control variates; any size),
+        ``"hutchinson"`` (SPLISOSM's plain probe estimate of all four), or
+        ``"auto"`` (``exact`` up to ``exact_threshold`` spots, else ``selected``).
     """
 
     k_neighbors: int = 4
@@ -67,14 +89,22 @@ class KernelParams:
     exact_threshold: int = 5000
     n_probes: int = 60
     probe_seed: int = 0
+    power_sums: str = "auto"
+    n_sketch: int = 128
+    n_cv_probes: int = 128
 
     def __post_init__(self) -> None:
+        if self.power_sums not in POWER_SUM_METHODS:
+            raise ValueError(f"power_sums must be one of {', '.join(POWER_SUM_METHODS)}, got {self.power_sums!r}.")
         if not np.isfinite(self.rho) or not 0.0 <= self.rho < 1.0:
             raise ValueError(f"rho must satisfy 0 <= rho < 1, got {self.rho!r}.")
         if int(self.k_neighbors) < 1:
             raise ValueError(f"k_neighbors must be >= 1, got {self.k_neighbors!r}.")
         if int(self.n_probes) < 1:
             raise ValueError(f"n_probes must be >= 1, got {self.n_probes!r}.")
+        if int(self.n_cv_probes) < 4 or int(self.n_sketch) < 0:
+            raise ValueError(f"n_cv_probes must be >= 4 and n_sketch >= 0, got {self.n_cv_probes!r}, "
+                             f"{self.n_sketch!r}.")
 
     def to_dict(self) -> dict:
         """Return the parameters as a JSON-serialisable dict."""
@@ -85,7 +115,16 @@ class KernelParams:
             "exact_threshold": int(self.exact_threshold),
             "n_probes": int(self.n_probes),
             "probe_seed": int(self.probe_seed),
+            "power_sums": str(self.power_sums),
+            "n_sketch": int(self.n_sketch),
+            "n_cv_probes": int(self.n_cv_probes),
         }
+
+    def power_sum_method(self, n: int) -> str:
+        """The method used for a section of ``n`` spots (``auto`` resolved)."""
+        if self.power_sums == "auto":
+            return "exact" if n <= self.exact_threshold else "selected"
+        return self.power_sums
 
 
 @dataclass
@@ -101,7 +140,10 @@ class SpatialKernel:
     power_sums
         ``k_1..k_4`` of the centred kernel ``H K_s H``.
     power_sum_method
-        ``"exact"`` or ``"hutchinson"``.
+        ``"exact"``, ``"selected"`` or ``"hutchinson"``.
+    power_sum_se
+        Standard error of each power sum (zero where exact; for ``hutchinson``
+        the probes' standard error of the mean).
     params
         The :class:`KernelParams` used.
     source
@@ -114,6 +156,7 @@ class SpatialKernel:
     power_sum_method: str
     params: KernelParams
     source: str = "knn"
+    power_sum_se: np.ndarray = field(default_factory=lambda: np.zeros(4))
     token: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
@@ -127,10 +170,12 @@ class SpatialKernel:
     def attrs(self) -> dict:
         """JSON-serialisable description kept with the store and results."""
         return {
+            "kind": "car",
             **self.params.to_dict(),
             "source": self.source,
             "power_sums": [float(v) for v in self.power_sums],
             "power_sum_method": self.power_sum_method,
+            "power_sum_se": [float(v) for v in self.power_sum_se],
             "token": self.token,
             "n_spots": self.n,
         }
@@ -222,8 +267,46 @@ def banded_order(m: scipy.sparse.spmatrix) -> tuple[np.ndarray, int]:
     return np.asarray(perm), bw
 
 
-def inverse_diagonal(m: scipy.sparse.spmatrix, *, max_band: int = 1500) -> np.ndarray:
+def inverse_diagonal(m: scipy.sparse.spmatrix, *, method: str = "auto", max_band: int = 1500) -> np.ndarray:
     """Exact ``diag(m^-1)`` of a sparse symmetric positive-definite matrix.
+
+    ``method="selected"`` (the default where numba is installed) inverts on
+    the pattern of the sparse factor (:mod:`spatialscale.selinv`): seconds at
+    10^5 spots and well under a minute at 10^6, in ``O(nnz(L))`` memory.
+    ``method="banded"`` is the banded Takahashi recurrence below, with blocked
+    sparse LU solves for graphs wider than ``max_band``; ``"auto"`` uses
+    ``selected`` and falls back to ``banded`` without numba.
+
+    Parameters
+    ----------
+    m
+        Sparse SPD matrix.
+    method
+        ``auto``, ``selected`` or ``banded``.
+    max_band
+        Widest band handled by the banded recurrence.
+
+    Returns
+    -------
+    numpy.ndarray
+        The diagonal of the inverse, in the original order.
+    """
+    if method not in ("auto", "selected", "banded"):
+        raise ValueError(f"unknown method {method!r}; choose auto, selected or banded.")
+    if method != "banded":
+        from spatialscale.selinv import SelectedInversionError, inverse_diagonal_selected
+
+        try:
+            return inverse_diagonal_selected(m)
+        except (ImportError, SelectedInversionError) as exc:
+            if method == "selected":
+                raise
+            log.debug("selected inversion unavailable (%s); using the banded recurrence", exc)
+    return _inverse_diagonal_banded(m, max_band=max_band)
+
+
+def _inverse_diagonal_banded(m: scipy.sparse.spmatrix, *, max_band: int = 1500) -> np.ndarray:
+    """``diag(m^-1)`` by the banded Takahashi recurrence.
 
     After a reverse Cuthill-McKee reordering the matrix is banded; its
     banded Cholesky factor ``U`` (LAPACK ``pbtrf``) gives the band of the
@@ -233,21 +316,8 @@ def inverse_diagonal(m: scipy.sparse.spmatrix, *, max_band: int = 1500) -> np.nd
         Z[i, j] = -(1/U_ii) sum_k U_ik Z[k, j]      (j > i, within the band)
         Z[i, i] = 1/U_ii^2 - (1/U_ii) sum_k U_ik Z[k, i]
 
-    which costs ``O(n b^2)`` for bandwidth ``b`` instead of ``n`` sparse
-    solves.  Graphs too wide for that (``b > max_band``) fall back to blocked
-    sparse LU solves of unit vectors.
-
-    Parameters
-    ----------
-    m
-        Sparse SPD matrix.
-    max_band
-        Widest band handled by the recurrence.
-
-    Returns
-    -------
-    numpy.ndarray
-        The diagonal of the inverse, in the original order.
+    which costs ``O(n b^2)`` for bandwidth ``b``.  Graphs too wide for that
+    (``b > max_band``) fall back to blocked sparse LU solves of unit vectors.
     """
     n = m.shape[0]
     perm, b = banded_order(m)
@@ -335,26 +405,160 @@ def exact_power_sums(precision: scipy.sparse.spmatrix) -> np.ndarray:
     return np.array([np.trace(k), np.sum(k * k), np.sum(k2 * k), np.sum(k2 * k2)])
 
 
-def hutchinson_power_sums(op: SparseCAROperator, n_probes: int, seed: int) -> np.ndarray:
-    """Seeded Rademacher estimate of ``tr(K_eff^r)``, ``r = 1..4``.
+def _rademacher(n: int, n_probes: int, seed: int) -> np.ndarray:
+    """The probe matrix ``default_rng(seed).choice([-1, 1], size=(n, n_probes))`` (as SPLISOSM draws it)."""
+    return np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=(n, int(n_probes)))
+
+
+def _probe_moments(op: SparseCAROperator, z: np.ndarray, block: int = 16) -> np.ndarray:
+    """Per probe ``z``: ``z'u, u'u, u'w, w'w`` with ``u = K_eff z``, ``w = K_eff u`` (``(n_probes, 4)``).
+
+    Probes are applied ``block`` at a time, so memory stays ``O(n block)``
+    beyond the probes themselves.
+    """
+    out = np.empty((z.shape[1], 4))
+    for s in range(0, z.shape[1], block):
+        zb = z[:, s : s + block]
+        u = op.apply(zb)
+        w = op.apply(u)
+        out[s : s + block] = np.c_[np.sum(zb * u, axis=0), np.sum(u * u, axis=0), np.sum(u * w, axis=0),
+                                   np.sum(w * w, axis=0)]
+    return out
+
+
+def hutchinson_power_sums(op: SparseCAROperator, n_probes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded Rademacher estimate of ``tr(K_eff^r)``, ``r = 1..4``, and its standard errors.
 
     With probes ``z``, ``u = K z`` and ``w = K u``: ``tr K ~ z'u``,
     ``tr K^2 ~ u'u``, ``tr K^3 ~ u'w`` and ``tr K^4 ~ w'w`` (means over
     probes).  The probe matrix is drawn as ``default_rng(seed).choice([-1, 1],
     size=(n, n_probes))``, so a given seed is reproducible bit for bit.
     """
-    rng = np.random.default_rng(seed)
-    z = rng.choice(np.array([-1.0, 1.0]), size=(op.n, int(n_probes)))
-    u = op.apply(z)
-    w = op.apply(u)
-    return np.array(
-        [
-            np.mean(np.sum(z * u, axis=0)),
-            np.mean(np.sum(u * u, axis=0)),
-            np.mean(np.sum(u * w, axis=0)),
-            np.mean(np.sum(w * w, axis=0)),
-        ]
-    )
+    a = _probe_moments(op, _rademacher(op.n, n_probes, seed))
+    se = a.std(axis=0, ddof=1) / np.sqrt(len(a)) if len(a) > 1 else np.full(4, np.inf)
+    return a.mean(axis=0), se
+
+
+def centred_power_sums(traces: np.ndarray, ones_moments: np.ndarray, n: int) -> np.ndarray:
+    """``tr((H K H)^r)`` for ``r = 1..len(traces)`` from the uncentred ``t_r = tr(K^r)`` and ``m_j = 1' K^j 1``.
+
+    With ``H = I - 11'/n`` and ``w = K 1 / n``, ``tr((HKH)^r) = tr((K - 1 w')^r)``.
+    Expanding the power into words of ``K`` and ``-1 w'``, a word with
+    ``q >= 1`` factors ``-1 w'`` separated (cyclically) by ``a_1 .. a_q``
+    factors ``K`` has trace ``prod_i (-m_{a_i + 1} / n)``; the word without
+    them has trace ``t_r``.
+
+    Parameters
+    ----------
+    traces
+        ``t_1 .. t_R``.
+    ones_moments
+        ``m_1 .. m_R``.
+    n
+        Size of ``K``.
+    """
+    import itertools
+
+    out = []
+    for r in range(1, len(traces) + 1):
+        total = 0.0
+        for word in itertools.product((False, True), repeat=r):
+            pos = [i for i, rank_one in enumerate(word) if rank_one]
+            if not pos:
+                total += float(traces[r - 1])
+                continue
+            term = 1.0
+            for a, b in zip(pos, pos[1:] + [pos[0] + r]):
+                term *= -float(ones_moments[b - a - 1]) / n
+            total += term
+        out.append(total)
+    return np.array(out)
+
+
+def selected_power_sums(precision: scipy.sparse.spmatrix, *, unit_diagonal: bool, n_sketch: int = 128,
+                        n_probes: int = 128, seed: int = 0, block: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``k_r = tr(K_eff^r)``: ``k_1, k_2`` exact, ``k_3, k_4`` from a deflated probe estimate.
+
+    ``tr(K) = sum diag(M^-1)`` (``n`` for a standardised kernel) and
+    ``tr(K^2) = sum diag((M^2)^-1)`` come from selected inversion of the
+    sparse ``M`` and ``M^2`` (:func:`inverse_diagonal`); the centring is exact
+    (:func:`centred_power_sums`, two solves).  ``k_3`` and ``k_4`` split as
+    ``tr(Q' K_eff^r Q) + tr(P K_eff^r P)``: ``Q`` spans ``K_eff^2 Omega`` for
+    ``n_sketch`` random vectors (the leading eigen-directions, which carry
+    most of the higher powers) and its part is exact; the remainder
+    (``P = I - QQ'``) is estimated from ``n_probes`` projected Rademacher
+    probes ``z``, each of which also gives ``z'K_eff z`` and ``|K_eff z|^2``
+    whose means are known exactly (``k_1, k_2`` minus ``Q``'s part): the
+    regression on those two controls removes most of the remaining probe
+    noise, its intercept is the estimate and its least-squares standard
+    error is reported (as in Hutch++, Meyer et al. 2021, with control
+    variates).  Everything is seeded: the same inputs give the same numbers.
+
+    Parameters
+    ----------
+    precision
+        Sparse SPD precision ``M`` of the kernel ``K = M^-1``.
+    unit_diagonal
+        ``K`` is standardised (``diag K = 1``, so ``tr K = n``).
+    n_sketch, n_probes
+        Sketch vectors and remainder probes (cost: ``4 n_sketch + 2 n_probes`` solves).
+    seed
+        Seed of the sketch and the probes.
+    block
+        Vectors solved at a time (memory ``O(n (n_sketch + block))``).
+
+    Returns
+    -------
+    sums, se
+        ``(4,)`` power sums and standard errors (``0`` where exact).
+
+    Notes
+    -----
+    Where selected inversion of ``M^2`` is predicted to exceed
+    :data:`EXACT_K2_MAX_WORK` (connected meshes of several 10^5 spots),
+    ``k_2`` is estimated with ``k_3, k_4`` (its standard error then is not zero).
+    """
+    m = scipy.sparse.csc_matrix(precision, dtype=np.float64)
+    n = m.shape[0]
+    op = SparseCAROperator(m)
+    t1 = float(n) if unit_diagonal else float(inverse_diagonal(m).sum())
+    u1 = op.solve(np.ones(n))
+    u2 = op.solve(u1)
+    moments = np.array([u1.sum(), u1 @ u1, u1 @ u2, u2 @ u2])
+    if 10.0 * op.factor_work() <= EXACT_K2_MAX_WORK:
+        t2 = float(inverse_diagonal((m @ m).tocsc()).sum())
+        known = dict(enumerate(centred_power_sums(np.array([t1, t2]), moments, n)))
+    else:  # M^2's factor would outgrow memory: k2 is estimated with the others
+        known = {0: float(centred_power_sums(np.array([t1]), moments, n)[0])}
+
+    s = max(0, min(int(n_sketch), n // 4))
+    sketch_part = np.zeros(4)
+    q = np.zeros((n, 0))
+    if s:
+        omega = _rademacher(n, s, seed + 1)
+        for b in range(0, s, block):
+            omega[:, b : b + block] = op.apply(op.apply(omega[:, b : b + block]))
+        q, _ = np.linalg.qr(omega)
+        del omega
+        sketch_part = _probe_moments(op, q, block).sum(axis=0)  # tr(Q' K^r Q), r = 1..4
+    z = _rademacher(n, n_probes, seed)
+    if s:
+        z -= q @ (q.T @ z)
+    a = _probe_moments(op, z, block)
+    controls = np.c_[np.ones(len(a)), *[a[:, r] - (k - sketch_part[r]) for r, k in known.items()]]
+    sums, se = np.zeros(4), np.zeros(4)
+    for r, k in known.items():
+        sums[r] = k
+    gram_inv = np.linalg.pinv(controls.T @ controls)
+    dof = max(len(a) - controls.shape[1], 1)
+    for r in range(4):
+        if r in known:
+            continue
+        coef, *_ = np.linalg.lstsq(controls, a[:, r], rcond=None)
+        resid = a[:, r] - controls @ coef
+        sums[r] = sketch_part[r] + coef[0]
+        se[r] = np.sqrt(resid @ resid / dof * gram_inv[0, 0])
+    return sums, se
 
 
 def build_kernel(
@@ -390,12 +594,14 @@ def build_kernel(
     m = car_precision(w, params.rho)
     if params.standardize_cov:
         m = standardised_precision(m)
-    n = m.shape[0]
-    if n <= params.exact_threshold:
-        sums, how = exact_power_sums(m), "exact"
+    how = params.power_sum_method(m.shape[0])
+    if how == "exact":
+        sums, se = exact_power_sums(m), np.zeros(4)
+    elif how == "selected":
+        sums, se = selected_power_sums(m, unit_diagonal=params.standardize_cov, n_sketch=params.n_sketch,
+                                       n_probes=params.n_cv_probes, seed=params.probe_seed)
     else:
-        op = SparseCAROperator(m)
-        sums, how = hutchinson_power_sums(op, params.n_probes, params.probe_seed), "hutchinson"
+        sums, se = hutchinson_power_sums(SparseCAROperator(m), params.n_probes, params.probe_seed)
     return SpatialKernel(
         precision=m.tocsr(),
         adjacency=w.tocsr(),
@@ -403,6 +609,7 @@ def build_kernel(
         power_sum_method=how,
         params=params,
         source=source,
+        power_sum_se=np.asarray(se, dtype=np.float64),
     )
 
 
@@ -429,6 +636,15 @@ class SparseCAROperator:
         xc = x - x.mean(axis=0, keepdims=True)
         u = self._lu.solve(np.asfortranarray(xc, dtype=np.float64))
         return u - u.mean(axis=0, keepdims=True)
+
+    def factor_work(self) -> float:
+        """``sum_j |I_j|^2`` over the columns of the factor's ``L``: the cost of selected inversion."""
+        counts = np.diff(self._lu.L.indptr).astype(np.float64) - 1.0
+        return float(np.sum(counts**2))
+
+    def solve(self, x: np.ndarray) -> np.ndarray:
+        """``M^-1 x`` (the uncentred kernel ``K`` times ``x``)."""
+        return self._lu.solve(np.asfortranarray(x, dtype=np.float64))
 
     def apply_centred(self, yc: np.ndarray) -> np.ndarray:
         """``M^-1 Y`` for column-centred ``Y``: equals ``K_eff Y`` up to a

@@ -36,7 +36,7 @@ import scipy.sparse.csgraph
 
 from spatialscale._version import __version__
 from spatialscale.errors import InputError
-from spatialscale.kernel import KernelParams, SpatialKernel, build_kernel, knn_adjacency, symmetrise_adjacency
+from spatialscale.kernel import KernelParams, build_kernel, knn_adjacency, symmetrise_adjacency
 from spatialscale.sources import (
     AnnDataSource,
     check_section_size,
@@ -67,6 +67,11 @@ def ingest(
     k_neighbors: int = 4,
     rho: float = 0.99,
     standardize_cov: bool = True,
+    power_sums: str = "auto",
+    kernel: str = "car",
+    grid_keys: tuple[str, str] = ("array_row", "array_col"),
+    grid_spacing: tuple[float, float] = (1.0, 1.0),
+    neighbor_degree: int = 1,
     block_bytes: int = 256 << 20,
     overwrite: bool = False,
     progress: bool = False,
@@ -97,6 +102,21 @@ def ingest(
         Drop spots in graph components smaller than this.
     k_neighbors, rho, standardize_cov
         Spatial kernel parameters (see :class:`spatialscale.kernel.KernelParams`).
+    power_sums
+        How the kernel's null power sums are computed: ``auto`` (exact up to
+        5,000 spots, then ``selected``), ``exact``, ``selected`` (``k_1, k_2``
+        exact, ``k_3, k_4`` from probes with control variates) or ``hutchinson``
+        (SPLISOSM's 60-probe estimate, for parity).
+    kernel
+        ``car`` (the kNN-graph CAR kernel) or ``fft``: bins of a regular raster
+        (Visium HD, binned Stereo-seq or Xenium), located by the integer
+        ``obs`` columns ``grid_keys`` (row, column), with the periodic CAR
+        kernel of the grid (see :mod:`spatialscale.raster`). The store then
+        holds every bin of the bounding grid, bins without an observation with
+        zero counts, as SPLISOSM's ``SplisosmFFT`` does.
+    grid_keys, grid_spacing, neighbor_degree
+        ``fft``: the obs columns of each bin's row and column, the ``(dy, dx)``
+        bin spacing, and the rings of neighbours of the kernel.
     block_bytes
         Memory budget of one column block while ingesting.
     overwrite
@@ -120,7 +140,10 @@ def ingest(
     store_path = Path(os.path.abspath(store_path))
     params = check_ingest_options(min_counts=min_counts, min_bin_pct=min_bin_pct,
                                   min_component_size=min_component_size, k_neighbors=k_neighbors, rho=rho,
-                                  standardize_cov=standardize_cov, block_bytes=block_bytes)
+                                  standardize_cov=standardize_cov, power_sums=power_sums, block_bytes=block_bytes)
+    raster = check_raster_options(kernel=kernel, grid_keys=grid_keys, grid_spacing=grid_spacing,
+                                  neighbor_degree=neighbor_degree, rho=rho, min_component_size=min_component_size,
+                                  adj_key=adj_key)
     _check_store_target(store_path, source, overwrite)
     src = AnnDataSource(source, layer)
     created = [d for d in [store_path.parent, *store_path.parent.parents] if not d.exists()]
@@ -136,7 +159,8 @@ def ingest(
             return _ingest(src, store_path, params, layer=layer, gene_key=gene_key, spatial_key=spatial_key,
                            adj_key=adj_key, min_counts=min_counts, min_bin_pct=min_bin_pct,
                            filter_single_iso_genes=filter_single_iso_genes,
-                           min_component_size=min_component_size, block_bytes=block_bytes, progress=progress)
+                           min_component_size=min_component_size, block_bytes=block_bytes, progress=progress,
+                           raster=raster)
         finally:
             lock.release()
     except BaseException:
@@ -148,10 +172,11 @@ def ingest(
 
 def check_ingest_options(*, min_counts: float = 10, min_bin_pct: float = 0.0, min_component_size: int = 1,
                          k_neighbors: int = 4, rho: float = 0.99, standardize_cov: bool = True,
-                         block_bytes: int = 256 << 20) -> KernelParams:
+                         power_sums: str = "auto", block_bytes: int = 256 << 20) -> KernelParams:
     """Validate ingest's numeric options; return the kernel parameters (``InputError`` naming a bad one)."""
     try:
-        params = KernelParams(k_neighbors=k_neighbors, rho=rho, standardize_cov=standardize_cov)
+        params = KernelParams(k_neighbors=k_neighbors, rho=rho, standardize_cov=standardize_cov,
+                              power_sums=power_sums)
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid kernel parameters: {exc}") from None
     for name, value, low in (("min_component_size", min_component_size, 1), ("block_bytes", block_bytes, 1)):
@@ -161,6 +186,52 @@ def check_ingest_options(*, min_counts: float = 10, min_bin_pct: float = 0.0, mi
         if not np.isfinite(float(value)) or float(value) < 0:
             raise InputError(f"{name} must be a finite number >= 0 (got {value!r}).")
     return params
+
+
+def check_raster_options(*, kernel: str = "car", grid_keys: Any = ("array_row", "array_col"),
+                         grid_spacing: Any = (1.0, 1.0), neighbor_degree: int = 1, rho: float = 0.99,
+                         min_component_size: int = 1, adj_key: str | None = None) -> dict | None:
+    """Validate the raster options: ``None`` for ``kernel="car"``, else the grid keys and kernel parameters."""
+    if kernel not in ("car", "fft"):
+        raise InputError(f"unknown kernel {kernel!r}; choose car or fft.")
+    if kernel == "car":
+        return None
+    if adj_key is not None or int(min_component_size) != 1:
+        raise InputError("kernel='fft' builds its kernel from the grid: adj_key and min_component_size do not apply.")
+    if isinstance(grid_keys, str) or len(tuple(grid_keys)) != 2:
+        raise InputError(f"grid_keys must name two obs columns (row, column), got {grid_keys!r}.")
+    try:
+        spacing = tuple(float(v) for v in grid_spacing)
+        from spatialscale.raster import RasterParams
+
+        RasterParams((1, 1), spacing, rho, neighbor_degree)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"invalid raster kernel parameters: {exc}") from None
+    return {"grid_keys": tuple(str(k) for k in grid_keys), "spacing": spacing, "rho": float(rho),
+            "neighbor_degree": int(neighbor_degree)}
+
+
+def _grid_bins(obs: pd.DataFrame, raster: dict) -> tuple[np.ndarray, tuple[int, int]]:
+    """Each observation's bin (row-major index in the bounding grid) and the grid shape."""
+    cols = []
+    for key in raster["grid_keys"]:
+        if key not in obs.columns:
+            raise InputError(f"obs has no grid column {key!r} (columns: {list(obs.columns)}); kernel='fft' needs "
+                             "each bin's integer row and column (grid_keys).")
+        v = pd.to_numeric(obs[key], errors="coerce").to_numpy(dtype=np.float64)
+        if not np.all(np.isfinite(v)) or np.any(v != np.round(v)):
+            raise InputError(f"obs[{key!r}] must hold whole-number bin indices (found missing or fractional values).")
+        cols.append(v.astype(np.int64) - int(v.min()))
+    r, c = cols
+    shape = (int(r.max()) + 1, int(c.max()) + 1)
+    bins = r * shape[1] + c
+    dup = pd.Index(bins).duplicated()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise InputError(f"{int(dup.sum())} observation(s) share a bin with another (e.g. {obs.index[i]!r} at "
+                         f"{raster['grid_keys'][0]}={r[i] + 0}, {raster['grid_keys'][1]}={c[i]} after shifting to 0); "
+                         "aggregate them first.")
+    return bins, shape
 
 
 def _is_store(path: Path) -> bool:
@@ -195,7 +266,7 @@ def _check_store_target(store_path: Path, source: Any, overwrite: bool) -> None:
 def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer: str, gene_key: str,
             spatial_key: str, adj_key: str | None, min_counts: float, min_bin_pct: float,
             filter_single_iso_genes: bool, min_component_size: int, block_bytes: int,
-            progress: bool) -> IsoformStore:
+            progress: bool, raster: dict | None = None) -> IsoformStore:
     from tqdm import tqdm
 
     n_obs, n_var = src.shape
@@ -225,7 +296,11 @@ def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer
         if adjacency.shape[0] != n_obs:
             raise InputError(f"obsp[{adj_key!r}] has shape {adjacency.shape}; expected ({n_obs}, {n_obs}).")
     coords = None
-    if spatial_key in src.obsm:
+    grid = None
+    if raster is not None:
+        bins, shape = _grid_bins(src.obs, raster)
+        grid = {"bins": bins, "shape": shape, **raster}
+    elif spatial_key in src.obsm:
         coords = validate_coords(src.obsm[spatial_key], src.obs.index, spatial_key)
     elif adjacency is None:
         raise InputError(f"obsm has no coordinates {spatial_key!r} (available: {sorted(src.obsm)}).")
@@ -280,8 +355,12 @@ def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer
                      first_seen=np.arange(len(var)))
     var = var.sort_values(["n_isoforms", "gene", "first_seen"], kind="stable").drop(columns="first_seen")
 
-    # kernel on the kept spots
-    if adjacency is not None:
+    # kernel on the kept spots (or on the raster's bounding grid)
+    if grid is not None:
+        from spatialscale.raster import RasterParams, build_raster_kernel
+
+        kernel = build_raster_kernel(RasterParams(grid["shape"], grid["spacing"], grid["rho"], grid["neighbor_degree"]))
+    elif adjacency is not None:
         kernel = build_kernel(adjacency=adjacency[keep_spots][:, keep_spots], params=params)
     else:
         kernel = build_kernel(coords[keep_spots], params=params)
@@ -289,7 +368,7 @@ def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer
     tmp = store_path.with_name(f".{store_path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         _write_store(tmp, src, var, keep_spots, rows, coords, kernel, layer=layer, block_bytes=block_bytes,
-                     progress=progress, meta={
+                     progress=progress, grid=grid, meta={
                          "format": STORE_FORMAT, "spatialscale_version": __version__, "source": src.label,
                          "layer": layer, "gene_key": gene_key, "spatial_key": spatial_key,
                          "adj_key": adj_key or "", "min_counts": float(min_counts),
@@ -310,22 +389,35 @@ def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer
 
 
 def _write_store(path: Path, src: AnnDataSource, var: pd.DataFrame, keep_spots: np.ndarray, rows: np.ndarray | None,
-                 coords: np.ndarray | None, kernel: SpatialKernel, *, layer: str, block_bytes: int,
-                 progress: bool, meta: dict) -> None:
+                 coords: np.ndarray | None, kernel: Any, *, layer: str, block_bytes: int,
+                 progress: bool, meta: dict, grid: dict | None = None) -> None:
     import anndata as ad
     import zarr
     from tqdm import tqdm
 
-    n_spots = int(keep_spots.sum())
-    obs = src.obs.iloc[np.flatnonzero(keep_spots)].copy()
-    obs.index = obs.index.astype(str)
+    if grid is None:
+        n_spots = int(keep_spots.sum())
+        obs = src.obs.iloc[np.flatnonzero(keep_spots)].copy()
+        obs.index = obs.index.astype(str)
+        obsp = {PRECISION_KEY: kernel.precision, ADJACENCY_KEY: kernel.adjacency}
+    else:  # every bin of the bounding grid, row-major; the observed ones keep their name
+        ny, nx = grid["shape"]
+        n_spots = ny * nx
+        row, col = np.divmod(np.arange(n_spots), nx)
+        names = np.char.add(np.char.add("bin_", row.astype(str)), np.char.add("_", col.astype(str))).astype(object)
+        names[grid["bins"]] = src.obs.index.astype(str).to_numpy()
+        observed = np.zeros(n_spots, dtype=bool)
+        observed[grid["bins"]] = True
+        obs = pd.DataFrame({grid["grid_keys"][0]: row, grid["grid_keys"][1]: col, "observed": observed},
+                           index=pd.Index(names, name=None))
+        obsp = {}
+        coords = np.c_[col * grid["spacing"][1], row * grid["spacing"][0]].astype(np.float64)
+        keep_spots = np.ones(n_spots, dtype=bool)
     out_var = var[["gene", "n_isoforms", "total_counts"]].copy()
     out_var["source_name"] = var.index
     meta = {**meta, "n_spots": n_spots, "n_isoforms": len(var), "n_genes": int(var["gene"].nunique()),
             "kernel": kernel.attrs(), "complete": False}
-    skeleton = ad.AnnData(obs=obs, var=out_var,
-                          obsp={PRECISION_KEY: kernel.precision, ADJACENCY_KEY: kernel.adjacency},
-                          uns={"spatialscale": meta})
+    skeleton = ad.AnnData(obs=obs, var=out_var, obsp=obsp, uns={"spatialscale": meta})
     if coords is not None:
         skeleton.obsm["spatial"] = coords[keep_spots]
     with warnings.catch_warnings():
@@ -344,7 +436,12 @@ def _write_store(path: Path, src: AnnDataSource, var: pd.DataFrame, keep_spots: 
         step = max(chunk_cols, (block_bytes // max(8 * n_spots, 1)) // chunk_cols * chunk_cols)
         for s in tqdm(range(0, len(var), step), desc="ingest: write", disable=not progress):
             e = min(s + step, len(var))
-            arr[:, s:e] = src.read_columns(src_idx[s:e], rows).astype(dtype)
+            block = src.read_columns(src_idx[s:e], rows).astype(dtype)
+            if grid is not None:
+                full = np.zeros((n_spots, e - s), dtype=dtype)
+                full[grid["bins"]] = block
+                block = full
+            arr[:, s:e] = block
         # a JSON copy of uns/spatialscale beside the completion mark: opening the store (on every worker
         # that loads the section) then reads one small file instead of one array per entry
         root.attrs["spatialscale"] = {"complete": True, "format": STORE_FORMAT, "meta": _plain(meta)}
@@ -397,6 +494,11 @@ class IsoformStore:
     @property
     def kernel_attrs(self) -> dict:
         return dict(self.meta["kernel"])
+
+    @property
+    def kernel_kind(self) -> str:
+        """``car`` (kNN-graph CAR kernel, sparse precision) or ``fft`` (raster kernel)."""
+        return str(self.meta["kernel"].get("kind", "car"))
 
     @property
     def kernel_token(self) -> str:
@@ -495,6 +597,10 @@ class IsoformStore:
     def precision(self) -> scipy.sparse.csr_matrix:
         """The standardised CAR precision of the section."""
         from anndata.io import read_elem
+
+        if self.kernel_kind != "car":
+            raise InputError(f"{self.path} has a raster (fft) kernel, which has no sparse precision; this needs a "
+                             "store ingested with kernel='car'.")
 
         return scipy.sparse.csr_matrix(read_elem(self._group()[f"obsp/{PRECISION_KEY}"]))
 

@@ -68,6 +68,10 @@ def _load(store_path: str, token: str, device: str) -> tuple[Any, np.ndarray]:
             f"the kernel in {store_path} changed during the run (token {store.kernel_token} != {token}); restart it."
         )
     sums = np.asarray(store.kernel_attrs["power_sums"], dtype=np.float64)
+    if store.kernel_kind == "fft":  # raster kernel: FFT products, on the device where one is used
+        from spatialscale.raster import FFTKernelOperator, raster_params_from_attrs
+
+        return FFTKernelOperator(raster_params_from_attrs(store.kernel_attrs), device=device), sums
     precision = store.precision()
     if device.startswith("cuda"):
         if precision.shape[0] <= DENSE_GPU_MAX_SPOTS:
@@ -96,6 +100,9 @@ def _load_diag_sq(store_path: str, token: str) -> float:
     store = open_store(store_path)
     if store.kernel_token != token:
         raise RuntimeError(f"the kernel in {store_path} changed during the run; restart it.")
+    if store.kernel_kind == "fft":  # a circulant's diagonal is constant: tr(K_eff) / n
+        k1 = float(store.kernel_attrs["power_sums"][0])
+        return k1 * k1 / store.n_spots
     m = store.precision()
     n = m.shape[0]
     u = scipy.sparse.linalg.spsolve(scipy.sparse.csc_matrix(m), np.ones(n))  # K 1

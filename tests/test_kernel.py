@@ -33,8 +33,40 @@ def test_inverse_diagonal_is_exact(geometry):
     m = K.car_precision(K.knn_adjacency(xy, 4), 0.99)
     expected = np.diag(np.linalg.inv(m.toarray()))
     np.testing.assert_allclose(K.inverse_diagonal(m), expected, rtol=1e-10)
-    # the wide-graph fallback agrees too
-    np.testing.assert_allclose(K.inverse_diagonal(m, max_band=1), expected, rtol=1e-10)
+    np.testing.assert_allclose(K.inverse_diagonal(m, method="selected"), expected, rtol=1e-10)
+    # the banded recurrence and the wide-graph fallback agree too
+    np.testing.assert_allclose(K.inverse_diagonal(m, method="banded"), expected, rtol=1e-10)
+    np.testing.assert_allclose(K.inverse_diagonal(m, method="banded", max_band=1), expected, rtol=1e-10)
+
+
+def test_inverse_diagonal_falls_back_without_numba(monkeypatch):
+    """Without numba the banded recurrence gives the same diagonal."""
+    import spatialscale.selinv as S
+
+    xy = coords_for("grid", 400, np.random.default_rng(2))
+    m = K.car_precision(K.knn_adjacency(xy, 4), 0.9)
+    expected = np.diag(np.linalg.inv(m.toarray()))
+
+    def no_numba():
+        raise ImportError("No module named 'numba'")
+
+    monkeypatch.setattr(S, "_takahashi", no_numba)
+    np.testing.assert_allclose(K.inverse_diagonal(m), expected, rtol=1e-10)
+    with pytest.raises(ImportError):
+        K.inverse_diagonal(m, method="selected")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_selected_inversion_on_disconnected_weighted_graphs(weighted):
+    """Several components, isolated spots (self loops) and weighted user graphs: exact to rounding."""
+    rng = np.random.default_rng(3)
+    xy = np.r_[coords_for("random", 300, rng), coords_for("grid", 200, rng) + 1000.0, [[5000.0, 5000.0]]]
+    w = K.knn_adjacency(xy, 4)
+    if weighted:
+        w = K.symmetrise_adjacency(w.multiply(rng.uniform(0.2, 3.0, size=w.shape)).tocsr())
+    m = K.car_precision(w, 0.95)
+    expected = np.diag(np.linalg.inv(m.toarray()))
+    np.testing.assert_allclose(K.inverse_diagonal(m, method="selected"), expected, rtol=1e-11)
 
 
 def test_standardised_kernel_has_unit_diagonal_and_exact_power_sums():
@@ -52,12 +84,14 @@ def test_standardised_kernel_has_unit_diagonal_and_exact_power_sums():
 def test_hutchinson_power_sums_are_seeded_and_close():
     xy = coords_for("grid", 400, np.random.default_rng(0))
     exact = K.build_kernel(xy).power_sums
-    params = K.KernelParams(exact_threshold=10, n_probes=400)
+    params = K.KernelParams(power_sums="hutchinson", n_probes=400)
     a, b = K.build_kernel(xy, params=params), K.build_kernel(xy, params=params)
     assert a.power_sum_method == "hutchinson"
     np.testing.assert_array_equal(a.power_sums, b.power_sums)
     assert a.token == b.token
     np.testing.assert_allclose(a.power_sums, exact, rtol=0.1)
+    # the reported standard errors are those of the probe means
+    assert np.all(a.power_sum_se > 0) and np.all(a.power_sum_se < 0.05 * exact)
 
 
 def test_user_adjacency_is_symmetrised_and_weighted():

@@ -67,9 +67,9 @@ def test_nan_filling_none_matches_splisosm(tmp_path):
 
 
 def test_large_section_hutchinson_matches_splisosm(tmp_path):
-    """Above 5000 spots both use seeded Hutchinson power sums (60 probes)."""
+    """Above 5000 spots SPLISOSM uses seeded Hutchinson power sums (60 probes); so does power_sums="hutchinson"."""
     adata = make_adata(n=5184, n_genes=8, isoforms=(2, 3), zero_spots=0.05, seed=3)
-    store = spatialscale.ingest(adata, tmp_path / "s.zarr")
+    store = spatialscale.ingest(adata, tmp_path / "s.zarr", power_sums="hutchinson")
     assert store.kernel_attrs["power_sum_method"] == "hutchinson"
     ref = reference(adata, method="hsic-ir")
     ds = spatialscale.sv_test(store, method="hsic-ir", progress=False)

@@ -87,6 +87,6 @@ def run_family(command: str, store: IsoformStore | str | os.PathLike, *, method:
         raise InputError(f"{'combine' if combine is not None else 'group_by'} applies to cohorts (a Cohort or a "
                          "cohort folder), not to one store.")
     store = as_store(store)
-    prep = family.prepare(store, method, opts, covariates, execution.device)
+    prep = family.prepare_for(store, method, opts, covariates, execution.device)
     spec = run_spec(store, prep, with_summary)
     return execute({"": spec}, execution, finalize=lambda ds, parts: ds[""], protect=[store.path], label=prep.label)

@@ -95,6 +95,16 @@ class Family:
     description: str
     covariates: str = "none"  # "none", "optional" or "required"
     summaries: bool = field(default=True)  # whether with_summary applies
+    kernels: tuple[str, ...] = ("car",)  # store kernels it runs on ("car", "fft")
+
+    def prepare_for(self, store: Any, method: str | None, opts: dict[str, Any], covariates: Any,
+                    device: str) -> Prepared:
+        """:attr:`prepare` after checking that the family runs on the store's kernel."""
+        if store.kernel_kind not in self.kernels:
+            what = f"{self.command} {method}" if method else self.command
+            raise InputError(f"{what} does not run on {store.kernel_kind} (raster) kernels yet ({store.path}); "
+                             f"it needs a store ingested with kernel={' or '.join(self.kernels)}.")
+        return self.prepare(store, method, opts, covariates, device)
 
     def option(self, name: str) -> Option:
         return next(o for o in self.options if o.name == name)

@@ -85,4 +85,5 @@ FAMILY = Family(
     ),
     prepare=_prepare,
     variables=("sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms", "n_spots_used"),
+    kernels=("car", "fft"),
 )
