@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -35,6 +36,7 @@ __all__ = [
     "build_kernel",
     "SparseCAROperator",
     "DenseKernelOperator",
+    "SparseCGOperator",
     "kernel_eigenpairs",
     "default_rank",
 ]
@@ -697,6 +699,99 @@ class DenseKernelOperator:
 
         yt = torch.as_tensor(np.asarray(yc, dtype=np.float64), device=self.device)
         return torch.einsum("ij,ij->j", yt, self._k @ yt).cpu().numpy()
+
+
+class SparseCGOperator:
+    """Products with ``K_eff = H M^-1 H`` by batched conjugate gradients on the sparse precision, in torch.
+
+    For accelerators and sections too large for a dense kernel: only the
+    sparse ``M`` (``O(nnz)``) lives on the device; every column of a block is
+    solved at once (one sparse-dense product per iteration), with a Jacobi
+    preconditioner, until each column's residual is below ``rtol`` of its
+    right-hand side.  The CAR precision's condition number is about
+    ``2 / (1 - rho)``, so at ``rho = 0.99`` a few hundred iterations reach
+    ``1e-11``.
+
+    Parameters
+    ----------
+    precision
+        Sparse SPD precision ``M`` of the (standardised) covariance.
+    device
+        Torch device, e.g. ``"cuda:0"`` (``"cpu"`` works too).
+    rtol
+        Relative residual at which a column stops.
+    max_iter
+        Iteration cap (default ``max(1000, n)``); not converging is an error, never a silent result.
+    """
+
+    def __init__(self, precision: scipy.sparse.spmatrix, device: str = "cpu", rtol: float = 1e-11,
+                 max_iter: int | None = None) -> None:
+        import torch
+
+        m = scipy.sparse.csr_matrix(precision, dtype=np.float64)
+        m.sort_indices()
+        self.n = int(m.shape[0])
+        self.device = device
+        self.rtol = float(rtol)
+        self.max_iter = int(max_iter) if max_iter is not None else max(1000, self.n)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            self._m = torch.sparse_csr_tensor(torch.as_tensor(m.indptr, dtype=torch.int64),
+                                              torch.as_tensor(m.indices, dtype=torch.int64),
+                                              torch.as_tensor(m.data), size=m.shape, device=device,
+                                              check_invariants=False)
+        self._dinv = torch.as_tensor(1.0 / m.diagonal(), device=device)[:, None]
+        self.iterations = 0
+
+    def _solve(self, b: Any) -> Any:
+        import torch
+
+        x = torch.zeros_like(b)
+        r = b.clone()
+        z = self._dinv * r
+        p = z.clone()
+        rz = (r * z).sum(0)
+        target = self.rtol * torch.linalg.vector_norm(b, dim=0)
+        active = torch.linalg.vector_norm(r, dim=0) > target
+        for it in range(self.max_iter):
+            if not bool(active.any()):
+                self.iterations = it
+                return x
+            ap = self._m @ p
+            pap = (p * ap).sum(0)
+            alpha = torch.where(active & (pap > 0), rz / torch.where(pap > 0, pap, 1.0), 0.0)
+            x += alpha * p
+            r -= alpha * ap
+            active = active & (torch.linalg.vector_norm(r, dim=0) > target)
+            z = self._dinv * r
+            rz_new = (r * z).sum(0)
+            beta = torch.where(active, rz_new / torch.where(rz != 0, rz, 1.0), 0.0)
+            p = z + beta * p
+            rz = rz_new
+        raise RuntimeError(f"conjugate gradients did not reach rtol {self.rtol:g} in {self.max_iter} iterations.")
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Return ``K_eff @ x`` for an ``(n, m)`` block."""
+        import torch
+
+        xt = torch.as_tensor(np.asarray(x, dtype=np.float64), device=self.device)
+        one = xt.ndim == 1
+        xt = xt.reshape(self.n, -1)
+        u = self._solve(xt - xt.mean(0, keepdim=True))
+        u = u - u.mean(0, keepdim=True)
+        out = u.cpu().numpy()
+        return out.ravel() if one else out
+
+    def apply_centred(self, yc: np.ndarray) -> np.ndarray:
+        """``K_eff Y`` for column-centred ``Y``."""
+        return self.apply(yc)
+
+    def quadratic_columns(self, yc: np.ndarray) -> np.ndarray:
+        """``diag(Y' K_eff Y)`` for column-centred ``Y``."""
+        yc = np.asarray(yc, dtype=np.float64)
+        return np.einsum("ij,ij->j", yc, self.apply(yc))
 
 
 def default_rank(n: int, exact_threshold: int = 5000) -> int:

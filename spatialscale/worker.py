@@ -8,7 +8,6 @@ keeps it in a small cache keyed by ``(path, token, device)``.
 from __future__ import annotations
 
 import threading
-import warnings
 from functools import lru_cache
 from typing import Any
 
@@ -59,7 +58,7 @@ def kernel_operator(store_path: str, token: str, device: str = "cpu") -> tuple[A
 
 @lru_cache(maxsize=4)
 def _load(store_path: str, token: str, device: str) -> tuple[Any, np.ndarray]:
-    from spatialscale.kernel import DenseKernelOperator, SparseCAROperator
+    from spatialscale.kernel import DenseKernelOperator, SparseCAROperator, SparseCGOperator
     from spatialscale.store import open_store
 
     store = open_store(store_path)
@@ -76,11 +75,8 @@ def _load(store_path: str, token: str, device: str) -> tuple[Any, np.ndarray]:
     if device.startswith("cuda"):
         if precision.shape[0] <= DENSE_GPU_MAX_SPOTS:
             return DenseKernelOperator(precision, device=device), sums
-        warnings.warn(
-            f"{precision.shape[0]} spots is too many for a dense GPU kernel; using CPU sparse solves.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        # too large for a dense kernel: the sparse precision on the device, solved by batched CG
+        return SparseCGOperator(precision, device=device), sums
     return SparseCAROperator(precision), sums
 
 

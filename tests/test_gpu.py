@@ -69,3 +69,29 @@ def test_hsic_gp_and_joint_newton_on_cuda_match_cpu(small_store):
     fit_cpu = spatialscale.glmm_fit(small_store, model="glmm-full", fit="joint_newton", glmm=opts, device="cpu",
                                     scheduler="threads", progress=False)
     np.testing.assert_allclose(fit_gpu.loss.values, fit_cpu.loss.values, rtol=1e-6)
+
+
+def test_large_sections_use_sparse_cg_on_the_device(small_store, monkeypatch):
+    """Above the dense limit a GPU worker keeps the sparse precision on the device (batched CG), no CPU fallback."""
+    import spatialscale
+    from spatialscale import worker
+
+    monkeypatch.setattr(worker, "DENSE_GPU_MAX_SPOTS", 10)
+    worker._load.cache_clear()
+    op, _ = worker.kernel_operator(str(small_store.path), small_store.kernel_token, "cuda")
+    assert type(op).__name__ == "SparseCGOperator" and str(op.device).startswith("cuda")
+    cpu = spatialscale.sv_test(small_store, device="cpu", scheduler="threads", progress=False)
+    gpu = spatialscale.sv_test(small_store, device="cuda", scheduler="threads", progress=False)
+    np.testing.assert_allclose(gpu["sv_statistic"].values, cpu["sv_statistic"].values, rtol=1e-6)
+    np.testing.assert_allclose(gpu["sv_pvalue"].values, cpu["sv_pvalue"].values, rtol=1e-6)
+    worker._load.cache_clear()
+
+
+def test_raster_kernel_on_cuda_matches_cpu():
+    from spatialscale.raster import FFTKernelOperator, RasterParams
+
+    params = RasterParams((300, 400))
+    y = np.random.default_rng(2).normal(size=(params.n, 16))
+    y -= y.mean(0)
+    np.testing.assert_allclose(FFTKernelOperator(params, device="cuda:0").quadratic_columns(y),
+                               FFTKernelOperator(params).quadratic_columns(y), rtol=1e-10)

@@ -119,3 +119,17 @@ def test_operators_agree():
 def test_invalid_rho(rho):
     with pytest.raises(ValueError, match="rho"):
         K.KernelParams(rho=rho)
+
+
+@pytest.mark.parametrize("geometry", ["grid", "random"])
+def test_sparse_cg_operator_matches_sparse_lu(geometry):
+    """The device path for large sections (batched Jacobi-CG in torch), run here on the CPU."""
+    kern = K.build_kernel(coords_for(geometry, 1500, np.random.default_rng(4)))
+    y = np.random.default_rng(5).standard_normal((1500, 12))
+    y -= y.mean(0)
+    lu, cg = K.SparseCAROperator(kern.precision), K.SparseCGOperator(kern.precision)
+    np.testing.assert_allclose(cg.quadratic_columns(y), lu.quadratic_columns(y), rtol=1e-9)
+    np.testing.assert_allclose(cg.apply(y), lu.apply(y), rtol=0, atol=1e-8 * np.abs(lu.apply(y)).max())
+    assert 0 < cg.iterations < 1500
+    with pytest.raises(RuntimeError, match="did not reach"):
+        K.SparseCGOperator(kern.precision, max_iter=3).apply(y)

@@ -1,8 +1,9 @@
 """The README's examples run as written.
 
 Every fenced ```bash and ```python block of README.md is extracted and run, in README order, on a small
-simulated section written as ``sample.h5ad`` (obs ``celltype``, ``rbp``, ``region``, as the examples use)
-and a ``manifest.csv`` of two sections for the cohort examples.
+simulated section written as ``sample.h5ad`` (obs ``celltype``, ``rbp``, ``region``, as the examples use),
+a ``manifest.csv`` of two sections for the cohort examples and ``bins.h5ad`` (a square raster with integer
+``array_row`` / ``array_col`` and a tenth of its bins empty) for the raster example.
 
 - bash: each command line (continuations joined, ``# comments`` dropped) runs as a subprocess;
   ``spatialscale ...`` becomes ``python -m spatialscale.cli ...`` (plus ``--no-progress`` where the
@@ -28,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -156,9 +158,14 @@ def workdir(tmp_path_factory):
     assert adata.obs["celltype"].dtype == "category" and adata.obs["celltype"].nunique() > 2
     assert adata.obs["rbp"].dtype.kind == "f"
     assert adata.obs["region"].dtype == "category" and adata.obs["region"].nunique() == 2
+    bins = simulate_section(n_spots=400, n_genes=24, n_sv=6, geometry="grid", seed=1)
+    xy = bins.obsm["spatial"]
+    bins.obs["array_row"], bins.obs["array_col"] = xy[:, 1].astype(int), xy[:, 0].astype(int)
+    bins = bins[np.random.default_rng(0).random(bins.n_obs) > 0.1].copy()
     for sub in ("cli", "python"):
         (base / sub).mkdir()
         adata.write_h5ad(base / sub / "sample.h5ad")
+        bins.write_h5ad(base / sub / "bins.h5ad")
         # the cohort examples' manifest: two sections (the same file twice will do)
         (base / sub / "manifest.csv").write_text("section,path,donor\nA1,sample.h5ad,d1\nB1,sample.h5ad,d2\n")
     return base
