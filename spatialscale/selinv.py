@@ -12,7 +12,8 @@ column by column from the last gives, for ``I_j`` the rows of column ``j`` of
 
 Every ``Z_ki`` needed lies on the pattern of ``L`` (the rows of a column of a
 Cholesky factor form a clique of the filled graph), so ``Z`` is only ever
-computed on that pattern: memory ``O(nnz(L))`` and time ``O(sum_j |I_j|^2)``,
+computed on that pattern (closed by a symbolic factorisation first: SuperLU
+drops entries that cancel to exactly zero, as they do on lattices): memory ``O(nnz(L))`` and time ``O(sum_j |I_j|^2)``,
 about the cost of the factorisation itself, with no dense ``n x n`` array and
 no solve per spot.
 
@@ -69,7 +70,65 @@ def _kernel():
             zd[j] = 1.0 / d[j] - tot
         return zd, True
 
-    return takahashi_diagonal
+    @njit(cache=True, nogil=True)
+    def close_pattern(indptr, indices, lval):  # pragma: no cover - compiled
+        # Symbolic Cholesky of the strictly lower pattern: column j's rows are its own rows and those of its
+        # children in the elimination tree (minus j).  SuperLU drops entries that cancel to exactly zero;
+        # their Z values are still needed, so the recurrence runs on this closed pattern.
+        n = indptr.shape[0] - 1
+        cap = max(16, 2 * indices.shape[0])
+        out_idx = np.empty(cap, np.int64)
+        out_val = np.zeros(cap)
+        out_ptr = np.zeros(n + 1, np.int64)
+        mark = np.full(n, -1, np.int64)
+        head = np.full(n, -1, np.int64)  # first child of each column
+        nxt = np.full(n, -1, np.int64)  # next sibling
+        buf = np.empty(n, np.int64)
+        for j in range(n):
+            m = 0
+            for a in range(indptr[j], indptr[j + 1]):
+                i = indices[a]
+                if mark[i] != j:
+                    mark[i] = j
+                    buf[m] = i
+                    m += 1
+            c = head[j]
+            while c != -1:
+                for a in range(out_ptr[c], out_ptr[c + 1]):
+                    i = out_idx[a]
+                    if i != j and mark[i] != j:
+                        mark[i] = j
+                        buf[m] = i
+                        m += 1
+                c = nxt[c]
+            rows = np.sort(buf[:m])
+            start = out_ptr[j]
+            if start + m > out_idx.shape[0]:
+                new_cap = max(2 * out_idx.shape[0], start + m)
+                grown = np.empty(new_cap, np.int64)
+                grown[:start] = out_idx[:start]
+                out_idx = grown
+                grown_v = np.zeros(new_cap)
+                grown_v[:start] = out_val[:start]
+                out_val = grown_v
+            out_idx[start : start + m] = rows
+            # values of L where it has them (both sorted), zero elsewhere
+            p = indptr[j]
+            pe = indptr[j + 1]
+            for a in range(m):
+                out_val[start + a] = 0.0
+                while p < pe and indices[p] < rows[a]:
+                    p += 1
+                if p < pe and indices[p] == rows[a]:
+                    out_val[start + a] = lval[p]
+            out_ptr[j + 1] = start + m
+            if m:
+                parent = rows[0]
+                nxt[j] = head[parent]
+                head[parent] = j
+        return out_ptr, out_idx[: out_ptr[n]].copy(), out_val[: out_ptr[n]].copy()
+
+    return takahashi_diagonal, close_pattern
 
 
 _TAKAHASHI = None
@@ -125,8 +184,10 @@ def inverse_diagonal_selected(m: scipy.sparse.spmatrix) -> np.ndarray:
     indptr, indices, lval = _strictly_lower(lu.L)
     perm = np.asarray(lu.perm_c, dtype=np.int64)
     del lu
+    takahashi, close_pattern = _takahashi()
+    indptr, indices, lval = close_pattern(indptr, indices, lval)
     width = int(np.diff(indptr).max()) if n else 0
-    zd, ok = _takahashi()(indptr, indices, lval, d, np.zeros(max(width, 1)))
+    zd, ok = takahashi(indptr, indices, lval, d, np.zeros(max(width, 1)))
     if not ok:
         raise SelectedInversionError("the factor's pattern is not closed")
     # SuperLU factors Pr m Pc with Pc[k, perm_c[k]] = 1: spot k of m is the factor's row perm_c[k]
