@@ -89,3 +89,25 @@ def test_pvalues_of_large_section_match_the_dense_kernel(tmp_path):
         assert ds.attrs["kernel_power_sum_method"] == "hutchinson"
     assert max(worst["selected", m] for m in ("hsic-ir", "hsic-gc")) < 1e-3
     assert max(worst["hutchinson", m] for m in ("hsic-ir", "hsic-gc")) > 1e-3
+
+
+@pytest.mark.slow
+def test_kernel_build_at_100000_spots():
+    """A Visium-like lattice of 10^5 spots: selected inversion and selected power sums, deterministic,
+    k1 exact (n - 1'K1/n), small standard errors; seconds on 2 cores (the bench has the times)."""
+    from spatialscale.simulate import grid_coords
+
+    xy = grid_coords(100_000, "hex", 0)
+    a = K.build_kernel(xy)
+    assert a.power_sum_method == "selected"
+    op = K.SparseCAROperator(a.precision)
+    u = op.solve(np.ones(a.n))
+    np.testing.assert_allclose(a.power_sums[0], a.n - u.sum() / a.n, rtol=1e-12)
+    # unit diagonal of the standardised covariance, checked on a sample of spots by unit-vector solves
+    idx = np.random.default_rng(0).choice(a.n, 32, replace=False)
+    e = np.zeros((a.n, 32))
+    e[idx, np.arange(32)] = 1.0
+    np.testing.assert_allclose(op.solve(e)[idx, np.arange(32)], 1.0, rtol=1e-10)
+    assert a.power_sum_se[1] == 0.0 and np.all(a.power_sum_se[2:] / a.power_sums[2:] < 2e-3)
+    b = K.build_kernel(xy)
+    np.testing.assert_array_equal(a.power_sums, b.power_sums)
