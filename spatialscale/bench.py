@@ -756,7 +756,7 @@ def run_kernel_bench(spots: list[int], geometries: tuple[str, ...] = ("hex", "ra
     peak resident memory).  Where ``spots <= splisosm_max_spots``,
     SPLISOSM 1.2.0's ``SpatialCovKernel.from_coordinates(standardize_cov=True)``
     is timed in the same process after spatialscale's build (its
-    standardisation does one sparse solve per spot: 363 s at 10^5 spots).
+    standardisation does one sparse solve per spot).
 
     Parameters
     ----------

@@ -701,7 +701,23 @@ class DenseKernelOperator:
         return torch.einsum("ij,ij->j", yt, self._k @ yt).cpu().numpy()
 
 
-class SparseCGOperator:
+class CentredProducts:
+    """``apply_centred`` and ``quadratic_columns`` for operators whose ``apply`` already returns ``K_eff x``."""
+
+    def apply(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def apply_centred(self, yc: np.ndarray) -> np.ndarray:
+        """``K_eff Y`` for column-centred ``Y``."""
+        return self.apply(yc)
+
+    def quadratic_columns(self, yc: np.ndarray) -> np.ndarray:
+        """``diag(Y' K_eff Y)`` for column-centred ``Y`` (``(n, m)`` -> ``(m,)``)."""
+        yc = np.asarray(yc, dtype=np.float64)
+        return np.einsum("ij,ij->j", yc, self.apply(yc))
+
+
+class SparseCGOperator(CentredProducts):
     """Products with ``K_eff = H M^-1 H`` by batched conjugate gradients on the sparse precision, in torch.
 
     For accelerators and sections too large for a dense kernel: only the
@@ -783,15 +799,6 @@ class SparseCGOperator:
         u = u - u.mean(0, keepdim=True)
         out = u.cpu().numpy()
         return out.ravel() if one else out
-
-    def apply_centred(self, yc: np.ndarray) -> np.ndarray:
-        """``K_eff Y`` for column-centred ``Y``."""
-        return self.apply(yc)
-
-    def quadratic_columns(self, yc: np.ndarray) -> np.ndarray:
-        """``diag(Y' K_eff Y)`` for column-centred ``Y``."""
-        yc = np.asarray(yc, dtype=np.float64)
-        return np.einsum("ij,ij->j", yc, self.apply(yc))
 
 
 def default_rank(n: int, exact_threshold: int = 5000) -> int:

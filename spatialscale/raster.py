@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spatialscale.kernel import CentredProducts
+
 __all__ = ["RasterParams", "RasterKernel", "build_raster_kernel", "car_spectrum", "spectrum_power_sums",
            "FFTKernelOperator", "dense_raster_kernel", "raster_params_from_attrs"]
 
@@ -136,7 +138,7 @@ def dense_raster_kernel(params: RasterParams, *, centred: bool = True) -> np.nda
     return k
 
 
-class FFTKernelOperator:
+class FFTKernelOperator(CentredProducts):
     """Products with the centred raster kernel ``K_eff`` by real 2-D FFTs (numpy, or torch on a device).
 
     Rows of the vectors it multiplies are the grid's bins in row-major order
@@ -187,15 +189,6 @@ class FFTKernelOperator:
             f = torch.fft.rfft2(xt, dim=(0, 1)) * self._half_t[:, :, None]
             out = torch.fft.irfft2(f, s=(ny, nx), dim=(0, 1)).reshape(self.n, -1).cpu().numpy()
         return out.ravel() if one else out
-
-    def apply_centred(self, yc: np.ndarray) -> np.ndarray:
-        """``K_eff Y`` for column-centred ``Y``."""
-        return self.apply(yc)
-
-    def quadratic_columns(self, yc: np.ndarray) -> np.ndarray:
-        """``diag(Y' K_eff Y)`` for column-centred ``Y`` (``(n, m)`` -> ``(m,)``)."""
-        yc = np.asarray(yc, dtype=np.float64)
-        return np.einsum("ij,ij->j", yc, self.apply(yc))
 
 
 @dataclass

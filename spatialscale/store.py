@@ -229,7 +229,7 @@ def _grid_bins(obs: pd.DataFrame, raster: dict) -> tuple[np.ndarray, tuple[int, 
     if dup.any():
         i = int(np.flatnonzero(dup)[0])
         raise InputError(f"{int(dup.sum())} observation(s) share a bin with another (e.g. {obs.index[i]!r} at "
-                         f"{raster['grid_keys'][0]}={r[i] + 0}, {raster['grid_keys'][1]}={c[i]} after shifting to 0); "
+                         f"{raster['grid_keys'][0]}={r[i]}, {raster['grid_keys'][1]}={c[i]} counted from 0); "
                          "aggregate them first.")
     return bins, shape
 
