@@ -798,3 +798,106 @@ def run_kernel_bench(spots: list[int], geometries: tuple[str, ...] = ("hex", "ra
               "k3, k4 from a deflated probe estimate; se_k*: its standard error relative to the value; a nonzero "
               "se_k2 means k2 was estimated too); peak_mb: the case's peak resident memory")
     return df
+
+
+# --------------------------------------------------------------------------- raster (fft) sections
+def raster_spatialdata(adata, bins: str = "bins", table: str = "bins_table"):
+    """A SpatialData object holding a binned AnnData as Visium HD readers do: square bin polygons and a table
+    annotating them (what SPLISOSM's ``SplisosmFFT.setup_data`` takes)."""
+    import geopandas as gpd
+    import shapely
+    import spatialdata as sd
+    from spatialdata.models import ShapesModel, TableModel
+
+    t = adata.copy()
+    r, c = t.obs["array_row"].to_numpy(), t.obs["array_col"].to_numpy()
+    shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=shapely.box(c, r, c + 1, r + 1), index=np.arange(t.n_obs)))
+    t.obs["region"] = pd.Categorical([bins] * t.n_obs)
+    t.obs["instance_id"] = np.arange(t.n_obs)
+    t.X = t.layers["counts"]
+    t = TableModel.parse(t, region=bins, region_key="region", instance_key="instance_id")
+    return sd.SpatialData(shapes={bins: shapes}, tables={table: t})
+
+
+def _raster_data(shape: tuple[int, int], genes: int, seed: int):
+    from spatialscale.simulate import simulate_raster
+
+    return simulate_raster(shape, genes, n_sv=max(1, genes // 5), mean_depth=0.2, seed=seed)
+
+
+def _splisosm_fft_case(shape: tuple[int, int], genes: int, seed: int, method: str) -> dict:
+    """SplisosmFFT on the simulated raster, in its own process (its peak memory is its own)."""
+    from splisosm import SplisosmFFT
+
+    warnings.filterwarnings("ignore")
+    sdata = raster_spatialdata(_raster_data(shape, genes, seed))
+    t = time.perf_counter()
+    model = SplisosmFFT(rho=0.99, neighbor_degree=1)
+    model.setup_data(sdata, bins="bins", table_name="bins_table", col_key="array_col", row_key="array_row",
+                     layer="counts", group_iso_by="gene_symbol")
+    setup = time.perf_counter() - t
+    t = time.perf_counter()
+    res = model.test_spatial_variability(method=method, return_results=True, print_progress=False)
+    test = time.perf_counter() - t
+    ref = pd.DataFrame({"statistic": res["statistic"], "pvalue": res["pvalue"]},
+                       index=[str(g) for g in model.gene_names])
+    return {"ref": ref, "setup_s": setup, "test_s": test, "peak_mb": _peak_mb_self()}
+
+
+def run_raster_bench(shapes: list[tuple[int, int]], genes: list[int], *, method: str = "hsic-ir",
+                     workers: int = 2, seed: int = 0, batch_memory: str = "256MB",
+                     splisosm: bool = True) -> pd.DataFrame:
+    """Raster sections: spatialscale (ingest with ``kernel="fft"`` + ``sv_test``
+    on a LocalCluster) against SPLISOSM 1.2.0's ``SplisosmFFT`` (``setup_data``,
+    which rasterises the SpatialData table, + ``test_spatial_variability``) on
+    the same simulated bins (:func:`spatialscale.simulate.simulate_raster`,
+    about 70% of each grid under tissue, sparse counts).
+
+    SplisosmFFT runs in its own process (its ``peak_MB`` is its own); building
+    its SpatialData object is not timed, as loading a user's data is not.
+    """
+    import multiprocessing as mp
+
+    from distributed import Client
+
+    from spatialscale.api import sv_test
+    from spatialscale.engine import local_cluster
+    from spatialscale.store import ingest
+
+    warnings.filterwarnings("ignore")
+    rows = []
+    with local_cluster(workers) as cluster, Client(cluster) as client, \
+            tempfile.TemporaryDirectory() as tmpdir:
+        for shape in shapes:
+            for g in genes:
+                adata = _raster_data(shape, g, seed)
+                row = {"grid": f"{shape[0]}x{shape[1]}", "bins": shape[0] * shape[1], "tissue_bins": adata.n_obs,
+                       "genes": g}
+                client.restart()
+                t = time.perf_counter()
+                store = ingest(adata, Path(tmpdir) / "raster.zarr", kernel="fft", overwrite=True)
+                row["ingest_s"] = time.perf_counter() - t
+                t = time.perf_counter()
+                ds = sv_test(store, method=method, client=client, batch_memory=batch_memory, progress=False)
+                row["test_s"] = time.perf_counter() - t
+                row["spatialscale_s"] = row["ingest_s"] + row["test_s"]
+                row["worker_peak_MB"] = max(client.run(_worker_peak_mb).values())
+                row["client_peak_MB"] = _peak_mb_self()
+                ours = pd.DataFrame({"statistic": ds["sv_statistic"].values, "pvalue": ds["sv_pvalue"].values},
+                                    index=ds["gene"].values)
+                del adata, ds
+                if splisosm:
+                    with mp.get_context("spawn").Pool(1) as pool:
+                        ref = pool.apply(_splisosm_fft_case, (tuple(shape), g, seed, method))
+                    row.update({"splisosm_setup_s": ref["setup_s"], "splisosm_test_s": ref["test_s"],
+                                "splisosm_s": ref["setup_s"] + ref["test_s"], "splisosm_peak_MB": ref["peak_mb"]})
+                    row["speedup"] = row["splisosm_s"] / row["spatialscale_s"]
+                    row.update(compare(ref["ref"], ours))
+                rows.append(row)
+                print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+    table = pd.DataFrame(rows)
+    print(f"\n{method}: SPLISOSM 1.2.0 SplisosmFFT (setup_data + test_spatial_variability) vs spatialscale "
+          f"(ingest kernel='fft' + sv_test on {workers} workers)")
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return table

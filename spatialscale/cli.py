@@ -18,6 +18,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_ingest_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--table", default=None,
+                   help="table of a SpatialData store input (needed when it has more than one)")
     p.add_argument("--layer", default="counts", help="layer with isoform counts (default counts)")
     p.add_argument("--gene-key", default="gene_symbol", help="var column naming each isoform's gene")
     p.add_argument("--spatial-key", default="spatial", help="obsm key of spot coordinates")
@@ -43,7 +45,8 @@ def _add_ingest_options(p: argparse.ArgumentParser) -> None:
 
 
 def _ingest_kwargs(args: argparse.Namespace) -> dict:
-    return {"layer": args.layer, "gene_key": args.gene_key, "spatial_key": args.spatial_key, "adj_key": args.adj_key,
+    return {"table": args.table, "layer": args.layer, "gene_key": args.gene_key, "spatial_key": args.spatial_key,
+            "adj_key": args.adj_key,
             "min_counts": args.min_counts, "min_bin_pct": args.min_bin_pct,
             "filter_single_iso_genes": not args.keep_single_isoform_genes,
             "min_component_size": args.min_component_size, "k_neighbors": args.k_neighbors, "rho": args.rho,
@@ -266,14 +269,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time spatialscale against SPLISOSM on the same simulated data",
                        description="Run SPLISOSM 1.2.0 and spatialscale on the same data in one run.")
     p.add_argument("--spots", type=int, nargs="+", default=[10_000], help="section sizes (10000)")
-    p.add_argument("--genes", type=int, nargs="+", default=[300], help="gene counts (300; --test du: 200)")
+    p.add_argument("--genes", type=int, nargs="+", default=[300], help="gene counts (300; --test du, raster: 200)")
     p.add_argument("--method", default="hsic-ir", help="SV method (hsic-ir)")
     p.add_argument("--null", default="liu", help="null (liu)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for spatialscale (2)")
-    p.add_argument("--test", default="sv", choices=("sv", "glmm", "du", "kernel"),
+    p.add_argument("--test", default="sv", choices=("sv", "glmm", "du", "kernel", "raster"),
                    help="sv: HSIC SV tests; glmm: glmm-full fit + DU score test (genes of 3 isoforms); "
                    "du: hsic and hsic-gp DU tests of every gene x covariate; kernel: kernel build of large sections "
-                   "(graph, standardisation, power sums, peak memory) at each --spots and --geometry")
+                   "(graph, standardisation, power sums, peak memory) at each --spots and --geometry; "
+                   "raster: sv on square grids of --spots bins (kernel='fft', ~70%% under tissue) against SplisosmFFT")
     p.add_argument("--geometry", nargs="+", default=["hex", "random", "grid"], choices=("hex", "random", "grid"),
                    help="kernel: spot layouts (hex random grid)")
     p.add_argument("--covariates", type=int, default=50, help="du: covariates (50)")
@@ -326,7 +330,14 @@ def _run(args: argparse.Namespace) -> int:
                  out_dir=args.out_dir, seed=args.seed)
         return 0
     if args.command == "bench":
-        from spatialscale.bench import run_bench, run_cohort_bench, run_du_bench, run_glmm_bench, run_kernel_bench
+        from spatialscale.bench import (
+            run_bench,
+            run_cohort_bench,
+            run_du_bench,
+            run_glmm_bench,
+            run_kernel_bench,
+            run_raster_bench,
+        )
 
         if args.cohort:
             from spatialscale.errors import InputError
@@ -353,6 +364,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.test == "kernel":
             spots = [100_000] if args.spots == [10_000] else args.spots
             run_kernel_bench(spots, tuple(args.geometry), seed=args.seed)
+            return 0
+        if args.test == "raster":
+            sides = [max(2, round(float(n) ** 0.5)) for n in args.spots]
+            run_raster_bench([(s, s) for s in sides], genes=args.genes if args.genes != [300] else [200],
+                             method=args.method, workers=args.workers, seed=args.seed,
+                             batch_memory=args.batch_memory, splisosm=not args.no_splisosm)
             return 0
         if args.test == "glmm":
             run_glmm_bench(spots=args.spots, genes=args.genes, workers=args.workers, seed=args.seed)

@@ -33,7 +33,7 @@ __all__ = ["Cohort", "ingest_cohort", "open_cohort", "read_manifest"]
 COHORT_FILE = "cohort.json"
 COHORT_MARK = "spatialscale_cohort"
 #: ingest options a manifest column may set per section
-PER_SECTION = ("spatial_key", "layer", "gene_key")
+PER_SECTION = ("spatial_key", "layer", "gene_key", "table")
 _SECTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -166,8 +166,8 @@ def ingest_cohort(
         CSV / TSV path (or a DataFrame): ``section`` ids, ``path`` of each
         section's AnnData (``.h5ad`` or ``.zarr``), further columns kept as
         section metadata (e.g. donor, condition).  Columns named
-        ``spatial_key``, ``layer`` or ``gene_key`` set that option for their
-        section (an empty cell: the option given here), for sections whose
+        ``spatial_key``, ``layer``, ``gene_key`` or ``table`` set that option for
+        their section (an empty cell: the option given here), for sections whose
         AnnData differ in where they keep coordinates, counts or gene names.
     out_dir
         The cohort folder (created; an existing one is completed, never
@@ -200,9 +200,9 @@ def ingest_cohort(
     from spatialscale.options import ExecutionOptions
 
     table = read_manifest(manifest)
-    allowed = {"layer", "gene_key", "spatial_key", "adj_key", "min_counts", "min_bin_pct", "filter_single_iso_genes",
-               "min_component_size", "k_neighbors", "rho", "standardize_cov", "power_sums", "block_bytes", "kernel",
-               "grid_keys", "grid_spacing", "neighbor_degree"}
+    allowed = {"table", "layer", "gene_key", "spatial_key", "adj_key", "min_counts", "min_bin_pct",
+               "filter_single_iso_genes", "min_component_size", "k_neighbors", "rho", "standardize_cov",
+               "power_sums", "block_bytes", "kernel", "grid_keys", "grid_spacing", "neighbor_degree"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise InputError(f"unknown ingest option(s) {unknown}; choose from {sorted(allowed)}.")

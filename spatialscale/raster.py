@@ -152,6 +152,9 @@ class FFTKernelOperator(CentredProducts):
         ``cpu`` (scipy.fft) or a torch device such as ``cuda:0`` (torch.fft).
     """
 
+    #: quadratic forms take one forward FFT, no inverse: statistics use them directly
+    solve_free_quadratic = True
+
     def __init__(self, params: RasterParams, device: str = "cpu") -> None:
         self.params = params
         self.shape = (int(params.shape[0]), int(params.shape[1]))
@@ -189,6 +192,29 @@ class FFTKernelOperator(CentredProducts):
             f = torch.fft.rfft2(xt, dim=(0, 1)) * self._half_t[:, :, None]
             out = torch.fft.irfft2(f, s=(ny, nx), dim=(0, 1)).reshape(self.n, -1).cpu().numpy()
         return out.ravel() if one else out
+
+    def quadratic_columns(self, yc: np.ndarray) -> np.ndarray:
+        """``diag(Y' K_eff Y)`` from one forward FFT per column (Parseval: ``sum_f lambda_f |Y_f|^2 / n``).
+
+        ``rfft2`` keeps the frequencies ``0 .. nx/2`` of the last axis; the
+        others are their complex conjugates, so every kept column but the
+        first (and the Nyquist one, for even ``nx``) is counted twice.
+        """
+        yc = np.asarray(yc, dtype=np.float64)
+        ny, nx = self.shape
+        m = yc.reshape(self.n, -1).shape[1]
+        weight = self._half * np.where((np.arange(self._half.shape[1]) == 0)
+                                       | (2 * np.arange(self._half.shape[1]) == nx), 1.0, 2.0)
+        if self.device == "cpu":
+            import scipy.fft
+
+            f = scipy.fft.rfft2(yc.reshape(ny, nx, m), axes=(0, 1)).reshape(-1, m)
+            return weight.ravel() @ (f.real**2 + f.imag**2) / self.n
+        import torch
+
+        f = torch.fft.rfft2(torch.as_tensor(yc.reshape(ny, nx, m), device=self.device), dim=(0, 1)).reshape(-1, m)
+        w = torch.as_tensor(weight.ravel(), device=self.device)
+        return (w @ (f.real**2 + f.imag**2) / self.n).cpu().numpy()
 
 
 @dataclass

@@ -14,7 +14,7 @@ import scipy.sparse
 from spatialscale.errors import InputError
 
 __all__ = ["AnnDataSource", "MAX_COUNT", "MIN_SPOTS", "check_counts", "check_section_size", "column_blocks",
-           "coordinate_array", "validate_coords"]
+           "coordinate_array", "resolve_table", "validate_coords"]
 
 #: largest count stored exactly (float64 integers; the store's integer dtype holds every total below it)
 MAX_COUNT = float(2**53)
@@ -23,6 +23,46 @@ MIN_SPOTS = 10
 
 
 # --------------------------------------------------------------------------- sources
+def resolve_table(source: Any, table: str | None) -> Any:
+    """The AnnData table that ingest reads from ``source``.
+
+    A ``SpatialData`` object (anything with a ``tables`` mapping) gives
+    ``source.tables[table]``; a SpatialData zarr store (a folder with a
+    ``tables`` group) gives the path of ``tables/<table>``, an AnnData zarr
+    group read lazily like any other (``spatialdata`` itself is not needed).
+    ``table`` may be left out when there is one table. An AnnData or an
+    AnnData file is returned unchanged (``table`` must then be ``None``).
+
+    Raises
+    ------
+    InputError
+        Naming the tables there are, when ``table`` is missing, unknown or
+        ambiguous, or given for an input that has no tables.
+    """
+    import anndata as ad
+
+    if hasattr(source, "tables") and not isinstance(source, ad.AnnData):
+        names = sorted(source.tables)
+        where = "the SpatialData object"
+    elif isinstance(source, (str, Path)) and Path(source, "tables").is_dir():
+        names = sorted(p.name for p in Path(source, "tables").iterdir()
+                       if p.is_dir() and not p.name.startswith("."))
+        where = f"the SpatialData store {source}"
+    else:
+        if table is not None:
+            what = source if isinstance(source, (str, Path)) else "the input"
+            raise InputError(f"table={table!r} was given, but {what} is an AnnData, not a SpatialData object or store.")
+        return source
+    if table is None:
+        if len(names) != 1:
+            raise InputError(f"{where} has {len(names)} tables ({', '.join(names) or 'none'}); name one with table= "
+                             "(--table).")
+        table = names[0]
+    if table not in names:
+        raise InputError(f"{where} has no table {table!r} (tables: {', '.join(names) or 'none'}).")
+    return source.tables[table] if where.startswith("the SpatialData object") else Path(source, "tables", table)
+
+
 class AnnDataSource:
     """Lazy view of an AnnData's counts layer, coordinates and annotations."""
 
@@ -137,6 +177,20 @@ class AnnDataSource:
         if len(cols) == self.shape[1] and np.array_equal(cols, np.arange(self.shape[1])):
             self._whole, self._whole_rows = out, rows
         return out
+
+    def read_columns_sparse(self, cols: np.ndarray) -> scipy.sparse.csc_matrix:
+        """The columns ``cols`` (in that order) as a float64 CSC matrix, without densifying sparse layers."""
+        cols = np.asarray(cols, dtype=np.int64)
+        m = self._matrix
+        if scipy.sparse.issparse(m):
+            return scipy.sparse.csc_matrix(m[:, cols], dtype=np.float64)
+        if hasattr(m, "format") and getattr(m, "format", None) == "csr":
+            order = np.argsort(cols, kind="stable")
+            block = self._scan_csr(m, cols[order]).tocsc()
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            return scipy.sparse.csc_matrix(block[:, inverse], dtype=np.float64)
+        return scipy.sparse.csc_matrix(self.read_columns(cols))
 
     def column_stats(self, cols: np.ndarray, rows: np.ndarray | None, names: pd.Index,
                      layer: str) -> tuple[np.ndarray, np.ndarray]:

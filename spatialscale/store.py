@@ -13,6 +13,13 @@ for gene batches:
   spatial kernel (see :mod:`spatialscale.kernel`); its power sums, token and
   parameters live in ``uns/spatialscale``.
 
+A raster store (``kernel="fft"``) differs: its kernel is the periodic CAR
+kernel of the bins' bounding grid (:mod:`spatialscale.raster`, no matrix
+stored), ``n_spots`` is the number of grid bins, ``obs`` holds the observed
+bins only with their grid position (``spatialscale_grid_index``), and
+``layers/counts`` is a CSC matrix of their non-zero counts; tasks read
+columns scattered into the full grid (:func:`read_count_columns`).
+
 Ingest validates everything first, writes to a temporary sibling and renames
 it into place only when complete, so a failed ingest never leaves anything
 that looks like a store.
@@ -20,6 +27,7 @@ that looks like a store.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import uuid
@@ -41,6 +49,7 @@ from spatialscale.sources import (
     AnnDataSource,
     check_section_size,
     column_blocks,
+    resolve_table,
     validate_coords,
 )
 
@@ -48,6 +57,8 @@ __all__ = ["ingest", "open_store", "IsoformStore", "STORE_FORMAT", "check_ingest
 
 STORE_FORMAT = 1
 PRECISION_KEY = "spatialscale_precision"
+#: ``obs`` column of a raster store: each observed bin's row-major index in the bounding grid
+GRID_INDEX = "spatialscale_grid_index"
 ADJACENCY_KEY = "spatialscale_adjacency"
 
 
@@ -56,6 +67,7 @@ def ingest(
     source: Any,
     store_path: str | os.PathLike,
     *,
+    table: str | None = None,
     layer: str = "counts",
     gene_key: str = "gene_symbol",
     spatial_key: str = "spatial",
@@ -81,10 +93,16 @@ def ingest(
     Parameters
     ----------
     source
-        An ``AnnData``, or the path of an ``.h5ad`` file or AnnData ``.zarr``.
-        On-disk inputs are read in column blocks of at most ``block_bytes``.
+        An ``AnnData``, the path of an ``.h5ad`` file or AnnData ``.zarr``,
+        or a ``SpatialData`` object or store (with ``table``). On-disk inputs
+        are read in column blocks of at most ``block_bytes``.
     store_path
         Where to write the store (a directory).
+    table
+        The table of a SpatialData input (e.g. ``square_016um``); may be left
+        out when it has one table. Its bins' ``obs`` keep their integer
+        ``array_row`` / ``array_col`` (``kernel="fft"``) or it needs
+        coordinates in ``obsm[spatial_key]`` (``kernel="car"``).
     layer
         Layer holding isoform counts (spots x isoforms).
     gene_key
@@ -144,6 +162,7 @@ def ingest(
     raster = check_raster_options(kernel=kernel, grid_keys=grid_keys, grid_spacing=grid_spacing,
                                   neighbor_degree=neighbor_degree, rho=rho, min_component_size=min_component_size,
                                   adj_key=adj_key)
+    source = resolve_table(source, table)
     _check_store_target(store_path, source, overwrite)
     src = AnnDataSource(source, layer)
     created = [d for d in [store_path.parent, *store_path.parent.parents] if not d.exists()]
@@ -393,33 +412,30 @@ def _write_store(path: Path, src: AnnDataSource, var: pd.DataFrame, keep_spots: 
                  progress: bool, meta: dict, grid: dict | None = None) -> None:
     import anndata as ad
     import zarr
-    from tqdm import tqdm
 
     if grid is None:
         n_spots = int(keep_spots.sum())
         obs = src.obs.iloc[np.flatnonzero(keep_spots)].copy()
         obs.index = obs.index.astype(str)
         obsp = {PRECISION_KEY: kernel.precision, ADJACENCY_KEY: kernel.adjacency}
-    else:  # every bin of the bounding grid, row-major; the observed ones keep their name
+    else:  # the observed bins only; the kernel's dimension is every bin of the bounding grid
         ny, nx = grid["shape"]
         n_spots = ny * nx
-        row, col = np.divmod(np.arange(n_spots), nx)
-        names = np.char.add(np.char.add("bin_", row.astype(str)), np.char.add("_", col.astype(str))).astype(object)
-        names[grid["bins"]] = src.obs.index.astype(str).to_numpy()
-        observed = np.zeros(n_spots, dtype=bool)
-        observed[grid["bins"]] = True
-        obs = pd.DataFrame({grid["grid_keys"][0]: row, grid["grid_keys"][1]: col, "observed": observed},
-                           index=pd.Index(names, name=None))
+        obs = src.obs.copy()
+        obs.index = obs.index.astype(str)
+        obs[GRID_INDEX] = grid["bins"].astype(np.int64)
         obsp = {}
+        row, col = np.divmod(grid["bins"], nx)
         coords = np.c_[col * grid["spacing"][1], row * grid["spacing"][0]].astype(np.float64)
-        keep_spots = np.ones(n_spots, dtype=bool)
     out_var = var[["gene", "n_isoforms", "total_counts"]].copy()
     out_var["source_name"] = var.index
     meta = {**meta, "n_spots": n_spots, "n_isoforms": len(var), "n_genes": int(var["gene"].nunique()),
             "kernel": kernel.attrs(), "complete": False}
+    if grid is not None:
+        meta["n_observed"] = len(obs)
     skeleton = ad.AnnData(obs=obs, var=out_var, obsp=obsp, uns={"spatialscale": meta})
     if coords is not None:
-        skeleton.obsm["spatial"] = coords[keep_spots]
+        skeleton.obsm["spatial"] = coords if grid is not None else coords[keep_spots]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         with ad.settings.override(zarr_write_format=3):
@@ -427,25 +443,62 @@ def _write_store(path: Path, src: AnnDataSource, var: pd.DataFrame, keep_spots: 
         root = zarr.open_group(str(path), mode="a")
         max_total = float(var["total_counts"].max()) if len(var) else 0.0
         dtype = "int32" if max_total < 2**31 else "int64"
-        # ~4 MB chunks of whole columns, never wider than one ingest block
-        chunk_cols = max(1, min(len(var), (4 << 20) // max(4 * n_spots, 1), block_bytes // max(8 * n_spots, 1)))
-        arr = root.create_array("layers/counts", shape=(n_spots, len(var)), chunks=(n_spots, chunk_cols),
-                                dtype=dtype, fill_value=0)
-        arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
         src_idx = var["source_index"].to_numpy()
-        step = max(chunk_cols, (block_bytes // max(8 * n_spots, 1)) // chunk_cols * chunk_cols)
-        for s in tqdm(range(0, len(var), step), desc="ingest: write", disable=not progress):
-            e = min(s + step, len(var))
-            block = src.read_columns(src_idx[s:e], rows).astype(dtype)
-            if grid is not None:
-                full = np.zeros((n_spots, e - s), dtype=dtype)
-                full[grid["bins"]] = block
-                block = full
-            arr[:, s:e] = block
+        if grid is None:
+            _write_dense_counts(root, src, src_idx, rows, n_spots, dtype, block_bytes, progress)
+        else:
+            _write_sparse_counts(root, src, src_idx, len(obs), n_spots, dtype, block_bytes, progress)
         # a JSON copy of uns/spatialscale beside the completion mark: opening the store (on every worker
         # that loads the section) then reads one small file instead of one array per entry
         root.attrs["spatialscale"] = {"complete": True, "format": STORE_FORMAT, "meta": _plain(meta)}
         zarr.consolidate_metadata(str(path))
+
+
+def _write_dense_counts(root: Any, src: AnnDataSource, src_idx: np.ndarray, rows: np.ndarray | None, n_spots: int,
+                        dtype: str, block_bytes: int, progress: bool) -> None:
+    """``layers/counts`` as a dense array, ~4 MB chunks of whole columns (never wider than one ingest block)."""
+    from tqdm import tqdm
+
+    n_iso = len(src_idx)
+    chunk_cols = max(1, min(n_iso, (4 << 20) // max(4 * n_spots, 1), block_bytes // max(8 * n_spots, 1)))
+    arr = root.create_array("layers/counts", shape=(n_spots, n_iso), chunks=(n_spots, chunk_cols), dtype=dtype,
+                            fill_value=0)
+    arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    step = max(chunk_cols, (block_bytes // max(8 * n_spots, 1)) // chunk_cols * chunk_cols)
+    for s in tqdm(range(0, n_iso, step), desc="ingest: write", disable=not progress):
+        e = min(s + step, n_iso)
+        arr[:, s:e] = src.read_columns(src_idx[s:e], rows).astype(dtype)
+
+
+def _write_sparse_counts(root: Any, src: AnnDataSource, src_idx: np.ndarray, n_obs: int, n_grid: int, dtype: str,
+                         block_bytes: int, progress: bool) -> None:
+    """``layers/counts`` of a raster as a CSC matrix (AnnData's encoding) over the observed bins.
+
+    Binned sections are mostly zeros (bins without tissue, genes absent from
+    most bins), so only the non-zero counts are kept; a task scatters its
+    columns into the full grid (:func:`read_count_columns`).
+    """
+    from tqdm import tqdm
+
+    n_iso = len(src_idx)
+    group = root.create_group("layers/counts")
+    group.attrs.update({"encoding-type": "csc_matrix", "encoding-version": "0.1.0", "shape": [n_obs, n_iso],
+                        "spatialscale_grid_size": int(n_grid)})
+    chunk = 1 << 20
+    idx_dtype = "int32" if n_obs < 2**31 else "int64"
+    data = group.create_array("data", shape=(0,), chunks=(chunk,), dtype=dtype)
+    indices = group.create_array("indices", shape=(0,), chunks=(chunk,), dtype=idx_dtype)
+    indptr = np.zeros(n_iso + 1, dtype=np.int64)
+    step = max(1, block_bytes // max(8 * n_obs, 1))  # dense-sized blocks: a dense input is read as such
+    for s in tqdm(range(0, n_iso, step), desc="ingest: write", disable=not progress):
+        e = min(s + step, n_iso)
+        block = src.read_columns_sparse(src_idx[s:e])
+        block.eliminate_zeros()
+        block.sort_indices()
+        data.append(block.data.astype(dtype))
+        indices.append(block.indices.astype(idx_dtype))
+        indptr[s + 1 : e + 1] = indptr[s] + block.indptr[1:]
+    group.create_array("indptr", shape=indptr.shape, chunks=indptr.shape, dtype="int64")[...] = indptr
 
 
 # --------------------------------------------------------------------------- open
@@ -528,7 +581,7 @@ class IsoformStore:
         return np.asarray(g["obsm/spatial"][:]) if "obsm" in g and "spatial" in g["obsm"] else None
 
     def obs(self) -> pd.DataFrame:
-        """Spot annotations (covariates)."""
+        """Spot annotations (covariates); for a raster store, the observed bins only."""
         from anndata.io import read_elem
 
         return read_elem(self._group()["obs"])
@@ -642,11 +695,35 @@ def _plain(x: Any) -> Any:
 
 
 def read_count_columns(store_path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
-    """Counts of isoform columns ``start:stop`` without opening the whole store."""
+    """Counts of isoform columns ``start:stop``, ``(n_spots, m)`` float64, without opening the whole store.
+
+    A raster store keeps the observed bins' non-zero counts (CSC); they are
+    scattered into the full grid here, zeros elsewhere.
+    """
     import zarr
 
-    arr = zarr.open_array(str(Path(store_path) / "layers" / "counts"), mode="r")
-    return np.asarray(arr[:, start:stop], dtype=np.float64)
+    node = zarr.open(str(Path(store_path) / "layers" / "counts"), mode="r")
+    if isinstance(node, zarr.Array):
+        return np.asarray(node[:, start:stop], dtype=np.float64)
+    ptr = np.asarray(node["indptr"][start : stop + 1], dtype=np.int64)
+    data = np.asarray(node["data"][ptr[0] : ptr[-1]], dtype=np.float64)
+    rows = _grid_index(str(store_path))[np.asarray(node["indices"][ptr[0] : ptr[-1]])]
+    out = np.zeros((int(node.attrs["spatialscale_grid_size"]), stop - start))
+    out[rows, np.repeat(np.arange(stop - start), np.diff(ptr))] = data
+    return out
+
+
+def _grid_index(store_path: str) -> np.ndarray:
+    """Each observed bin's row in the grid (cached per process, keyed on the array's modification time)."""
+    path = Path(store_path) / "obs" / GRID_INDEX
+    return _grid_index_cached(str(path), (path / "zarr.json").stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _grid_index_cached(path: str, _mtime: int) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_array(path, mode="r")[:], dtype=np.int64)
 
 
 def _write_array_atomic(store_path: Path, key: str, values: np.ndarray) -> None:

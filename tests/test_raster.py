@@ -19,7 +19,8 @@ from spatialscale.raster import (
     spectrum_power_sums,
 )
 
-CASES = [((6, 7), (1.0, 1.0), 1), ((8, 5), (1.0, 2.0), 2), ((5, 5), (1.0, 1.0), 3), ((1, 9), (1.0, 1.0), 1)]
+CASES = [((6, 7), (1.0, 1.0), 1), ((8, 5), (1.0, 2.0), 2), ((5, 5), (1.0, 1.0), 3), ((1, 9), (1.0, 1.0), 1),
+         ((7, 8), (2.0, 1.0), 2), ((1, 6), (1.0, 1.0), 1)]  # even widths: rfft2 keeps a Nyquist column
 
 
 @pytest.mark.parametrize("shape, spacing, degree", CASES)
@@ -73,21 +74,30 @@ def binned_adata(ny=23, nx=31, n_genes=12, missing=0.2, seed=0, offset=(5, 7)):
     return adata, counts
 
 
-def test_binned_ingest_holds_the_whole_grid(tmp_path):
+def test_binned_ingest_keeps_the_observed_bins_of_the_grid(tmp_path):
     adata, counts = binned_adata()
     store = spatialscale.ingest(adata, tmp_path / "r.zarr", kernel="fft", min_counts=0)
-    assert store.kernel_kind == "fft" and store.n_spots == 23 * 31
+    assert store.kernel_kind == "fft" and store.n_spots == 23 * 31 and store.meta["n_observed"] == adata.n_obs
     assert store.kernel_attrs["shape"] == [23, 31] and store.kernel_attrs["power_sum_method"] == "exact"
+    # obs: the observed bins, their names and grid positions; counts: only their non-zeros are stored
     obs = store.obs()
-    assert int(obs["observed"].sum()) == adata.n_obs
-    # the observed bins keep their names and counts; the others are zero
     r, c = adata.obs["array_row"].to_numpy() - 5, adata.obs["array_col"].to_numpy() - 7
-    gene = store.genes.index[0]
-    cols = [list(adata.var_names).index(n) for n in store.isoforms.index[store.isoforms["gene"] == gene]]
-    got = store.gene_counts(gene)
-    np.testing.assert_array_equal(got[r * 31 + c], counts[:, cols])
-    assert got[~obs["observed"].to_numpy()].sum() == 0
-    assert list(obs.index[r * 31 + c]) == list(adata.obs_names)
+    assert list(obs.index) == list(adata.obs_names)
+    np.testing.assert_array_equal(obs["spatialscale_grid_index"].to_numpy(), r * 31 + c)
+    import zarr
+
+    stored = zarr.open_group(str(store.path / "layers" / "counts"), mode="r")
+    assert stored["data"].shape[0] == np.count_nonzero(counts)
+    # a gene's columns come back on the whole grid: the observed bins' counts, zeros elsewhere
+    for gene in store.genes.index[[0, 5, -1]]:
+        cols = [list(adata.var_names).index(n) for n in store.isoforms.index[store.isoforms["gene"] == gene]]
+        got = store.gene_counts(gene)
+        assert got.shape == (23 * 31, len(cols))
+        np.testing.assert_array_equal(got[r * 31 + c], counts[:, cols])
+        assert got.sum() == counts[:, cols].sum()
+    # the store is an AnnData of the observed bins
+    back = ad.read_zarr(store.path)
+    assert back.shape == (adata.n_obs, len(store.isoforms)) and sp.issparse(back.layers["counts"])
     with pytest.raises(InputError, match="raster"):
         store.precision()
 
@@ -152,5 +162,86 @@ def test_bad_raster_input_is_named(tmp_path):
     assert not any(tmp_path.iterdir())
     store = spatialscale.ingest(adata, tmp_path / "r.zarr", kernel="fft", min_counts=0)
     with pytest.raises(InputError, match="raster"):
-        spatialscale.du_test(store, covariates=pd.DataFrame({"x": np.arange(store.n_spots)},
+        spatialscale.du_test(store, covariates=pd.DataFrame({"x": np.arange(adata.n_obs)},
                                                             index=store.obs().index), progress=False)
+
+
+def binned_sdata(adata):
+    """A SpatialData object as Visium HD readers build it: square bin polygons and a table annotating them."""
+    sd = pytest.importorskip("spatialdata")
+    gpd = pytest.importorskip("geopandas")
+    from shapely.geometry import box
+    from spatialdata.models import ShapesModel, TableModel
+
+    table = adata.copy()
+    r, c = table.obs["array_row"].to_numpy(), table.obs["array_col"].to_numpy()
+    shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=[box(x, y, x + 1, y + 1) for y, x in zip(r, c)],
+                                                index=np.arange(table.n_obs)))
+    table.obs["region"] = pd.Categorical(["bins_002um"] * table.n_obs)
+    table.obs["instance_id"] = np.arange(table.n_obs)
+    table.X = table.layers["counts"]
+    table = TableModel.parse(table, region="bins_002um", region_key="region", instance_key="instance_id")
+    return sd.SpatialData(shapes={"bins_002um": shapes}, tables={"square_002um": table})
+
+
+@pytest.mark.parametrize("method", ["hsic-ir", "hsic-ic", "hsic-gc"])
+def test_sv_from_spatialdata_matches_splisosm_fft(tmp_path, method):
+    """Ingest from a SpatialData store on disk; statistics and p-values equal SplisosmFFT's on the same object."""
+    fft = pytest.importorskip("splisosm.hyptest.fft")
+    adata, _ = binned_adata(seed=3)
+    sdata = binned_sdata(adata)
+    sdata.write(tmp_path / "hd.zarr")
+    store = spatialscale.ingest(tmp_path / "hd.zarr", tmp_path / "r.zarr", table="square_002um", kernel="fft",
+                                min_counts=5)
+    ds = spatialscale.sv_test(store, method=method, scheduler="threads", progress=False)
+
+    model = fft.SplisosmFFT(rho=0.99, neighbor_degree=1)
+    model.setup_data(sdata, bins="bins_002um", table_name="square_002um", col_key="array_col", row_key="array_row",
+                     layer="counts", group_iso_by="gene_symbol", min_counts=5)
+    model.test_spatial_variability(method=method)
+    ref = model.get_formatted_test_results("sv").set_index("gene").loc[ds["gene"].values]
+    assert model.n_grid == store.n_spots and model.n_genes == ds.sizes["gene"]
+    rtol = 1e-5 if method == "hsic-ir" else 1e-10  # SPLISOSM's ratios are float32
+    np.testing.assert_allclose(ds["sv_statistic"].values, ref["statistic"].to_numpy(), rtol=rtol)
+    np.testing.assert_allclose(ds["sv_pvalue"].values, ref["pvalue"].to_numpy(), rtol=rtol)
+    # the in-memory object gives the same store contents and results
+    again = spatialscale.ingest(sdata, tmp_path / "m.zarr", kernel="fft", min_counts=5)
+    ds2 = spatialscale.sv_test(again, method=method, scheduler="threads", progress=False)
+    np.testing.assert_array_equal(ds2["sv_pvalue"].values, ds["sv_pvalue"].values)
+
+
+def test_spatialdata_tables_are_named(tmp_path):
+    pytest.importorskip("spatialdata")
+    adata, _ = binned_adata(seed=4)
+    sdata = binned_sdata(adata)
+    sdata.tables["other"] = sdata.tables["square_002um"].copy()
+    sdata.write(tmp_path / "hd.zarr")
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    cases = [(tmp_path / "hd.zarr", None, "2 tables \\(other, square_002um\\); name one"),
+             (sdata, "square_008um", "no table 'square_008um' \\(tables: other, square_002um\\)"),
+             (tmp_path / "a.h5ad", "square_002um", "is an AnnData, not a SpatialData")]
+    for source, table, message in cases:
+        with pytest.raises(InputError, match=message):
+            spatialscale.ingest(source, tmp_path / "s.zarr", table=table, kernel="fft")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5ad", "hd.zarr"]
+    from spatialscale.cli import main
+
+    code = main(["ingest", str(tmp_path / "hd.zarr"), str(tmp_path / "s.zarr"), "--table", "other", "--kernel", "fft",
+                 "--min-counts", "0", "--no-progress"])
+    assert code == 0 and spatialscale.open_store(tmp_path / "s.zarr").n_spots == 23 * 31
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_raster_ingest_from_files_reads_sparse_columns(tmp_path, monkeypatch, fmt):
+    """An on-disk CSR layer is read in column blocks without densifying; the store equals the in-memory ingest."""
+    import spatialscale.sources
+
+    monkeypatch.setattr(spatialscale.sources, "small_enough", lambda ds, limit=0: False)  # keep the layer on disk
+    adata, counts = binned_adata(seed=5, n_genes=20)
+    path = tmp_path / f"bins.{fmt}"
+    adata.write_h5ad(path) if fmt == "h5ad" else adata.write_zarr(path)
+    ref = spatialscale.ingest(adata, tmp_path / "a.zarr", kernel="fft", min_counts=3)
+    got = spatialscale.ingest(path, tmp_path / "b.zarr", kernel="fft", min_counts=3, block_bytes=20_000)
+    assert list(got.isoforms.index) == list(ref.isoforms.index)
+    np.testing.assert_array_equal(got.read_counts(0, len(got.isoforms)), ref.read_counts(0, len(ref.isoforms)))
+    assert got.kernel_token == ref.kernel_token

@@ -131,3 +131,36 @@ def test_liu_perm_in_a_batch_uses_the_kernel_diagonal(tmp_path):
     assert np.isfinite(exact["null_statistic"][0]) and exact["null_statistic"][0] != liu["null_statistic"][0]
     with pytest.raises(ValueError, match="needs kernel_diag_sq"):
         sv_batch(counts, op, sums, null="liu-perm")
+
+
+def test_compiled_response_passes_equal_numpy(monkeypatch):
+    """The numba passes (ratios centred over covered spots, per-gene Gram matrices) equal the NumPy expressions,
+    and so do the statistics and p-values built on them."""
+    from spatialscale.kernel import DenseKernelOperator, KernelParams, build_kernel, exact_power_sums
+    from spatialscale.stats import _numba, hsic, responses
+    from spatialscale.stats.sv import sv_batch
+
+    rng = np.random.default_rng(7)
+    counts = rng.poisson(0.4, (4, 9_001, 3)).astype(float)  # more spots than one block of partial sums
+    counts[1] = 0.0  # a gene without counts
+    counts[2, :, 1] = 0.0
+    y, covered = _numba.centred_ratios(counts)
+    total = counts.sum(axis=2)
+    want = np.where(total[..., None] > 0, counts / np.maximum(total, 1)[..., None], 0.0)
+    mean = want.sum(1, keepdims=True) / np.maximum((total > 0).sum(1), 1)[:, None, None]
+    want = np.where(total[..., None] > 0, want - mean, 0.0)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-14)  # the mean differs by summation order only
+    np.testing.assert_array_equal(covered, total > 0)
+    np.testing.assert_allclose(_numba.batch_gram(y), np.einsum("bnd,bne->bde", y, y), rtol=1e-13, atol=1e-12)
+
+    side = 30
+    xy = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2).astype(float)
+    kern = build_kernel(xy, params=KernelParams())
+    op, sums = DenseKernelOperator(kern.precision), exact_power_sums(kern.precision)
+    c = rng.poisson(2.0, (5, side * side, 3)).astype(float)
+    fast = sv_batch(c, op, sums)
+    monkeypatch.setattr(responses, "compiled_available", lambda: False)
+    monkeypatch.setattr(hsic, "compiled_available", lambda: False)
+    slow = sv_batch(c, op, sums)
+    np.testing.assert_allclose(fast["statistic"], slow["statistic"], rtol=1e-12)
+    np.testing.assert_allclose(fast["pvalue"], slow["pvalue"], rtol=1e-10)

@@ -7,6 +7,7 @@ from typing import Protocol
 import numpy as np
 
 from spatialscale.kernel import EIG_FLOOR
+from spatialscale.stats._numba import batch_gram, compiled_available
 
 __all__ = ["KernelOperator", "quadratic_statistic", "quadratic_statistic_simplex", "feature_power_sums",
            "mixture_cumulants"]
@@ -88,7 +89,7 @@ def feature_power_sums(y: np.ndarray, floor: float = EIG_FLOOR) -> np.ndarray:
     numpy.ndarray
         ``(B, 4)`` power sums for ``r = 1..4``.
     """
-    gram = np.einsum("bnd,bne->bde", y, y)
+    gram = batch_gram(y) if compiled_available() else np.einsum("bnd,bne->bde", y, y)
     mu = np.linalg.eigvalsh(gram)
     mu = np.where(np.isfinite(mu) & (mu > floor), mu, 0.0)
     return np.stack([np.sum(mu**r, axis=1) for r in range(1, 5)], axis=1)

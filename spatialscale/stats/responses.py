@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from spatialscale.stats._numba import centred_ratios, compiled_available
+
 __all__ = ["TRANSFORMS", "ratio_response", "count_response", "gene_count_response",
            "response_width", "helmert_basis"]
 
@@ -47,11 +49,12 @@ def _centre_rows_where(y: np.ndarray, covered: np.ndarray) -> np.ndarray:
     This equals filling uncovered spots with the covered-spot mean and then
     centring over all spots.
     """
-    w = covered[..., None].astype(y.dtype)
-    n_cov = np.maximum(w.sum(axis=1, keepdims=True), 1.0)
-    y = np.where(covered[..., None], y, 0.0)
-    mean = y.sum(axis=1, keepdims=True) / n_cov
-    return (y - mean) * w
+    mask = covered[..., None]
+    n_cov = np.maximum(covered.sum(axis=1), 1)[:, None, None]
+    y = np.where(mask, y, 0.0)  # a new array: centred in place below
+    y -= y.sum(axis=1, keepdims=True) / n_cov
+    y *= mask
+    return y
 
 
 def ratio_response(counts: np.ndarray, transformation: str = "none",
@@ -81,6 +84,8 @@ def ratio_response(counts: np.ndarray, transformation: str = "none",
     """
     if transformation not in TRANSFORMS:
         raise ValueError(f"Unknown ratio transformation {transformation!r}; choose from {TRANSFORMS}.")
+    if transformation == "none" and centre and compiled_available():
+        return centred_ratios(counts)
     c = np.asarray(counts, dtype=np.float64)
     total = c.sum(axis=2)
     covered = total > 0

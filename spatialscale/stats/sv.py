@@ -149,9 +149,13 @@ def sv_batch(
     counts = np.asarray(counts, dtype=np.float64)
     b, n, _ = counts.shape
     y, covered = sv_responses(counts, method, transformation)
-    finite = np.isfinite(y).all(axis=(1, 2))
-    y = np.where(finite[:, None, None], y, 0.0)
-    if method == "hsic-ir" and transformation in ("none", "clr") and y.shape[2] > 1:
+    finite = np.isfinite(y.sum(axis=(1, 2)))  # a NaN or infinity anywhere makes the gene's sum non-finite
+    if not finite.all():
+        finite = np.isfinite(y).all(axis=(1, 2))  # per gene, exactly (a finite gene's sum could overflow)
+        y = np.where(finite[:, None, None], y, 0.0)
+    # the simplex form saves one solve per gene; an operator whose quadratic forms need no solve (FFT) skips it
+    if (method == "hsic-ir" and transformation in ("none", "clr") and y.shape[2] > 1
+            and not getattr(op, "solve_free_quadratic", False)):
         q = quadratic_statistic_simplex(op, y)
     else:
         q = quadratic_statistic(op, y)
