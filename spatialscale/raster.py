@@ -152,9 +152,6 @@ class FFTKernelOperator(CentredProducts):
         ``cpu`` (scipy.fft) or a torch device such as ``cuda:0`` (torch.fft).
     """
 
-    #: quadratic forms take one forward FFT, no inverse: statistics use them directly
-    solve_free_quadratic = True
-
     def __init__(self, params: RasterParams, device: str = "cpu") -> None:
         self.params = params
         self.shape = (int(params.shape[0]), int(params.shape[1]))
@@ -165,6 +162,7 @@ class FFTKernelOperator(CentredProducts):
         # the spectrum is even (lambda(f) = lambda(-f)), so the half kept by rfft2 is enough
         self._half = np.ascontiguousarray(spec[:, : self.shape[1] // 2 + 1])
         self._half_t = None
+        self._root, self._root_t = None, None
 
     @property
     def diagonal_value(self) -> float:
@@ -193,6 +191,46 @@ class FFTKernelOperator(CentredProducts):
             out = torch.fft.irfft2(f, s=(ny, nx), dim=(0, 1)).reshape(self.n, -1).cpu().numpy()
         return out.ravel() if one else out
 
+    def _root_weights(self) -> np.ndarray:
+        """``sqrt(lambda_f c_f / n)`` on ``rfft2``'s half grid, ``c_f = 2`` where a frequency stands for its
+        conjugate too (else 1), repeated for the real and imaginary parts (a complex array viewed as float64)."""
+        if self._root is None:
+            k = np.arange(self._half.shape[1])
+            w = self._half * np.where((k == 0) | (2 * k == self.shape[1]), 1.0, 2.0) / self.n
+            self._root = np.repeat(np.sqrt(np.maximum(w, 0.0)).ravel(), 2)
+        return self._root
+
+    def _weighted_spectra(self, yc: np.ndarray) -> np.ndarray:
+        """``(m, L)`` float rows: each column's half spectrum, scaled so that row dot products are ``y_i' K y_j``."""
+        yc = np.asarray(yc, dtype=np.float64)
+        ny, nx = self.shape
+        m = yc.reshape(self.n, -1).shape[1]
+        cols = np.ascontiguousarray(yc.reshape(self.n, m).T).reshape(m, ny, nx)
+        if self.device == "cpu":
+            import scipy.fft
+
+            g = scipy.fft.rfft2(cols).view(np.float64).reshape(m, -1)
+            g *= self._root_weights()
+            return g
+        import torch
+
+        if self._root_t is None:
+            self._root_t = torch.as_tensor(self._root_weights(), device=self.device)
+        f = torch.fft.rfft2(torch.as_tensor(cols, device=self.device))
+        return torch.view_as_real(f).reshape(m, -1) * self._root_t
+
+    def gene_quadratics(self, yc: np.ndarray, d: int) -> np.ndarray:
+        """``Y_g' K_eff Y_g`` of every gene, ``(n, B d) -> (B, d, d)``, from one forward FFT per column.
+
+        The columns of ``yc`` are ordered gene by gene (``d`` each). By
+        Parseval, ``y_i' K_eff y_j = sum_f lambda_f Re(conj(Y_i(f)) Y_j(f)) / n``.
+        """
+        g = self._weighted_spectra(yc)
+        g = g.reshape(g.shape[0] // d, d, -1)
+        if self.device == "cpu":
+            return g @ g.transpose(0, 2, 1)
+        return (g @ g.transpose(1, 2)).cpu().numpy()
+
     def quadratic_columns(self, yc: np.ndarray) -> np.ndarray:
         """``diag(Y' K_eff Y)`` from one forward FFT per column (Parseval: ``sum_f lambda_f |Y_f|^2 / n``).
 
@@ -200,21 +238,10 @@ class FFTKernelOperator(CentredProducts):
         others are their complex conjugates, so every kept column but the
         first (and the Nyquist one, for even ``nx``) is counted twice.
         """
-        yc = np.asarray(yc, dtype=np.float64)
-        ny, nx = self.shape
-        m = yc.reshape(self.n, -1).shape[1]
-        weight = self._half * np.where((np.arange(self._half.shape[1]) == 0)
-                                       | (2 * np.arange(self._half.shape[1]) == nx), 1.0, 2.0)
+        g = self._weighted_spectra(yc)
         if self.device == "cpu":
-            import scipy.fft
-
-            f = scipy.fft.rfft2(yc.reshape(ny, nx, m), axes=(0, 1)).reshape(-1, m)
-            return weight.ravel() @ (f.real**2 + f.imag**2) / self.n
-        import torch
-
-        f = torch.fft.rfft2(torch.as_tensor(yc.reshape(ny, nx, m), device=self.device), dim=(0, 1)).reshape(-1, m)
-        w = torch.as_tensor(weight.ravel(), device=self.device)
-        return (w @ (f.real**2 + f.imag**2) / self.n).cpu().numpy()
+            return np.einsum("ij,ij->i", g, g)
+        return (g * g).sum(dim=1).cpu().numpy()
 
 
 @dataclass

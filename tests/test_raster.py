@@ -37,6 +37,10 @@ def test_spectrum_products_and_power_sums_match_the_dense_periodic_kernel(shape,
     np.testing.assert_allclose(op.quadratic_columns(x - x.mean(0)), np.diag((x - x.mean(0)).T @ k @ (x - x.mean(0))),
                                rtol=1e-10)
     np.testing.assert_allclose(op.diagonal_value, np.diag(k), rtol=1e-10)
+    yc = np.random.default_rng(1).standard_normal((params.n, 6))
+    yc -= yc.mean(0)
+    want = np.stack([yc[:, 2 * g : 2 * g + 2].T @ k @ yc[:, 2 * g : 2 * g + 2] for g in range(3)])
+    np.testing.assert_allclose(op.gene_quadratics(yc, 2), want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("shape, spacing, degree", CASES[:3])

@@ -62,15 +62,18 @@ def quadratic_statistic_simplex(op: KernelOperator, y: np.ndarray) -> np.ndarray
     Parameters
     ----------
     op
-        Kernel operator (needs ``apply_centred``).
+        Kernel operator (needs ``apply_centred``, or ``gene_quadratics``).
     y
         ``(B, n, p)`` column-centred responses with ``y.sum(axis=2) == 0``.
     """
     b, n, p = y.shape
     yq = y[:, :, : p - 1]
     stacked = _stack_columns(yq)
-    u = op.apply_centred(stacked).reshape(n, b, p - 1)
-    a = np.einsum("nbi,nbj->bij", stacked.reshape(n, b, p - 1), u)
+    if hasattr(op, "gene_quadratics"):  # operators that form Y' K Y without K Y (FFT: Parseval)
+        a = op.gene_quadratics(stacked, p - 1)
+    else:
+        u = op.apply_centred(stacked).reshape(n, b, p - 1)
+        a = np.einsum("nbi,nbj->bij", stacked.reshape(n, b, p - 1), u)
     return np.trace(a, axis1=1, axis2=2) + a.sum(axis=(1, 2))
 
 

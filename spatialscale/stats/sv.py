@@ -153,9 +153,7 @@ def sv_batch(
     if not finite.all():
         finite = np.isfinite(y).all(axis=(1, 2))  # per gene, exactly (a finite gene's sum could overflow)
         y = np.where(finite[:, None, None], y, 0.0)
-    # the simplex form saves one solve per gene; an operator whose quadratic forms need no solve (FFT) skips it
-    if (method == "hsic-ir" and transformation in ("none", "clr") and y.shape[2] > 1
-            and not getattr(op, "solve_free_quadratic", False)):
+    if method == "hsic-ir" and transformation in ("none", "clr") and y.shape[2] > 1:
         q = quadratic_statistic_simplex(op, y)
     else:
         q = quadratic_statistic(op, y)
