@@ -484,7 +484,7 @@ def _write_sparse_counts(root: Any, src: AnnDataSource, src_idx: np.ndarray, n_o
     group = root.create_group("layers/counts")
     group.attrs.update({"encoding-type": "csc_matrix", "encoding-version": "0.1.0", "shape": [n_obs, n_iso],
                         "spatialscale_grid_size": int(n_grid)})
-    chunk = 1 << 20
+    chunk = 1 << 17  # a gene's columns span a few chunks: a task decompresses little it does not use
     idx_dtype = "int32" if n_obs < 2**31 else "int64"
     data = group.create_array("data", shape=(0,), chunks=(chunk,), dtype=dtype)
     indices = group.create_array("indices", shape=(0,), chunks=(chunk,), dtype=idx_dtype)
