@@ -249,3 +249,27 @@ def test_raster_ingest_from_files_reads_sparse_columns(tmp_path, monkeypatch, fm
     assert list(got.isoforms.index) == list(ref.isoforms.index)
     np.testing.assert_array_equal(got.read_counts(0, len(got.isoforms)), ref.read_counts(0, len(ref.isoforms)))
     assert got.kernel_token == ref.kernel_token
+
+
+def test_cohort_of_spatialdata_stores_with_a_table_column(tmp_path):
+    """A manifest's ``table`` column names each SpatialData store's table; cohort results equal each section's."""
+    pytest.importorskip("spatialdata")
+    paths = []
+    for i, table in enumerate(["square_008um", "square_016um"]):
+        sdata = binned_sdata(binned_adata(seed=10 + i, n_genes=8)[0])
+        sdata.tables[table] = sdata.tables.pop("square_002um")
+        sdata.tables["other"] = sdata.tables[table].copy()  # two tables: the manifest must name one
+        sdata.write(tmp_path / f"s{i}.zarr")
+        paths.append(str(tmp_path / f"s{i}.zarr"))
+    man = pd.DataFrame({"section": ["a", "b"], "path": paths, "table": ["square_008um", "square_016um"]})
+    cohort = spatialscale.ingest_cohort(man, tmp_path / "co", scheduler="threads", progress=False, kernel="fft",
+                                        min_counts=0)
+    ds = spatialscale.sv_test(cohort, scheduler="threads", progress=False)
+    for sid in ("a", "b"):
+        one = spatialscale.sv_test(cohort.store(sid), scheduler="threads", progress=False)
+        assert cohort.store(sid).kernel_kind == "fft" and cohort.store(sid).n_spots == 23 * 31
+        got = ds["sv_pvalue"].sel(section=sid, gene=one["gene"].values).values
+        np.testing.assert_allclose(got, one["sv_pvalue"].values, rtol=1e-12)
+    with pytest.raises(InputError, match="2 tables"):
+        spatialscale.ingest_cohort(man.drop(columns="table"), tmp_path / "co2", scheduler="threads", progress=False,
+                                   kernel="fft", min_counts=0)
