@@ -200,12 +200,12 @@ class FFTKernelOperator(CentredProducts):
             self._root = np.repeat(np.sqrt(np.maximum(w, 0.0)).ravel(), 2)
         return self._root
 
-    def _weighted_spectra(self, yc: np.ndarray) -> np.ndarray:
-        """``(m, L)`` float rows: each column's half spectrum, scaled so that row dot products are ``y_i' K y_j``."""
-        yc = np.asarray(yc, dtype=np.float64)
+    def _weighted_spectra(self, cols: np.ndarray) -> np.ndarray:
+        """``(m, L)`` float rows: the half spectrum of each row of ``cols`` (``(m, n)``), scaled so that row dot
+        products are ``y_i' K y_j``."""
         ny, nx = self.shape
-        m = yc.reshape(self.n, -1).shape[1]
-        cols = np.ascontiguousarray(yc.reshape(self.n, m).T).reshape(m, ny, nx)
+        m = cols.shape[0]
+        cols = np.ascontiguousarray(cols, dtype=np.float64).reshape(m, ny, nx)
         if self.device == "cpu":
             import scipy.fft
 
@@ -219,14 +219,14 @@ class FFTKernelOperator(CentredProducts):
         f = torch.fft.rfft2(torch.as_tensor(cols, device=self.device))
         return torch.view_as_real(f).reshape(m, -1) * self._root_t
 
-    def gene_quadratics(self, yc: np.ndarray, d: int) -> np.ndarray:
-        """``Y_g' K_eff Y_g`` of every gene, ``(n, B d) -> (B, d, d)``, from one forward FFT per column.
+    def gene_quadratics(self, y: np.ndarray) -> np.ndarray:
+        """``Y_g' K_eff Y_g`` of every gene, ``(B, n, d) -> (B, d, d)``, from one forward FFT per column.
 
-        The columns of ``yc`` are ordered gene by gene (``d`` each). By
-        Parseval, ``y_i' K_eff y_j = sum_f lambda_f Re(conj(Y_i(f)) Y_j(f)) / n``.
+        By Parseval, ``y_i' K_eff y_j = sum_f lambda_f Re(conj(Y_i(f)) Y_j(f)) / n``.
         """
-        g = self._weighted_spectra(yc)
-        g = g.reshape(g.shape[0] // d, d, -1)
+        b, n, d = y.shape
+        g = self._weighted_spectra(y.transpose(0, 2, 1).reshape(b * d, n))
+        g = g.reshape(b, d, -1)
         if self.device == "cpu":
             return g @ g.transpose(0, 2, 1)
         return (g @ g.transpose(1, 2)).cpu().numpy()
@@ -238,7 +238,8 @@ class FFTKernelOperator(CentredProducts):
         others are their complex conjugates, so every kept column but the
         first (and the Nyquist one, for even ``nx``) is counted twice.
         """
-        g = self._weighted_spectra(yc)
+        yc = np.asarray(yc, dtype=np.float64)
+        g = self._weighted_spectra(yc.reshape(self.n, -1).T)
         if self.device == "cpu":
             return np.einsum("ij,ij->i", g, g)
         return (g * g).sum(dim=1).cpu().numpy()

@@ -68,10 +68,10 @@ def quadratic_statistic_simplex(op: KernelOperator, y: np.ndarray) -> np.ndarray
     """
     b, n, p = y.shape
     yq = y[:, :, : p - 1]
-    stacked = _stack_columns(yq)
     if hasattr(op, "gene_quadratics"):  # operators that form Y' K Y without K Y (FFT: Parseval)
-        a = op.gene_quadratics(stacked, p - 1)
+        a = op.gene_quadratics(yq)
     else:
+        stacked = _stack_columns(yq)
         u = op.apply_centred(stacked).reshape(n, b, p - 1)
         a = np.einsum("nbi,nbj->bij", stacked.reshape(n, b, p - 1), u)
     return np.trace(a, axis1=1, axis2=2) + a.sum(axis=(1, 2))
