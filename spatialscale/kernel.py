@@ -13,6 +13,7 @@ The math here knows nothing of Dask or zarr.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -701,11 +702,12 @@ class DenseKernelOperator:
         return torch.einsum("ij,ij->j", yt, self._k @ yt).cpu().numpy()
 
 
-class CentredProducts:
+class CentredProducts(abc.ABC):
     """``apply_centred`` and ``quadratic_columns`` for operators whose ``apply`` already returns ``K_eff x``."""
 
-    def apply(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """``K_eff @ x`` for an ``(n, m)`` block."""
 
     def apply_centred(self, yc: np.ndarray) -> np.ndarray:
         """``K_eff Y`` for column-centred ``Y``."""

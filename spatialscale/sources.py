@@ -41,7 +41,8 @@ def resolve_table(source: Any, table: str | None) -> Any:
     """
     import anndata as ad
 
-    if hasattr(source, "tables") and not isinstance(source, ad.AnnData):
+    in_memory = hasattr(source, "tables") and not isinstance(source, ad.AnnData)
+    if in_memory:
         names = sorted(source.tables)
         where = "the SpatialData object"
     elif isinstance(source, (str, Path)) and Path(source, "tables").is_dir():
@@ -60,7 +61,7 @@ def resolve_table(source: Any, table: str | None) -> Any:
         table = names[0]
     if table not in names:
         raise InputError(f"{where} has no table {table!r} (tables: {', '.join(names) or 'none'}).")
-    return source.tables[table] if where.startswith("the SpatialData object") else Path(source, "tables", table)
+    return source.tables[table] if in_memory else Path(source, "tables", table)
 
 
 class AnnDataSource:

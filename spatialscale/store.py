@@ -129,9 +129,10 @@ def ingest(
         ``car`` (the kNN-graph CAR kernel) or ``fft``: bins of a regular raster
         (Visium HD, binned Stereo-seq or Xenium), located by the integer
         ``obs`` columns ``grid_keys`` (row, column), with the periodic CAR
-        kernel of the grid (see :mod:`spatialscale.raster`). The store then
-        holds every bin of the bounding grid, bins without an observation with
-        zero counts, as SPLISOSM's ``SplisosmFFT`` does.
+        kernel of the grid (see :mod:`spatialscale.raster`). The tests then
+        run over every bin of the bounding grid, bins without an observation
+        with zero counts, as SPLISOSM's ``SplisosmFFT`` does; the store keeps
+        only the observed bins' non-zero counts.
     grid_keys, grid_spacing, neighbor_degree
         ``fft``: the obs columns of each bin's row and column, the ``(dy, dx)``
         bin spacing, and the rings of neighbours of the kernel.

@@ -173,20 +173,10 @@ def test_bad_raster_input_is_named(tmp_path):
 
 def binned_sdata(adata):
     """A SpatialData object as Visium HD readers build it: square bin polygons and a table annotating them."""
-    sd = pytest.importorskip("spatialdata")
-    gpd = pytest.importorskip("geopandas")
-    from shapely.geometry import box
-    from spatialdata.models import ShapesModel, TableModel
+    pytest.importorskip("spatialdata")
+    from spatialscale.bench import raster_spatialdata
 
-    table = adata.copy()
-    r, c = table.obs["array_row"].to_numpy(), table.obs["array_col"].to_numpy()
-    shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=[box(x, y, x + 1, y + 1) for y, x in zip(r, c)],
-                                                index=np.arange(table.n_obs)))
-    table.obs["region"] = pd.Categorical(["bins_002um"] * table.n_obs)
-    table.obs["instance_id"] = np.arange(table.n_obs)
-    table.X = table.layers["counts"]
-    table = TableModel.parse(table, region="bins_002um", region_key="region", instance_key="instance_id")
-    return sd.SpatialData(shapes={"bins_002um": shapes}, tables={"square_002um": table})
+    return raster_spatialdata(adata, bins="bins_002um", table="square_002um")
 
 
 @pytest.mark.parametrize("method", ["hsic-ir", "hsic-ic", "hsic-gc"])
