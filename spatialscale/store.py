@@ -546,6 +546,17 @@ class IsoformStore:
         return len(self.genes)
 
     @property
+    def n_observed(self) -> int:
+        """Rows of ``obs``: the spots, or a raster's observed bins (``n_spots`` counts every bin of its grid)."""
+        return int(self.meta.get("n_observed", self.meta["n_spots"]))
+
+    def grid_index(self) -> np.ndarray:
+        """A raster store's observed bins' flat grid positions (``row * nx + col``), in ``obs`` order."""
+        if self.kernel_kind != "fft":
+            raise InputError(f"{self.path} is not a raster store (kernel {self.kernel_kind}).")
+        return _grid_index(str(self.path))
+
+    @property
     def kernel_attrs(self) -> dict:
         return dict(self.meta["kernel"])
 
@@ -695,11 +706,13 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def read_count_columns(store_path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
+def read_count_columns(store_path: str | os.PathLike, start: int, stop: int, *, grid: bool = True) -> np.ndarray:
     """Counts of isoform columns ``start:stop``, ``(n_spots, m)`` float64, without opening the whole store.
 
     A raster store keeps the observed bins' non-zero counts (CSC); they are
-    scattered into the full grid here, zeros elsewhere.
+    scattered into the full grid here, zeros elsewhere, or with ``grid=False``
+    returned for the observed bins only (``(n_observed, m)``, the rows of
+    the store's ``obs``).
     """
     import zarr
 
@@ -708,8 +721,11 @@ def read_count_columns(store_path: str | os.PathLike, start: int, stop: int) -> 
         return np.asarray(node[:, start:stop], dtype=np.float64)
     ptr = np.asarray(node["indptr"][start : stop + 1], dtype=np.int64)
     data = np.asarray(node["data"][ptr[0] : ptr[-1]], dtype=np.float64)
-    rows = _grid_index(str(store_path))[np.asarray(node["indices"][ptr[0] : ptr[-1]])]
-    out = np.zeros((int(node.attrs["spatialscale_grid_size"]), stop - start))
+    rows = np.asarray(node["indices"][ptr[0] : ptr[-1]])
+    index = _grid_index(str(store_path))
+    if grid:
+        rows = index[rows]
+    out = np.zeros((int(node.attrs["spatialscale_grid_size"]) if grid else index.size, stop - start))
     out[rows, np.repeat(np.arange(stop - start), np.diff(ptr))] = data
     return out
 

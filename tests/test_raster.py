@@ -166,9 +166,13 @@ def test_bad_raster_input_is_named(tmp_path):
         spatialscale.ingest(adata, tmp_path / "d.zarr", kernel="fourier")
     assert not any(tmp_path.iterdir())
     store = spatialscale.ingest(adata, tmp_path / "r.zarr", kernel="fft", min_counts=0)
-    with pytest.raises(InputError, match="raster"):
-        spatialscale.du_test(store, covariates=pd.DataFrame({"x": np.arange(adata.n_obs)},
-                                                            index=store.obs().index), progress=False)
+    x = pd.DataFrame({"x": np.arange(adata.n_obs, dtype=float)}, index=store.obs().index)
+    with pytest.raises(InputError, match="null='gp' needs a store with a CAR kernel"):
+        spatialscale.du_test(store, covariates=x, method="hsic-gp", null="gp", progress=False)
+    with pytest.raises(InputError, match=r"\['backend'\] do not apply to a raster store"):
+        spatialscale.du_test(store, covariates=x, method="hsic-gp", gp={"backend": "exact"}, progress=False)
+    with pytest.raises(InputError, match="does not run on fft"):
+        spatialscale.du_test(store, covariates=x, method="glmm-score", progress=False)
 
 
 def binned_sdata(adata):
@@ -264,3 +268,111 @@ def test_cohort_of_spatialdata_stores_with_a_table_column(tmp_path):
     with pytest.raises(InputError, match="2 tables"):
         spatialscale.ingest_cohort(man.drop(columns="table"), tmp_path / "co2", scheduler="threads", progress=False,
                                    kernel="fft", min_counts=0)
+
+
+def test_grid_gp_equals_the_dense_periodic_gp():
+    """The FFT residuals and likelihood equal those of the dense periodic RBF kernel's eigen-decomposition."""
+    from spatialscale.stats.gp import fit_hyperparameters, log_marginal_likelihood
+    from spatialscale.stats.gp_grid import residualize_grid
+
+    rng = np.random.default_rng(0)
+    for (ny, nx), spacing, ls in [((7, 9), (1.0, 1.0), 1.0), ((6, 8), (1.0, 2.0), 1.5), ((1, 10), (1.0, 1.0), 2.0)]:
+        yy, xx = (v.ravel() for v in np.meshgrid(np.arange(ny) * spacing[0], np.arange(nx) * spacing[1],
+                                                  indexing="ij"))
+        dy = np.abs(yy[:, None] - yy[None, :])
+        dx = np.abs(xx[:, None] - xx[None, :])
+        dy, dx = np.minimum(dy, ny * spacing[0] - dy), np.minimum(dx, nx * spacing[1] - dx)
+        # on a small torus the periodic RBF kernel has small negative eigenvalues: the model (SPLISOSM's too)
+        # takes them as zero
+        s, u = np.linalg.eigh(np.exp(-(dy**2 + dx**2) / (2 * ls**2)))
+        s = np.maximum(s, 0.0)
+        r = (u * s) @ u.T
+        z = np.sin(yy / 2.0)[:, None] + 0.4 * rng.standard_normal((ny * nx, 2))
+        z -= z.mean(0)
+        got, info = residualize_grid(z.reshape(ny, nx, 2), spacing=spacing, length_scale=ls)
+        c = u.T @ z
+        amp, noise, lml = fit_hyperparameters(s, np.ones_like(s), c * c, jitter=0.0)
+        np.testing.assert_allclose(info["amplitude"], amp, rtol=1e-5)
+        np.testing.assert_allclose(info["noise"], noise, rtol=1e-5)
+        a, e = info["amplitude"], info["noise"]
+        want = np.stack([e[f] * np.linalg.solve(a[f] * r + e[f] * np.eye(ny * nx), z[:, f]) for f in range(2)], 1)
+        np.testing.assert_allclose(got.reshape(-1, 2), want, atol=1e-10)
+        # the spectrum seen by the fit is the dense kernel's: same likelihood at the fitted point
+        np.testing.assert_allclose(log_marginal_likelihood(s, np.ones_like(s), c * c, a, e, jitter=0.0), lml,
+                                   rtol=1e-9)
+        # joint: one (a, eps) for both columns, the likelihood summed over them
+        _, joint = residualize_grid(z.reshape(ny, nx, 2), spacing=spacing, length_scale=ls, joint=True)
+        amp_j, noise_j, _ = fit_hyperparameters(s, 2 * np.ones_like(s), (c * c).sum(1, keepdims=True), jitter=0.0)
+        np.testing.assert_allclose([joint["amplitude"][0], joint["noise"][0]], [amp_j[0], noise_j[0]], rtol=1e-5)
+
+
+def _du_raster_data(tmp_path, missing):
+    adata, _ = binned_adata(seed=7, missing=missing, n_genes=10)
+    r, c = adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()
+    rng = np.random.default_rng(3)
+    adata.obs["smooth"] = np.sin(r / 4.0) + 0.3 * rng.standard_normal(adata.n_obs)
+    adata.obs["group"] = (c > c.mean()).astype(float) + 1.0
+    return adata, spatialscale.ingest(adata, tmp_path / "r.zarr", kernel="fft", min_counts=0)
+
+
+DU_CASES = [("hsic", {}, "mean"), ("hsic-gp", {}, "mean"), ("hsic-gp", {"residualize": "both"}, "mean"),
+            ("t-fisher", {}, "none"), ("t-tippett", {}, "none")]
+
+
+def test_du_on_a_raster_matches_splisosm_fft(tmp_path):
+    """On a fully observed grid, every DU method's statistics and p-values equal SplisosmFFT's on the same
+    SpatialData object (to its float32 ratios)."""
+    fft = pytest.importorskip("splisosm.hyptest.fft")
+    pytest.importorskip("spatialdata")
+    adata, store = _du_raster_data(tmp_path, missing=0.0)
+    models = {}
+    for names in (["smooth", "group"], ["group"]):  # SplisosmFFT's t-tests take binary designs only
+        models[len(names)] = fft.SplisosmFFT(rho=0.99, neighbor_degree=1)
+        models[len(names)].setup_data(binned_sdata(adata), bins="bins_002um", table_name="square_002um",
+                                      col_key="array_col", row_key="array_row", layer="counts",
+                                      group_iso_by="gene_symbol", min_counts=0,
+                                      design_mtx=adata.obs[names].to_numpy(), covariate_names=names)
+    for method, kw, fill in DU_CASES:
+        names = ["smooth", "group"] if not method.startswith("t-") else ["group"]
+        model = models[len(names)]
+        ds = spatialscale.du_test(store, covariates=names, method=method, nan_filling=fill, scheduler="threads",
+                                  progress=False, **kw)
+        model.test_differential_usage(method=method, print_progress=False, **kw)
+        ref = model.get_formatted_test_results("du")
+        for cov in names:
+            want = ref[ref["covariate"] == cov].set_index("gene").loc[ds["gene"].values]
+            stat = ds["du_statistic"].sel(covariate=cov).values
+            if method == "t-tippett":  # SplisosmFFT reports -log10(min p); spatialscale min p, as for SplisosmNP
+                stat = -np.log10(stat)
+            np.testing.assert_allclose(ds["du_pvalue"].sel(covariate=cov).values, want["pvalue"].to_numpy(),
+                                       rtol=3e-5, err_msg=f"{method} {kw} {cov}")
+            np.testing.assert_allclose(stat, want["statistic"].to_numpy(), rtol=3e-5, err_msg=f"{method} {kw} {cov}")
+        assert ds.attrs["kernel_kind"] == "fft" and ds.attrs["n_spots"] == 23 * 31
+
+
+def test_raster_du_tests_the_observed_bins(tmp_path):
+    """With bins missing, the tests without a GP equal those of the same bins ingested as a CAR store; hsic-gp
+    gives the same answers on a local cluster as in threads."""
+    from distributed import Client
+
+    from spatialscale.engine import local_cluster
+
+    adata, store = _du_raster_data(tmp_path, missing=0.25)
+    car = adata.copy()
+    car.obsm["spatial"] = car.obs[["array_col", "array_row"]].to_numpy(float)
+    car_store = spatialscale.ingest(car, tmp_path / "c.zarr", min_counts=0)
+    assert list(car_store.genes.index) == list(store.genes.index)
+    for method, kw, fill in [c for c in DU_CASES if c[0] != "hsic-gp"] + [("hsic", {}, "none")]:
+        names = ["smooth", "group"] if not method.startswith("t-") else ["group"]
+        got = spatialscale.du_test(store, covariates=names, method=method, nan_filling=fill, scheduler="threads",
+                                   progress=False, **kw)
+        want = spatialscale.du_test(car_store, covariates=names, method=method, nan_filling=fill,
+                                    scheduler="threads", progress=False, **kw)
+        np.testing.assert_allclose(got["du_pvalue"].values, want["du_pvalue"].values, rtol=1e-10)
+    ref = spatialscale.du_test(store, covariates=["smooth", "group"], method="hsic-gp", residualize="both",
+                               scheduler="threads", progress=False)
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        ds = spatialscale.du_test(store, covariates=["smooth", "group"], method="hsic-gp", residualize="both",
+                                  client=client, batch_size=3, progress=False)
+    np.testing.assert_allclose(ds["du_pvalue"].values, ref["du_pvalue"].values, rtol=1e-10)
+    assert np.all(np.isfinite(ds["du_pvalue"].values)) and ds.attrs["residualize"] == "both"

@@ -223,9 +223,9 @@ def batch_budget(batch_memory: int | str, runner: Any, device: str) -> int:
     return parse_bytes(batch_memory)
 
 
-def batch_counts(store_path: str, batch: Batch) -> np.ndarray:
-    """Counts of a batch as ``(n_genes, n_spots, n_isoforms)``."""
-    flat = read_count_columns(store_path, batch.col_start, batch.col_stop)
+def batch_counts(store_path: str, batch: Batch, *, grid: bool = True) -> np.ndarray:
+    """Counts of a batch as ``(n_genes, n_spots, n_isoforms)``; ``grid=False``: a raster's observed bins only."""
+    flat = read_count_columns(store_path, batch.col_start, batch.col_stop, grid=grid)
     return flat.reshape(flat.shape[0], batch.n_genes, batch.n_isoforms).transpose(1, 0, 2)
 
 

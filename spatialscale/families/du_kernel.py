@@ -39,11 +39,17 @@ GP_BACKENDS = ("auto", "exact", "lowrank", "sod")
 
 
 def _du_np_task(store_path: str, xy_token: str, method: str, transformation: str, nan_filling: str,
-                gp: dict[str, Any] | None, device: str, batch: Batch, z: np.ndarray | GPNull) -> dict[str, np.ndarray]:
-    """One Dask task: kernel or t-tests of every gene of the batch against every (residualised) covariate."""
-    counts = batch_counts(store_path, batch)
+                gp: dict[str, Any] | None, device: str, raster: bool, batch: Batch,
+                z: np.ndarray | GPNull) -> dict[str, np.ndarray]:
+    """One Dask task: kernel or t-tests of every gene of the batch against every (residualised) covariate.
+
+    On a raster store the genes are tested on its observed bins (the rows of its obs).
+    """
+    counts = batch_counts(store_path, batch, grid=not raster)
     y, used = du_responses(counts, transformation, nan_filling)
-    if gp is not None:  # residualize="both": the isoform ratios lose their spatial trend too
+    if gp is not None and raster:
+        y = _residualize_responses_grid(store_path, counts, transformation, gp)
+    elif gp is not None:  # residualize="both": the isoform ratios lose their spatial trend too
         y = _residualize_responses(store_path, xy_token, counts, transformation, gp, device)
     if isinstance(z, GPNull):
         stat, pval = hsic_du_gp_null(y, used, z)
@@ -68,6 +74,23 @@ def _residualize_responses(store_path: str, xy_token: str, counts: np.ndarray, t
     return res - res.mean(1, keepdims=True)
 
 
+def _residualize_responses_grid(store_path: str, counts: np.ndarray, transformation: str,
+                                gp: dict[str, Any]) -> np.ndarray:
+    """Raster store: each gene's (mean-filled) ratios minus their grid-GP fit, one GP per gene, observed bins."""
+    from spatialscale.stats.gp_grid import residualize_observed
+    from spatialscale.stats.responses import ratio_response
+    from spatialscale.store import open_store
+
+    store = open_store(store_path)
+    index, shape = store.grid_index(), tuple(store.kernel_attrs["shape"])
+    y_raw, _ = ratio_response(counts, transformation, centre=False)
+    out = np.empty_like(y_raw)
+    opts = {k: v for k, v in gp.items() if k != "standardize"}  # ratios enter as they are
+    for g in range(y_raw.shape[0]):
+        out[g], _ = residualize_observed(y_raw[g], index, shape, joint=True, **opts)
+    return out
+
+
 def _check_binary(z: np.ndarray, names: list[str]) -> None:
     try:
         binary_levels(z, names)
@@ -83,21 +106,27 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
     residualize, null, gp = opts.get("residualize", "cov_only"), opts.get("null", "liu"), opts.get("gp")
     if residualize == "both" and nan_filling != "mean":
         raise InputError("residualize='both' needs nan_filling='mean' (one GP basis shared by all genes).")
+    raster = store.kernel_kind == "fft"
+    if raster and method == "hsic-gp" and null == "gp":
+        raise InputError("null='gp' needs a store with a CAR kernel (the GP's eigenvectors); on a raster store "
+                         "use null='liu'.")
     names, z = resolve_covariates(store.obs(), covariates)
     if method.startswith("t-"):
         _check_binary(z, names)
-    gp_opts = _gp_options(gp) if method == "hsic-gp" else None
-    n, f = store.n_spots, z.shape[1]
+    gp_opts = _gp_options(gp, store) if method == "hsic-gp" else None
+    n, f = store.n_observed, z.shape[1]
     params = {"method": method, "transformation": transformation, "nan_filling": nan_filling,
               **({"residualize": residualize, "gp": gp_opts} if method == "hsic-gp" else {}),
               **({"null": null} if null != "liu" else {})}
-    xy_token = coordinates_token(store.coords()) if method == "hsic-gp" else ""
+    xy_token = coordinates_token(store.coords()) if method == "hsic-gp" and not raster else ""
     task = functools.partial(_du_np_task, str(store.path.resolve()), xy_token, method, transformation, nan_filling,
-                             gp_opts if residualize == "both" else None, device)
+                             gp_opts if residualize == "both" else None, device, raster)
 
     def shared() -> np.ndarray | GPNull:
         if method != "hsic-gp":
             return z
+        if raster:
+            return _residualize_covariates_grid(store, z, gp_opts)
         return _residualize_covariates(store, xy_token, z, gp_opts, device, null)
 
     attrs = {"test": "differential_usage", "method": method, "transformation": transformation,
@@ -109,8 +138,11 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
     def assemble(run: Any) -> xr.Dataset:
         return du_dataset(store, run, names, {**attrs, **provenance(store)}, per_gene=("n_spots_used",))
 
+    grid_n = store.n_spots if raster and method == "hsic-gp" and residualize == "both" else 0
+
     return Prepared(kind="du", params=params, task=task,
-                    bytes_per_gene=lambda p: 8.0 * (n * (3 * p + 4 * p * (residualize == "both")) + 8 * p * f),
+                    bytes_per_gene=lambda p: 8.0 * (n * (3 * p + 4 * p * (residualize == "both")) + 8 * p * f
+                                                    + 4 * grid_n * p),
                     label=f"du {method}", assemble=assemble, shared=shared,
                     fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
 
@@ -126,13 +158,25 @@ def du_dataset(store: IsoformStore, run: Any, names: list[str], attrs: dict[str,
     return make_dataset(store.genes.index.to_numpy(), data, {**attrs, "execution": run.kind}, covariates=names)
 
 
-def _gp_options(gp: dict[str, Any] | None) -> dict[str, Any]:
-    """Validate the spatial-GP options (unknown keys are an error, not ignored)."""
+def _gp_options(gp: dict[str, Any] | None, store: IsoformStore) -> dict[str, Any]:
+    """Validate the spatial-GP options (unknown keys are an error, not ignored).
+
+    A raster store's GP is the periodic grid GP: it takes the length scale (in
+    the store's grid-spacing units) and the bounds, and the store's spacing.
+    """
     import inspect
 
     from spatialscale.stats.gp import residualize
 
     opts = dict(gp or {})
+    if store.kernel_kind == "fft":
+        from spatialscale.stats.gp_grid import GRID_GP_OPTIONS
+
+        unknown = sorted(set(opts) - set(GRID_GP_OPTIONS))
+        if unknown:
+            raise InputError(f"gp option(s) {unknown} do not apply to a raster store (its GP is the periodic "
+                             f"grid GP); choose from {list(GRID_GP_OPTIONS)}.")
+        return {**opts, "spacing": tuple(float(v) for v in store.kernel_attrs["spacing"])}
     allowed = [k for k, v in inspect.signature(residualize).parameters.items()
                if v.kind == inspect.Parameter.KEYWORD_ONLY and k != "device"]
     unknown = sorted(set(opts) - set(allowed))
@@ -140,6 +184,24 @@ def _gp_options(gp: dict[str, Any] | None) -> dict[str, Any]:
         raise InputError(f"unknown gp option(s) {unknown}; choose from {allowed}.")
     check_choice("gp backend", opts.get("backend", "auto"), GP_BACKENDS)
     return opts
+
+
+def _residualize_covariates_grid(store: IsoformStore, z: np.ndarray, gp: dict[str, Any]) -> np.ndarray:
+    """Raster store: each covariate minus its grid-GP fit at the observed bins, then standardised (ddof 0, as
+    SplisosmFFT reports its statistics).
+
+    As SplisosmFFT, the covariates enter the GP as given (centred), unless
+    ``standardize=True``: where a fit reaches a bound (``eps`` at its lower
+    bound for a sharp boundary between groups) the residual depends on the
+    covariate's scale.
+    """
+    from spatialscale.stats.gp_grid import residualize_observed
+
+    gp = dict(gp)
+    if gp.pop("standardize", False):
+        z = (z - z.mean(0)) / z.std(0, ddof=1)
+    res, _ = residualize_observed(z, store.grid_index(), tuple(store.kernel_attrs["shape"]), **gp)
+    return res / res.std(0)
 
 
 def _residualize_covariates(store: IsoformStore, xy_token: str, z: np.ndarray, gp: dict[str, Any], device: str,
@@ -192,4 +254,5 @@ FAMILY = Family(
     prepare=_prepare,
     variables=("du_statistic", "du_pvalue", "du_pvalue_adj", "n_isoforms", "n_spots_used"),
     covariates="required",
+    kernels=("car", "fft"),
 )

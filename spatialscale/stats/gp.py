@@ -184,8 +184,11 @@ def _grid_start(s: np.ndarray, mult: np.ndarray, c2: np.ndarray, lo: np.ndarray,
     la = np.linspace(lo[0], hi[0], _GRID)
     le = np.linspace(lo[1], hi[1], _GRID)
     ga, ge = (g.ravel() for g in np.meshgrid(la, le, indexing="ij"))
-    d = np.exp(ga)[:, None] * s[None, :] + np.exp(ge)[:, None] + jitter
-    obj = (1.0 / d) @ c2 + (np.log(d) @ mult)[:, None]
+    obj = np.zeros((ga.size, c2.shape[1]))
+    step = 1 << 14  # spectra of raster sections have millions of modes: a few MB of d at a time
+    for i in range(0, s.size, step):
+        d = np.exp(ga)[:, None] * s[None, i : i + step] + np.exp(ge)[:, None] + jitter
+        obj += (1.0 / d) @ c2[i : i + step] + (np.log(d) @ mult[i : i + step])[:, None]
     best = obj.argmin(axis=0)
     return np.stack([ga[best], ge[best]], axis=1)
 
