@@ -125,13 +125,13 @@ def fingerprint(**fields: Any) -> str:
 # --------------------------------------------------------------------------- runners
 def free_device_memory(device: str) -> int | None:
     """Free memory (bytes) of this process's CUDA device, or None on CPU. Runs on workers."""
-    if device == "cpu":
+    from spatialscale.options import cuda_available
+
+    if device == "cpu" or not cuda_available():
         return None
     try:
         import torch
 
-        if not torch.cuda.is_available():
-            return None
         free, _ = torch.cuda.mem_get_info()
         return int(free)
     except Exception:  # noqa: BLE001 - no usable device: fall back to the CPU budget
@@ -268,10 +268,10 @@ def _cuda_requested(device: str) -> bool:
     if device == "cuda":
         return True
     if device == "auto":
-        with contextlib.suppress(Exception):
-            import torch
+        from spatialscale.options import cuda_available
 
-            return bool(torch.cuda.is_available())
+        with contextlib.suppress(Exception):
+            return cuda_available()
     return False
 
 
@@ -429,10 +429,12 @@ def run_splitting(task: Callable, batch: Batch, *extra: Any) -> dict[str, np.nda
     except Exception as exc:
         if not _is_out_of_memory(exc) or batch.n_genes < 2:
             raise
-    with contextlib.suppress(Exception):
-        import torch
+    from spatialscale.options import cuda_available
 
-        if torch.cuda.is_available():
+    if cuda_available():
+        with contextlib.suppress(Exception):
+            import torch
+
             torch.cuda.empty_cache()
     halves = [run_splitting(task, half, *extra) for half in split_batch(batch)]
     return {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}

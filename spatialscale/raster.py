@@ -225,8 +225,12 @@ class FFTKernelOperator(CentredProducts):
         By Parseval, ``y_i' K_eff y_j = sum_f lambda_f Re(conj(Y_i(f)) Y_j(f)) / n``.
         """
         b, n, d = y.shape
-        g = self._weighted_spectra(y.transpose(0, 2, 1).reshape(b * d, n))
-        g = g.reshape(b, d, -1)
+        return self.column_quadratics(y.transpose(0, 2, 1).reshape(b * d, n), d)
+
+    def column_quadratics(self, cols: np.ndarray, d: int) -> np.ndarray:
+        """:meth:`gene_quadratics` of columns already laid out gene-major: ``(B * d, n) -> (B, d, d)``."""
+        g = self._weighted_spectra(cols)
+        g = g.reshape(cols.shape[0] // d, d, -1)
         if self.device == "cpu":
             return g @ g.transpose(0, 2, 1)
         return (g @ g.transpose(1, 2)).cpu().numpy()

@@ -714,20 +714,49 @@ def read_count_columns(store_path: str | os.PathLike, start: int, stop: int, *, 
     returned for the observed bins only (``(n_observed, m)``, the rows of
     the store's ``obs``).
     """
-    import zarr
-
-    node = zarr.open(str(Path(store_path) / "layers" / "counts"), mode="r")
-    if isinstance(node, zarr.Array):
-        return np.asarray(node[:, start:stop], dtype=np.float64)
-    ptr = np.asarray(node["indptr"][start : stop + 1], dtype=np.int64)
-    data = np.asarray(node["data"][ptr[0] : ptr[-1]], dtype=np.float64)
-    rows = np.asarray(node["indices"][ptr[0] : ptr[-1]])
+    node = _counts_node(str(store_path))
+    if node["kind"] == "dense":
+        return np.asarray(node["array"][:, start:stop], dtype=np.float64)
+    data, rows, ptr = read_sparse_columns(store_path, start, stop)
     index = _grid_index(str(store_path))
     if grid:
         rows = index[rows]
-    out = np.zeros((int(node.attrs["spatialscale_grid_size"]) if grid else index.size, stop - start))
+    out = np.zeros((node["grid_size"] if grid else index.size, stop - start))
     out[rows, np.repeat(np.arange(stop - start), np.diff(ptr))] = data
     return out
+
+
+def read_sparse_columns(store_path: str | os.PathLike, start: int,
+                        stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A raster store's isoform columns ``start:stop`` as CSC: counts (float64), observed-bin rows, pointers.
+
+    The pointers start at 0; rows index the store's ``obs`` (see
+    :meth:`IsoformStore.grid_index` for their grid positions).
+    """
+    node = _counts_node(str(store_path))
+    if node["kind"] != "sparse":
+        raise InputError(f"{store_path} keeps dense counts (not a raster store).")
+    ptr = np.asarray(node["indptr"][start : stop + 1], dtype=np.int64)
+    data = np.asarray(node["data"][ptr[0] : ptr[-1]], dtype=np.float64)
+    rows = np.asarray(node["indices"][ptr[0] : ptr[-1]], dtype=np.int64)
+    return data, rows, ptr - ptr[0]
+
+
+def _counts_node(store_path: str) -> dict:
+    """The store's opened count arrays (cached per process, keyed on the group's modification time)."""
+    path = Path(store_path) / "layers" / "counts"
+    return _counts_node_cached(str(path), (path / "zarr.json").stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _counts_node_cached(path: str, _mtime: int) -> dict:
+    import zarr
+
+    node = zarr.open(path, mode="r")
+    if isinstance(node, zarr.Array):
+        return {"kind": "dense", "array": node}
+    return {"kind": "sparse", "indptr": node["indptr"], "data": node["data"], "indices": node["indices"],
+            "grid_size": int(node.attrs["spatialscale_grid_size"])}
 
 
 def _grid_index(store_path: str) -> np.ndarray:

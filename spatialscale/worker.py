@@ -30,9 +30,9 @@ def resolve_device(device: str) -> str:
         raise ValueError(f"Unknown device {device!r}; choose cpu, cuda or auto.")
     if device == "cpu":
         return "cpu"
-    import torch
+    from spatialscale.options import cuda_available
 
-    if torch.cuda.is_available():
+    if cuda_available():
         return "cuda:0"
     if device == "cuda":
         raise RuntimeError("device='cuda' was requested but this worker sees no CUDA device.")

@@ -376,3 +376,36 @@ def test_raster_du_tests_the_observed_bins(tmp_path):
                                   client=client, batch_size=3, progress=False)
     np.testing.assert_allclose(ds["du_pvalue"].values, ref["du_pvalue"].values, rtol=1e-10)
     assert np.all(np.isfinite(ds["du_pvalue"].values)) and ds.attrs["residualize"] == "both"
+
+
+def test_sparse_ratio_path_equals_the_dense_batch(tmp_path):
+    """hsic-ir on a raster builds each gene's centred ratios from its stored counts alone; statistics, p-values
+    and null terms equal :func:`sv_batch` on the counts scattered into the grid (explicit stored zeros, genes
+    without counts and odd grid widths included)."""
+    from spatialscale.stats._numba import compiled_available
+    from spatialscale.stats.sv import sv_batch, sv_batch_sparse_ratios
+
+    if not compiled_available():
+        pytest.skip("numba not installed: the dense path is used")
+    rng = np.random.default_rng(11)
+    shape = (17, 23)
+    params = RasterParams(shape, (1.0, 1.0), 0.99, 1)
+    op, sums = FFTKernelOperator(params), build_raster_kernel(params).power_sums
+    n_obs = 300
+    grid = np.sort(rng.choice(params.n, n_obs, replace=False))
+    for p in (2, 3, 5):
+        b = 4
+        dense = rng.poisson(0.6, size=(n_obs, b * p)).astype(float)
+        dense[:, p : 2 * p] = 0.0  # the second gene has no counts at all
+        csc = sp.csc_matrix(dense)
+        # an explicitly stored zero (a store may keep one) changes nothing
+        data, rows, ptr = csc.data.copy(), csc.indices.astype(np.int64), csc.indptr.astype(np.int64)
+        data[0] = 0.0
+        dense[rows[0], 0] = 0.0
+        got = sv_batch_sparse_ratios(data, rows, ptr, grid, b, p, op, sums)
+        counts = np.zeros((params.n, b * p))
+        counts[grid] = dense
+        want = sv_batch(counts.reshape(params.n, b, p).transpose(1, 0, 2), op, sums, method="hsic-ir")
+        for key in ("statistic", "pvalue", "null_statistic", "null_cumulants"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-300, err_msg=f"p={p} {key}")
+        assert got["pvalue"][1] == 1.0 and np.isnan(got["statistic"][1]) == np.isnan(want["statistic"][1])

@@ -16,7 +16,7 @@ from spatialscale.results import make_dataset
 from spatialscale.stats.multitest import bh_adjust
 from spatialscale.stats.nulls import NULLS
 from spatialscale.stats.responses import TRANSFORMS, response_width
-from spatialscale.stats.sv import NAN_FILLINGS, SV_METHODS, sv_batch
+from spatialscale.stats.sv import NAN_FILLINGS, SV_METHODS, sv_batch, sv_batch_sparse_ratios
 from spatialscale.store import IsoformStore
 from spatialscale.worker import kernel_diag_sq, kernel_operator
 
@@ -26,10 +26,26 @@ __all__ = ["FAMILY"]
 def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], batch: Batch) -> dict[str, np.ndarray]:
     """One Dask task: test the genes of ``batch`` (runs on a worker)."""
     op, sums = kernel_operator(store_path, token, device)
+    if _sparse_ratios(op, params, batch):
+        from spatialscale.store import _grid_index, read_sparse_columns
+
+        data, rows, ptr = read_sparse_columns(store_path, batch.col_start, batch.col_stop)
+        return sv_batch_sparse_ratios(data, rows, ptr, _grid_index(store_path), batch.n_genes, batch.n_isoforms,
+                                      op, sums, null=params["null"])
     counts = batch_counts(store_path, batch)
     if params["null"] == "liu-perm":
         params = {**params, "kernel_diag_sq": kernel_diag_sq(store_path, token)}
     return sv_batch(counts, op, sums, **params)
+
+
+def _sparse_ratios(op: Any, params: dict[str, Any], batch: Batch) -> bool:
+    """Whether a batch runs on the raster fast path: hsic-ir ratios built from the stored non-zero counts."""
+    from spatialscale.raster import FFTKernelOperator
+    from spatialscale.stats._numba import compiled_available
+
+    return (isinstance(op, FFTKernelOperator) and params["method"] == "hsic-ir" and batch.n_isoforms >= 2
+            and params["transformation"] == "none" and params["nan_filling"] == "mean"
+            and params["null"] in ("liu", "welch") and compiled_available())
 
 
 def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates: Any, device: str) -> Prepared:
@@ -48,7 +64,12 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
              "nan_filling": opts["nan_filling"],
              **({"n_perms": int(n_perms), "perm_seed": int(opts["perm_seed"])} if null == "perm" else {})}
 
+    sparse = (store.kernel_kind == "fft" and method == "hsic-ir" and transformation == "none"
+              and opts["nan_filling"] == "mean" and null in ("liu", "welch"))
+
     def bytes_per_gene(p: int) -> float:
+        if sparse and p >= 2:  # the raster fast path: p - 1 grid columns and their half spectra
+            return 8.0 * n * (2 * (p - 1) + 1)
         d = response_width(method, p, transformation)
         perm = 2 * 32 * d if null == "perm" else 0
         return 8.0 * n * (p + 5 * d + perm)

@@ -14,7 +14,7 @@ import functools
 
 import numpy as np
 
-__all__ = ["centred_ratios", "batch_gram", "compiled_available", "BLOCK"]
+__all__ = ["centred_ratios", "batch_gram", "sparse_centred_ratios", "compiled_available", "BLOCK"]
 
 #: spots per partial sum
 BLOCK = 4096
@@ -92,7 +92,78 @@ def _compiled():
                 for e in range(k):
                     out[b, k, e] = out[b, e, k]
 
-    return ratios, gram
+    @njit(cache=True, nogil=True)
+    def sparse_simplex(data, rows, indptr, grid, p, cols, gram, covered, block):  # pragma: no cover - compiled
+        nb = gram.shape[0]
+        big = np.iinfo(np.int64).max
+        longest = 0
+        for b in range(nb):
+            size = indptr[(b + 1) * p] - indptr[b * p]
+            longest = max(longest, size)
+        urow = np.empty(longest, dtype=np.int64)
+        uval = np.empty((longest, p))
+        ptr = np.empty(p, dtype=np.int64)
+        mean = np.zeros(p)
+        gpart = np.zeros((p, p))
+        v = np.zeros(p)
+        for b in range(nb):
+            # merge the gene's p sorted columns: each bin with a stored count once, its p counts
+            for j in range(p):
+                ptr[j] = indptr[b * p + j]
+            m = 0
+            while True:
+                r = big
+                for j in range(p):
+                    if ptr[j] < indptr[b * p + j + 1] and rows[ptr[j]] < r:
+                        r = rows[ptr[j]]
+                if r == big:
+                    break
+                t = 0.0
+                for j in range(p):
+                    x = 0.0
+                    if ptr[j] < indptr[b * p + j + 1] and rows[ptr[j]] == r:
+                        x = data[ptr[j]]
+                        ptr[j] += 1
+                    uval[m, j] = x
+                    t += x
+                if t > 0.0:  # covered: keep the ratios
+                    for j in range(p):
+                        uval[m, j] /= t
+                    urow[m] = r
+                    m += 1
+            covered[b] = m
+            if m == 0:
+                continue
+            # mean ratios over the covered bins (partial sums per block)
+            mean[:] = 0.0
+            for s0 in range(0, m, block):
+                for j in range(p):
+                    part = 0.0
+                    for i in range(s0, min(s0 + block, m)):
+                        part += uval[i, j]
+                    mean[j] += part
+            for j in range(p):
+                mean[j] /= m
+            # centred ratios of the first p - 1 isoforms into their grid columns; Gram of all p
+            for s0 in range(0, m, block):
+                gpart[:, :] = 0.0
+                for i in range(s0, min(s0 + block, m)):
+                    pos = grid[urow[i]]
+                    for j in range(p):
+                        v[j] = uval[i, j] - mean[j]
+                    for j in range(p - 1):
+                        cols[b * (p - 1) + j, pos] = v[j]
+                    for j in range(p):
+                        for e in range(j, p):
+                            gpart[j, e] += v[j] * v[e]
+                for j in range(p):
+                    for e in range(j, p):
+                        gram[b, j, e] += gpart[j, e]
+            for j in range(p):
+                for e in range(j):
+                    gram[b, j, e] = gram[b, e, j]
+
+    return ratios, gram, sparse_simplex
 
 
 def centred_ratios(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,3 +194,40 @@ def batch_gram(y: np.ndarray) -> np.ndarray:
     out = np.zeros((y.shape[0], y.shape[2], y.shape[2]))
     _compiled()[1](y, out, BLOCK)
     return out
+
+
+def sparse_centred_ratios(data: np.ndarray, rows: np.ndarray, indptr: np.ndarray, grid: np.ndarray,
+                          n_genes: int, p: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centred isoform ratios of a batch from its sparse counts, straight into grid columns.
+
+    For ``hsic-ir`` with mean filling on a raster, a gene's centred ratios are
+    zero wherever it has no counts, so they are built from the stored
+    non-zero counts alone: ``O(nnz)`` apart from the output columns.
+
+    Parameters
+    ----------
+    data, rows, indptr
+        CSC of the batch's ``n_genes * p`` isoform columns (gene-major): counts,
+        observed-bin row of each, column pointers.
+    grid
+        Each observed bin's position in the grid, ``(n_observed,)``.
+    n_genes, p, n
+        Genes, isoforms per gene, bins of the grid.
+
+    Returns
+    -------
+    cols : numpy.ndarray
+        ``(n_genes * (p - 1), n)``: the first ``p - 1`` centred ratio columns
+        of each gene (gene-major), zero at bins without the gene.
+    gram : numpy.ndarray
+        ``(n_genes, p, p)``: ``Y_g' Y_g`` of all ``p`` centred ratios.
+    covered : numpy.ndarray
+        ``(n_genes,)`` bins with a positive gene total.
+    """
+    cols = np.zeros((n_genes * (p - 1), n))
+    gram = np.zeros((n_genes, p, p))
+    covered = np.zeros(n_genes, dtype=np.int64)
+    _compiled()[2](np.ascontiguousarray(data, dtype=np.float64), np.ascontiguousarray(rows, dtype=np.int64),
+                   np.ascontiguousarray(indptr, dtype=np.int64), np.ascontiguousarray(grid, dtype=np.int64),
+                   int(p), cols, gram, covered, BLOCK)
+    return cols, gram, covered

@@ -93,6 +93,11 @@ def feature_power_sums(y: np.ndarray, floor: float = EIG_FLOOR) -> np.ndarray:
         ``(B, 4)`` power sums for ``r = 1..4``.
     """
     gram = batch_gram(y) if compiled_available() else np.einsum("bnd,bne->bde", y, y)
+    return gram_power_sums(gram, floor)
+
+
+def gram_power_sums(gram: np.ndarray, floor: float = EIG_FLOOR) -> np.ndarray:
+    """:func:`feature_power_sums` from the Gram matrices ``Y_g' Y_g``, ``(B, d, d) -> (B, 4)``."""
     mu = np.linalg.eigvalsh(gram)
     mu = np.where(np.isfinite(mu) & (mu > floor), mu, 0.0)
     return np.stack([np.sum(mu**r, axis=1) for r in range(1, 5)], axis=1)

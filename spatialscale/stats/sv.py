@@ -29,7 +29,7 @@ from spatialscale.stats.responses import (
     ratio_response,
 )
 
-__all__ = ["SV_METHODS", "NAN_FILLINGS", "sv_batch", "sv_responses", "permutations"]
+__all__ = ["SV_METHODS", "NAN_FILLINGS", "sv_batch", "sv_batch_sparse_ratios", "sv_responses", "permutations"]
 
 SV_METHODS = ("hsic-ir", "hsic-ic", "hsic-gc")
 NAN_FILLINGS = ("mean", "none")
@@ -165,13 +165,11 @@ def sv_batch(
         partial = n_eff < n
         if partial.any():
             k[partial] = _masked_kernel_sums(op, covered[partial], n_probes, probe_seed)
+    if null in ("liu", "welch"):
+        return _sv_result(q, f, k, n_eff, finite, null)
     c = mixture_cumulants(k, f, n_eff)
     q_null = q  # the statistic on the null mixture's scale
-    if null == "liu":
-        p = liu_pvalue(q, c)
-    elif null == "welch":
-        p = welch_pvalue(q, c)
-    elif null == "perm":
+    if null == "perm":
         p = permutation_pvalue(q, _permutation_statistics(op, y, n_perms, perm_seed, perm_block))
     elif null == "liu-perm":
         mean, var = permutation_moments(k, kernel_diag_sq, f, (np.einsum("bnd,bnd->bn", y, y) ** 2).sum(1), n_eff)
@@ -185,6 +183,71 @@ def sv_batch(
     usable = finite & ~degenerate
     return {"statistic": stat, "pvalue": p, "n_spots_used": n_eff.astype(np.int64),
             "null_statistic": np.where(usable, q_null, np.nan), "null_cumulants": np.where(usable[:, None], c, np.nan)}
+
+
+def _sv_result(q: np.ndarray, f: np.ndarray, k: np.ndarray, n_eff: np.ndarray, finite: np.ndarray,
+               null: str) -> dict[str, np.ndarray]:
+    """Statistics, Liu or Welch p-values and the poolable null terms from the quadratic forms and power sums."""
+    c = mixture_cumulants(k, f, n_eff)
+    p = liu_pvalue(q, c) if null == "liu" else welch_pvalue(q, c)
+    degenerate = (f[:, 1] <= 0) | (k[:, 1] <= 0)
+    p = np.where(degenerate | ~finite, 1.0, p)
+    stat = np.where(finite, q / np.maximum(n_eff - 1.0, 1.0) ** 2, np.nan)
+    usable = finite & ~degenerate
+    return {"statistic": stat, "pvalue": p, "n_spots_used": n_eff.astype(np.int64),
+            "null_statistic": np.where(usable, q, np.nan), "null_cumulants": np.where(usable[:, None], c, np.nan)}
+
+
+def sv_batch_sparse_ratios(
+    data: np.ndarray,
+    rows: np.ndarray,
+    indptr: np.ndarray,
+    grid: np.ndarray,
+    n_genes: int,
+    n_isoforms: int,
+    op: KernelOperator,
+    kernel_sums: np.ndarray,
+    *,
+    null: str = "liu",
+) -> dict[str, np.ndarray]:
+    """:func:`sv_batch` for ``hsic-ir`` (no transformation, mean filling) from a raster batch's sparse counts.
+
+    The centred ratios are zero wherever a gene has no counts, so they are
+    formed from the stored counts alone
+    (:func:`spatialscale.stats._numba.sparse_centred_ratios`) directly as the
+    grid columns the FFT operator transforms; the result equals
+    :func:`sv_batch` on the same counts scattered into the grid.
+
+    Parameters
+    ----------
+    data, rows, indptr
+        CSC of the batch's ``n_genes * n_isoforms`` columns over the observed bins.
+    grid
+        ``(n_observed,)`` grid position of each observed bin.
+    n_genes, n_isoforms
+        Batch shape (``n_isoforms >= 2``).
+    op
+        The raster's FFT operator (``gene_quadratics_columns``).
+    kernel_sums
+        ``(4,)`` power sums of the centred kernel.
+    null
+        ``liu`` or ``welch``.
+    """
+    from spatialscale.stats._numba import sparse_centred_ratios
+    from spatialscale.stats.hsic import gram_power_sums
+
+    if n_isoforms < 2 or null not in ("liu", "welch"):
+        raise ValueError("the sparse ratio path needs >= 2 isoforms per gene and null 'liu' or 'welch'.")
+    n = op.n
+    cols, gram, _ = sparse_centred_ratios(data, rows, indptr, grid, n_genes, n_isoforms, n)
+    d = n_isoforms - 1
+    a = op.column_quadratics(cols, d)  # (B, d, d) = Yq' K Yq
+    q = np.trace(a, axis1=1, axis2=2) + a.sum(axis=(1, 2))
+    f = gram_power_sums(gram)
+    finite = np.isfinite(q) & np.isfinite(f).all(1)
+    q = np.where(finite, q, 0.0)
+    k = np.broadcast_to(np.asarray(kernel_sums, dtype=np.float64), (n_genes, 4)).copy()
+    return _sv_result(q, np.where(finite[:, None], f, 0.0), k, np.full(n_genes, n, dtype=np.float64), finite, null)
 
 
 def _permutation_statistics(op: KernelOperator, y: np.ndarray, n_perms: int, seed: int, block: int) -> np.ndarray:
