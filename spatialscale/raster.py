@@ -21,6 +21,7 @@ The math here knows nothing of Dask or zarr.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,30 @@ class RasterParams:
         """JSON-serialisable parameters."""
         return {"shape": [int(v) for v in self.shape], "spacing": [float(v) for v in self.spacing],
                 "rho": float(self.rho), "neighbor_degree": int(self.neighbor_degree)}
+
+
+_WORK = threading.local()
+#: numpy >= 2 FFTs write into a given array
+_NUMPY_FFT_OUT = int(np.__version__.split(".")[0]) >= 2
+
+
+def workspace(name: str, shape: tuple[int, ...], dtype: type = np.float64) -> np.ndarray:
+    """A reusable array of this thread (not zeroed), grown as needed.
+
+    A task's grid columns and their spectra are tens of MB; allocated afresh
+    each time, every page is faulted in and zeroed by the kernel, and Dask's
+    nanny makes glibc return freed memory at once (``MALLOC_TRIM_THRESHOLD_``),
+    so every task would pay that again.  One buffer per thread and name is
+    kept instead (the largest a task of this process asked for).
+    """
+    size = int(np.prod(shape))
+    bufs = getattr(_WORK, "bufs", None)
+    if bufs is None:
+        bufs = _WORK.bufs = {}
+    buf = bufs.get(name)
+    if buf is None or buf.dtype != np.dtype(dtype) or buf.size < size:
+        buf = bufs[name] = np.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
 
 
 def _torus_sq_distances(shape: tuple[int, int], spacing: tuple[float, float]) -> np.ndarray:
@@ -207,9 +232,13 @@ class FFTKernelOperator(CentredProducts):
         m = cols.shape[0]
         cols = np.ascontiguousarray(cols, dtype=np.float64).reshape(m, ny, nx)
         if self.device == "cpu":
-            import scipy.fft
+            if _NUMPY_FFT_OUT:  # into this thread's buffer (no fresh pages per task)
+                f = np.fft.rfft2(cols, out=workspace("spectra", (m, ny, nx // 2 + 1), np.complex128))
+            else:  # pragma: no cover - numpy < 2
+                import scipy.fft
 
-            g = scipy.fft.rfft2(cols).view(np.float64).reshape(m, -1)
+                f = scipy.fft.rfft2(cols)
+            g = f.view(np.float64).reshape(m, -1)
             g *= self._root_weights()
             return g
         import torch
@@ -226,6 +255,13 @@ class FFTKernelOperator(CentredProducts):
         """
         b, n, d = y.shape
         return self.column_quadratics(y.transpose(0, 2, 1).reshape(b * d, n), d)
+
+    def grid_columns(self, m: int) -> np.ndarray:
+        """A zeroed ``(m, n)`` array for columns to pass to :meth:`column_quadratics` (this thread's buffer:
+        valid until the next call)."""
+        out = workspace("columns", (m, self.n))
+        out.fill(0.0)
+        return out
 
     def column_quadratics(self, cols: np.ndarray, d: int) -> np.ndarray:
         """:meth:`gene_quadratics` of columns already laid out gene-major: ``(B * d, n) -> (B, d, d)``."""

@@ -296,7 +296,12 @@ def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer
             f"{len(src.obs)} spots x {len(src.var)} isoforms."
         )
     for what, index in (("spot", src.obs.index), ("isoform", src.var.index)):
-        dup = pd.Index(index).astype(str).duplicated()
+        names = pd.Index(index)
+        if names.dtype != object:  # names as the store keeps them (text): 1 and "1" would collide
+            names = names.astype(str)
+        if names.is_unique:
+            continue
+        dup = names.duplicated()
         if dup.any():
             first = str(pd.Index(index)[dup][0])
             fix = "obs_names_make_unique" if what == "spot" else "var_names_make_unique"

@@ -171,6 +171,11 @@ def test_bad_raster_input_is_named(tmp_path):
         spatialscale.du_test(store, covariates=x, method="hsic-gp", null="gp", progress=False)
     with pytest.raises(InputError, match=r"\['backend'\] do not apply to a raster store"):
         spatialscale.du_test(store, covariates=x, method="hsic-gp", gp={"backend": "exact"}, progress=False)
+    for gp, message in [({"length_scale": -1}, "length_scale must be a positive number"),
+                        ({"noise_bounds": [1.0, 0.1]}, "noise_bounds must be two positive numbers"),
+                        ({"standardize": "yes"}, "standardize must be true or false")]:
+        with pytest.raises(InputError, match=message):
+            spatialscale.du_test(store, covariates=x, method="hsic-gp", gp=gp, progress=False)
     with pytest.raises(InputError, match="does not run on fft"):
         spatialscale.du_test(store, covariates=x, method="glmm-score", progress=False)
 
@@ -376,6 +381,16 @@ def test_raster_du_tests_the_observed_bins(tmp_path):
                                   client=client, batch_size=3, progress=False)
     np.testing.assert_allclose(ds["du_pvalue"].values, ref["du_pvalue"].values, rtol=1e-10)
     assert np.all(np.isfinite(ds["du_pvalue"].values)) and ds.attrs["residualize"] == "both"
+    # the command line: grid-GP options as KEY=VALUE; a bad one is one line, exit code 2, nothing written
+    from spatialscale.cli import main
+
+    args = ["du", str(store.path), "--covariates", "smooth", "--method", "hsic-gp", "--scheduler", "threads",
+            "--no-progress", "--out", str(tmp_path / "du.zarr")]
+    assert main([*args, "--gp", "length_scale=2", "--gp", "standardize=true"]) == 0
+    out = spatialscale.open_results(tmp_path / "du.zarr")
+    assert out.attrs["gp_length_scale"] == 2 and out.attrs["kernel_kind"] == "fft"
+    assert main([*args[:-1], str(tmp_path / "bad.zarr"), "--gp", "length_scale=-2"]) == 2
+    assert not (tmp_path / "bad.zarr").exists()
 
 
 def test_sparse_ratio_path_equals_the_dense_batch(tmp_path):

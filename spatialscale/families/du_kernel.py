@@ -176,6 +176,7 @@ def _gp_options(gp: dict[str, Any] | None, store: IsoformStore) -> dict[str, Any
         if unknown:
             raise InputError(f"gp option(s) {unknown} do not apply to a raster store (its GP is the periodic "
                              f"grid GP); choose from {list(GRID_GP_OPTIONS)}.")
+        _check_grid_gp_values(opts)
         return {**opts, "spacing": tuple(float(v) for v in store.kernel_attrs["spacing"])}
     allowed = [k for k, v in inspect.signature(residualize).parameters.items()
                if v.kind == inspect.Parameter.KEYWORD_ONLY and k != "device"]
@@ -184,6 +185,22 @@ def _gp_options(gp: dict[str, Any] | None, store: IsoformStore) -> dict[str, Any
         raise InputError(f"unknown gp option(s) {unknown}; choose from {allowed}.")
     check_choice("gp backend", opts.get("backend", "auto"), GP_BACKENDS)
     return opts
+
+
+def _check_grid_gp_values(opts: dict[str, Any]) -> None:
+    """Named errors for bad values of the grid GP's options (before anything runs)."""
+    def positive(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+
+    if "length_scale" in opts and not positive(opts["length_scale"]):
+        raise InputError(f"gp length_scale must be a positive number, got {opts['length_scale']!r}.")
+    for key in ("amplitude_bounds", "noise_bounds"):
+        v = opts.get(key)
+        if v is not None and not (isinstance(v, list | tuple) and len(v) == 2 and all(positive(x) for x in v)
+                                  and v[0] < v[1]):
+            raise InputError(f"gp {key} must be two positive numbers [low, high] with low < high, got {v!r}.")
+    if "standardize" in opts and not isinstance(opts["standardize"], bool):
+        raise InputError(f"gp standardize must be true or false, got {opts['standardize']!r}.")
 
 
 def _residualize_covariates_grid(store: IsoformStore, z: np.ndarray, gp: dict[str, Any]) -> np.ndarray:

@@ -197,7 +197,8 @@ def batch_gram(y: np.ndarray) -> np.ndarray:
 
 
 def sparse_centred_ratios(data: np.ndarray, rows: np.ndarray, indptr: np.ndarray, grid: np.ndarray,
-                          n_genes: int, p: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                          n_genes: int, p: int, n: int,
+                          cols: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centred isoform ratios of a batch from its sparse counts, straight into grid columns.
 
     For ``hsic-ir`` with mean filling on a raster, a gene's centred ratios are
@@ -213,6 +214,8 @@ def sparse_centred_ratios(data: np.ndarray, rows: np.ndarray, indptr: np.ndarray
         Each observed bin's position in the grid, ``(n_observed,)``.
     n_genes, p, n
         Genes, isoforms per gene, bins of the grid.
+    cols
+        A zeroed ``(n_genes * (p - 1), n)`` float64 array to write into (else one is allocated).
 
     Returns
     -------
@@ -224,7 +227,10 @@ def sparse_centred_ratios(data: np.ndarray, rows: np.ndarray, indptr: np.ndarray
     covered : numpy.ndarray
         ``(n_genes,)`` bins with a positive gene total.
     """
-    cols = np.zeros((n_genes * (p - 1), n))
+    if cols is None:
+        cols = np.zeros((n_genes * (p - 1), n))
+    elif cols.shape != (n_genes * (p - 1), n) or cols.dtype != np.float64 or not cols.flags.c_contiguous:
+        raise ValueError(f"cols must be a C-contiguous float64 array of shape {(n_genes * (p - 1), n)}")
     gram = np.zeros((n_genes, p, p))
     covered = np.zeros(n_genes, dtype=np.int64)
     _compiled()[2](np.ascontiguousarray(data, dtype=np.float64), np.ascontiguousarray(rows, dtype=np.int64),

@@ -227,7 +227,7 @@ def sv_batch_sparse_ratios(
     n_genes, n_isoforms
         Batch shape (``n_isoforms >= 2``).
     op
-        The raster's FFT operator (``gene_quadratics_columns``).
+        The raster's FFT operator (``column_quadratics``; ``grid_columns`` if it lends a buffer).
     kernel_sums
         ``(4,)`` power sums of the centred kernel.
     null
@@ -239,7 +239,8 @@ def sv_batch_sparse_ratios(
     if n_isoforms < 2 or null not in ("liu", "welch"):
         raise ValueError("the sparse ratio path needs >= 2 isoforms per gene and null 'liu' or 'welch'.")
     n = op.n
-    cols, gram, _ = sparse_centred_ratios(data, rows, indptr, grid, n_genes, n_isoforms, n)
+    buffer = op.grid_columns(n_genes * (n_isoforms - 1)) if hasattr(op, "grid_columns") else None
+    cols, gram, _ = sparse_centred_ratios(data, rows, indptr, grid, n_genes, n_isoforms, n, cols=buffer)
     d = n_isoforms - 1
     a = op.column_quadratics(cols, d)  # (B, d, d) = Yq' K Yq
     q = np.trace(a, axis1=1, axis2=2) + a.sum(axis=(1, 2))
