@@ -167,10 +167,10 @@ def test_bad_raster_input_is_named(tmp_path):
     assert not any(tmp_path.iterdir())
     store = spatialscale.ingest(adata, tmp_path / "r.zarr", kernel="fft", min_counts=0)
     x = pd.DataFrame({"x": np.arange(adata.n_obs, dtype=float)}, index=store.obs().index)
-    with pytest.raises(InputError, match="null='gp' needs a store with a CAR kernel"):
+    with pytest.raises(InputError, match=r"\['max_inducing'\] do not apply to the grid GP"):
+        spatialscale.du_test(store, covariates=x, method="hsic-gp", gp={"max_inducing": 10}, progress=False)
+    with pytest.raises(InputError, match="null='gp' needs the coordinate GP"):
         spatialscale.du_test(store, covariates=x, method="hsic-gp", null="gp", progress=False)
-    with pytest.raises(InputError, match=r"\['backend'\] do not apply to a raster store"):
-        spatialscale.du_test(store, covariates=x, method="hsic-gp", gp={"backend": "exact"}, progress=False)
     for gp, message in [({"length_scale": -1}, "length_scale must be a positive number"),
                         ({"noise_bounds": [1.0, 0.1]}, "noise_bounds must be two positive numbers"),
                         ({"standardize": "yes"}, "standardize must be true or false")]:
@@ -374,6 +374,13 @@ def test_raster_du_tests_the_observed_bins(tmp_path):
         want = spatialscale.du_test(car_store, covariates=names, method=method, nan_filling=fill,
                                     scheduler="threads", progress=False, **kw)
         np.testing.assert_allclose(got["du_pvalue"].values, want["du_pvalue"].values, rtol=1e-10)
+    # the coordinate GP (backend exact / lowrank) runs on the observed bins: a CAR store's results
+    for kw in ({"null": "gp"}, {"residualize": "both"}):
+        got = spatialscale.du_test(store, covariates=["smooth", "group"], method="hsic-gp", gp={"backend": "exact"},
+                                   scheduler="threads", progress=False, **kw)
+        want = spatialscale.du_test(car_store, covariates=["smooth", "group"], method="hsic-gp",
+                                    gp={"backend": "exact"}, scheduler="threads", progress=False, **kw)
+        np.testing.assert_allclose(got["du_pvalue"].values, want["du_pvalue"].values, rtol=1e-6)
     ref = spatialscale.du_test(store, covariates=["smooth", "group"], method="hsic-gp", residualize="both",
                                scheduler="threads", progress=False)
     with local_cluster(2) as cluster, Client(cluster) as client:

@@ -35,7 +35,7 @@ __all__ = ["FAMILY", "du_dataset"]
 
 
 RESIDUALIZE = ("cov_only", "both")
-GP_BACKENDS = ("auto", "exact", "lowrank", "sod")
+GP_BACKENDS = ("auto", "exact", "lowrank", "sod", "fft")
 
 
 def _du_np_task(store_path: str, xy_token: str, method: str, transformation: str, nan_filling: str,
@@ -47,7 +47,7 @@ def _du_np_task(store_path: str, xy_token: str, method: str, transformation: str
     """
     counts = batch_counts(store_path, batch, grid=not raster)
     y, used = du_responses(counts, transformation, nan_filling)
-    if gp is not None and raster:
+    if gp is not None and gp.get("backend") == "fft":  # residualize="both" with the raster's grid GP
         y = _residualize_responses_grid(store_path, counts, transformation, gp)
     elif gp is not None:  # residualize="both": the isoform ratios lose their spatial trend too
         y = _residualize_responses(store_path, xy_token, counts, transformation, gp, device)
@@ -85,7 +85,7 @@ def _residualize_responses_grid(store_path: str, counts: np.ndarray, transformat
     index, shape = store.grid_index(), tuple(store.kernel_attrs["shape"])
     y_raw, _ = ratio_response(counts, transformation, centre=False)
     out = np.empty_like(y_raw)
-    opts = {k: v for k, v in gp.items() if k != "standardize"}  # ratios enter as they are
+    opts = {k: v for k, v in gp.items() if k not in ("backend", "standardize")}  # ratios enter as they are
     for g in range(y_raw.shape[0]):
         out[g], _ = residualize_observed(y_raw[g], index, shape, joint=True, **opts)
     return out
@@ -107,25 +107,26 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
     if residualize == "both" and nan_filling != "mean":
         raise InputError("residualize='both' needs nan_filling='mean' (one GP basis shared by all genes).")
     raster = store.kernel_kind == "fft"
-    if raster and method == "hsic-gp" and null == "gp":
-        raise InputError("null='gp' needs a store with a CAR kernel (the GP's eigenvectors); on a raster store "
-                         "use null='liu'.")
     names, z = resolve_covariates(store.obs(), covariates)
     if method.startswith("t-"):
         _check_binary(z, names)
     gp_opts = _gp_options(gp, store) if method == "hsic-gp" else None
+    grid_gp = gp_opts is not None and gp_opts.get("backend") == "fft"
+    if grid_gp and null == "gp":
+        raise InputError("null='gp' needs the coordinate GP (gp backend exact or lowrank, which run on a raster "
+                         "store's observed bins too); the raster's grid GP (backend fft) has only null='liu'.")
     n, f = store.n_observed, z.shape[1]
     params = {"method": method, "transformation": transformation, "nan_filling": nan_filling,
               **({"residualize": residualize, "gp": gp_opts} if method == "hsic-gp" else {}),
               **({"null": null} if null != "liu" else {})}
-    xy_token = coordinates_token(store.coords()) if method == "hsic-gp" and not raster else ""
+    xy_token = coordinates_token(store.coords()) if method == "hsic-gp" and not grid_gp else ""
     task = functools.partial(_du_np_task, str(store.path.resolve()), xy_token, method, transformation, nan_filling,
                              gp_opts if residualize == "both" else None, device, raster)
 
     def shared() -> np.ndarray | GPNull:
         if method != "hsic-gp":
             return z
-        if raster:
+        if grid_gp:
             return _residualize_covariates_grid(store, z, gp_opts)
         return _residualize_covariates(store, xy_token, z, gp_opts, device, null)
 
@@ -138,7 +139,7 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
     def assemble(run: Any) -> xr.Dataset:
         return du_dataset(store, run, names, {**attrs, **provenance(store)}, per_gene=("n_spots_used",))
 
-    grid_n = store.n_spots if raster and method == "hsic-gp" and residualize == "both" else 0
+    grid_n = store.n_spots if grid_gp and residualize == "both" else 0
 
     return Prepared(kind="du", params=params, task=task,
                     bytes_per_gene=lambda p: 8.0 * (n * (3 * p + 4 * p * (residualize == "both")) + 8 * p * f
@@ -161,29 +162,37 @@ def du_dataset(store: IsoformStore, run: Any, names: list[str], attrs: dict[str,
 def _gp_options(gp: dict[str, Any] | None, store: IsoformStore) -> dict[str, Any]:
     """Validate the spatial-GP options (unknown keys are an error, not ignored).
 
-    A raster store's GP is the periodic grid GP: it takes the length scale (in
-    the store's grid-spacing units) and the bounds, and the store's spacing.
+    On a raster store the default backend is ``fft``, the periodic grid GP
+    (SplisosmFFT's): it takes the length scale (in the store's grid-spacing
+    units), the bounds and ``standardize``, and gets the store's spacing.  The
+    coordinate GP's backends run on a raster store's observed bins as on any
+    store.
     """
     import inspect
 
     from spatialscale.stats.gp import residualize
 
     opts = dict(gp or {})
-    if store.kernel_kind == "fft":
+    raster = store.kernel_kind == "fft"
+    backend = opts.get("backend", "fft" if raster else "auto")
+    check_choice("gp backend", backend, GP_BACKENDS)
+    if backend == "fft":
         from spatialscale.stats.gp_grid import GRID_GP_OPTIONS
 
-        unknown = sorted(set(opts) - set(GRID_GP_OPTIONS))
+        if not raster:
+            raise InputError(f"gp backend 'fft' (the periodic grid GP) needs a raster store (kernel='fft'); "
+                             f"{store.path} has a {store.kernel_kind} kernel.")
+        unknown = sorted(set(opts) - {"backend", *GRID_GP_OPTIONS})
         if unknown:
-            raise InputError(f"gp option(s) {unknown} do not apply to a raster store (its GP is the periodic "
-                             f"grid GP); choose from {list(GRID_GP_OPTIONS)}.")
+            raise InputError(f"gp option(s) {unknown} do not apply to the grid GP (backend fft); choose from "
+                             f"{list(GRID_GP_OPTIONS)}, or a coordinate-GP backend (exact, lowrank).")
         _check_grid_gp_values(opts)
-        return {**opts, "spacing": tuple(float(v) for v in store.kernel_attrs["spacing"])}
+        return {**opts, "backend": "fft", "spacing": tuple(float(v) for v in store.kernel_attrs["spacing"])}
     allowed = [k for k, v in inspect.signature(residualize).parameters.items()
                if v.kind == inspect.Parameter.KEYWORD_ONLY and k != "device"]
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise InputError(f"unknown gp option(s) {unknown}; choose from {allowed}.")
-    check_choice("gp backend", opts.get("backend", "auto"), GP_BACKENDS)
     return opts
 
 
@@ -204,8 +213,8 @@ def _check_grid_gp_values(opts: dict[str, Any]) -> None:
 
 
 def _residualize_covariates_grid(store: IsoformStore, z: np.ndarray, gp: dict[str, Any]) -> np.ndarray:
-    """Raster store: each covariate minus its grid-GP fit at the observed bins, then standardised (ddof 0, as
-    SplisosmFFT reports its statistics).
+    """Raster store, ``backend="fft"``: each covariate minus its grid-GP fit at the observed bins, then
+    standardised (ddof 0, as SplisosmFFT reports its statistics).
 
     As SplisosmFFT, the covariates enter the GP as given (centred), unless
     ``standardize=True``: where a fit reaches a bound (``eps`` at its lower
@@ -214,10 +223,10 @@ def _residualize_covariates_grid(store: IsoformStore, z: np.ndarray, gp: dict[st
     """
     from spatialscale.stats.gp_grid import residualize_observed
 
-    gp = dict(gp)
-    if gp.pop("standardize", False):
+    opts = {k: v for k, v in gp.items() if k not in ("backend", "standardize")}
+    if gp.get("standardize", False):
         z = (z - z.mean(0)) / z.std(0, ddof=1)
-    res, _ = residualize_observed(z, store.grid_index(), tuple(store.kernel_attrs["shape"]), **gp)
+    res, _ = residualize_observed(z, store.grid_index(), tuple(int(v) for v in store.kernel_attrs["shape"]), **opts)
     return res / res.std(0)
 
 
@@ -265,7 +274,8 @@ FAMILY = Family(
                "isoform ratios too", choices=RESIDUALIZE, methods=("hsic-gp",)),
         Option("null", "liu", "hsic-gp's null: liu (SPLISOSM's) or gp (calibrated under spatial confounding)",
                choices=DU_NULLS, methods=("hsic-gp",)),
-        Option("gp", None, "spatial GP settings (key=value), e.g. backend=auto|exact|lowrank|sod",
+        Option("gp", None, "spatial GP settings (key=value), e.g. backend=auto|exact|lowrank|sod|fft (fft: the "
+               "raster's periodic grid GP, the default on raster stores)",
                kind="dict", methods=("hsic-gp",)),
     ),
     prepare=_prepare,
