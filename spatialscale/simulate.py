@@ -73,6 +73,7 @@ def simulate_section(
     sparse: bool = True,
     seed: int = 0,
     sv_mask: np.ndarray | None = None,
+    logit_sd: float = 0.0,
 ):
     """Simulate one section as an AnnData.
 
@@ -106,6 +107,11 @@ def simulate_section(
         ``(n_genes,)`` booleans: exactly these genes are spatially variable
         (instead of ``n_sv`` random ones), e.g. the genes shared by the
         sections of a cohort (:func:`simulate_cohort`); no DU genes then.
+    logit_sd
+        SD of independent per-spot noise on every isoform logit: usage varies
+        from spot to spot beyond the multinomial (overdispersion), with no
+        spatial or covariate structure (0: none; the other draws are then
+        unchanged).
 
     Returns
     -------
@@ -150,6 +156,8 @@ def simulate_section(
         depth = mean_depth * rng.lognormal(0.0, 0.5)
         totals = rng.poisson(depth * size * rng.lognormal(0.0, 0.2, n))
         totals[rng.random(n) < zero_spot_frac] = 0
+        if logit_sd > 0:
+            eta += rng.normal(0.0, logit_sd, eta.shape)
         blocks.append(rng.multinomial(totals, _softmax(eta)))
     counts = np.concatenate(blocks, axis=1).astype(np.float32)
     names = [f"gene{g:04d}" for g in range(n_genes)]
@@ -171,7 +179,7 @@ def simulate_section(
                                "isoforms": [int(v) for v in isoforms], "geometry": geometry,
                                "mean_depth": float(mean_depth), "effect": float(effect),
                                "zero_spot_frac": float(zero_spot_frac), "library_sd": float(library_sd),
-                               "seed": int(seed)}
+                               "logit_sd": float(logit_sd), "seed": int(seed)}
     return adata
 
 

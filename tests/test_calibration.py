@@ -159,3 +159,29 @@ def test_du_null_calibration_on_a_raster(tmp_path):
     assert 0.03 <= frac["confounded", "exact"] <= 0.065, frac
     assert 0.025 <= frac["independent", "fft"] <= 0.065, frac
     assert 0.025 <= frac["independent", "exact"] <= 0.065, frac
+
+
+@pytest.mark.parametrize("setting", [
+    {"isoforms": (3, 3), "mean_depth": 10.0, "zero_spot_frac": 0.05, "logit_sd": 0.5},
+    {"isoforms": (2, 4), "mean_depth": 5.0, "zero_spot_frac": 0.05, "logit_sd": 0.0},
+    {"isoforms": (2, 4), "mean_depth": 20.0, "zero_spot_frac": 0.1, "logit_sd": 1.0, "library_sd": 0.3},
+])
+def test_glm_score_robust_variance_is_calibrated(tmp_path, setting):
+    """GLM score DU on 1,000 null genes (450 spots, gene-specific depths, empty spots, extra-multinomial usage
+    noise from none to strong), 2 smooth covariates and a cell-type indicator: the sandwich score variance
+    keeps the level in [0.035, 0.065] (measured 5.13%, 4.97%, 5.00%); the multinomial information (SPLISOSM's)
+    does not under overdispersion (measured 14.6%, 3.1%, 48.6%)."""
+    seed = 40 + int(setting["mean_depth"])
+    adata = simulate_section(450, 1000, n_sv=0, n_du=0, seed=seed, **setting)
+    store = spatialscale.ingest(adata, tmp_path / "s.zarr")
+    z = np.c_[_smooth_fields(adata.obsm["spatial"], 2, np.random.default_rng(seed)),
+              (adata.obs["celltype"] == "ct1").to_numpy(float)]
+    robust = spatialscale.du_test(store, z, method="glmm-score", model="glm", glmm={"score_variance": "robust"},
+                                  scheduler="threads", progress=False)
+    p = robust.du_pvalue.values
+    assert p.size == 3000 and np.isfinite(p).all()
+    assert 0.035 <= float(np.mean(p < 0.05)) <= 0.065, float(np.mean(p < 0.05))
+    assert robust.attrs["glmm_score_variance"] == "robust"
+    if setting["logit_sd"] >= 1.0:
+        model = spatialscale.du_test(store, z, method="glmm-score", model="glm", scheduler="threads", progress=False)
+        assert float(np.mean(model.du_pvalue.values < 0.05)) > 0.2

@@ -151,3 +151,32 @@ def test_du_unknown_method(du_store, tmp_path):
     with pytest.raises(InputError, match="unknown method"):
         spatialscale.du_test(du_store, "rbp", method="hsic-xx", out=tmp_path / "du.zarr")
     assert not (tmp_path / "du.zarr").exists()
+
+
+def test_robust_score_variance_is_the_sandwich_of_spot_residuals():
+    """score_variance='robust': s' V^-1 s with s = sum_i (z_i - zbar) r_i and V = sum_i (z_i - zbar)^2 r_i r_i',
+    r_i the first q residuals of spot i under the intercept-only GLM fit; chi2(q)."""
+    from scipy import stats
+
+    from spatialscale.glmm import fit_glm
+    from spatialscale.glmm.inference import score_test
+
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(rng.gamma(2.0, 2.0, size=(4, 120, 3))).astype(float)
+    counts[:, :5] = 0.0  # spots without counts contribute nothing
+    z = rng.normal(size=(120, 2))
+    fit = fit_glm(counts)
+    stat, p = score_test(counts, fit["probs"], z, variance="robust")
+    for b in range(4):
+        n = counts[b].sum(1)
+        p_hat = counts[b].sum(0) / n.sum()
+        r = (counts[b] - n[:, None] * p_hat)[:, :2]
+        for f in range(2):
+            zc = z[:, f] - z[:, f].mean()
+            s = zc @ r
+            v = (zc[:, None, None] ** 2 * r[:, :, None] * r[:, None, :]).sum(0)
+            want = s @ np.linalg.solve(v, s)
+            np.testing.assert_allclose(stat[b, f], want, rtol=1e-6)
+            np.testing.assert_allclose(p[b, f], stats.chi2.sf(want, 2), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown score variance"):
+        score_test(counts, fit["probs"], z, variance="sandwich")

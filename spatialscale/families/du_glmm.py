@@ -15,6 +15,7 @@ from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM, Family, Op
 from spatialscale.families.common import batch_counts, provenance
 from spatialscale.families.du_kernel import du_dataset
 from spatialscale.families.fit import ALL_FITS, fit_batch, glmm_config, glmm_settings
+from spatialscale.glmm.inference import SCORE_VARIANCES
 from spatialscale.store import IsoformStore
 
 __all__ = ["FAMILY"]
@@ -38,7 +39,7 @@ def _du_task(store_path: str, token: str, method: str, model: str, glmm: dict[st
     counts = batch_counts(store_path, batch)
     if method == "glmm-score":
         info = glmm.get("information", "unadjusted")
-        fit_opts = {k: v for k, v in glmm.items() if k != "information"}
+        fit_opts = {k: v for k, v in glmm.items() if k not in ("information", "score_variance")}
         fit = fit_batch(store_path, token, model, fit_opts, device, counts)
         kw = {}
         if info == "adjusted" and model != "glm":
@@ -46,7 +47,8 @@ def _du_task(store_path: str, token: str, method: str, model: str, glmm: dict[st
 
             lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank")) if model == "glmm-full" else (None, None)
             kw = {"fit": fit, "eigvals": lam, "eigvecs": vec, "config": glmm_config(model, fit_opts)}
-        stat, pval = score_test(counts, fit["probs"], z, information=info, **kw)
+        stat, pval = score_test(counts, fit["probs"], z, information=info,
+                                variance=glmm.get("score_variance", "model"), **kw)
     else:
         fit = fit_batch(store_path, token, model, glmm, device, counts, design=z)
         stat, pval = wald_test(counts, fit["probs"], z, fit["beta"])
@@ -63,9 +65,16 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
         raise InputError(f"unknown score information {information!r}; choose one of {', '.join(INFORMATION)}.")
     if "information" in (opts["glmm"] or {}) and method != "glmm-score":
         raise InputError("glmm setting 'information' applies to method='glmm-score' only.")
-    glmm = glmm_settings(store, model, opts["fit"], opts["glmm"], extra=("information",))
+    variance = (opts["glmm"] or {}).get("score_variance", "model")
+    if variance not in SCORE_VARIANCES:
+        raise InputError(f"unknown score_variance {variance!r}; choose one of {', '.join(SCORE_VARIANCES)}.")
+    if variance != "model" and (method != "glmm-score" or model != "glm"):
+        raise InputError(f"glmm setting score_variance={variance!r} applies to method='glmm-score' with model='glm'.")
+    glmm = glmm_settings(store, model, opts["fit"], opts["glmm"], extra=("information", "score_variance"))
     if information == "unadjusted":
         glmm.pop("information", None)
+    if variance == "model":
+        glmm.pop("score_variance", None)
     n, f = store.n_spots, z.shape[1]
 
     def assemble(run: Any) -> xr.Dataset:
@@ -91,7 +100,8 @@ FAMILY = Family(
         Option("fit", None, "fitting method (GLMM: joint_gd; GLM: iwls)", choices=ALL_FITS),
         Option("glmm", None, "GLMM settings (key=value): share_variance, var_fix_sigma, var_prior, init_ratio, lr, "
                "tol, patience, max_epochs, dtype, update_nu_every_k, optim, rank, and for glmm-score information="
-               "unadjusted|adjusted", kind="dict"),
+               "unadjusted|adjusted and (model glm) score_variance=model|pearson|robust (robust: calibrated under "
+               "overdispersion)", kind="dict"),
     ),
     prepare=_prepare,
     variables=("du_statistic", "du_pvalue", "du_pvalue_adj", "n_isoforms"),

@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-__all__ = ["adjusted_covariate_information", "covariate_information", "llr_test", "score_test", "wald_test"]
+__all__ = ["adjusted_covariate_information", "covariate_information", "llr_test", "pearson_dispersion",
+           "score_test", "wald_test"]
 
+#: ``variance`` options of :func:`score_test`
+SCORE_VARIANCES = ("model", "pearson", "robust")
 #: ``information`` options of :func:`score_test`
 INFORMATION = ("unadjusted", "adjusted")
 
@@ -113,9 +116,35 @@ def adjusted_covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.
     return info.cpu().numpy() + jitter * np.eye(q)
 
 
+def pearson_dispersion(counts: np.ndarray, probs: np.ndarray, n_params: int) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial Pearson dispersion of each gene's fit: ``X^2 / df``, and ``df``.
+
+    ``X^2 = sum_i sum_j (y_ij - N_i p_ij)^2 / (N_i p_ij)`` over the spots with
+    counts (``N_i > 0``); ``df = n_covered (p - 1) - n_params``.  About 1 for
+    multinomial data; larger when usage varies from spot to spot beyond the
+    multinomial (quasi-likelihood, McCullagh and Nelder section 9).
+
+    Parameters
+    ----------
+    counts, probs
+        ``(B, n, p)`` counts and fitted probabilities.
+    n_params
+        Parameters fitted per gene (``p - 1`` intercepts for the GLM).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    tot = counts.sum(-1, keepdims=True)
+    expected = tot * probs
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(expected > 0, (counts - expected) ** 2 / expected, 0.0)
+    x2 = terms.sum(axis=(1, 2))
+    df = (tot[..., 0] > 0).sum(1) * (counts.shape[-1] - 1) - n_params
+    return x2 / np.maximum(df, 1), df
+
+
 def score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, information: str = "unadjusted",
                fit: dict | None = None, eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None,
-               config=None, design: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               config=None, design: np.ndarray | None = None,
+               variance: str = "model") -> tuple[np.ndarray, np.ndarray]:
     """Score test of each covariate against a model fitted without covariates.
 
     ``s_f = Z_f' (Y - N p_hat)[:, :q]`` and ``stat = s_f' I_f^-1 s_f ~ chi2(q)``.
@@ -138,6 +167,16 @@ def score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, informat
         ``fit`` and ``config`` of a GLMM, the random effect).
     fit, eigvals, eigvecs, config, design
         For ``adjusted`` only; see :func:`adjusted_covariate_information`.
+    variance
+        The score's variance, for a GLM fit (``p - 1`` intercepts, so the
+        residuals of each isoform sum to zero over spots): ``model`` (as
+        SPLISOSM) the multinomial information, ``stat ~ chi2(q)``; ``pearson``
+        that information times the gene's Pearson dispersion ``phi``
+        (:func:`pearson_dispersion`; quasi-likelihood), ``stat / (q phi) ~
+        F(q, df)``, the reported statistic ``stat / phi``; ``robust`` the
+        empirical (sandwich) variance ``sum_i (z_i - zbar)^2 r_i r_i'`` of the
+        spot residual vectors ``r_i = (y_i - N_i p_i)[:q]``, ``stat ~ chi2(q)``,
+        valid whatever the form of the extra-multinomial variation.
 
     Returns
     -------
@@ -156,7 +195,21 @@ def score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, informat
     else:
         info = covariate_information(counts, probs, z)
     stat = np.einsum("bfq,bfq->bf", s, np.linalg.solve(info, s[..., None])[..., 0])
-    return stat, stats.chi2.sf(stat, counts.shape[-1] - 1)
+    q = counts.shape[-1] - 1
+    if variance == "model":
+        return stat, stats.chi2.sf(stat, q)
+    if variance == "pearson":
+        phi, df = pearson_dispersion(counts, probs, q)
+        stat = stat / phi[:, None]
+        return stat, stats.f.sf(stat / q, q, np.maximum(df, 1)[:, None])
+    if variance != "robust":
+        raise ValueError(f"unknown score variance {variance!r}; choose one of {', '.join(SCORE_VARIANCES)}.")
+    zc = z - z.mean(0)
+    r = resid[..., :-1]
+    s = np.einsum("nf,bnq->bfq", zc, r)
+    v = np.einsum("nf,bnq,bnr->bfqr", zc * zc, r, r)
+    stat = np.einsum("bfq,bfq->bf", s, np.linalg.solve(v, s[..., None])[..., 0])
+    return stat, stats.chi2.sf(stat, q)
 
 
 def wald_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
