@@ -76,6 +76,8 @@ class RasterParams:
 
 
 _WORK = threading.local()
+#: largest work buffer a thread keeps between tasks
+WORKSPACE_MAX_BYTES = 256 << 20
 #: numpy >= 2 FFTs write into a given array
 _NUMPY_FFT_OUT = int(np.__version__.split(".")[0]) >= 2
 
@@ -87,9 +89,13 @@ def workspace(name: str, shape: tuple[int, ...], dtype: type = np.float64) -> np
     each time, every page is faulted in and zeroed by the kernel, and Dask's
     nanny makes glibc return freed memory at once (``MALLOC_TRIM_THRESHOLD_``),
     so every task would pay that again.  One buffer per thread and name is
-    kept instead (the largest a task of this process asked for).
+    kept instead (the largest a task of this process asked for), up to
+    :data:`WORKSPACE_MAX_BYTES`; a larger request gets a fresh array, so an
+    idle worker never holds more than that per buffer.
     """
     size = int(np.prod(shape))
+    if size * np.dtype(dtype).itemsize > WORKSPACE_MAX_BYTES:
+        return np.empty(shape, dtype=dtype)
     bufs = getattr(_WORK, "bufs", None)
     if bufs is None:
         bufs = _WORK.bufs = {}

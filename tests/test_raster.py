@@ -431,3 +431,18 @@ def test_sparse_ratio_path_equals_the_dense_batch(tmp_path):
         for key in ("statistic", "pvalue", "null_statistic", "null_cumulants"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-300, err_msg=f"p={p} {key}")
         assert got["pvalue"][1] == 1.0 and np.isnan(got["statistic"][1]) == np.isnan(want["statistic"][1])
+
+
+def test_work_buffers_are_reused_up_to_a_cap(monkeypatch):
+    """A thread's buffer is handed out again (no fresh pages per task); one above the cap is not kept."""
+    import spatialscale.raster as raster
+
+    a = raster.workspace("test", (3, 100))
+    b = raster.workspace("test", (2, 50))
+    assert np.shares_memory(a, b) and b.shape == (2, 50)
+    monkeypatch.setattr(raster, "WORKSPACE_MAX_BYTES", 1000)
+    c = raster.workspace("test", (3, 100))
+    assert not np.shares_memory(a, c) and c.shape == (3, 100)
+    op = FFTKernelOperator(RasterParams((4, 5)))
+    cols = op.grid_columns(3)
+    assert cols.shape == (3, 20) and not cols.any()
