@@ -404,11 +404,8 @@ def test_sparse_ratio_path_equals_the_dense_batch(tmp_path):
     """hsic-ir on a raster builds each gene's centred ratios from its stored counts alone; statistics, p-values
     and null terms equal :func:`sv_batch` on the counts scattered into the grid (explicit stored zeros, genes
     without counts and odd grid widths included)."""
-    from spatialscale.stats._numba import compiled_available
     from spatialscale.stats.sv import sv_batch, sv_batch_sparse_ratios
 
-    if not compiled_available():
-        pytest.skip("numba not installed: the dense path is used")
     rng = np.random.default_rng(11)
     shape = (17, 23)
     params = RasterParams(shape, (1.0, 1.0), 0.99, 1)

@@ -85,10 +85,15 @@ def _residualize_responses_grid(store_path: str, counts: np.ndarray, transformat
     index, shape = store.grid_index(), tuple(store.kernel_attrs["shape"])
     y_raw, _ = ratio_response(counts, transformation, centre=False)
     out = np.empty_like(y_raw)
-    opts = {k: v for k, v in gp.items() if k not in ("backend", "standardize")}  # ratios enter as they are
-    for g in range(y_raw.shape[0]):
+    opts = _grid_fit_options(gp)  # the ratios enter as they are (no standardisation)
+    for g in range(y_raw.shape[0]):  # one fit per gene: its own (a, eps)
         out[g], _ = residualize_observed(y_raw[g], index, shape, joint=True, **opts)
     return out
+
+
+def _grid_fit_options(gp: dict[str, Any]) -> dict[str, Any]:
+    """The grid GP's settings as :func:`~spatialscale.stats.gp_grid.residualize_observed` takes them."""
+    return {k: v for k, v in gp.items() if k not in ("backend", "standardize")}
 
 
 def _check_binary(z: np.ndarray, names: list[str]) -> None:
@@ -223,10 +228,10 @@ def _residualize_covariates_grid(store: IsoformStore, z: np.ndarray, gp: dict[st
     """
     from spatialscale.stats.gp_grid import residualize_observed
 
-    opts = {k: v for k, v in gp.items() if k not in ("backend", "standardize")}
     if gp.get("standardize", False):
         z = (z - z.mean(0)) / z.std(0, ddof=1)
-    res, _ = residualize_observed(z, store.grid_index(), tuple(int(v) for v in store.kernel_attrs["shape"]), **opts)
+    res, _ = residualize_observed(z, store.grid_index(), tuple(int(v) for v in store.kernel_attrs["shape"]),
+                                  **_grid_fit_options(gp))
     return res / res.std(0)
 
 

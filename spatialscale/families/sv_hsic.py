@@ -38,14 +38,19 @@ def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], b
     return sv_batch(counts, op, sums, **params)
 
 
+def _sparse_options(params: dict[str, Any]) -> bool:
+    """Whether the options allow the raster fast path (hsic-ir ratios built from the stored non-zero counts)."""
+    return (params["method"] == "hsic-ir" and params["transformation"] == "none"
+            and params["nan_filling"] == "mean" and params["null"] in ("liu", "welch"))
+
+
 def _sparse_ratios(op: Any, params: dict[str, Any], batch: Batch) -> bool:
-    """Whether a batch runs on the raster fast path: hsic-ir ratios built from the stored non-zero counts."""
+    """Whether a batch runs on the raster fast path: the options, an FFT kernel, >= 2 isoforms, numba."""
     from spatialscale.raster import FFTKernelOperator
     from spatialscale.stats._numba import compiled_available
 
-    return (isinstance(op, FFTKernelOperator) and params["method"] == "hsic-ir" and batch.n_isoforms >= 2
-            and params["transformation"] == "none" and params["nan_filling"] == "mean"
-            and params["null"] in ("liu", "welch") and compiled_available())
+    return (isinstance(op, FFTKernelOperator) and batch.n_isoforms >= 2 and _sparse_options(params)
+            and compiled_available())
 
 
 def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates: Any, device: str) -> Prepared:
@@ -64,8 +69,7 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
              "nan_filling": opts["nan_filling"],
              **({"n_perms": int(n_perms), "perm_seed": int(opts["perm_seed"])} if null == "perm" else {})}
 
-    sparse = (store.kernel_kind == "fft" and method == "hsic-ir" and transformation == "none"
-              and opts["nan_filling"] == "mean" and null in ("liu", "welch"))
+    sparse = store.kernel_kind == "fft" and _sparse_options(params)
 
     def bytes_per_gene(p: int) -> float:
         if sparse and p >= 2:  # the raster fast path: p - 1 grid columns and their half spectra

@@ -165,11 +165,11 @@ def sv_batch(
         partial = n_eff < n
         if partial.any():
             k[partial] = _masked_kernel_sums(op, covered[partial], n_probes, probe_seed)
-    if null in ("liu", "welch"):
-        return _sv_result(q, f, k, n_eff, finite, null)
     c = mixture_cumulants(k, f, n_eff)
     q_null = q  # the statistic on the null mixture's scale
-    if null == "perm":
+    if null in ("liu", "welch"):
+        p = _mixture_pvalue(q, c, null)
+    elif null == "perm":
         p = permutation_pvalue(q, _permutation_statistics(op, y, n_perms, perm_seed, perm_block))
     elif null == "liu-perm":
         mean, var = permutation_moments(k, kernel_diag_sq, f, (np.einsum("bnd,bnd->bn", y, y) ** 2).sum(1), n_eff)
@@ -177,25 +177,23 @@ def sv_batch(
         p = liu_pvalue(q_null, c)
     else:
         raise ValueError(f"Unknown null {null!r}; choose from ('liu', 'welch', 'perm', 'liu-perm').")
+    return _sv_result(q, q_null, p, c, f, k, n_eff, finite)
+
+
+def _mixture_pvalue(q: np.ndarray, c: np.ndarray, null: str) -> np.ndarray:
+    """Liu's or Welch's p-value of ``q`` under the mixture with sums ``c``."""
+    return liu_pvalue(q, c) if null == "liu" else welch_pvalue(q, c)
+
+
+def _sv_result(q: np.ndarray, q_null: np.ndarray, p: np.ndarray, c: np.ndarray, f: np.ndarray, k: np.ndarray,
+               n_eff: np.ndarray, finite: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch's results: statistics, p-values (1 where degenerate or not finite) and the poolable null terms."""
     degenerate = (f[:, 1] <= 0) | (k[:, 1] <= 0)
     p = np.where(degenerate | ~finite, 1.0, p)
     stat = np.where(finite, q / np.maximum(n_eff - 1.0, 1.0) ** 2, np.nan)
     usable = finite & ~degenerate
     return {"statistic": stat, "pvalue": p, "n_spots_used": n_eff.astype(np.int64),
             "null_statistic": np.where(usable, q_null, np.nan), "null_cumulants": np.where(usable[:, None], c, np.nan)}
-
-
-def _sv_result(q: np.ndarray, f: np.ndarray, k: np.ndarray, n_eff: np.ndarray, finite: np.ndarray,
-               null: str) -> dict[str, np.ndarray]:
-    """Statistics, Liu or Welch p-values and the poolable null terms from the quadratic forms and power sums."""
-    c = mixture_cumulants(k, f, n_eff)
-    p = liu_pvalue(q, c) if null == "liu" else welch_pvalue(q, c)
-    degenerate = (f[:, 1] <= 0) | (k[:, 1] <= 0)
-    p = np.where(degenerate | ~finite, 1.0, p)
-    stat = np.where(finite, q / np.maximum(n_eff - 1.0, 1.0) ** 2, np.nan)
-    usable = finite & ~degenerate
-    return {"statistic": stat, "pvalue": p, "n_spots_used": n_eff.astype(np.int64),
-            "null_statistic": np.where(usable, q, np.nan), "null_cumulants": np.where(usable[:, None], c, np.nan)}
 
 
 def sv_batch_sparse_ratios(
@@ -247,8 +245,11 @@ def sv_batch_sparse_ratios(
     f = gram_power_sums(gram)
     finite = np.isfinite(q) & np.isfinite(f).all(1)
     q = np.where(finite, q, 0.0)
-    k = np.broadcast_to(np.asarray(kernel_sums, dtype=np.float64), (n_genes, 4)).copy()
-    return _sv_result(q, np.where(finite[:, None], f, 0.0), k, np.full(n_genes, n, dtype=np.float64), finite, null)
+    f = np.where(finite[:, None], f, 0.0)
+    k = np.broadcast_to(np.asarray(kernel_sums, dtype=np.float64), (n_genes, 4))
+    n_eff = np.full(n_genes, n, dtype=np.float64)
+    c = mixture_cumulants(k, f, n_eff)
+    return _sv_result(q, q, _mixture_pvalue(q, c, null), c, f, k, n_eff, finite)
 
 
 def _permutation_statistics(op: KernelOperator, y: np.ndarray, n_perms: int, seed: int, block: int) -> np.ndarray:
