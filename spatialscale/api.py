@@ -258,8 +258,8 @@ def du_test(
         fitted exactly by IWLS), ``glmm-full`` (spatial random effect) or
         ``glmm-null`` (white-noise random effect).
     fit
-        GLMM tests: the fitting method (GLMMs ``joint_gd`` (default),
-        ``joint_newton``, ``marginal_gd``, ``marginal_newton``; GLM ``iwls``
+        GLMM tests: the fitting method (GLMMs ``joint_newton`` (default),
+        ``joint_gd`` (SPLISOSM's), ``marginal_gd``, ``marginal_newton``; GLM ``iwls``
         (default, = ``newton``) or ``gd``).
     glmm
         GLMM tests: settings of :class:`spatialscale.glmm.glmm.GLMMConfig`
@@ -311,8 +311,8 @@ def glmm_fit(
         ``glmm-full`` (default; spatial random effect), ``glmm-null`` (white
         noise) or ``glm``.
     fit
-        GLMMs: ``joint_gd`` (default), ``joint_newton``, ``marginal_gd``,
-        ``marginal_newton``; GLM: ``iwls`` (default, = ``newton``) or ``gd``.
+        GLMMs: ``joint_newton`` (default), ``joint_gd`` (SPLISOSM's),
+        ``marginal_gd``, ``marginal_newton``; GLM: ``iwls`` (default, = ``newton``) or ``gd``.
     covariates
         Optional fixed effects (as in :func:`du_test`).
     glmm

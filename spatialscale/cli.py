@@ -270,7 +270,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Run SPLISOSM 1.2.0 and spatialscale on the same data in one run.")
     p.add_argument("--spots", type=int, nargs="+", default=[10_000], help="section sizes (10000)")
     p.add_argument("--genes", type=int, nargs="+", default=[300], help="gene counts (300; --test du, raster: 200)")
-    p.add_argument("--method", default="hsic-ir", help="SV method (hsic-ir)")
+    p.add_argument("--method", default="hsic-ir", help="SV method (hsic-ir); --test glmm: glmm-score (default) "
+                   "or glmm-llr")
     p.add_argument("--null", default="liu", help="null (liu)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for spatialscale (2)")
     p.add_argument("--test", default="sv", choices=("sv", "glmm", "du", "kernel", "raster"),
@@ -372,7 +373,8 @@ def _run(args: argparse.Namespace) -> int:
                              batch_memory=args.batch_memory, splisosm=not args.no_splisosm)
             return 0
         if args.test == "glmm":
-            run_glmm_bench(spots=args.spots, genes=args.genes, workers=args.workers, seed=args.seed)
+            method = "glmm-score" if args.method == "hsic-ir" else args.method
+            run_glmm_bench(spots=args.spots, genes=args.genes, method=method, workers=args.workers, seed=args.seed)
             return 0
         run_bench(spots=args.spots, genes=args.genes, method=args.method, null=args.null,
                   workers=args.workers, seed=args.seed, batch_memory=args.batch_memory,

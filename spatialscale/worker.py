@@ -13,11 +13,25 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["resolve_device", "kernel_operator", "kernel_eigenpairs", "tune_allocator", "DENSE_GPU_MAX_SPOTS"]
+__all__ = ["resolve_device", "kernel_operator", "kernel_eigenpairs", "log_timing", "tune_allocator",
+           "DENSE_GPU_MAX_SPOTS", "TIMING_TOPIC"]
 
 #: largest section whose dense centred kernel is put on a GPU
 DENSE_GPU_MAX_SPOTS = 40_000
 _lock = threading.Lock()
+#: topic of the per-task timing events that tasks log on distributed workers (read by ``spatialscale bench``)
+TIMING_TOPIC = "spatialscale-timing"
+
+
+def log_timing(**values: Any) -> None:
+    """Log a task's timings (seconds) and counts as a distributed event; a no-op outside a distributed worker."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return
+    worker.log_event(TIMING_TOPIC, values)
 
 
 def resolve_device(device: str) -> str:

@@ -67,7 +67,8 @@ def test_score_test_matches_splisosm_glm(tmp_path):
     res = ref._du_test_results
     ref_names = [str(g) for g in ref.gene_names]
     store = spatialscale.ingest(adata, tmp_path / "glm.zarr")
-    ds = spatialscale.du_test(store, ["celltype", "rbp"], method="glmm-score", scheduler="threads", progress=False)
+    ds = spatialscale.du_test(store, ["celltype", "rbp"], method="glmm-score", glmm={"variance": "model"},
+                              scheduler="threads", progress=False)
     assert list(ds["covariate"].values) == ["celltype_ct0", "celltype_ct1", "celltype_ct2", "rbp"]
     ours = ds["du_statistic"].to_pandas().loc[ref_names].to_numpy()
     theirs = res["statistic"].numpy()
@@ -154,8 +155,9 @@ def test_du_unknown_method(du_store, tmp_path):
 
 
 def test_robust_score_variance_is_the_sandwich_of_spot_residuals():
-    """score_variance='robust': s' V^-1 s with s = sum_i (z_i - zbar) r_i and V = sum_i (z_i - zbar)^2 r_i r_i',
-    r_i the first q residuals of spot i under the intercept-only GLM fit; chi2(q)."""
+    """variance='robust' after the intercept-only GLM: s' V^-1 s with s = sum_i (z_i - zbar) r_i and
+    V = sum_i (z_i - zbar)^2 r_i r_i', zbar the depth-weighted mean of z (the GLM's fitted probabilities are
+    the same at every spot, so the information weights are the depths) and r_i the first q residuals; chi2(q)."""
     from scipy import stats
 
     from spatialscale.glmm import fit_glm
@@ -172,7 +174,7 @@ def test_robust_score_variance_is_the_sandwich_of_spot_residuals():
         p_hat = counts[b].sum(0) / n.sum()
         r = (counts[b] - n[:, None] * p_hat)[:, :2]
         for f in range(2):
-            zc = z[:, f] - z[:, f].mean()
+            zc = z[:, f] - (n @ z[:, f]) / n.sum()
             s = zc @ r
             v = (zc[:, None, None] ** 2 * r[:, :, None] * r[:, None, :]).sum(0)
             want = s @ np.linalg.solve(v, s)

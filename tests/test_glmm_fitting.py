@@ -267,6 +267,73 @@ def test_adjusted_information_matches_dense_formula(model, rank):
     assert (np.trace(ours, axis1=2, axis2=3) < np.trace(plain, axis1=2, axis2=3)).all()
 
 
+def _dense_working_model(counts, probs, nu, cov):
+    """Dense ``Sigma^-1`` (``Sigma = W^-1 + C (x) I_q``) and marginal working residuals ``e_i = W_i^-1 r_i + nu_i``
+    of one gene, spelled out."""
+    n, p = counts.shape
+    q = p - 1
+    w = [counts[i].sum() * (np.diag(probs[i, :q]) - np.outer(probs[i, :q], probs[i, :q])) for i in range(n)]
+    sigma = np.zeros((n * q, n * q))
+    for i in range(n):
+        sigma[i * q:(i + 1) * q, i * q:(i + 1) * q] = np.linalg.inv(w[i])
+    if cov is not None:
+        sigma += np.kron(cov, np.eye(q))
+    r = (counts - counts.sum(1, keepdims=True) * probs)[:, :q]
+    e = np.stack([np.linalg.solve(w[i], r[i]) for i in range(n)]) + (0 if nu is None else nu)
+    return np.linalg.inv(sigma), e
+
+
+def _spot_terms(a, e):
+    """``c_i = A_i' e_i`` for the ``(q, m)`` row blocks ``A_i`` of ``A``."""
+    q = e.shape[1]
+    return np.stack([a[i * q:(i + 1) * q].T @ e[i] for i in range(e.shape[0])])
+
+
+@pytest.mark.parametrize(("model", "rank"), [("glm", None), ("glmm-null", None), ("glmm-full", None),
+                                             ("glmm-full", 20)])
+def test_robust_score_and_wald_match_the_dense_sandwich(model, rank):
+    """The sandwich score and Wald statistics equal their dense construction: score terms ``(P Z_f)_i' e_i`` with
+    ``P = Sigma^-1 - Sigma^-1 X (X' Sigma^-1 X)^-1 X' Sigma^-1``; Wald covariance ``G^-1 (sum_i c_i c_i') G^-1``
+    with ``G = D' Sigma^-1 D`` and ``c_i = (Sigma^-1 D)_i' e_i`` over covariates and intercepts, times
+    ``n / (n - m)``."""
+    from spatialscale.glmm.inference import wald_test
+
+    rng = np.random.default_rng(11)
+    n, b, q = 36, 2, 2
+    counts = (rng.poisson(4.0, size=(b, n, 3)) + 1).astype(float)  # every spot covered: W_i invertible
+    lam, vec = kernel_eigenpairs(build_kernel(grid_coords(n)).precision)
+    r = n if rank is None else rank
+    z = rng.normal(size=(n, 2))
+    probs = rng.dirichlet(np.ones(3) * 5, size=(b, n))
+    fit = {"sigma": np.array([[0.6], [1.1]]), "theta": np.array([[0.3], [0.8]]), "nu": rng.normal(0, 0.3, (b, n, q))}
+    beta = rng.normal(0, 0.2, size=(b, 2, q))
+    kw = {"fit": None if model == "glm" else fit, "eigvals": lam[:r], "eigvecs": vec[:, :r],
+          "config": GLMMConfig(model=model)}
+    stat, pval = score_test(counts, probs, z, variance="robust", **kw)
+    wstat, _ = wald_test(counts, probs, z, beta, variance="robust", **kw)
+    x = np.kron(np.ones((n, 1)), np.eye(q))
+    d = np.kron(np.concatenate([z, np.ones((n, 1))], axis=1), np.eye(q))
+    for g in range(b):
+        s2, th = fit["sigma"][g, 0] ** 2, fit["theta"][g, 0]
+        cov = {"glm": None, "glmm-null": s2 * np.eye(n)}.get(model)
+        if model == "glmm-full":
+            v = vec[:, :r]
+            cov = s2 * (v @ np.diag(th * lam[:r] + 1 - th) @ v.T + (1 - th) * (np.eye(n) - v @ v.T))
+        si, e = _dense_working_model(counts[g], probs[g], None if model == "glm" else fit["nu"][g], cov)
+        proj = si - si @ x @ np.linalg.solve(x.T @ si @ x, x.T @ si)
+        for f in range(2):
+            c = _spot_terms(proj @ np.kron(z[:, [f]], np.eye(q)), e)
+            sc = c.sum(0)
+            np.testing.assert_allclose(stat[g, f], sc @ np.linalg.solve(c.T @ c, sc), rtol=1e-4)  # PCG at 1e-6
+        c = _spot_terms(si @ d, e)
+        ginv = np.linalg.inv(d.T @ si @ d)
+        cov_beta = ginv @ (c.T @ c) @ ginv * n / (n - d.shape[1])  # HC1 (every spot has counts)
+        for f in range(2):
+            block = cov_beta[f * q:(f + 1) * q, f * q:(f + 1) * q]
+            np.testing.assert_allclose(wstat[g, f], beta[g, f] @ np.linalg.solve(block, beta[g, f]), rtol=1e-4)
+    assert np.all((pval > 0) & (pval <= 1))
+
+
 def _overdispersed_null(n: int, genes: int, sigma2: float, seed: int):
     """Counts with a spatial random effect ``nu ~ N(0, sigma2 K)`` and no covariate effect: ``(genes, n, 3)``."""
     rng = np.random.default_rng(seed)
@@ -332,9 +399,10 @@ def test_du_test_passes_the_adjusted_information_through(tmp_path):
     # float64: batched float32 fits differ at the optimiser's precision (README, "Reproducibility")
     opts = {"max_epochs": 60, "dtype": "float64"}
     ds = spatialscale.du_test(store, "rbp", method="glmm-score", model="glmm-null", fit="joint_newton",
-                              glmm={**opts, "information": "adjusted"}, scheduler="threads", progress=False)
+                              glmm={**opts, "variance": "model", "information": "adjusted"}, scheduler="threads",
+                              progress=False)
     plain = spatialscale.du_test(store, "rbp", method="glmm-score", model="glmm-null", fit="joint_newton",
-                                 glmm=opts, scheduler="threads", progress=False)
+                                 glmm={**opts, "variance": "model"}, scheduler="threads", progress=False)
     counts = np.stack([store.gene_counts(g) for g in ds.gene.values]).astype(float)
     z = store.obs()[["rbp"]].to_numpy(float)
     cfg = GLMMConfig(model="glmm-null", method="joint_newton", **opts)
@@ -345,6 +413,9 @@ def test_du_test_passes_the_adjusted_information_through(tmp_path):
     assert not np.allclose(ds.du_statistic.values, plain.du_statistic.values)
     with pytest.raises(spatialscale.InputError, match="applies to method='glmm-score' only"):
         spatialscale.du_test(store, "rbp", method="glmm-wald", model="glmm-null",
+                             glmm={"information": "adjusted"}, scheduler="threads", progress=False)
+    with pytest.raises(spatialscale.InputError, match="applies to variance='model' or 'pearson'"):
+        spatialscale.du_test(store, "rbp", method="glmm-score", model="glmm-null",
                              glmm={"information": "adjusted"}, scheduler="threads", progress=False)
 
 

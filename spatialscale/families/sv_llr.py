@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import numpy as np
@@ -35,27 +36,34 @@ def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str,
     """
     from spatialscale.glmm import llr_test
     from spatialscale.glmm.llr import sv_log_marginals
-    from spatialscale.worker import kernel_eigenpairs, resolve_device
+    from spatialscale.worker import kernel_eigenpairs, log_timing, resolve_device
 
     if batch.n_isoforms < 2:  # one isoform: no usage to model
         nan = np.full(batch.n_genes, np.nan)
         out = {"statistic": nan, "pvalue": nan, "n_spots_used": np.zeros(batch.n_genes, np.int64)}
         return {**out, "perm_statistic": np.full((batch.n_genes, n_perms), np.nan)} if n_perms else out
+    t0 = time.perf_counter()
     counts = batch_counts(store_path, batch)
+    t1 = time.perf_counter()
     lam, vec = kernel_eigenpairs(store_path, token, glmm.get("rank"))
+    t2 = time.perf_counter()
     cfg = glmm_config("glmm-full", glmm)  # fit_sv_pair sets the model of each fit
     dev = resolve_device(device)
     df = 1 if cfg.share_variance else batch.n_isoforms - 1
-    null, full = sv_log_marginals(counts, lam, vec, cfg, device=dev)
+    work: dict[str, int] = {}
+    null, full = sv_log_marginals(counts, lam, vec, cfg, device=dev, work=work)
     stat, pval = llr_test(full, null, df)
+    t3 = time.perf_counter()
     out = {"statistic": stat, "pvalue": pval, "n_spots_used": np.full(batch.n_genes, counts.shape[1])}
     if n_perms:
         perm_stats = np.empty((batch.n_genes, n_perms))
         for k in range(n_perms):
             order = np.random.default_rng(perm_seed + k).permutation(counts.shape[1])
-            null_k, full_k = sv_log_marginals(counts[:, order], lam, vec, cfg, device=dev)
+            null_k, full_k = sv_log_marginals(counts[:, order], lam, vec, cfg, device=dev, work=work)
             perm_stats[:, k] = 2.0 * (full_k - null_k)
         out["perm_statistic"] = perm_stats
+    log_timing(task="sv-llr", read=t1 - t0, eigenpairs=t2 - t1, fit=t3 - t2, test=time.perf_counter() - t3,
+               genes=batch.n_genes, epochs=work.get("epochs", 0))
     return out
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from scipy import stats
 
 __all__ = ["adjusted_covariate_information", "covariate_information", "llr_test", "pearson_dispersion",
-           "score_test", "wald_test"]
+           "robust_score_test", "score_test", "wald_test", "working_model"]
 
 #: ``variance`` options of :func:`score_test`
 SCORE_VARIANCES = ("model", "pearson", "robust")
@@ -15,6 +15,8 @@ INFORMATION = ("unadjusted", "adjusted")
 
 #: added to the information matrix's diagonal (keeps SPLISOSM's numbers)
 _JITTER = 1e-5
+#: relative PCG residual of the sandwich's solves (statistics to ~1e-5 relative; a variance needs no more)
+SANDWICH_CG_TOL = 1e-6
 
 
 def covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, jitter: float = _JITTER) -> np.ndarray:
@@ -30,51 +32,56 @@ def covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, 
     return info + jitter * np.eye(q)
 
 
-def adjusted_covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *,
-                                   fit: dict | None = None, eigvals: np.ndarray | None = None,
-                                   eigvecs: np.ndarray | None = None, config=None, design: np.ndarray | None = None,
-                                   jitter: float = _JITTER, device: str = "cpu") -> np.ndarray:
-    """Variance of the score ``s_f = Z_f' (Y - N p_hat)`` with the nuisance parameters accounted for.
+def _fixed_effect_columns(z: np.ndarray, design: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, F)`` covariates and the ``(n, 1 + F0)`` nuisance columns ``[1, design]``."""
+    n = z.shape[0]
+    x0 = np.zeros((n, 0)) if design is None else np.asarray(design, dtype=np.float64).reshape(n, -1)
+    return z, np.concatenate([np.ones((n, 1)), x0], axis=1)
 
-    Linearising the GLMM at the fit (the working model of PQL / GMMAT),
-    ``Y - N p_hat ~ P y~`` with ``Var(y~) = Sigma = W^-1 + C`` on the logit
-    scale, so ``Var(s_f) = Z_f' P Z_f`` with::
 
-        P = Sigma^-1 - Sigma^-1 X (X' Sigma^-1 X)^-1 X' Sigma^-1,
-        Sigma^-1 = W - W (W + C^-1)^-1 W
+def working_model(counts: np.ndarray, probs: np.ndarray, columns: np.ndarray, *, fit: dict | None = None,
+                  eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None, config=None,
+                  device: str = "cpu", cg_tol: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Information and per-spot score contributions of fixed effects in the linearised GLM / GLMM.
 
-    (``W`` the per-spot multinomial blocks at ``p_hat``, ``C`` the fitted
-    random-effect covariance, ``X = [1, design] (x) I_q`` the null model's fixed
-    effects).  ``(W + C^-1)^-1`` is applied by batched conjugate gradients
-    (the ``joint_newton`` solver), one right-hand side per covariate and
-    nuisance column; nothing ``n q x n q`` is formed.  Without a random
-    effect (``glm``, or ``fit`` / ``config`` not given) ``Sigma^-1 = W`` and
-    this is ``I_f - I_fb I_bb^-1 I_bf``.
+    Linearising the model at the fit (the working model of PQL / GMMAT), the
+    working response ``y~ = eta + W^-1 (y - N p_hat)`` has ``Var(y~) = Sigma =
+    W^-1 + C`` on the logit scale (``W`` the per-spot multinomial blocks at
+    ``p_hat``, ``C`` the fitted random effect's covariance; ``C = 0`` for the
+    GLM).  For fixed-effect columns ``D = columns (x) I_q`` this returns
+
+    - ``G = D' Sigma^-1 D``, with ``Sigma^-1 = W - W (W + C^-1)^-1 W``;
+    - ``c_i = B_i' (r_i + W_i u_i)``, the spot terms of ``D' Sigma^-1 e`` with
+      ``B = D - (W + C^-1)^-1 W D``, ``r_i = (y_i - N_i p_i)[:q]`` and ``u_i``
+      the fitted random effect, so that ``e_i = W_i^-1 r_i + u_i`` is the
+      marginal working residual.  Spots without counts contribute 0.
+
+    ``(W + C^-1)^-1`` is applied by batched conjugate gradients (the
+    ``joint_newton`` solver), one right-hand side per column and logit;
+    nothing ``n q x n q`` is formed.
 
     Parameters
     ----------
     counts, probs
-        ``(B, n, p)`` counts and fitted probabilities of the null model.
-    z
-        ``(n, F)`` covariates.
+        ``(B, n, p)`` counts and fitted probabilities.
+    columns
+        ``(n, m)`` fixed-effect columns.
     fit
-        The null model's fit (:func:`~spatialscale.glmm.glmm.fit_glmm`):
-        ``sigma`` and ``theta`` ``(B, v)``.
+        The fit (:func:`~spatialscale.glmm.glmm.fit_glmm`): ``sigma``,
+        ``theta`` ``(B, v)`` and ``nu`` ``(B, n, q)``; ``None`` for a GLM.
     eigvals, eigvecs
         The kernel's eigenpairs of the fit (``glmm-full``).
     config
-        The fit's :class:`~spatialscale.glmm.glmm.GLMMConfig` (its ``model``).
-    design
-        ``(n, F0)`` covariates of the null model, if any (the intercept is always there).
-    jitter
-        Added to the diagonal, as :func:`covariate_information`.
+        The fit's :class:`~spatialscale.glmm.config.GLMMConfig` (its ``model``).
     device
         Torch device.
+    cg_tol
+        Relative PCG residual (default: the float64 Newton tolerance, 1e-9).
 
     Returns
     -------
-    numpy.ndarray
-        ``(B, F, q, q)``.
+    G, contributions
+        ``(B, m q, m q)`` and ``(B, n, m q)``, indexed ``(column, logit)``.
     """
     import torch
 
@@ -83,20 +90,14 @@ def adjusted_covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.
     counts = np.asarray(counts, dtype=np.float64)
     b, n, p = counts.shape
     q = p - 1
-    z = np.asarray(z, dtype=np.float64).reshape(n, -1)
-    f = z.shape[1]
-    x0 = np.zeros((n, 0)) if design is None else np.asarray(design, dtype=np.float64).reshape(n, -1)
-    x1 = np.concatenate([np.ones((n, 1)), x0], axis=1)
     opts = {"dtype": torch.float64, "device": device}
     blocks = weight_blocks(torch.as_tensor(np.asarray(probs)[..., :-1], **opts),
                            torch.as_tensor(counts.sum(-1), **opts))  # (B, n, q, q)
-    eye = torch.eye(q, **opts)
-    cols = torch.einsum("nf,kl->nlfk", torch.as_tensor(np.concatenate([z, x1], axis=1), **opts), eye)
-    cols = cols.reshape(n, q, -1).expand(b, n, q, -1)  # (B, n, q, m): (covariate, logit) columns
-    m = cols.shape[-1]
-    w_cols = torch.einsum("bnkl,bnlm->bnkm", blocks, cols)
-    random_effect = fit is not None and config is not None and config.model != "glm"
-    if random_effect:
+    cols = torch.einsum("nf,kl->nlfk", torch.as_tensor(np.asarray(columns, dtype=np.float64), **opts),
+                        torch.eye(q, **opts))
+    cols = cols.reshape(n, q, -1).expand(b, n, q, -1)  # (B, n, q, m q): (column, logit)
+    resid = torch.as_tensor(counts - counts.sum(-1, keepdims=True) * np.asarray(probs), **opts)[..., :-1]
+    if fit is not None and config is not None and config.model != "glm":
         data = {}
         if config.model == "glmm-full":
             data = {"eigvals": torch.as_tensor(np.asarray(eigvals), **opts),
@@ -104,16 +105,122 @@ def adjusted_covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.
         theta = torch.as_tensor(np.asarray(fit["theta"], dtype=np.float64), **opts)
         a, e = prior_precision(torch.logit(theta), torch.as_tensor(np.asarray(fit["sigma"]), **opts), data, config, q)
         matvec, precond = precision_operators(blocks, data.get("eigvecs"), a, e)
-        sol, _ = pcg(matvec, w_cols.reshape(b, n * q, m), precond, tol=CG_TOL["float64"])
-        w_cols = w_cols - torch.einsum("bnkl,bnlm->bnkm", blocks, sol.reshape(b, n, q, m))  # Sigma^-1 cols
-    g = torch.einsum("bnkm,bnkl->bml", cols, w_cols)
+        w_cols = torch.einsum("bnkl,bnlm->bnkm", blocks, cols)
+        sol, _ = pcg(matvec, w_cols.reshape(b, n * q, -1), precond, tol=cg_tol or CG_TOL["float64"])
+        cols = cols - sol.reshape(b, n, q, -1)
+        if "nu" in fit:  # not needed for G alone
+            resid = resid + torch.einsum("bnkl,bnl->bnk", blocks, torch.as_tensor(np.asarray(fit["nu"]), **opts))
+    d = torch.einsum("nf,kl->nlfk", torch.as_tensor(np.asarray(columns, dtype=np.float64), **opts),
+                     torch.eye(q, **opts)).reshape(n, q, -1)
+    g = torch.einsum("nkm,bnkl,bnlj->bmj", d, blocks, cols)
     g = 0.5 * (g + g.transpose(1, 2))
-    fq = f * q
-    g_zz, g_zx, g_xx = g[:, :fq, :fq], g[:, :fq, fq:], g[:, fq:, fq:]
-    adj = g_zx @ torch.linalg.pinv(g_xx, hermitian=True) @ g_zx.transpose(1, 2)
-    full = (g_zz - adj).reshape(b, f, q, f, q)
-    info = torch.stack([full[:, i, :, i, :] for i in range(f)], dim=1)
-    return info.cpu().numpy() + jitter * np.eye(q)
+    contrib = torch.einsum("bnkm,bnk->bnm", cols, resid)
+    return g.cpu().numpy(), contrib.cpu().numpy()
+
+
+def _per_covariate(full: np.ndarray, f: int, q: int) -> np.ndarray:
+    """The ``(q, q)`` diagonal blocks of a ``(B, f q, f q)`` matrix: ``(B, f, q, q)``."""
+    b = full.shape[0]
+    full = full.reshape(b, f, q, f, q)
+    return np.stack([full[:, i, :, i, :] for i in range(f)], axis=1)
+
+
+def _projected(g: np.ndarray, contrib: np.ndarray, fq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Information and spot contributions of the first ``fq`` columns after projecting out the others."""
+    m = np.linalg.pinv(g[:, fq:, fq:], hermitian=True) @ g[:, fq:, :fq]
+    info = g[:, :fq, :fq] - g[:, :fq, fq:] @ m
+    return info, contrib[..., :fq] - contrib[..., fq:] @ m
+
+
+def adjusted_covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *,
+                                   fit: dict | None = None, eigvals: np.ndarray | None = None,
+                                   eigvecs: np.ndarray | None = None, config=None, design: np.ndarray | None = None,
+                                   jitter: float = _JITTER, device: str = "cpu") -> np.ndarray:
+    """Variance of the score ``s_f = Z_f' (Y - N p_hat)`` with the nuisance parameters accounted for.
+
+    In the linearised model (:func:`working_model`) ``Var(s_f) = Z_f' P Z_f``
+    with ``P = Sigma^-1 - Sigma^-1 X (X' Sigma^-1 X)^-1 X' Sigma^-1`` and
+    ``X = [1, design] (x) I_q`` the null model's fixed effects.  Without a
+    random effect (``glm``, or ``fit`` / ``config`` not given) ``Sigma^-1 = W``
+    and this is ``I_f - I_fb I_bb^-1 I_bf``.
+
+    Parameters
+    ----------
+    counts, probs
+        ``(B, n, p)`` counts and fitted probabilities of the null model.
+    z
+        ``(n, F)`` covariates.
+    fit, eigvals, eigvecs, config, device
+        As :func:`working_model`.
+    design
+        ``(n, F0)`` covariates of the null model, if any (the intercept is always there).
+    jitter
+        Added to the diagonal, as :func:`covariate_information`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B, F, q, q)``.
+    """
+    q = np.shape(counts)[-1] - 1
+    z, x1 = _fixed_effect_columns(np.asarray(z, dtype=np.float64).reshape(np.shape(counts)[1], -1), design)
+    g, contrib = working_model(counts, probs, np.concatenate([z, x1], axis=1), fit=fit, eigvals=eigvals,
+                               eigvecs=eigvecs, config=config, device=device)
+    info, _ = _projected(g, contrib, z.shape[1] * q)
+    return _per_covariate(info, z.shape[1], q) + jitter * np.eye(q)
+
+
+def robust_score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, fit: dict | None = None,
+                      eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None, config=None,
+                      design: np.ndarray | None = None, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Score test with the empirical (sandwich) variance of the score's spot terms.
+
+    With ``c_i`` the spot terms of the working model (:func:`working_model`)
+    for the columns ``[z_f, 1, design]`` and the nuisance columns projected
+    out (``c_if = c_i,z - M' c_i,x``, ``M = G_xx^-1 G_xz``), the score is
+    ``s_f = sum_i c_if`` (``Z_f' (Y - N p_hat)`` at the fit) and its variance
+    ``V_f = sum_i c_if c_if'``: ``s_f' V_f^-1 s_f ~ chi2(q)`` whatever the
+    form of the spot-level variation beyond the model (overdispersion, a
+    misspecified random-effect variance), as long as spots are independent
+    given the fitted random effect.  For a GLM with intercepts only,
+    ``c_if = (z_if - zbar_f) r_i`` with ``zbar_f`` the information-weighted mean.
+
+    Parameters
+    ----------
+    counts, probs
+        ``(B, n, p)`` counts and fitted probabilities of the model without ``z``.
+    z
+        ``(n, F)`` covariates, tested one at a time.
+    fit, eigvals, eigvecs, config, device
+        As :func:`working_model`.
+    design
+        ``(n, F0)`` covariates of the fitted model, if any.
+
+    Returns
+    -------
+    statistic, pvalue
+        Each ``(B, F)``.
+    """
+    n, q = np.shape(counts)[1], np.shape(counts)[-1] - 1
+    z, x1 = _fixed_effect_columns(np.asarray(z, dtype=np.float64).reshape(n, -1), design)
+    f = z.shape[1]
+    g, contrib = working_model(counts, probs, np.concatenate([z, x1], axis=1), fit=fit, eigvals=eigvals,
+                               eigvecs=eigvecs, config=config, device=device, cg_tol=SANDWICH_CG_TOL)
+    _, c = _projected(g, contrib, f * q)
+    c = c.reshape(c.shape[0], n, f, q)
+    s = c.sum(1)
+    v = np.einsum("bnfq,bnfr->bfqr", c, c)
+    return _quadratic_form(s, v, q)
+
+
+def _quadratic_form(s: np.ndarray, v: np.ndarray, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """``s' V^-1 s`` and its ``chi2(q)`` p-value per gene and covariate (NaN where ``V`` is singular)."""
+    b, f = s.shape[:2]
+    stat = np.full((b, f), np.nan)
+    ok = np.linalg.matrix_rank(v, hermitian=True) == q
+    if ok.any():
+        stat[ok] = np.einsum("kq,kq->k", s[ok], np.linalg.solve(v[ok], s[ok][..., None])[..., 0])
+    return stat, stats.chi2.sf(stat, q)
 
 
 def pearson_dispersion(counts: np.ndarray, probs: np.ndarray, n_params: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,13 +248,13 @@ def pearson_dispersion(counts: np.ndarray, probs: np.ndarray, n_params: int) -> 
     return x2 / np.maximum(df, 1), df
 
 
-def score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, information: str = "unadjusted",
-               fit: dict | None = None, eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None,
-               config=None, design: np.ndarray | None = None,
-               variance: str = "model") -> tuple[np.ndarray, np.ndarray]:
+def score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, variance: str = "model",
+               information: str = "unadjusted", fit: dict | None = None, eigvals: np.ndarray | None = None,
+               eigvecs: np.ndarray | None = None, config=None, design: np.ndarray | None = None,
+               device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Score test of each covariate against a model fitted without covariates.
 
-    ``s_f = Z_f' (Y - N p_hat)[:, :q]`` and ``stat = s_f' I_f^-1 s_f ~ chi2(q)``.
+    ``s_f = Z_f' (Y - N p_hat)[:, :q]`` and ``stat = s_f' V_f^-1 s_f``.
 
     Parameters
     ----------
@@ -157,66 +264,59 @@ def score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, informat
         ``(B, n, p)`` fitted probabilities of the null model.
     z
         ``(n, F)`` covariates, tested one at a time.
-    information
-        ``unadjusted`` (default, as SPLISOSM): ``I_f = sum_i z_if^2 N_i
-        (diag p_i - p_i p_i')``, which ignores the estimated intercepts and
-        the random effect (with a GLMM fit it is conservative: on null data
-        far fewer than ``alpha`` of the p-values fall below ``alpha``).
-        ``adjusted``: the score's variance under the fitted model
-        (:func:`adjusted_covariate_information`: nuisance intercepts and, given
-        ``fit`` and ``config`` of a GLMM, the random effect).
-    fit, eigvals, eigvecs, config, design
-        For ``adjusted`` only; see :func:`adjusted_covariate_information`.
     variance
-        The score's variance, for a GLM fit (``p - 1`` intercepts, so the
-        residuals of each isoform sum to zero over spots): ``model`` (as
-        SPLISOSM) the multinomial information, ``stat ~ chi2(q)``; ``pearson``
-        that information times the gene's Pearson dispersion ``phi``
+        ``V_f``: ``model`` (SPLISOSM's) the information of the fitted model,
+        ``stat ~ chi2(q)``; ``robust`` the sandwich variance of the score's
+        spot terms (:func:`robust_score_test`; calibrated under
+        overdispersion and whatever random-effect variance was fitted),
+        ``stat ~ chi2(q)``; ``pearson`` (GLM fits) that
+        information times the gene's Pearson dispersion ``phi``
         (:func:`pearson_dispersion`; quasi-likelihood), ``stat / (q phi) ~
-        F(q, df)``, the reported statistic ``stat / phi``; ``robust`` the
-        empirical (sandwich) variance ``sum_i (z_i - zbar)^2 r_i r_i'`` of the
-        spot residual vectors ``r_i = (y_i - N_i p_i)[:q]``, ``stat ~ chi2(q)``,
-        valid whatever the form of the extra-multinomial variation.
+        F(q, df)``, the reported statistic ``stat / phi``.
+    information
+        With ``model`` / ``pearson`` only: ``unadjusted`` (as SPLISOSM)
+        ``I_f = sum_i z_if^2 N_i (diag p_i - p_i p_i')``, which ignores the
+        estimated intercepts and the random effect, or ``adjusted``
+        (:func:`adjusted_covariate_information`).
+    fit, eigvals, eigvecs, config, design, device
+        The null model's fit, as :func:`working_model` (``robust`` and
+        ``adjusted``; ``fit=None`` is a GLM).
 
     Returns
     -------
     statistic, pvalue
         Each ``(B, F)``.
     """
+    if variance not in SCORE_VARIANCES:
+        raise ValueError(f"unknown score variance {variance!r}; choose one of {', '.join(SCORE_VARIANCES)}.")
     if information not in INFORMATION:
         raise ValueError(f"unknown information {information!r}; choose one of {', '.join(INFORMATION)}.")
     counts = np.asarray(counts, dtype=np.float64)
     z = np.asarray(z, dtype=np.float64).reshape(counts.shape[1], -1)
+    kw = {"fit": fit, "eigvals": eigvals, "eigvecs": eigvecs, "config": config, "design": design, "device": device}
+    if variance == "robust":
+        if information != "unadjusted":
+            raise ValueError("information applies to variance='model' or 'pearson', not 'robust'.")
+        return robust_score_test(counts, probs, z, **kw)
     resid = counts - counts.sum(-1, keepdims=True) * probs
     s = np.einsum("nf,bnq->bfq", z, resid[..., :-1])
     if information == "adjusted":
-        info = adjusted_covariate_information(counts, probs, z, fit=fit, eigvals=eigvals, eigvecs=eigvecs,
-                                              config=config, design=design)
+        info = adjusted_covariate_information(counts, probs, z, **kw)
     else:
         info = covariate_information(counts, probs, z)
     stat = np.einsum("bfq,bfq->bf", s, np.linalg.solve(info, s[..., None])[..., 0])
     q = counts.shape[-1] - 1
     if variance == "model":
         return stat, stats.chi2.sf(stat, q)
-    if variance == "pearson":
-        phi, df = pearson_dispersion(counts, probs, q)
-        stat = stat / phi[:, None]
-        return stat, stats.f.sf(stat / q, q, np.maximum(df, 1)[:, None])
-    if variance != "robust":
-        raise ValueError(f"unknown score variance {variance!r}; choose one of {', '.join(SCORE_VARIANCES)}.")
-    zc = z - z.mean(0)
-    r = resid[..., :-1]
-    s = np.einsum("nf,bnq->bfq", zc, r)
-    v = np.einsum("nf,bnq,bnr->bfqr", zc * zc, r, r)
-    stat = np.einsum("bfq,bfq->bf", s, np.linalg.solve(v, s[..., None])[..., 0])
-    return stat, stats.chi2.sf(stat, q)
+    phi, df = pearson_dispersion(counts, probs, q)
+    stat = stat / phi[:, None]
+    return stat, stats.f.sf(stat / q, q, np.maximum(df, 1)[:, None])
 
 
-def wald_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Wald test of each covariate of a model fitted with them.
-
-    ``stat = beta_f' I_f beta_f ~ chi2(q)`` with ``I_f`` the covariate's block
-    of the fitted model's information (as SPLISOSM, without the cross terms).
+def wald_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, beta: np.ndarray, *, variance: str = "model",
+              fit: dict | None = None, eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None,
+              config=None, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Wald test of each covariate of a model fitted with them: ``stat = beta_f' Cov_f^-1 beta_f ~ chi2(q)``.
 
     Parameters
     ----------
@@ -226,11 +326,34 @@ def wald_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, beta: np.nda
         ``(n, F)`` covariates of the fit.
     beta
         ``(B, F, q)`` fitted coefficients.
+    variance
+        ``Cov_f``: ``model`` (SPLISOSM's) the inverse of the covariate's block
+        of the multinomial information, without the cross terms; ``robust``
+        the covariate's block of the sandwich ``G^-1 (sum_i c_i c_i') G^-1``
+        over every fixed effect (covariates and intercepts;
+        :func:`working_model`), times ``n / (n - m)`` (``n`` spots with
+        counts, ``m`` fixed effects: the HC1 small-sample factor).
+    fit, eigvals, eigvecs, config, device
+        The fit, as :func:`working_model` (``robust``; ``fit=None`` is a GLM).
     """
-    info = covariate_information(np.asarray(counts, dtype=np.float64), probs, np.asarray(z, dtype=np.float64),
-                                 jitter=0.0)
-    stat = np.einsum("bfq,bfqr,bfr->bf", beta, info, beta)
-    return stat, stats.chi2.sf(stat, beta.shape[-1])
+    counts = np.asarray(counts, dtype=np.float64)
+    z = np.asarray(z, dtype=np.float64).reshape(counts.shape[1], -1)
+    q = beta.shape[-1]
+    if variance == "model":
+        info = covariate_information(counts, probs, z, jitter=0.0)
+        stat = np.einsum("bfq,bfqr,bfr->bf", beta, info, beta)
+        return stat, stats.chi2.sf(stat, q)
+    if variance != "robust":
+        raise ValueError(f"unknown Wald variance {variance!r}; choose one of model, robust.")
+    f = z.shape[1]
+    g, contrib = working_model(counts, probs, np.concatenate([z, np.ones((z.shape[0], 1))], axis=1), fit=fit,
+                               eigvals=eigvals, eigvecs=eigvecs, config=config, device=device, cg_tol=SANDWICH_CG_TOL)
+    g_inv = np.linalg.pinv(g, hermitian=True)
+    m = g.shape[-1]
+    covered = (counts.sum(-1) > 0).sum(1).astype(np.float64)
+    small_sample = covered / np.maximum(covered - m, 1.0)  # HC1: n / (n - parameters)
+    cov = small_sample[:, None, None] * (g_inv @ np.einsum("bnm,bnk->bmk", contrib, contrib) @ g_inv)
+    return _quadratic_form(beta, _per_covariate(cov[:, :f * q, :f * q], f, q), q)
 
 
 def llr_test(log_marginal_full: np.ndarray, log_marginal_null: np.ndarray, df: int) -> tuple[np.ndarray, np.ndarray]:

@@ -61,7 +61,7 @@ def _better(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.
 
 
 def fit_sv_pair(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, config, *,
-                device: str = "cpu") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                device: str = "cpu", work: dict | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Fit glmm-null and glmm-full of every gene of a batch, each from the other (see the module notes).
 
     Parameters
@@ -74,6 +74,8 @@ def fit_sv_pair(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, co
         :class:`spatialscale.glmm.glmm.GLMMConfig` (its ``model`` is ignored).
     device
         Torch device.
+    work
+        If given, ``work["epochs"]`` is increased by the epochs of every fit made (all genes).
 
     Returns
     -------
@@ -84,21 +86,24 @@ def fit_sv_pair(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, co
     null_cfg = dataclasses.replace(config, model="glmm-null")
     full_cfg = dataclasses.replace(config, model="glmm-full")
     share = config.share_variance
+    work = {} if work is None else work
 
-    def full_from(null_fit):
-        init = _start_from(null_fit, theta_logit=-3.0, reset_sigma=True, share_variance=share)
-        return fit_glmm(counts, eigvals, eigvecs, config=full_cfg, device=device, init=init)
+    def fit(c, lam, vec, cfg, init=None):
+        out = fit_glmm(c, lam, vec, config=cfg, device=device, init=init)
+        work["epochs"] = work.get("epochs", 0) + int(np.sum(out["epochs"]))
+        return out
 
-    null = fit_glmm(counts, None, None, config=null_cfg, device=device)
-    full = full_from(null)
-    refit = fit_glmm(counts, None, None, config=null_cfg, device=device,
-                     init=_start_from(full, theta_logit=None, reset_sigma=False, share_variance=share))
+    null = fit(counts, None, None, null_cfg)
+    full = fit(counts, eigvals, eigvecs, full_cfg,
+               _start_from(null, theta_logit=-3.0, reset_sigma=True, share_variance=share))
+    refit = fit(counts, None, None, null_cfg, _start_from(full, theta_logit=None, reset_sigma=False,
+                                                           share_variance=share))
     null = _better(null, refit)
     redo = np.isfinite(null["loss"]) & (null["loss"] < full["loss"])
     if redo.any():
         sub = {k: v[redo] for k, v in null.items()}
-        again = fit_glmm(counts[redo], eigvals, eigvecs, config=full_cfg, device=device,
-                         init=_start_from(sub, theta_logit=-3.0, reset_sigma=True, share_variance=share))
+        again = fit(counts[redo], eigvals, eigvecs, full_cfg,
+                    _start_from(sub, theta_logit=-3.0, reset_sigma=True, share_variance=share))
         best = _better({k: v[redo] for k, v in full.items()}, again)
         full = {k: v.copy() for k, v in full.items()}
         for k, v in best.items():
@@ -107,10 +112,10 @@ def fit_sv_pair(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, co
 
 
 def sv_log_marginals(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, config, *,
-                     device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Laplace log marginal likelihoods ``(l_null, l_full)`` of the pair from :func:`fit_sv_pair`."""
+                     device: str = "cpu", work: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Laplace log marginal likelihoods ``(l_null, l_full)`` of the pair from :func:`fit_sv_pair` (and its ``work``)."""
 
-    null, full = fit_sv_pair(counts, eigvals, eigvecs, config, device=device)
+    null, full = fit_sv_pair(counts, eigvals, eigvecs, config, device=device, work=work)
     l_null = laplace_log_marginal(null, counts, eigvals, eigvecs, config=dataclasses.replace(config, model="glmm-null"))
     l_full = laplace_log_marginal(full, counts, eigvals, eigvecs, config=dataclasses.replace(config, model="glmm-full"))
     return l_null, l_full
