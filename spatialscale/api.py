@@ -151,8 +151,8 @@ def sv_test(
         genes); default 1000 for HSIC, 20 for ``glmm-llr`` (each one a refit
         of the pair); seed 0.
     fit
-        glmm-llr: the GLMM fitting method (``joint_gd`` default,
-        ``joint_newton``, ``marginal_gd``, ``marginal_newton``).
+        glmm-llr: the GLMM fitting method (``joint_newton`` default,
+        ``joint_gd`` (SPLISOSM's), ``marginal_gd``, ``marginal_newton``).
     glmm
         glmm-llr: GLMM settings (see :func:`du_test`).
     with_summary

@@ -164,7 +164,7 @@ def test_sv_llr_matches_splisosm(tmp_path):
         ref.test_spatial_variability(method="llr", print_progress=False)
     want = ref.get_formatted_test_results("sv").set_index("gene")
     store = spatialscale.ingest(adata, tmp_path / "llr.zarr")
-    ds = spatialscale.sv_test(store, method="glmm-llr", scheduler="threads", progress=False)
+    ds = spatialscale.sv_test(store, method="glmm-llr", fit="joint_gd", scheduler="threads", progress=False)
     got = ds.to_dataframe().loc[want.index]
     np.testing.assert_allclose(got["sv_statistic"], want["statistic"], atol=0.05, rtol=0.01)
     big = want["pvalue"] > 1e-6

@@ -13,7 +13,7 @@ from spatialscale.engine import Batch
 from spatialscale.errors import InputError
 from spatialscale.families.base import MIN_BATCHES_GLMM, Family, Option, Prepared
 from spatialscale.families.common import batch_counts, provenance, summary_variables
-from spatialscale.families.fit import GLMM_FITS, glmm_config, glmm_settings
+from spatialscale.families.fit import FIT_METHODS, glmm_config, glmm_settings
 from spatialscale.glmm.llr import llr_permutation_pvalues
 from spatialscale.results import make_dataset
 from spatialscale.stats.multitest import bh_adjust
@@ -113,7 +113,7 @@ FAMILY = Family(
                "count (perm) or per gene (perm-gene)", choices=LLR_NULLS),
         Option("n_perms", None, "permutations for the perm nulls (20; each one a refit)", kind="int"),
         Option("perm_seed", 0, "seed of the permutations (one set shared by all genes)", kind="int"),
-        Option("fit", "joint_gd", "GLMM fitting method", choices=GLMM_FITS),
+        Option("fit", "joint_newton", "GLMM fitting method (joint_gd: SPLISOSM's)", choices=FIT_METHODS["glmm-full"]),
         Option("glmm", None, "GLMM settings (key=value): share_variance, var_fix_sigma, var_prior, init_ratio, lr, "
                "tol, patience, max_epochs, dtype, update_nu_every_k, optim, rank", kind="dict"),
     ),
