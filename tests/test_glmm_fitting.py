@@ -461,3 +461,34 @@ def test_joint_newton_batches_run_concurrently_in_threads(tmp_path):
     one = spatialscale.glmm_fit(store, scheduler="threads", batch_size=4, **kw)
     together = spatialscale.glmm_fit(store, scheduler="threads", **kw)
     np.testing.assert_allclose(one.loss.values, together.loss.values, rtol=1e-9)
+
+
+def test_pcg_dropping_finished_genes_changes_nothing():
+    """pcg(restrict=...) drops genes whose columns have all stopped: same solutions and iteration counts."""
+    from spatialscale.glmm.newton import precision_operators, precision_restriction, weight_blocks
+
+    rng = np.random.default_rng(4)
+    n, b, q = 49, 6, 2
+    lam, vec = kernel_eigenpairs(build_kernel(grid_coords(n)).precision)
+    opts = {"dtype": torch.float64}
+    probs = torch.as_tensor(rng.dirichlet(np.ones(3) * 4, size=(b, n))[..., :q], **opts)
+    totals = torch.as_tensor(rng.poisson(np.r_[1.0, 3.0, 10.0, 30.0, 100.0, 300.0][:, None], size=(b, n)), **opts)
+    blocks = weight_blocks(probs, totals)  # depths from 1 to 300: very different iteration counts
+    vec_t = torch.as_tensor(vec, **opts)
+    a = torch.as_tensor(rng.uniform(0.5, 2.0, size=(b, q, 1)) / lam, **opts)
+    e = torch.zeros(b, q, **opts)
+    rhs = torch.as_tensor(rng.normal(size=(b, n * q, 3)), **opts)
+    matvec, precond = precision_operators(blocks, vec_t, a, e)
+    plain, it_plain = pcg(matvec, rhs, precond, tol=1e-10)
+    calls = []
+    restrict = precision_restriction(blocks, vec_t, a, e)
+
+    def counted(genes):
+        calls.append(genes.tolist())
+        return restrict(genes)
+
+    dropped, it_dropped = pcg(matvec, rhs, precond, tol=1e-10, restrict=counted)
+    assert calls and len(calls[0]) <= b // 2  # genes finish at different times: some were dropped
+    np.testing.assert_array_equal(it_dropped.numpy(), it_plain.numpy())
+    np.testing.assert_allclose(dropped.numpy(), plain.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(matvec(dropped).numpy(), rhs.numpy(), atol=1e-7)

@@ -85,7 +85,14 @@ def working_model(counts: np.ndarray, probs: np.ndarray, columns: np.ndarray, *,
     """
     import torch
 
-    from spatialscale.glmm.newton import CG_TOL, pcg, precision_operators, prior_precision, weight_blocks
+    from spatialscale.glmm.newton import (
+        CG_TOL,
+        pcg,
+        precision_operators,
+        precision_restriction,
+        prior_precision,
+        weight_blocks,
+    )
 
     counts = np.asarray(counts, dtype=np.float64)
     b, n, p = counts.shape
@@ -106,7 +113,8 @@ def working_model(counts: np.ndarray, probs: np.ndarray, columns: np.ndarray, *,
         a, e = prior_precision(torch.logit(theta), torch.as_tensor(np.asarray(fit["sigma"]), **opts), data, config, q)
         matvec, precond = precision_operators(blocks, data.get("eigvecs"), a, e)
         w_cols = torch.einsum("bnkl,bnlm->bnkm", blocks, cols)
-        sol, _ = pcg(matvec, w_cols.reshape(b, n * q, -1), precond, tol=cg_tol or CG_TOL["float64"])
+        sol, _ = pcg(matvec, w_cols.reshape(b, n * q, -1), precond, tol=cg_tol or CG_TOL["float64"],
+                     restrict=precision_restriction(blocks, data.get("eigvecs"), a, e))
         cols = cols - sol.reshape(b, n, q, -1)
         if "nu" in fit:  # not needed for G alone
             resid = resid + torch.einsum("bnkl,bnl->bnk", blocks, torch.as_tensor(np.asarray(fit["nu"]), **opts))

@@ -52,8 +52,8 @@ from spatialscale.glmm.objective import loss_and_gradients, neg_log_joint, varia
 from spatialscale.glmm.state import PerGeneStopping, pack_fit, setup_fit
 
 __all__ = ["apply_blocks", "apply_precision", "fit_joint_newton", "joint_hessian_vector", "line_search",
-           "newton_direction", "pcg", "precision_diagonal", "precision_operators", "prior_precision",
-           "random_effect_preconditioner", "weight_blocks"]
+           "newton_direction", "pcg", "precision_diagonal", "precision_operators", "precision_restriction",
+           "prior_precision", "random_effect_preconditioner", "weight_blocks"]
 
 #: relative residual at which a conjugate-gradient column stops, by dtype
 CG_TOL = {"float32": 1e-5, "float64": 1e-9}
@@ -150,7 +150,8 @@ def apply_blocks(blocks, v):
     return torch.einsum("bnij,bnjk->bnik", blocks, v)
 
 
-def pcg(matvec: Callable, rhs, precond: Callable, *, tol, max_iter: int = CG_MAX_ITER):
+def pcg(matvec: Callable, rhs, precond: Callable, *, tol, max_iter: int = CG_MAX_ITER,
+        restrict: Callable | None = None):
     """Preconditioned conjugate gradients for ``A x = rhs``, every gene and column on its own.
 
     Parameters
@@ -167,6 +168,12 @@ def pcg(matvec: Callable, rhs, precond: Callable, *, tol, max_iter: int = CG_MAX
         the other columns or genes of the batch.
     max_iter
         Iterations at most.
+    restrict
+        ``genes -> (matvec, precond)`` for the genes ``genes`` (a LongTensor of
+        batch positions) alone.  Given, the iteration drops the genes whose
+        columns have all stopped once they are half of those still iterated,
+        so a batch costs about the sum of its genes' iterations rather than
+        the most any gene needs.
 
     Returns
     -------
@@ -177,17 +184,31 @@ def pcg(matvec: Callable, rhs, precond: Callable, *, tol, max_iter: int = CG_MAX
 
     tol = torch.as_tensor(tol, dtype=rhs.dtype, device=rhs.device)
     tol = tol[:, None] if tol.dim() == 1 else tol
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
     bnorm = rhs.norm(dim=1)
+    tol = tol.expand_as(bnorm)
+    x = torch.zeros_like(rhs)
+    x_out = torch.zeros_like(rhs)
+    r = rhs.clone()
     done = bnorm <= 0
     z = precond(r)
     p = z.clone()
     rz = (r * z).sum(1)
     iters = torch.zeros(bnorm.shape, dtype=torch.int64, device=rhs.device)
+    iters_out = iters.clone()
+    genes = torch.arange(rhs.shape[0], device=rhs.device)  # batch positions of the rows iterated
     for _ in range(max_iter):
         if bool(done.all()):
             break
+        if restrict is not None:
+            live = ~done.all(1)
+            if 2 * int(live.sum()) <= live.numel():  # drop the finished genes
+                fin = ~live
+                x_out[genes[fin]] = x[fin]
+                iters_out[genes[fin]] = iters[fin]
+                keep = live.nonzero()[:, 0]
+                genes = genes[keep]
+                x, r, p, rz, done, bnorm, tol, iters = (t[keep] for t in (x, r, p, rz, done, bnorm, tol, iters))
+                matvec, precond = restrict(genes)
         ap = matvec(p)
         pap = (p * ap).sum(1)
         go = ~done & (pap > 0)
@@ -201,7 +222,9 @@ def pcg(matvec: Callable, rhs, precond: Callable, *, tol, max_iter: int = CG_MAX
         beta = torch.where(done, torch.zeros_like(rz), rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)))
         p = torch.where(done[:, None, :], p, z + beta[:, None, :] * p)
         rz = torch.where(done, rz, rz_new)
-    return x, iters
+    x_out[genes] = x
+    iters_out[genes] = iters
+    return x_out, iters_out
 
 
 def _phi_names(learn: list[str]) -> list[str]:
@@ -328,6 +351,15 @@ def random_effect_preconditioner(blocks, vec, a, e):
         return out
 
     return apply
+
+
+def precision_restriction(blocks, vec, a, e) -> Callable:
+    """``genes -> precision_operators(...)`` of those genes alone (:func:`pcg`'s ``restrict``)."""
+
+    def restrict(genes):
+        return precision_operators(blocks[genes], vec, None if a is None else a[genes], e[genes])
+
+    return restrict
 
 
 def precision_operators(blocks, vec, a, e):
@@ -505,10 +537,18 @@ def newton_direction(params: dict, data: dict, cfg, learn: list[str], *, cg_tol=
             floor = CG_TOL["float64" if g_nu.dtype == torch.float64 else "float32"]
             gnorm = g_tw.norm(dim=1) if g_phi is None else torch.cat([g_tw, g_phi], 1).norm(dim=1)
             cg_tol = gnorm.clamp(min=floor, max=0.1)
-        matvec, precond = _tw_operators(system, data.get("eigvecs"), n, ridge=_RIDGE)
+        vec = data.get("eigvecs")
+        matvec, precond = _tw_operators(system, vec, n, ridge=_RIDGE)
+
+        def restrict(genes):
+            sub = {"blocks": system["blocks"][genes], "a": None if system["a"] is None else system["a"][genes],
+                   "e": system["e"][genes], "x1": system["x1"]}
+            return _tw_operators(sub, vec, n, ridge=_RIDGE)
+
         # the variance parameters' columns in (t, w): [d(C^-1 nu)/d phi; -X1' d(C^-1 nu)/d phi]
         cols_tw = torch.cat([cols.reshape(b, nq, -1), -_x1_transpose(x1, cols)], 1)
-        sol, iters = pcg(matvec, torch.cat([g_tw[..., None], cols_tw], dim=-1), precond, tol=cg_tol)
+        sol, iters = pcg(matvec, torch.cat([g_tw[..., None], cols_tw], dim=-1), precond, tol=cg_tol,
+                         restrict=restrict)
         d_tw = -sol[..., 0]
         dphi = None
         if g_phi is not None:
