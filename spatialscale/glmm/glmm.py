@@ -92,8 +92,9 @@ def laplace_log_marginal(fit: dict[str, np.ndarray], counts: np.ndarray, eigvals
 
     ``log p(Y) ~ log p(Y, nu_hat) - 1/2 logdet(-H)`` with ``H`` the Hessian of
     the log joint in ``nu`` (``n q x n q``: the multinomial's per-spot blocks
-    ``-N_i (diag p_i - p_i p_i')`` plus ``-C^-1`` per logit).  Dense: meant
-    for sections of a few thousand spots.
+    ``-N_i (diag p_i - p_i p_i')`` plus ``-C^-1`` per logit).  Dense for
+    ``glmm-full`` (sections of a few thousand spots); per-spot ``q x q``
+    blocks for ``glmm-null``, where ``C^-1`` is diagonal.
 
     Returns
     -------
@@ -124,17 +125,21 @@ def laplace_log_marginal(fit: dict[str, np.ndarray], counts: np.ndarray, eigvals
         theta = np.broadcast_to(theta, (b, q)) if theta.shape[1] == 1 else theta
         lam, vec = np.asarray(eigvals, dtype=np.float64), np.asarray(eigvecs, dtype=np.float64)
         cov = var[..., None] * (theta[..., None] * lam + 1.0 - theta[..., None])  # (B, q, r)
-        prec = np.einsum("nr,bqr,mr->bqnm", vec, 1.0 / cov, vec)
+        prec = (vec * (1.0 / cov)[..., None, :]) @ vec.T  # (B, q, n, n), one GEMM per gene and logit
         if lam.shape[0] < n:
             d = var * (1.0 - theta)
             prec = prec + (1.0 / d)[..., None, None] * (np.eye(n) - vec @ vec.T)
     else:
         params["theta_logit"] = torch.full_like(params["sigma"], -math.inf)
-        prec = (1.0 / var)[..., None, None] * np.eye(n)
+        prec = None
     log_joint = -neg_log_joint(params, data, cfg).numpy()
     probs = np.asarray(fit["probs"], dtype=np.float64)[..., :-1]  # (B, n, q)
     w = c.sum(-1)[..., None, None] * (np.einsum("bnq,qr->bnqr", probs, np.eye(q))
                                       - np.einsum("bnq,bnr->bnqr", probs, probs))
+    if prec is None:  # glmm-null: C^-1 = I / sigma^2 per logit, so -H is block diagonal over spots
+        blocks = w + np.einsum("bq,qr->bqr", 1.0 / var, np.eye(q))[:, None]
+        logdet = 2.0 * np.log(np.diagonal(np.linalg.cholesky(blocks), axis1=-2, axis2=-1)).sum((-2, -1))
+        return log_joint - 0.5 * logdet
     neg_h = np.zeros((b, q * n, q * n))
     idx = np.arange(n)
     for j in range(q):
