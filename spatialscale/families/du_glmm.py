@@ -122,7 +122,8 @@ FAMILY = Family(
     options=(
         Option("model", "glm", "the fitted model: glm (exact IWLS), glmm-full (spatial random effect) or glmm-null",
                choices=DU_MODELS),
-        Option("fit", None, "fitting method (GLMM: joint_newton; GLM: iwls)", choices=ALL_FITS),
+        Option("fit", None, "fitting method (GLMM: joint_newton, joint_gd on a low-rank kernel; GLM: iwls)",
+               choices=ALL_FITS),
         Option("glmm", None, "GLMM settings (key=value): share_variance, var_fix_sigma, var_prior, init_ratio, lr, "
                "tol, patience, max_epochs, dtype, update_nu_every_k, optim, rank; the tests' variance=robust (default: "
                "the sandwich, calibrated under overdispersion) | model (SPLISOSM's) | pearson (glm score), and for "

@@ -73,7 +73,7 @@ def glmm_options(store: IsoformStore, model: str, glmm: dict[str, Any] | None) -
 
 GLMM_MODELS = ("glmm-full", "glmm-null", "glm")
 #: the fitting methods of each model; the first is the default (``joint_newton``: 10-15 epochs per gene where
-#: SPLISOSM's ``joint_gd`` takes 300-500, to a better optimum; docs/statistics.md)
+#: SPLISOSM's ``joint_gd`` takes 300-500, to a better optimum; docs/statistics.md), but see :func:`default_fit`
 FIT_METHODS = {"glm": ("iwls", "newton", "gd"),
                "glmm-full": ("joint_newton", *(m for m in GLMM_FITS if m != "joint_newton"))}
 FIT_METHODS["glmm-null"] = FIT_METHODS["glmm-full"]
@@ -86,6 +86,24 @@ ALL_FITS = FIT_METHODS["glmm-full"] + FIT_METHODS["glm"]
 DESIGN_DTYPE = "float64"
 
 
+def default_fit(store: IsoformStore, model: str, rank: int | None) -> str:
+    """The default fitting method: ``joint_newton``, except ``joint_gd`` for glmm-full on a low-rank kernel.
+
+    With a truncated kernel basis (sections above 5,000 spots, or a ``rank`` below the spots) the joint
+    likelihood decreases without bound as ``theta -> 1`` (the isotropic remainder's variance vanishes).
+    Newton steps follow it to the ``theta_logit`` bound, where the PCG systems are so ill-conditioned
+    that float32 solves run to their iteration cap (measured: 6 genes at 10^5 spots, rank 100, 301 s and
+    theta = 0.99995 for every gene); SPLISOSM's slow Adam steps stay away from that region.
+    """
+    if model == "glmm-full":
+        from spatialscale.kernel import default_rank
+
+        r = default_rank(store.n_spots) if rank is None else min(int(rank), store.n_spots)
+        if r < store.n_spots:
+            return "joint_gd"
+    return FIT_METHODS[model][0]
+
+
 def glmm_settings(store: IsoformStore, model: str, fit: str | None, glmm: dict[str, Any] | None, *,
                   design: bool = False) -> dict[str, Any]:
     """Validated settings of a GLM / GLMM fit: the fitting method and the ``glmm`` dict, as tasks take them.
@@ -95,7 +113,7 @@ def glmm_settings(store: IsoformStore, model: str, fit: str | None, glmm: dict[s
     glmm = dict(glmm or {})
     if "method" in glmm:
         raise InputError("give the fitting method as fit=... (--fit), not glmm['method'].")
-    fit = fit or FIT_METHODS[model][0]
+    fit = fit or default_fit(store, model, glmm.get("rank"))
     if fit not in FIT_METHODS[model]:
         raise InputError(f"unknown fit method for {model} {fit!r}; choose one of {', '.join(FIT_METHODS[model])}.")
     if model == "glm":
@@ -158,7 +176,7 @@ def _prepare(store: IsoformStore, method: str | None, opts: dict[str, Any], cova
     model, return_nu = opts["model"], bool(opts["return_nu"])
     names, z = ([], None) if covariates is None else resolve_covariates(store.obs(), covariates)
     glmm = glmm_settings(store, model, opts["fit"], opts["glmm"], design=z is not None)
-    fit = opts["fit"] or FIT_METHODS[model][0]
+    fit = opts["fit"] or default_fit(store, model, glmm.get("rank"))
     q_max = int(store.genes["n_isoforms"].max()) - 1
     n = store.n_spots
 
@@ -195,7 +213,8 @@ FAMILY = Family(
     options=(
         Option("model", "glmm-full", "glmm-full (spatial random effect), glmm-null (white noise) or glm",
                choices=GLMM_MODELS),
-        Option("fit", None, "fitting method (GLMM: joint_newton; GLM: iwls)", choices=ALL_FITS),
+        Option("fit", None, "fitting method (GLMM: joint_newton, joint_gd on a low-rank kernel; GLM: iwls)",
+               choices=ALL_FITS),
         Option("glmm", None, "GLMM settings (key=value): share_variance, var_fix_sigma, var_prior, init_ratio, lr, "
                "tol, patience, max_epochs, dtype, update_nu_every_k, optim, rank", kind="dict"),
         Option("return_nu", False, "also keep the fitted random effect nu (gene x spot x contrast)", kind="bool"),

@@ -113,7 +113,8 @@ FAMILY = Family(
                "count (perm) or per gene (perm-gene)", choices=LLR_NULLS),
         Option("n_perms", None, "permutations for the perm nulls (20; each one a refit)", kind="int"),
         Option("perm_seed", 0, "seed of the permutations (one set shared by all genes)", kind="int"),
-        Option("fit", "joint_newton", "GLMM fitting method (joint_gd: SPLISOSM's)", choices=FIT_METHODS["glmm-full"]),
+        Option("fit", None, "GLMM fitting method (joint_newton; joint_gd above 5,000 spots and SPLISOSM's)",
+               choices=FIT_METHODS["glmm-full"]),
         Option("glmm", None, "GLMM settings (key=value): share_variance, var_fix_sigma, var_prior, init_ratio, lr, "
                "tol, patience, max_epochs, dtype, update_nu_every_k, optim, rank", kind="dict"),
     ),

@@ -32,11 +32,10 @@ def covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, 
     return info + jitter * np.eye(q)
 
 
-def _fixed_effect_columns(z: np.ndarray, design: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(n, F)`` covariates and the ``(n, 1 + F0)`` nuisance columns ``[1, design]``."""
-    n = z.shape[0]
+def _nuisance_columns(n: int, design: np.ndarray | None) -> np.ndarray:
+    """The ``(n, 1 + F0)`` nuisance columns ``[1, design]`` of a model fitted without the tested covariates."""
     x0 = np.zeros((n, 0)) if design is None else np.asarray(design, dtype=np.float64).reshape(n, -1)
-    return z, np.concatenate([np.ones((n, 1)), x0], axis=1)
+    return np.concatenate([np.ones((n, 1)), x0], axis=1)
 
 
 def working_model(counts: np.ndarray, probs: np.ndarray, columns: np.ndarray, *, fit: dict | None = None,
@@ -100,9 +99,9 @@ def working_model(counts: np.ndarray, probs: np.ndarray, columns: np.ndarray, *,
     opts = {"dtype": torch.float64, "device": device}
     blocks = weight_blocks(torch.as_tensor(np.asarray(probs)[..., :-1], **opts),
                            torch.as_tensor(counts.sum(-1), **opts))  # (B, n, q, q)
-    cols = torch.einsum("nf,kl->nlfk", torch.as_tensor(np.asarray(columns, dtype=np.float64), **opts),
-                        torch.eye(q, **opts))
-    cols = cols.reshape(n, q, -1).expand(b, n, q, -1)  # (B, n, q, m q): (column, logit)
+    d = torch.einsum("nf,kl->nlfk", torch.as_tensor(np.asarray(columns, dtype=np.float64), **opts),
+                     torch.eye(q, **opts)).reshape(n, q, -1)  # (n, q, m q): D, indexed (column, logit)
+    cols = d.expand(b, n, q, -1)  # B = D without a random effect
     resid = torch.as_tensor(counts - counts.sum(-1, keepdims=True) * np.asarray(probs), **opts)[..., :-1]
     if fit is not None and config is not None and config.model != "glm":
         data = {}
@@ -118,8 +117,6 @@ def working_model(counts: np.ndarray, probs: np.ndarray, columns: np.ndarray, *,
         cols = cols - sol.reshape(b, n, q, -1)
         if "nu" in fit:  # not needed for G alone
             resid = resid + torch.einsum("bnkl,bnl->bnk", blocks, torch.as_tensor(np.asarray(fit["nu"]), **opts))
-    d = torch.einsum("nf,kl->nlfk", torch.as_tensor(np.asarray(columns, dtype=np.float64), **opts),
-                     torch.eye(q, **opts)).reshape(n, q, -1)
     g = torch.einsum("nkm,bnkl,bnlj->bmj", d, blocks, cols)
     g = 0.5 * (g + g.transpose(1, 2))
     contrib = torch.einsum("bnkm,bnk->bnm", cols, resid)
@@ -170,8 +167,9 @@ def adjusted_covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.
     numpy.ndarray
         ``(B, F, q, q)``.
     """
-    q = np.shape(counts)[-1] - 1
-    z, x1 = _fixed_effect_columns(np.asarray(z, dtype=np.float64).reshape(np.shape(counts)[1], -1), design)
+    n, q = np.shape(counts)[1], np.shape(counts)[-1] - 1
+    z = np.asarray(z, dtype=np.float64).reshape(n, -1)
+    x1 = _nuisance_columns(n, design)
     g, contrib = working_model(counts, probs, np.concatenate([z, x1], axis=1), fit=fit, eigvals=eigvals,
                                eigvecs=eigvecs, config=config, device=device)
     info, _ = _projected(g, contrib, z.shape[1] * q)
@@ -210,7 +208,8 @@ def robust_score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, f
         Each ``(B, F)``.
     """
     n, q = np.shape(counts)[1], np.shape(counts)[-1] - 1
-    z, x1 = _fixed_effect_columns(np.asarray(z, dtype=np.float64).reshape(n, -1), design)
+    z = np.asarray(z, dtype=np.float64).reshape(n, -1)
+    x1 = _nuisance_columns(n, design)
     f = z.shape[1]
     g, contrib = working_model(counts, probs, np.concatenate([z, x1], axis=1), fit=fit, eigvals=eigvals,
                                eigvecs=eigvecs, config=config, device=device, cg_tol=SANDWICH_CG_TOL)
