@@ -151,8 +151,9 @@ def sv_test(
         genes); default 1000 for HSIC, 20 for ``glmm-llr`` (each one a refit
         of the pair); seed 0.
     fit
-        glmm-llr: the GLMM fitting method (``joint_newton`` default,
-        ``joint_gd`` (SPLISOSM's), ``marginal_gd``, ``marginal_newton``).
+        glmm-llr: the GLMM fitting method (``joint_newton`` default, or
+        ``joint_gd`` (SPLISOSM's; the default on a low-rank kernel),
+        ``marginal_gd``, ``marginal_newton``).
     glmm
         glmm-llr: GLMM settings (see :func:`du_test`).
     with_summary
@@ -259,7 +260,8 @@ def du_test(
         ``glmm-null`` (white-noise random effect).
     fit
         GLMM tests: the fitting method (GLMMs ``joint_newton`` (default),
-        ``joint_gd`` (SPLISOSM's), ``marginal_gd``, ``marginal_newton``; GLM ``iwls``
+        ``joint_gd`` (SPLISOSM's; the default for glmm-full on a low-rank
+        kernel), ``marginal_gd``, ``marginal_newton``; GLM ``iwls``
         (default, = ``newton``) or ``gd``).
     glmm
         GLMM tests: settings of :class:`spatialscale.glmm.glmm.GLMMConfig`
@@ -311,8 +313,9 @@ def glmm_fit(
         ``glmm-full`` (default; spatial random effect), ``glmm-null`` (white
         noise) or ``glm``.
     fit
-        GLMMs: ``joint_newton`` (default), ``joint_gd`` (SPLISOSM's),
-        ``marginal_gd``, ``marginal_newton``; GLM: ``iwls`` (default, = ``newton``) or ``gd``.
+        GLMMs: ``joint_newton`` (default), ``joint_gd`` (SPLISOSM's; the
+        default for glmm-full on a low-rank kernel), ``marginal_gd``,
+        ``marginal_newton``; GLM: ``iwls`` (default, = ``newton``) or ``gd``.
     covariates
         Optional fixed effects (as in :func:`du_test`).
     glmm
