@@ -176,7 +176,7 @@ def _prepare(store: IsoformStore, method: str | None, opts: dict[str, Any], cova
     model, return_nu = opts["model"], bool(opts["return_nu"])
     names, z = ([], None) if covariates is None else resolve_covariates(store.obs(), covariates)
     glmm = glmm_settings(store, model, opts["fit"], opts["glmm"], design=z is not None)
-    fit = opts["fit"] or default_fit(store, model, glmm.get("rank"))
+    fit = glmm.get("method") or opts["fit"] or FIT_METHODS["glm"][0]  # GLMMs: as glmm_settings resolved it
     q_max = int(store.genes["n_isoforms"].max()) - 1
     n = store.n_spots
 

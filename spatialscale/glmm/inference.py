@@ -32,10 +32,15 @@ def covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, 
     return info + jitter * np.eye(q)
 
 
-def _nuisance_columns(n: int, design: np.ndarray | None) -> np.ndarray:
-    """The ``(n, 1 + F0)`` nuisance columns ``[1, design]`` of a model fitted without the tested covariates."""
+def _covariates_given_nuisance(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, design: np.ndarray | None,
+                               cg_tol: float | None = None, **fit_kw) -> tuple[np.ndarray, np.ndarray]:
+    """The tested covariates' information and spot terms with the nuisance columns ``[1, design]`` projected
+    out (:func:`working_model`, :func:`_projected`): ``(B, F q, F q)`` and ``(B, n, F q)``."""
+    n, q = np.shape(counts)[1], np.shape(counts)[-1] - 1
     x0 = np.zeros((n, 0)) if design is None else np.asarray(design, dtype=np.float64).reshape(n, -1)
-    return np.concatenate([np.ones((n, 1)), x0], axis=1)
+    g, contrib = working_model(counts, probs, np.concatenate([z, np.ones((n, 1)), x0], axis=1), cg_tol=cg_tol,
+                               **fit_kw)
+    return _projected(g, contrib, z.shape[1] * q)
 
 
 def working_model(counts: np.ndarray, probs: np.ndarray, columns: np.ndarray, *, fit: dict | None = None,
@@ -169,10 +174,8 @@ def adjusted_covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.
     """
     n, q = np.shape(counts)[1], np.shape(counts)[-1] - 1
     z = np.asarray(z, dtype=np.float64).reshape(n, -1)
-    x1 = _nuisance_columns(n, design)
-    g, contrib = working_model(counts, probs, np.concatenate([z, x1], axis=1), fit=fit, eigvals=eigvals,
-                               eigvecs=eigvecs, config=config, device=device)
-    info, _ = _projected(g, contrib, z.shape[1] * q)
+    info, _ = _covariates_given_nuisance(counts, probs, z, design, fit=fit, eigvals=eigvals, eigvecs=eigvecs,
+                                         config=config, device=device)
     return _per_covariate(info, z.shape[1], q) + jitter * np.eye(q)
 
 
@@ -209,11 +212,9 @@ def robust_score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, f
     """
     n, q = np.shape(counts)[1], np.shape(counts)[-1] - 1
     z = np.asarray(z, dtype=np.float64).reshape(n, -1)
-    x1 = _nuisance_columns(n, design)
     f = z.shape[1]
-    g, contrib = working_model(counts, probs, np.concatenate([z, x1], axis=1), fit=fit, eigvals=eigvals,
-                               eigvecs=eigvecs, config=config, device=device, cg_tol=SANDWICH_CG_TOL)
-    _, c = _projected(g, contrib, f * q)
+    _, c = _covariates_given_nuisance(counts, probs, z, design, cg_tol=SANDWICH_CG_TOL, fit=fit, eigvals=eigvals,
+                                      eigvecs=eigvecs, config=config, device=device)
     c = c.reshape(c.shape[0], n, f, q)
     s = c.sum(1)
     v = np.einsum("bnfq,bnfr->bfqr", c, c)

@@ -353,11 +353,17 @@ def random_effect_preconditioner(blocks, vec, a, e):
     return apply
 
 
+def _gene_factors(genes, blocks, a, e):
+    """The per-gene inputs of the precision operators (``W_i`` blocks and the prior factors) of ``genes`` alone."""
+    return blocks[genes], None if a is None else a[genes], e[genes]
+
+
 def precision_restriction(blocks, vec, a, e) -> Callable:
     """``genes -> precision_operators(...)`` of those genes alone (:func:`pcg`'s ``restrict``)."""
 
     def restrict(genes):
-        return precision_operators(blocks[genes], vec, None if a is None else a[genes], e[genes])
+        sub_blocks, sub_a, sub_e = _gene_factors(genes, blocks, a, e)
+        return precision_operators(sub_blocks, vec, sub_a, sub_e)
 
     return restrict
 
@@ -541,9 +547,8 @@ def newton_direction(params: dict, data: dict, cfg, learn: list[str], *, cg_tol=
         matvec, precond = _tw_operators(system, vec, n, ridge=_RIDGE)
 
         def restrict(genes):
-            sub = {"blocks": system["blocks"][genes], "a": None if system["a"] is None else system["a"][genes],
-                   "e": system["e"][genes], "x1": system["x1"]}
-            return _tw_operators(sub, vec, n, ridge=_RIDGE)
+            sub = dict(zip(("blocks", "a", "e"), _gene_factors(genes, system["blocks"], system["a"], system["e"])))
+            return _tw_operators({**sub, "x1": system["x1"]}, vec, n, ridge=_RIDGE)
 
         # the variance parameters' columns in (t, w): [d(C^-1 nu)/d phi; -X1' d(C^-1 nu)/d phi]
         cols_tw = torch.cat([cols.reshape(b, nq, -1), -_x1_transpose(x1, cols)], 1)
