@@ -43,6 +43,7 @@ The helpers :func:`prior_precision`, :func:`apply_precision`,
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -123,11 +124,26 @@ def apply_precision(v, vec, a, e):
     return out + (vec @ proj.reshape(proj.shape[0], -1)).reshape(n, b, q, k).permute(1, 0, 2, 3)
 
 
+_SQUARED: tuple = (lambda: None, None)  # the last eigenbasis squared: (weak reference to it, its square)
+
+
+def _squared_eigvecs(vec):
+    """``vec**2``, kept for the last eigenbasis seen (each epoch's preconditioner needs it again)."""
+    global _SQUARED
+    ref, sq = _SQUARED  # one tuple: a thread reads a consistent pair
+    if ref() is not vec:
+        sq = vec**2
+        _SQUARED = (weakref.ref(vec), sq)
+    return sq
+
+
 def precision_diagonal(vec, a, e, n: int):
     """Diagonal of ``C^-1`` per logit: ``(B, n, q)``."""
     if a is None:
         return e[:, None, :].expand(-1, n, -1)
-    return (vec**2) @ a.transpose(1, 2) + e[:, None, :]
+    b, q, r = a.shape
+    # one GEMM over every gene and logit (a batched product of (n, r) by (r, q) blocks is several times slower)
+    return (_squared_eigvecs(vec) @ a.reshape(b * q, r).T).reshape(n, b, q).permute(1, 0, 2) + e[:, None, :]
 
 
 def weight_blocks(probs_q, totals):
