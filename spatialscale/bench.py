@@ -219,7 +219,7 @@ def run_glmm_bench(spots: list[int], genes: list[int], *, method: str = "glmm-sc
     from spatialscale.api import du_test, glmm_fit, sv_test
     from spatialscale.engine import local_cluster
     from spatialscale.errors import InputError
-    from spatialscale.kernel import default_rank
+    from spatialscale.kernel import default_rank, kernel_eigenpairs
     from spatialscale.simulate import simulate_section
     from spatialscale.store import ingest
 
@@ -231,6 +231,14 @@ def run_glmm_bench(spots: list[int], genes: list[int], *, method: str = "glmm-sc
             Client(cluster) as client, tempfile.TemporaryDirectory() as tmpdir:
         # import torch on the workers first, as it already is in the process that runs SPLISOSM
         client.run(lambda: __import__("spatialscale.glmm.glmm") and __import__("torch") and None)
+        # start-up, once per cluster and not per section, measured apart: ingest's imports and compiled kernels
+        # here (numba's cache load), the workers' first reads and torch calls on a small section
+        t = time.perf_counter()
+        warm = ingest(simulate_section(64, 4, n_sv=0, n_du=0, seed=seed), Path(tmpdir) / "warm.zarr", eigenpairs=True)
+        _ = (du_test(warm, ["rbp"], method="glmm-score", model="glmm-full", client=client, progress=False)
+             if method == "glmm-score" else sv_test(warm, method="glmm-llr", client=client, progress=False))
+        print(f"start-up (imports, first reads and torch calls on a 64-spot section): {time.perf_counter() - t:.2f} s",
+              flush=True)
         for n in spots:
             rate = gemm_rate(n, 64)
             for g in genes:
@@ -239,11 +247,10 @@ def run_glmm_bench(spots: list[int], genes: list[int], *, method: str = "glmm-sc
                 client.run(_clear_worker_caches)
                 since = time.time()
                 t = time.perf_counter()
-                store = ingest(adata, Path(tmpdir) / f"glmm-{n}-{g}.zarr", overwrite=True)
+                # the eigenpairs at ingest: the power sums come from the same decomposition
+                store = ingest(adata, Path(tmpdir) / f"glmm-{n}-{g}.zarr", overwrite=True, eigenpairs=True)
                 t_ingest = time.perf_counter() - t
                 rank = default_rank(store.n_spots)
-                store.ensure_eigenpairs(rank)
-                t_eig = time.perf_counter() - t - t_ingest
                 kw = {"client": client, "progress": False}
                 if method == "glmm-score":
                     ds = du_test(store, ["rbp"], method="glmm-score", model="glmm-full", **kw)
@@ -257,6 +264,9 @@ def run_glmm_bench(spots: list[int], genes: list[int], *, method: str = "glmm-sc
                     pvalue = ds["du_pvalue"].values[:, 0]
                 else:
                     pvalue = ds["sv_pvalue"].values
+                t = time.perf_counter()  # untimed: the eigendecomposition's share of ingest_s
+                kernel_eigenpairs(store.precision(), None if rank >= store.n_spots else rank)
+                t_eig = time.perf_counter() - t
                 # the objective is compared for the DU fit only: SPLISOSM's LLR models are the pair fitted from_null
                 loss = (glmm_fit(store, model="glmm-full", **kw)["loss"].values if method == "glmm-score"
                         else np.full(len(pvalue), np.nan))
@@ -269,11 +279,11 @@ def run_glmm_bench(spots: list[int], genes: list[int], *, method: str = "glmm-sc
                     "spots": n, "genes": g, "splisosm_s": t_ref, "spatialscale_s": t_ours,
                     "genes_per_s_ratio": t_ref / t_ours,
                     "epochs_per_gene": epochs / max(parts.get("genes", 0.0), 1.0),
-                    "ingest_s": t_ingest, "eigenpairs_s": t_eig,
+                    "ingest_s": t_ingest, "eigenpairs_s": t_eig,  # part of ingest_s
                     "fit_s": parts.get("fit", float("nan")) / workers,
                     "test_s": parts.get("test", float("nan")) / workers,
                     "io_s": (parts.get("read", 0.0) + parts.get("eigenpairs", 0.0)) / workers,
-                    "scheduling_s": t_ours - t_ingest - t_eig - compute / workers,
+                    "scheduling_s": t_ours - t_ingest - compute / workers,
                     "flop_floor_frac": floor / max(parts.get("fit", 0.0) / workers, 1e-12),
                     "loss_not_worse": float(np.mean(j["loss"] <= j["loss_ref"] + 1e-3 * np.abs(j["loss_ref"])))
                     if method == "glmm-score" else float("nan"),
@@ -286,7 +296,8 @@ def run_glmm_bench(spots: list[int], genes: list[int], *, method: str = "glmm-sc
     print(f"\n{what}: SplisosmGLMM fit(n_jobs={workers}, batch_size={splisosm_batch_size}) vs spatialscale on "
           f"{workers} workers (defaults; ingest and eigenpairs included). fit_s / test_s / io_s: task seconds per "
           "worker; scheduling_s: the rest of the wall; flop_floor_frac: one eigenbasis product per epoch and gene "
-          "at the measured GEMM rate, over fit_s")
+          "at the measured GEMM rate, over fit_s; eigenpairs_s: the decomposition's share of ingest_s (stores ingested "
+          "with eigenpairs=True: the exact power sums come from it)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return table
 

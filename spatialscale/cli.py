@@ -42,6 +42,9 @@ def _add_ingest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--power-sums", default="auto", choices=("auto", "exact", "selected", "hutchinson"),
                    help="kernel power sums of the null: auto (exact up to 5,000 spots, then selected), exact, "
                         "selected (k1, k2 exact; k3, k4 from probes with control variates), hutchinson (SPLISOSM's)")
+    p.add_argument("--eigenpairs", action="store_true",
+                   help="also compute the GLMM's kernel eigenpairs and keep them in the store (car kernel; up to "
+                        "5,000 spots the exact power sums come from the same decomposition)")
 
 
 def _ingest_kwargs(args: argparse.Namespace) -> dict:
@@ -52,7 +55,7 @@ def _ingest_kwargs(args: argparse.Namespace) -> dict:
             "min_component_size": args.min_component_size, "k_neighbors": args.k_neighbors, "rho": args.rho,
             "standardize_cov": not args.no_standardize_cov, "power_sums": args.power_sums, "kernel": args.kernel,
             "grid_keys": tuple(args.grid_keys), "grid_spacing": tuple(args.grid_spacing),
-            "neighbor_degree": args.neighbor_degree}
+            "neighbor_degree": args.neighbor_degree, "eigenpairs": args.eigenpairs}
 
 
 def _add_execution(p: argparse.ArgumentParser) -> None:

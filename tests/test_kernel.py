@@ -81,6 +81,19 @@ def test_standardised_kernel_has_unit_diagonal_and_exact_power_sums():
     assert kern.power_sum_method == "exact"
 
 
+def test_power_sums_from_the_glmm_eigenpairs_equal_the_dense_ones():
+    """build_kernel(eigenpairs=True): one eigendecomposition gives the GLMM's basis and the exact power sums."""
+    xy = coords_for("hex", 400, np.random.default_rng(3))
+    dense = K.build_kernel(xy)
+    both = K.build_kernel(xy, eigenpairs=True)
+    np.testing.assert_allclose(both.power_sums, dense.power_sums, rtol=1e-11)
+    lam, vec = both.eigenpairs
+    ref_lam, ref_vec = K.kernel_eigenpairs(dense.precision)
+    np.testing.assert_allclose(lam, ref_lam, rtol=1e-12)
+    np.testing.assert_allclose(np.abs(vec.T @ ref_vec).diagonal(), 1.0, atol=1e-8)
+    assert dense.eigenpairs is None and both.power_sum_method == "exact"
+
+
 def test_hutchinson_power_sums_are_seeded_and_close():
     xy = coords_for("grid", 400, np.random.default_rng(0))
     exact = K.build_kernel(xy).power_sums

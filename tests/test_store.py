@@ -232,12 +232,14 @@ def test_metadata_copy_in_root_attributes_and_older_stores(tmp_path, small_adata
 
     from anndata.io import read_elem
 
-    from spatialscale.store import _plain
+    from spatialscale.store import _uns_meta
 
     path = tmp_path / "s.zarr"
     store = spatialscale.ingest(small_adata, path)
     root = zarr.open_group(str(path), mode="r")
-    assert root.attrs["spatialscale"]["meta"] == _plain(read_elem(root["uns/spatialscale"]))
+    assert root.attrs["spatialscale"]["meta"] == json.loads(read_elem(root["uns/spatialscale"]))
+    assert json.loads(ad.read_zarr(path).uns["spatialscale"])["n_spots"] == store.n_spots
+    assert _uns_meta(store.meta) == store.meta  # the nested mapping earlier versions wrote
     genes = store.genes.copy()
     # drop the copy, as a store written before it existed
     zj = path / "zarr.json"
@@ -250,3 +252,19 @@ def test_metadata_copy_in_root_attributes_and_older_stores(tmp_path, small_adata
     assert old.meta == store.meta
     assert old.kernel_token == store.kernel_token
     pd.testing.assert_frame_equal(old.genes, genes)
+
+
+def test_eigenpairs_at_ingest_are_those_a_glmm_run_computes(tmp_path, small_adata):
+    """ingest(eigenpairs=True) keeps the GLMM's eigenpairs (the HSIC power sums from the same decomposition)."""
+    late = spatialscale.ingest(small_adata, tmp_path / "late.zarr")
+    early = spatialscale.ingest(small_adata, tmp_path / "early.zarr", eigenpairs=True)
+    assert early.has_eigenpairs() and not late.has_eigenpairs()
+    lam, vec = early.eigenpairs()
+    ref_lam, ref_vec = late.ensure_eigenpairs()
+    assert vec.shape == (early.n_spots, early.n_spots)
+    np.testing.assert_allclose(lam, ref_lam, rtol=1e-12)
+    np.testing.assert_allclose(np.abs(np.sum(vec * ref_vec, axis=0)), 1.0, atol=1e-8)
+    np.testing.assert_allclose(early.meta["kernel"]["power_sums"], late.meta["kernel"]["power_sums"], rtol=1e-11)
+    with pytest.raises(InputError, match="kernel='car'"):
+        spatialscale.ingest(small_adata, tmp_path / "r.zarr", eigenpairs=True, kernel="fft")
+    assert not (tmp_path / "r.zarr").exists()

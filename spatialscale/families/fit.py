@@ -67,7 +67,8 @@ def glmm_options(store: IsoformStore, model: str, glmm: dict[str, Any] | None) -
         from spatialscale.kernel import default_rank
 
         rank = default_rank(store.n_spots) if rank is None else min(int(rank), store.n_spots)
-        store.ensure_eigenpairs(rank)  # computed once, on the client, before any task needs them
+        if not store.has_eigenpairs(rank):  # computed once, on the client, before any task needs them
+            store.ensure_eigenpairs(rank)
     return {**opts, "rank": rank}
 
 
