@@ -49,7 +49,7 @@ from collections.abc import Callable
 import numpy as np
 
 from spatialscale.glmm.config import VAR_FLOOR, GLMMConfig
-from spatialscale.glmm.objective import loss_and_gradients, neg_log_joint, variance_terms
+from spatialscale.glmm.objective import loss_and_gradients, neg_log_joint, project, variance_terms
 from spatialscale.glmm.state import PerGeneStopping, pack_fit, setup_fit
 
 __all__ = ["apply_blocks", "apply_precision", "fit_joint_newton", "joint_hessian_vector", "line_search",
@@ -263,7 +263,8 @@ def _newton_system(params: dict, data: dict, cfg, learn: list[str]) -> dict:
     nu = params["nu"]
     b, n, q = nu.shape
     phi = _phi_names(learn)
-    loss, grads = loss_and_gradients(params, data, cfg, ["nu", "bias", "beta"])
+    parts: dict = {}  # V' nu and C^-1 nu, computed once for the gradient and reused below
+    loss, grads = loss_and_gradients(params, data, cfg, ["nu", "bias", "beta"], parts=parts)
     x1 = torch.cat([torch.ones(n, 1, dtype=nu.dtype, device=nu.device), data["x"]], dim=1)  # (n, F+1)
     small = {k: params[k].detach().clone().requires_grad_(k in phi) for k in ("theta_logit", "sigma")}
     a, e = prior_precision(small["theta_logit"], small["sigma"], data, cfg, q)
@@ -274,19 +275,13 @@ def _newton_system(params: dict, data: dict, cfg, learn: list[str]) -> dict:
         a_d = None if a is None else a.detach()
         out = {"loss": loss, "g_nu": grads["nu"], "g_w": torch.cat([grads["bias"], grads["beta"].reshape(b, -1)], 1),
                "blocks": weight_blocks(probs, data["totals"]), "a": a_d, "e": e.detach(), "x1": x1,
-               "prior_grad": apply_precision(nu[..., None], vec, a_d, e.detach())[..., 0], "phi": phi,
+               "prior_grad": parts["prior_grad"], "phi": phi,
                "g_phi": None, "d_phi": None, "cols_phi": nu.new_zeros(b, n, q, 0)}
     if not phi:
         return out
 
     # the variance parameters: gradient, Hessian and d(C^-1 nu)/d phi from autograd on small tensors
-    with torch.no_grad():
-        if cfg.model == "glmm-null":
-            quad_proj, quad_rest = (nu**2).sum(1)[..., None], torch.zeros(b, q, dtype=nu.dtype, device=nu.device)
-        else:
-            proj = vec.T @ nu.permute(1, 0, 2).reshape(n, -1)  # (r, B q)
-            quad_proj = (proj**2).reshape(-1, b, q).permute(1, 2, 0)
-            quad_rest = (nu**2).sum(1) - quad_proj.sum(-1)
+    quad_proj, quad_rest = parts["quad_proj"], parts["quad_rest"]
     leaves = [small[k] for k in phi]
     var_loss = variance_terms(small["theta_logit"], small["sigma"], quad_proj, quad_rest, data, cfg, q, n)
     g_phi = torch.cat(torch.autograd.grad(var_loss.sum(), leaves, create_graph=True, allow_unused=True,
@@ -294,7 +289,7 @@ def _newton_system(params: dict, data: dict, cfg, learn: list[str]) -> dict:
     rows = [torch.cat(torch.autograd.grad(g_phi[:, j].sum(), leaves, retain_graph=True, allow_unused=True,
                                           materialize_grads=True), 1)
             if g_phi.requires_grad else torch.zeros_like(g_phi) for j in range(g_phi.shape[1])]
-    cols_phi = []
+    tangents = []
     for k in phi:  # forward-mode derivative of the factors (a, e) along each variance parameter
         for c in range(params[k].shape[1]):
             tangent = torch.zeros_like(params[k])
@@ -308,14 +303,33 @@ def _newton_system(params: dict, data: dict, cfg, learn: list[str]) -> dict:
             # torch.autograd.functional.jvp (double backward), not torch.func.jvp: forward-mode AD
             # levels are process-global and break when two threads (batches) fit at once
             _, tang = torch.autograd.functional.jvp(factors, (params[k].detach(),), (tangent,))
-            da, de = (None, tang[0]) if len(tang) == 1 else tang
-            cols_phi.append(apply_precision(nu[..., None], vec, da, de)[..., 0])
-    out.update(g_phi=g_phi.detach(), d_phi=torch.stack(rows, 1).detach(), cols_phi=torch.stack(cols_phi, -1))
+            tangents.append((None, tang[0]) if len(tang) == 1 else tang)
+    out.update(g_phi=g_phi.detach(), d_phi=torch.stack(rows, 1).detach(),
+               cols_phi=_precision_tangents(vec, parts["proj"], nu.detach(), tangents))
     return out
 
 
+def _precision_tangents(vec, proj, nu, tangents: list):
+    """``(dC^-1/dphi_j) nu`` for each tangent ``(da_j, de_j)`` of the factors: ``(B, n, q, m)``.
+
+    With ``proj = V' nu`` already at hand, all of them take one GEMM.
+    """
+    import torch
+
+    de = torch.stack([t[1] for t in tangents], -1)  # (B, q, m)
+    out = de[:, None] * nu[..., None]
+    if tangents[0][0] is None:  # glmm-null: C^-1 is diagonal
+        return out
+    w = torch.stack([t[0] for t in tangents], -1) * proj[..., None]  # (B, q, r, m)
+    b, q, r, m = w.shape
+    return out + (vec @ w.permute(2, 0, 1, 3).reshape(r, -1)).reshape(-1, b, q, m).permute(1, 0, 2, 3)
+
+
 def _eigen_block_inverse(blocks, vec, a, e):
-    """``v -> (I_n (x) W_bar + C^-1)^-1 v`` with ``W_bar`` the spot average of ``W_i``: exact in the eigenbasis."""
+    """``v -> (I_n (x) W_bar + C^-1)^-1 v`` with ``W_bar`` the spot average of ``W_i``: exact in the eigenbasis.
+
+    The returned ``apply(v, proj=None)`` takes ``V' v`` ``(B, r, q, k)`` where the caller has it.
+    """
     import torch
 
     b, n, q, _ = blocks.shape
@@ -326,9 +340,10 @@ def _eigen_block_inverse(blocks, vec, a, e):
     if inv_rest is not None:
         inv_k = inv_k - inv_rest[:, None]
 
-    def apply(v):
+    def apply(v, proj=None):
         k = v.shape[-1]
-        proj = (vec.T @ v.permute(1, 0, 2, 3).reshape(n, -1)).reshape(r, b, q, k).permute(1, 0, 2, 3)
+        if proj is None:
+            proj = (vec.T @ v.permute(1, 0, 2, 3).reshape(n, -1)).reshape(r, b, q, k).permute(1, 0, 2, 3)
         y = torch.einsum("brij,brjk->brik", inv_k, proj).permute(1, 0, 2, 3).reshape(r, -1)
         out = (vec @ y).reshape(n, b, q, k).permute(1, 0, 2, 3)
         return out if inv_rest is None else out + torch.einsum("bij,bnjk->bnik", inv_rest, v)
@@ -360,10 +375,10 @@ def random_effect_preconditioner(blocks, vec, a, e):
     idx = use_eigen.nonzero()[:, 0]
     eigen = _eigen_block_inverse(blocks[idx], vec, a[idx], e[idx]) if idx.numel() else None
 
-    def apply(v):
+    def apply(v, proj=None):
         out = apply_blocks(spot, v)
         if eigen is not None:
-            out = out.index_copy(0, idx, eigen(v[idx]))
+            out = out.index_copy(0, idx, eigen(v[idx], None if proj is None else proj[idx]))
         return out
 
     return apply
@@ -443,13 +458,21 @@ def _tw_operators(system: dict, vec, n: int, ridge: float = 0.0):
     m = x1.shape[1] * q
     eye_m = torch.eye(m, dtype=blocks.dtype, device=blocks.device)
     x_cols = _x1_times(x1, eye_m.expand(b, m, m), q)  # (B, n, q, m)
-    cx = apply_precision(x_cols, vec, a, e)  # C^-1 X1
+    cx = e[:, None, :, None] * x_cols  # C^-1 X1, and V' C^-1 X1 (B, r, q, m) for the preconditioner
+    cx_proj = None
+    if a is not None:  # V' X1 is the same for every gene: one GEMM for C^-1 X1, none for V' C^-1 X1 (V' V = I)
+        r = vec.shape[1]
+        eye_q = torch.eye(q, dtype=blocks.dtype, device=blocks.device)
+        vx = torch.einsum("rf,ij->rifj", vec.T @ x1, eye_q).reshape(r, q, m)  # V' X1 per logit, columns f q + j
+        ax = a.transpose(1, 2)[..., None] * vx  # (B, r, q, m)
+        cx = cx + (vec @ ax.permute(1, 0, 2, 3).reshape(r, -1)).reshape(n, b, q, m).permute(1, 0, 2, 3)
+        cx_proj = ax + e[:, None, :, None] * vx
     d_w = _x1_transpose(x1, cx)
     scale = d_w.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=torch.finfo(d_w.dtype).tiny)
     ridge_m = ridge * scale[:, None, None] * eye_m
     d_w = 0.5 * (d_w + d_w.transpose(1, 2)) + ridge_m
     pre = random_effect_preconditioner(blocks, vec, a, e)
-    pre_cx = pre(cx)
+    pre_cx = pre(cx, cx_proj)
     schur = d_w.double() - torch.einsum("bnqi,bnqj->bij", cx.double(), pre_cx.double())
     lam, u = torch.linalg.eigh(0.5 * (schur + schur.transpose(1, 2)))
     lam = lam.clamp(min=1e-8 * lam.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(lam.dtype).tiny))
@@ -627,6 +650,10 @@ def line_search(params: dict, direction: dict, slope, loss0, data: dict, cfg):
     alpha = 1.0
     descent = torch.clamp(slope, max=0.0)
     with torch.no_grad():
+        # V' nu moves linearly with the step: two GEMMs here instead of one per trial
+        moves = cfg.model == "glmm-full" and "nu" in direction
+        proj0, proj_d = ((project(data["eigvecs"], params["nu"]), project(data["eigvecs"], direction["nu"]))
+                         if moves else (None, None))
         for _ in range(_MAX_HALVINGS):
             idx = searching.nonzero()[:, 0]
             if idx.numel() == 0:
@@ -635,7 +662,8 @@ def line_search(params: dict, direction: dict, slope, loss0, data: dict, cfg):
                      for k in params}
             if "theta_logit" in direction:
                 trial["theta_logit"] = trial["theta_logit"].clamp(-THETA_LOGIT_BOUND, THETA_LOGIT_BOUND)
-            val = neg_log_joint(trial, _subset(data, idx), cfg)
+            val = neg_log_joint(trial, _subset(data, idx), cfg,
+                                proj=proj0[idx] + alpha * proj_d[idx] if moves else None)
             ok = torch.isfinite(val) & (val < loss0[idx]) & (val <= loss0[idx] + _ARMIJO * alpha * descent[idx])
             take = idx[ok]
             for k in direction:

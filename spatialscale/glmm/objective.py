@@ -29,12 +29,14 @@ def log_prior(sigma, cfg: GLMMConfig):
     return lp.sum(-1)
 
 
-def neg_log_joint(params: dict, data: dict, cfg: GLMMConfig):
+def neg_log_joint(params: dict, data: dict, cfg: GLMMConfig, proj=None):
     """``-log p(Y, nu | beta, b, sigma, theta)`` per gene, ``(B,)``.
 
     ``params``: ``nu (B, n, q)``, ``beta (B, F, q)``, ``bias (B, q)``,
     ``sigma (B, v)``, ``theta_logit (B, v)``.  ``data``: ``counts (B, n, p)``,
     ``x (n, F)``, ``eigvals (r,)``, ``eigvecs (n, r)`` and ``lgamma_const (B,)``.
+    ``proj``: ``V' nu`` ``(B, q, r)`` where the caller has it (a line search
+    moves it linearly), else one GEMM here.
     """
     import torch
 
@@ -56,7 +58,7 @@ def neg_log_joint(params: dict, data: dict, cfg: GLMMConfig):
         lam, vec = data["eigvals"], data["eigvecs"]
         r = lam.shape[0]
         c = var[..., None] * (theta[..., None] * lam + 1.0 - theta[..., None])  # (B, q, r)
-        proj = torch.einsum("nr,bnq->bqr", vec, nu)
+        proj = project(vec, nu) if proj is None else proj
         quad = (proj**2 / c).sum(-1)
         logdet = torch.log(c).sum(-1)
         if r < n:  # isotropic remainder outside the leading eigenvectors
@@ -110,13 +112,16 @@ def variance_terms(theta_logit, sigma, quad_proj, quad_rest, data: dict, cfg: GL
     return out.sum(-1) - log_prior(sigma, cfg)
 
 
-def loss_and_gradients(params: dict, data: dict, cfg: GLMMConfig, learn: list[str]):
+def loss_and_gradients(params: dict, data: dict, cfg: GLMMConfig, learn: list[str], parts: dict | None = None):
     """Negative log joint ``(B,)`` and its analytic gradients for the parameters in ``learn``.
 
     ``d/d eta`` of the multinomial term is ``-(C - N p)`` over the first ``q``
     classes; the prior adds ``C^-1 nu = V diag(1/c) V' nu`` (plus the isotropic
     remainder) to ``d/d nu``.  Gradients in ``(theta, sigma)`` come from
-    autograd on :func:`_variance_terms`, a function of small tensors.
+    autograd on :func:`_variance_terms`, a function of small tensors.  A dict
+    given as ``parts`` receives the intermediate products a Newton step
+    reuses: ``proj`` (``V' nu``, ``None`` for ``glmm-null``), ``quad_proj``,
+    ``quad_rest`` and ``prior_grad`` (``C^-1 nu``).
     """
     import torch
 
@@ -168,6 +173,8 @@ def loss_and_gradients(params: dict, data: dict, cfg: GLMMConfig, learn: list[st
                 prior_grad = back_project(vec, proj * (1.0 / c - 1.0 / d[..., None])) + nu / d[:, None, :]
             else:
                 prior_grad = back_project(vec, proj / c)
+        if parts is not None:
+            parts.update(proj=proj, quad_proj=quad_proj, quad_rest=quad_rest, prior_grad=prior_grad)
         if "nu" in learn:
             grads["nu"] = -resid + prior_grad
         if "bias" in learn:
