@@ -465,7 +465,7 @@ def test_joint_newton_batches_run_concurrently_in_threads(tmp_path):
 
 def test_pcg_dropping_finished_genes_changes_nothing():
     """pcg(restrict=...) drops genes whose columns have all stopped: same solutions and iteration counts."""
-    from spatialscale.glmm.newton import precision_operators, precision_restriction, weight_blocks
+    from spatialscale.glmm.newton import PrecisionOperators, weight_blocks
 
     rng = np.random.default_rng(4)
     n, b, q = 49, 6, 2
@@ -478,10 +478,11 @@ def test_pcg_dropping_finished_genes_changes_nothing():
     a = torch.as_tensor(rng.uniform(0.5, 2.0, size=(b, q, 1)) / lam, **opts)
     e = torch.zeros(b, q, **opts)
     rhs = torch.as_tensor(rng.normal(size=(b, n * q, 3)), **opts)
-    matvec, precond = precision_operators(blocks, vec_t, a, e)
+    ops = PrecisionOperators(blocks, vec_t, a, e)
+    matvec, precond = ops.matvec, ops.precond
     plain, it_plain = pcg(matvec, rhs, precond, tol=1e-10)
     calls = []
-    restrict = precision_restriction(blocks, vec_t, a, e)
+    restrict = ops.restrict
 
     def counted(genes):
         calls.append(genes.tolist())
@@ -492,3 +493,36 @@ def test_pcg_dropping_finished_genes_changes_nothing():
     np.testing.assert_array_equal(it_dropped.numpy(), it_plain.numpy())
     np.testing.assert_allclose(dropped.numpy(), plain.numpy(), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(matvec(dropped).numpy(), rhs.numpy(), atol=1e-7)
+
+
+@pytest.mark.parametrize("rank", [None, 20])
+def test_newton_system_carrying_the_projections_solves_the_same(rank):
+    """TWOperators(carry=True): PCG on vectors that carry V' t (fewer GEMMs) gives the plain solution."""
+    from spatialscale.glmm.newton import TWOperators, _newton_system, carried_rows
+
+    rng = np.random.default_rng(5)
+    n, b = 49, 5
+    lam, vec = kernel_eigenpairs(build_kernel(grid_coords(n)).precision, rank)
+    counts = rng.poisson(rng.uniform(0.5, 20.0, size=(b, 1, 1)) * rng.dirichlet(np.ones(3), size=(b, n)))
+    design = rng.normal(size=(n, 2))
+    cfg = GLMMConfig(model="glmm-full", method="joint_newton", dtype="float64")
+    data, params, learn = setup_fit(counts.astype(float), lam, vec, design, cfg, "cpu")
+    params["nu"] = params["nu"] + torch.as_tensor(rng.normal(0, 0.3, size=params["nu"].shape))
+    params["theta_logit"] = torch.full_like(params["theta_logit"], 0.5)
+    system = _newton_system(params, data, cfg, learn)
+    vec_t = data["eigvecs"]
+    rhs_t = torch.as_tensor(rng.normal(size=(b, n, 2, 3)))
+    rhs = torch.cat([rhs_t.reshape(b, 2 * n, 3), torch.as_tensor(rng.normal(size=(b, 3 * 2, 3)))], 1)
+    plain_ops = TWOperators(system, vec_t, n)
+    carry_ops = TWOperators(system, vec_t, n, carry=True)
+    assert carry_ops.carry and not plain_ops.carry
+    plain, it_plain = pcg(plain_ops.matvec, rhs, plain_ops.precond, tol=1e-10, restrict=plain_ops.restrict)
+    rows = rhs.shape[1]
+    aug = torch.cat([rhs, carried_rows(vec_t, rhs_t)], 1)
+    carried, it_carried = pcg(carry_ops.matvec, aug, carry_ops.precond, tol=1e-10, restrict=carry_ops.restrict,
+                              rows=rows)
+    np.testing.assert_allclose(carried[:, :rows].numpy(), plain.numpy(), rtol=1e-7, atol=1e-9)
+    assert np.abs(it_carried.numpy() - it_plain.numpy()).max() <= 1
+    # the carried rows are V' of the solution's t part
+    np.testing.assert_allclose(carried[:, rows:].numpy(),
+                               carried_rows(vec_t, carried[:, : 2 * n].reshape(b, n, 2, 3)).numpy(), atol=1e-8)

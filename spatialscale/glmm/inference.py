@@ -89,14 +89,7 @@ def working_model(counts: np.ndarray, probs: np.ndarray, columns: np.ndarray, *,
     """
     import torch
 
-    from spatialscale.glmm.newton import (
-        CG_TOL,
-        pcg,
-        precision_operators,
-        precision_restriction,
-        prior_precision,
-        weight_blocks,
-    )
+    from spatialscale.glmm.newton import CG_TOL, PrecisionOperators, carried_rows, pcg, prior_precision, weight_blocks
 
     counts = np.asarray(counts, dtype=np.float64)
     b, n, p = counts.shape
@@ -115,10 +108,14 @@ def working_model(counts: np.ndarray, probs: np.ndarray, columns: np.ndarray, *,
                     "eigvecs": torch.as_tensor(np.asarray(eigvecs), **opts)}
         theta = torch.as_tensor(np.asarray(fit["theta"], dtype=np.float64), **opts)
         a, e = prior_precision(torch.logit(theta), torch.as_tensor(np.asarray(fit["sigma"]), **opts), data, config, q)
-        matvec, precond = precision_operators(blocks, data.get("eigvecs"), a, e)
+        ops = PrecisionOperators(blocks, data.get("eigvecs"), a, e, carry=True)  # V' v carried (glmm-full)
         w_cols = torch.einsum("bnkl,bnlm->bnkm", blocks, cols)
-        sol, _ = pcg(matvec, w_cols.reshape(b, n * q, -1), precond, tol=cg_tol or CG_TOL["float64"],
-                     restrict=precision_restriction(blocks, data.get("eigvecs"), a, e))
+        rhs = w_cols.reshape(b, n * q, -1)
+        if ops.carry:
+            rhs = torch.cat([rhs, carried_rows(data["eigvecs"], w_cols)], 1)
+        sol, _ = pcg(ops.matvec, rhs, ops.precond, tol=cg_tol or CG_TOL["float64"], restrict=ops.restrict,
+                     rows=n * q)
+        sol = sol[:, : n * q]
         cols = cols - sol.reshape(b, n, q, -1)
         if "nu" in fit:  # not needed for G alone
             resid = resid + torch.einsum("bnkl,bnl->bnk", blocks, torch.as_tensor(np.asarray(fit["nu"]), **opts))

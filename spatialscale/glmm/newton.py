@@ -15,11 +15,11 @@ remainder of a low-rank kernel) and ``X1 = [1, design]`` (Kronecker with
 ``I_q``).  ``H_uu`` is positive definite.  The Newton step solves ``H_uu`` for
 the gradient and the (one or two) columns of ``B`` at once by batched
 preconditioned conjugate gradients, in the coordinates ``(t, w)`` with
-``t = nu + X1 w`` (:func:`_tw_operators`: there the intercepts' near-confounding
+``t = nu + X1 w`` (:class:`TWOperators`: there the intercepts' near-confounding
 with the mean of ``nu`` costs no cancellation, which float32 needs).  The
 preconditioner inverts that matrix exactly after replacing ``W + C^-1`` by
 per-spot blocks, or by its eigenbasis form with ``W`` averaged over spots,
-whichever neglects less for the gene (:func:`random_effect_preconditioner`),
+whichever neglects less for the gene (:class:`RandomEffectPreconditioner`),
 plus a Schur complement over the fixed effects.  Then comes the small Schur
 system ``S = D_phi - B' H_uu^-1 B`` of the variance parameters; where ``S`` is
 not positive definite (the joint is not convex in them) its eigenvalues are
@@ -53,8 +53,8 @@ from spatialscale.glmm.objective import loss_and_gradients, neg_log_joint, proje
 from spatialscale.glmm.state import PerGeneStopping, pack_fit, setup_fit
 
 __all__ = ["apply_blocks", "apply_precision", "fit_joint_newton", "joint_hessian_vector", "line_search",
-           "newton_direction", "pcg", "precision_diagonal", "precision_operators", "precision_restriction",
-           "prior_precision", "random_effect_preconditioner", "weight_blocks"]
+           "newton_direction", "pcg", "precision_diagonal", "PrecisionOperators", "prior_precision",
+           "RandomEffectPreconditioner", "TWOperators", "weight_blocks"]
 
 #: relative residual at which a conjugate-gradient column stops, by dtype
 CG_TOL = {"float32": 1e-5, "float64": 1e-9}
@@ -167,7 +167,7 @@ def apply_blocks(blocks, v):
 
 
 def pcg(matvec: Callable, rhs, precond: Callable, *, tol, max_iter: int = CG_MAX_ITER,
-        restrict: Callable | None = None):
+        restrict: Callable | None = None, rows: int | None = None):
     """Preconditioned conjugate gradients for ``A x = rhs``, every gene and column on its own.
 
     Parameters
@@ -190,6 +190,11 @@ def pcg(matvec: Callable, rhs, precond: Callable, *, tol, max_iter: int = CG_MAX
         columns have all stopped once they are half of those still iterated,
         so a batch costs about the sum of its genes' iterations rather than
         the most any gene needs.
+    rows
+        The first ``rows`` rows are the system's unknowns; the others are
+        carried along by the linear updates (products the operators reuse,
+        e.g. :class:`TWOperators`' ``V' t``) and left out of inner products
+        and norms.  ``None``: all rows.
 
     Returns
     -------
@@ -198,9 +203,14 @@ def pcg(matvec: Callable, rhs, precond: Callable, *, tol, max_iter: int = CG_MAX
     """
     import torch
 
+    rows = rhs.shape[1] if rows is None else int(rows)
+
+    def dot(u, v):
+        return (u[:, :rows] * v[:, :rows]).sum(1)
+
     tol = torch.as_tensor(tol, dtype=rhs.dtype, device=rhs.device)
     tol = tol[:, None] if tol.dim() == 1 else tol
-    bnorm = rhs.norm(dim=1)
+    bnorm = rhs[:, :rows].norm(dim=1)
     tol = tol.expand_as(bnorm)
     x = torch.zeros_like(rhs)
     x_out = torch.zeros_like(rhs)
@@ -208,7 +218,7 @@ def pcg(matvec: Callable, rhs, precond: Callable, *, tol, max_iter: int = CG_MAX
     done = bnorm <= 0
     z = precond(r)
     p = z.clone()
-    rz = (r * z).sum(1)
+    rz = dot(r, z)
     iters = torch.zeros(bnorm.shape, dtype=torch.int64, device=rhs.device)
     iters_out = iters.clone()
     genes = torch.arange(rhs.shape[0], device=rhs.device)  # batch positions of the rows iterated
@@ -226,15 +236,15 @@ def pcg(matvec: Callable, rhs, precond: Callable, *, tol, max_iter: int = CG_MAX
                 x, r, p, rz, done, bnorm, tol, iters = (t[keep] for t in (x, r, p, rz, done, bnorm, tol, iters))
                 matvec, precond = restrict(genes)
         ap = matvec(p)
-        pap = (p * ap).sum(1)
+        pap = dot(p, ap)
         go = ~done & (pap > 0)
         alpha = torch.where(go, rz / torch.where(go, pap, torch.ones_like(pap)), torch.zeros_like(pap))
         x = x + alpha[:, None, :] * p
         r = r - alpha[:, None, :] * ap
         iters += go.long()
-        done = done | ~go | (r.norm(dim=1) <= tol * bnorm)
+        done = done | ~go | (r[:, :rows].norm(dim=1) <= tol * bnorm)
         z = precond(r)
-        rz_new = (r * z).sum(1)
+        rz_new = dot(r, z)
         beta = torch.where(done, torch.zeros_like(rz), rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)))
         p = torch.where(done[:, None, :], p, z + beta[:, None, :] * p)
         rz = torch.where(done, rz, rz_new)
@@ -325,97 +335,157 @@ def _precision_tangents(vec, proj, nu, tangents: list):
     return out + (vec @ w.permute(2, 0, 1, 3).reshape(r, -1)).reshape(-1, b, q, m).permute(1, 0, 2, 3)
 
 
-def _eigen_block_inverse(blocks, vec, a, e):
-    """``v -> (I_n (x) W_bar + C^-1)^-1 v`` with ``W_bar`` the spot average of ``W_i``: exact in the eigenbasis.
-
-    The returned ``apply(v, proj=None)`` takes ``V' v`` ``(B, r, q, k)`` where the caller has it.
-    """
-    import torch
-
-    b, n, q, _ = blocks.shape
-    r = vec.shape[1]
-    wbar = blocks.mean(1)  # (B, q, q)
-    inv_k = torch.linalg.inv(wbar[:, None] + torch.diag_embed((a + e[..., None]).transpose(1, 2)))  # (B, r, q, q)
-    inv_rest = torch.linalg.inv(wbar + torch.diag_embed(e)) if r < n else None  # the remainder's directions
-    if inv_rest is not None:
-        inv_k = inv_k - inv_rest[:, None]
-
-    def apply(v, proj=None):
-        k = v.shape[-1]
-        if proj is None:
-            proj = (vec.T @ v.permute(1, 0, 2, 3).reshape(n, -1)).reshape(r, b, q, k).permute(1, 0, 2, 3)
-        y = torch.einsum("brij,brjk->brik", inv_k, proj).permute(1, 0, 2, 3).reshape(r, -1)
-        out = (vec @ y).reshape(n, b, q, k).permute(1, 0, 2, 3)
-        return out if inv_rest is None else out + torch.einsum("bij,bnjk->bnik", inv_rest, v)
-
-    return apply
+def _project(vec, v):
+    """``V' v``: ``(n, r)``, ``(B, n, q, k)`` -> ``(B, r, q, k)``, one GEMM."""
+    b, n, q, k = v.shape
+    return (vec.T @ v.permute(1, 0, 2, 3).reshape(n, -1)).reshape(-1, b, q, k).permute(1, 0, 2, 3)
 
 
-def random_effect_preconditioner(blocks, vec, a, e):
+def _back(vec, w):
+    """``V w``: ``(n, r)``, ``(B, r, q, k)`` -> ``(B, n, q, k)``, one GEMM."""
+    b, r, q, k = w.shape
+    return (vec @ w.permute(1, 0, 2, 3).reshape(r, -1)).reshape(-1, b, q, k).permute(1, 0, 2, 3)
+
+
+def _take(x, genes):
+    """Rows ``genes`` of a per-gene tensor (``None`` stays ``None``)."""
+    return None if x is None else x[genes]
+
+
+class RandomEffectPreconditioner:
     """A preconditioner ``v -> M^-1 v`` for ``W + C^-1`` on ``(B, n, q, k)`` tensors, chosen per gene.
 
     Per-spot blocks ``(W_i + diag(C^-1)_ii)^-1`` are exact when ``C^-1`` is
     diagonal (little spatial variance, ``glmm-null``); the eigenbasis inverse
-    of ``I (x) W_bar + C^-1`` is exact when the spots weigh alike.  Each gene
-    takes the one whose neglected part is smaller in Frobenius norm: the
-    off-diagonal of ``C^-1`` against the spread of the ``W_i`` about their mean.
+    of ``I (x) W_bar + C^-1`` (``W_bar`` the spot average of the ``W_i``) is
+    exact when the spots weigh alike.  Each gene takes the one whose neglected
+    part is smaller in Frobenius norm: the off-diagonal of ``C^-1`` against the
+    spread of the ``W_i`` about their mean.  Everything is kept per gene, so
+    :meth:`subset` (PCG dropping converged genes) only indexes.
+
+    Parameters
+    ----------
+    blocks
+        ``W_i`` ``(B, n, q, q)``.
+    vec, a, e
+        The eigenbasis and the factors of :func:`prior_precision`.
     """
-    import torch
 
-    b, n, q, _ = blocks.shape
-    diag = precision_diagonal(vec, a, e, n)
-    spot = torch.linalg.inv(blocks + torch.diag_embed(diag))
-    use_eigen = torch.zeros(b, dtype=torch.bool, device=blocks.device)
-    if a is not None:
-        r = vec.shape[1]
-        frob2 = ((a + e[..., None]) ** 2).sum(-1) + (n - r) * e**2  # ||C^-1||_F^2 per logit, from its eigenvalues
-        off2 = (frob2 - (diag**2).sum(1)).sum(-1)
-        spread2 = ((blocks - blocks.mean(1, keepdim=True)) ** 2).sum((1, 2, 3))
-        use_eigen = off2 > spread2
-    idx = use_eigen.nonzero()[:, 0]
-    eigen = _eigen_block_inverse(blocks[idx], vec, a[idx], e[idx]) if idx.numel() else None
+    def __init__(self, blocks, vec, a, e, *, _parts: dict | None = None) -> None:
+        import torch
 
-    def apply(v, proj=None):
-        out = apply_blocks(spot, v)
-        if eigen is not None:
-            out = out.index_copy(0, idx, eigen(v[idx], None if proj is None else proj[idx]))
-        return out
+        self.vec = vec
+        if _parts is not None:
+            self.parts = _parts
+        else:
+            b, n, q, _ = blocks.shape
+            diag = precision_diagonal(vec, a, e, n)
+            parts = {"spot": torch.linalg.inv(blocks + torch.diag_embed(diag)),
+                     "use_eigen": torch.zeros(b, dtype=torch.bool, device=blocks.device), "inv_k": None,
+                     "inv_rest": None}
+            if a is not None:
+                r = vec.shape[1]
+                frob2 = ((a + e[..., None]) ** 2).sum(-1) + (n - r) * e**2  # ||C^-1||_F^2 per logit
+                off2 = (frob2 - (diag**2).sum(1)).sum(-1)
+                wbar = blocks.mean(1)  # (B, q, q)
+                parts["use_eigen"] = off2 > ((blocks - wbar[:, None]) ** 2).sum((1, 2, 3))
+                inv_k = torch.linalg.inv(wbar[:, None] + torch.diag_embed((a + e[..., None]).transpose(1, 2)))
+                if r < n:  # the remainder's directions
+                    parts["inv_rest"] = torch.linalg.inv(wbar + torch.diag_embed(e))
+                    inv_k = inv_k - parts["inv_rest"][:, None]
+                parts["inv_k"] = inv_k  # (B, r, q, q)
+            self.parts = parts
+        self.eigen_idx = self.parts["use_eigen"].nonzero()[:, 0]
+        self.spot_idx = (~self.parts["use_eigen"]).nonzero()[:, 0]
 
-    return apply
+    def subset(self, genes) -> RandomEffectPreconditioner:
+        """The preconditioner of the genes ``genes`` (batch positions) alone."""
+        return RandomEffectPreconditioner(None, self.vec, None, None,
+                                          _parts={k: _take(v, genes) for k, v in self.parts.items()})
+
+    def _eigen(self, v, proj):
+        """The eigenbasis inverse of the eigen genes ``v`` ``(E, n, q, k)``; returns it and its ``V'``."""
+        import torch
+
+        idx, vec = self.eigen_idx, self.vec
+        proj = _project(vec, v) if proj is None else proj
+        y = torch.einsum("brij,brjk->brik", self.parts["inv_k"][idx], proj)
+        out = _back(vec, y)
+        inv_rest = self.parts["inv_rest"]
+        if inv_rest is not None:
+            out = out + torch.einsum("bij,bnjk->bnik", inv_rest[idx], v)
+            y = y + torch.einsum("bij,brjk->brik", inv_rest[idx], proj)
+        return out, y
+
+    def __call__(self, v, proj=None, with_proj: bool = False):
+        """``M^-1 v``; ``proj = V' v`` ``(B, r, q, k)`` where known; ``with_proj``: also ``V' M^-1 v``.
+
+        The eigenbasis genes' ``V' M^-1 v`` is free (``V' V = I``); the others' takes a GEMM.
+        """
+        idx = self.eigen_idx
+        out = apply_blocks(self.parts["spot"], v)
+        if not with_proj:
+            if idx.numel():
+                out = out.index_copy(0, idx, self._eigen(v[idx], None if proj is None else proj[idx])[0])
+            return out
+        b, _, q, k = v.shape
+        out_proj = v.new_empty((b, self.vec.shape[1], q, k))
+        if self.spot_idx.numel():
+            out_proj[self.spot_idx] = _project(self.vec, out[self.spot_idx])
+        if idx.numel():
+            out[idx], out_proj[idx] = self._eigen(v[idx], proj[idx])
+        return out, out_proj
 
 
-def _gene_factors(genes, blocks, a, e):
-    """The per-gene inputs of the precision operators (``W_i`` blocks and the prior factors) of ``genes`` alone."""
-    return blocks[genes], None if a is None else a[genes], e[genes]
-
-
-def precision_restriction(blocks, vec, a, e) -> Callable:
-    """``genes -> precision_operators(...)`` of those genes alone (:func:`pcg`'s ``restrict``)."""
-
-    def restrict(genes):
-        sub_blocks, sub_a, sub_e = _gene_factors(genes, blocks, a, e)
-        return precision_operators(sub_blocks, vec, sub_a, sub_e)
-
-    return restrict
-
-
-def precision_operators(blocks, vec, a, e):
-    """``v -> (W + C^-1) v`` and a preconditioner (:func:`random_effect_preconditioner`), on ``(B, n q, k)``.
+class PrecisionOperators:
+    """``v -> (W + C^-1) v`` and a preconditioner (:class:`RandomEffectPreconditioner`) on ``(B, n q, k)``.
 
     ``blocks`` are the per-spot ``W_i`` ``(B, n, q, q)``; ``a``, ``e`` the
-    factors of :func:`prior_precision`.
+    factors of :func:`prior_precision`.  :meth:`restrict` is :func:`pcg`'s
+    ``restrict``.  With ``carry`` (and an eigenbasis) vectors carry ``V' v``
+    as ``r q`` more rows, as in :class:`TWOperators`: three GEMMs with ``V``
+    per PCG iteration instead of four.
     """
-    b, n, q, _ = blocks.shape
-    pre = random_effect_preconditioner(blocks, vec, a, e)
 
-    def matvec(v):
-        v4 = v.reshape(b, n, q, -1)
-        return (apply_blocks(blocks, v4) + apply_precision(v4, vec, a, e)).reshape(v.shape)
+    def __init__(self, blocks, vec, a, e, carry: bool = False, *,
+                 _pre: RandomEffectPreconditioner | None = None) -> None:
+        self.blocks, self.vec, self.a, self.e = blocks, vec, a, e
+        self.carry = carry and a is not None
+        self.pre = _pre if _pre is not None else RandomEffectPreconditioner(blocks, vec, a, e)
 
-    def precond(v):
-        return pre(v.reshape(b, n, q, -1)).reshape(v.shape)
+    def _split(self, v):
+        b, n, q, _ = self.blocks.shape
+        k = v.shape[-1]
+        vh = v[:, n * q:].reshape(b, -1, q, k) if self.carry else None
+        return v[:, : n * q].reshape(b, n, q, k), vh
 
-    return matvec, precond
+    def matvec(self, v):
+        import torch
+
+        b, _, k = v.shape
+        v4, vh = self._split(v)
+        w4 = apply_blocks(self.blocks, v4)
+        if not self.carry:
+            return (w4 + apply_precision(v4, self.vec, self.a, self.e)).reshape(v.shape)
+        a_t, e_t = self.a.transpose(1, 2)[..., None], self.e[:, None, :, None]
+        out = w4 + e_t * v4 + _back(self.vec, a_t * vh)
+        out_h = _project(self.vec, w4) + (a_t + e_t) * vh
+        return torch.cat([out.reshape(b, -1, k), out_h.reshape(b, -1, k)], 1)
+
+    def precond(self, v):
+        import torch
+
+        b, _, k = v.shape
+        v4, vh = self._split(v)
+        if not self.carry:
+            return self.pre(v4).reshape(v.shape)
+        out, out_h = self.pre(v4, vh, with_proj=True)
+        return torch.cat([out.reshape(b, -1, k), out_h.reshape(b, -1, k)], 1)
+
+    def restrict(self, genes) -> tuple[Callable, Callable]:
+        sub = PrecisionOperators(self.blocks[genes], self.vec, _take(self.a, genes), self.e[genes], self.carry,
+                                 _pre=self.pre.subset(genes))
+        return sub.matvec, sub.precond
 
 
 def _x1_times(x1, w, q: int):
@@ -434,7 +504,7 @@ def _x1_transpose(x1, v):
     return torch.einsum("nf,bnqk->bfqk", x1, v).reshape(b, x1.shape[1] * q, k)
 
 
-def _tw_operators(system: dict, vec, n: int, ridge: float = 0.0):
+class TWOperators:
     """``H' v`` and a preconditioner in the coordinates ``(t, w)``, ``t = nu + X1 w``, on ``(B, N, k)`` tensors.
 
     The likelihood depends on ``t`` only and the prior on ``nu = t - X1 w``, so::
@@ -446,55 +516,112 @@ def _tw_operators(system: dict, vec, n: int, ridge: float = 0.0):
     cancellation (unlike ``(nu, w)``, where ``W`` enters both blocks).  Newton
     steps are the same in either coordinates.  The preconditioner inverts
     ``H'`` exactly after replacing ``W + C^-1`` by ``M``
-    (:func:`random_effect_preconditioner`): ``M^-1`` and the Schur complement
+    (:class:`RandomEffectPreconditioner`): ``M^-1`` and the Schur complement
     ``X1' C^-1 X1 - X1' C^-1 M^-1 C^-1 X1`` (about ``X1' (W^-1 + C)^-1 X1``,
     formed in float64; eigenvalues floored, which keeps it positive definite).
+
+    With ``carry`` (and an eigenbasis), vectors carry ``V' t`` as ``r q``
+    more rows (:func:`carried_rows`; :func:`pcg` with ``rows``): PCG's linear
+    updates keep it, so a product with ``H'`` costs two GEMMs with ``V`` and
+    an eigenbasis preconditioner one, instead of two each.  Everything is kept
+    per gene: :meth:`restrict` (:func:`pcg`'s) only indexes.
     """
-    import torch
 
-    blocks, a, e, x1 = system["blocks"], system["a"], system["e"], system["x1"]
-    b, _, q, _ = blocks.shape
-    nq = n * q
-    m = x1.shape[1] * q
-    eye_m = torch.eye(m, dtype=blocks.dtype, device=blocks.device)
-    x_cols = _x1_times(x1, eye_m.expand(b, m, m), q)  # (B, n, q, m)
-    cx = e[:, None, :, None] * x_cols  # C^-1 X1, and V' C^-1 X1 (B, r, q, m) for the preconditioner
-    cx_proj = None
-    if a is not None:  # V' X1 is the same for every gene: one GEMM for C^-1 X1, none for V' C^-1 X1 (V' V = I)
-        r = vec.shape[1]
-        eye_q = torch.eye(q, dtype=blocks.dtype, device=blocks.device)
-        vx = torch.einsum("rf,ij->rifj", vec.T @ x1, eye_q).reshape(r, q, m)  # V' X1 per logit, columns f q + j
-        ax = a.transpose(1, 2)[..., None] * vx  # (B, r, q, m)
-        cx = cx + (vec @ ax.permute(1, 0, 2, 3).reshape(r, -1)).reshape(n, b, q, m).permute(1, 0, 2, 3)
-        cx_proj = ax + e[:, None, :, None] * vx
-    d_w = _x1_transpose(x1, cx)
-    scale = d_w.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=torch.finfo(d_w.dtype).tiny)
-    ridge_m = ridge * scale[:, None, None] * eye_m
-    d_w = 0.5 * (d_w + d_w.transpose(1, 2)) + ridge_m
-    pre = random_effect_preconditioner(blocks, vec, a, e)
-    pre_cx = pre(cx, cx_proj)
-    schur = d_w.double() - torch.einsum("bnqi,bnqj->bij", cx.double(), pre_cx.double())
-    lam, u = torch.linalg.eigh(0.5 * (schur + schur.transpose(1, 2)))
-    lam = lam.clamp(min=1e-8 * lam.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(lam.dtype).tiny))
-    schur_inv = torch.einsum("bij,bj,bkj->bik", u, 1.0 / lam, u).to(blocks.dtype)
+    _PER_GENE = ("blocks", "a", "e", "cx", "cx_proj", "pre_cx", "pre_cx_proj", "schur_inv", "ridge_m")
 
-    def matvec(v):
-        k = v.shape[-1]
-        vt, vw = v[:, :nq].reshape(b, n, q, k), v[:, nq:]
-        p = apply_precision(vt - _x1_times(x1, vw, q), vec, a, e)
-        ht = apply_blocks(blocks, vt) + p
-        hw = -_x1_transpose(x1, p) + ridge_m @ vw
-        return torch.cat([ht.reshape(b, nq, k), hw], dim=1)
+    def __init__(self, system: dict, vec, n: int, ridge: float = 0.0, carry: bool = False, *,
+                 _state: tuple | None = None) -> None:
+        if _state is not None:
+            self.g, self.pre, self.shared = _state
+            return
+        import torch
 
-    def precond(v):
-        k = v.shape[-1]
-        vt, vw = v[:, :nq].reshape(b, n, q, k), v[:, nq:]
-        pt = pre(vt)
-        xw = schur_inv @ (vw + torch.einsum("bnqm,bnqk->bmk", cx, pt))
-        xt = pt + torch.einsum("bnqm,bmk->bnqk", pre_cx, xw)
-        return torch.cat([xt.reshape(b, nq, k), xw], dim=1)
+        blocks, a, e, x1 = system["blocks"], system["a"], system["e"], system["x1"]
+        b, _, q, _ = blocks.shape
+        m = x1.shape[1] * q
+        eye_m = torch.eye(m, dtype=blocks.dtype, device=blocks.device)
+        x_cols = _x1_times(x1, eye_m.expand(b, m, m), q)  # (B, n, q, m)
+        cx = e[:, None, :, None] * x_cols  # C^-1 X1, and V' C^-1 X1 (B, r, q, m) for the preconditioner
+        cx_proj = vx = None
+        if a is not None:  # V' X1 is the same for every gene: one GEMM for C^-1 X1, none for V' C^-1 X1
+            r = vec.shape[1]
+            eye_q = torch.eye(q, dtype=blocks.dtype, device=blocks.device)
+            vx = torch.einsum("rf,ij->rifj", vec.T @ x1, eye_q).reshape(r, q, m)  # V' X1 per logit, columns f q + j
+            ax = a.transpose(1, 2)[..., None] * vx  # (B, r, q, m)
+            cx = cx + _back(vec, ax)
+            cx_proj = ax + e[:, None, :, None] * vx
+        d_w = _x1_transpose(x1, cx)
+        scale = d_w.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=torch.finfo(d_w.dtype).tiny)
+        ridge_m = ridge * scale[:, None, None] * eye_m
+        d_w = 0.5 * (d_w + d_w.transpose(1, 2)) + ridge_m
+        pre = RandomEffectPreconditioner(blocks, vec, a, e)
+        carry = carry and a is not None
+        pre_cx, pre_cx_proj = pre(cx, cx_proj, with_proj=True) if carry else (pre(cx, cx_proj), None)
+        schur = d_w.double() - torch.einsum("bnqi,bnqj->bij", cx.double(), pre_cx.double())
+        lam, u = torch.linalg.eigh(0.5 * (schur + schur.transpose(1, 2)))
+        lam = lam.clamp(min=1e-8 * lam.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(lam.dtype).tiny))
+        schur_inv = torch.einsum("bij,bj,bkj->bik", u, 1.0 / lam, u).to(blocks.dtype)
+        self.g = {"blocks": blocks, "a": a, "e": e, "cx": cx, "cx_proj": cx_proj, "pre_cx": pre_cx,
+                  "pre_cx_proj": pre_cx_proj, "schur_inv": schur_inv, "ridge_m": ridge_m}
+        self.pre = pre
+        self.shared = {"vec": vec, "x1": x1, "vx": vx, "n": n, "q": q, "m": m, "carry": carry}
 
-    return matvec, precond
+    @property
+    def carry(self) -> bool:
+        return self.shared["carry"]
+
+    def restrict(self, genes) -> tuple[Callable, Callable]:
+        """``(matvec, precond)`` of the genes ``genes`` alone (:func:`pcg`'s ``restrict``)."""
+        sub = TWOperators({}, None, 0, _state=({k: _take(v, genes) for k, v in self.g.items()},
+                                                self.pre.subset(genes), self.shared))
+        return sub.matvec, sub.precond
+
+    def _split(self, v):
+        s = self.shared
+        b, _, k = v.shape
+        n, q, m = s["n"], s["q"], s["m"]
+        nq = n * q
+        vh = v[:, nq + m:].reshape(b, -1, q, k) if s["carry"] else None
+        return v[:, :nq].reshape(b, n, q, k), v[:, nq: nq + m], vh
+
+    def matvec(self, v):
+        import torch
+
+        g, s = self.g, self.shared
+        vec, x1, q = s["vec"], s["x1"], s["q"]
+        b, _, k = v.shape
+        vt, vw, vh = self._split(v)
+        if not s["carry"]:
+            p = apply_precision(vt - _x1_times(x1, vw, q), vec, g["a"], g["e"])
+        else:
+            a_t, e_t = g["a"].transpose(1, 2)[..., None], g["e"][:, None, :, None]
+            uh = vh - torch.einsum("rqm,bmk->brqk", s["vx"], vw)  # V' (t - X1 w)
+            p = e_t * (vt - _x1_times(x1, vw, q)) + _back(vec, a_t * uh)
+        wt = apply_blocks(g["blocks"], vt)
+        out = [(wt + p).reshape(b, -1, k), -_x1_transpose(x1, p) + g["ridge_m"] @ vw]
+        if s["carry"]:  # V' p = (a + e) V' (t - X1 w)
+            out.append((_project(vec, wt) + (a_t + e_t) * uh).reshape(b, -1, k))
+        return torch.cat(out, dim=1)
+
+    def precond(self, v):
+        import torch
+
+        g, s = self.g, self.shared
+        b, _, k = v.shape
+        vt, vw, vh = self._split(v)
+        pt, ph = self.pre(vt, vh, with_proj=True) if s["carry"] else (self.pre(vt), None)
+        xw = g["schur_inv"] @ (vw + torch.einsum("bnqm,bnqk->bmk", g["cx"], pt))
+        xt = pt + torch.einsum("bnqm,bmk->bnqk", g["pre_cx"], xw)
+        out = [xt.reshape(b, -1, k), xw]
+        if s["carry"]:
+            out.append((ph + torch.einsum("brqm,bmk->brqk", g["pre_cx_proj"], xw)).reshape(b, -1, k))
+        return torch.cat(out, dim=1)
+
+
+def carried_rows(vec, t):
+    """``V' t`` as the extra rows of :class:`TWOperators` with ``carry``: ``(B, n, q, k)`` -> ``(B, r q, k)``."""
+    b, _, q, k = t.shape
+    return _project(vec, t).reshape(b, -1, k)
 
 
 def joint_hessian_vector(params: dict, data: dict, cfg, learn: list[str], direction: dict) -> dict:
@@ -503,14 +630,14 @@ def joint_hessian_vector(params: dict, data: dict, cfg, learn: list[str], direct
     ``direction`` holds ``nu``, ``bias``, ``beta`` and the variance
     parameters of ``learn`` (``theta_logit``, ``sigma``); so does the result.
     This is the matrix the Newton step inverts (in the coordinates of
-    :func:`_tw_operators`, mapped back); the tests compare it with autograd.
+    :class:`TWOperators`, mapped back); the tests compare it with autograd.
     """
     import torch
 
     system = _newton_system(params, data, cfg, learn)
     b, n, q = params["nu"].shape
     x1 = system["x1"]
-    matvec, _ = _tw_operators(system, data.get("eigvecs"), n)
+    matvec = TWOperators(system, data.get("eigvecs"), n).matvec
     dw = torch.cat([direction["bias"], direction["beta"].reshape(b, -1)], 1)[..., None]
     dt = direction["nu"][..., None] + _x1_times(x1, dw, q)  # (t, w) = T (nu, w)
     h = matvec(torch.cat([dt.reshape(b, n * q, 1), dw], 1))
@@ -547,7 +674,7 @@ def _held_at_bound(params: dict, phi: list[str], g_phi):
 def newton_direction(params: dict, data: dict, cfg, learn: list[str], *, cg_tol=None):
     """The (modified) Newton direction of the negative log joint, for every gene of a batch.
 
-    One PCG solve with ``H_uu`` (in the coordinates of :func:`_tw_operators`) for the gradient and
+    One PCG solve with ``H_uu`` (in the coordinates of :class:`TWOperators`) for the gradient and
     the variance parameters' columns, then the small Schur system of the
     variance parameters (eigenvalues replaced by their absolute values).
 
@@ -583,16 +710,16 @@ def newton_direction(params: dict, data: dict, cfg, learn: list[str], *, cg_tol=
             gnorm = g_tw.norm(dim=1) if g_phi is None else torch.cat([g_tw, g_phi], 1).norm(dim=1)
             cg_tol = gnorm.clamp(min=floor, max=0.1)
         vec = data.get("eigvecs")
-        matvec, precond = _tw_operators(system, vec, n, ridge=_RIDGE)
-
-        def restrict(genes):
-            sub = dict(zip(("blocks", "a", "e"), _gene_factors(genes, system["blocks"], system["a"], system["e"])))
-            return _tw_operators({**sub, "x1": system["x1"]}, vec, n, ridge=_RIDGE)
+        ops = TWOperators(system, vec, n, ridge=_RIDGE, carry=True)  # carries V' t where there is an eigenbasis
 
         # the variance parameters' columns in (t, w): [d(C^-1 nu)/d phi; -X1' d(C^-1 nu)/d phi]
         cols_tw = torch.cat([cols.reshape(b, nq, -1), -_x1_transpose(x1, cols)], 1)
-        sol, iters = pcg(matvec, torch.cat([g_tw[..., None], cols_tw], dim=-1), precond, tol=cg_tol,
-                         restrict=restrict)
+        rhs = torch.cat([g_tw[..., None], cols_tw], dim=-1)
+        rows = rhs.shape[1]
+        if ops.carry:
+            rhs = torch.cat([rhs, carried_rows(vec, torch.cat([g_nu[..., None], cols], -1))], 1)
+        sol, iters = pcg(ops.matvec, rhs, ops.precond, tol=cg_tol, restrict=ops.restrict, rows=rows)
+        sol = sol[:, :rows]
         d_tw = -sol[..., 0]
         dphi = None
         if g_phi is not None:
