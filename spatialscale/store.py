@@ -806,8 +806,9 @@ def _grid_index_cached(path: str, _mtime: int) -> np.ndarray:
 
 
 def _put_array(root: Any, key: str, values: np.ndarray) -> None:
-    """An AnnData-encoded dense array at ``key`` of an open zarr group, in one chunk."""
-    arr = root.create_array(key, shape=values.shape, dtype=values.dtype, chunks=values.shape)
+    """An AnnData-encoded dense array at ``key`` of an open zarr group, in one chunk, uncompressed (eigenvectors
+    do not compress, and every worker that loads them would pay the decompression)."""
+    arr = root.create_array(key, shape=values.shape, dtype=values.dtype, chunks=values.shape, compressors=None)
     arr[...] = values
     arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
 

@@ -19,6 +19,12 @@ _JITTER = 1e-5
 SANDWICH_CG_TOL = 1e-6
 
 
+def _fit_dtype(config) -> str:
+    """The sandwich's solves run in the fit's precision (float32 halves their cost: statistics within ~3e-5
+    relative of float64 ones at 2,500 spots)."""
+    return "float64" if config is None else str(config.dtype)
+
+
 def covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, jitter: float = _JITTER) -> np.ndarray:
     """Per covariate ``I_f = sum_i z_if^2 N_i (diag p_i - p_i p_i') + jitter I``.
 
@@ -45,7 +51,8 @@ def _covariates_given_nuisance(counts: np.ndarray, probs: np.ndarray, z: np.ndar
 
 def working_model(counts: np.ndarray, probs: np.ndarray, columns: np.ndarray, *, fit: dict | None = None,
                   eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None, config=None,
-                  device: str = "cpu", cg_tol: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  device: str = "cpu", cg_tol: float | None = None,
+                  solve_dtype: str = "float64") -> tuple[np.ndarray, np.ndarray]:
     """Information and per-spot score contributions of fixed effects in the linearised GLM / GLMM.
 
     Linearising the model at the fit (the working model of PQL / GMMAT), the
@@ -80,7 +87,11 @@ def working_model(counts: np.ndarray, probs: np.ndarray, columns: np.ndarray, *,
     device
         Torch device.
     cg_tol
-        Relative PCG residual (default: the float64 Newton tolerance, 1e-9).
+        Relative PCG residual (default: the Newton tolerance of ``solve_dtype``,
+        1e-9 in float64).
+    solve_dtype
+        Precision of the PCG solves (``float32`` halves their cost; the rest is
+        float64).
 
     Returns
     -------
@@ -102,20 +113,22 @@ def working_model(counts: np.ndarray, probs: np.ndarray, columns: np.ndarray, *,
     cols = d.expand(b, n, q, -1)  # B = D without a random effect
     resid = torch.as_tensor(counts - counts.sum(-1, keepdims=True) * np.asarray(probs), **opts)[..., :-1]
     if fit is not None and config is not None and config.model != "glm":
+        sopts = {**opts, "dtype": getattr(torch, solve_dtype)}
         data = {}
         if config.model == "glmm-full":
-            data = {"eigvals": torch.as_tensor(np.asarray(eigvals), **opts),
-                    "eigvecs": torch.as_tensor(np.asarray(eigvecs), **opts)}
-        theta = torch.as_tensor(np.asarray(fit["theta"], dtype=np.float64), **opts)
-        a, e = prior_precision(torch.logit(theta), torch.as_tensor(np.asarray(fit["sigma"]), **opts), data, config, q)
-        ops = PrecisionOperators(blocks, data.get("eigvecs"), a, e, carry=True)  # V' v carried (glmm-full)
-        w_cols = torch.einsum("bnkl,bnlm->bnkm", blocks, cols)
+            data = {"eigvals": torch.as_tensor(np.asarray(eigvals), **sopts),
+                    "eigvecs": torch.as_tensor(np.asarray(eigvecs), **sopts)}
+        theta = torch.as_tensor(np.asarray(fit["theta"], dtype=np.float64), **sopts)
+        a, e = prior_precision(torch.logit(theta), torch.as_tensor(np.asarray(fit["sigma"]), **sopts), data, config,
+                               q)
+        ops = PrecisionOperators(blocks.to(sopts["dtype"]), data.get("eigvecs"), a, e, carry=True)  # V' v carried
+        w_cols = torch.einsum("bnkl,bnlm->bnkm", blocks, cols).to(sopts["dtype"])
         rhs = w_cols.reshape(b, n * q, -1)
         if ops.carry:
             rhs = torch.cat([rhs, carried_rows(data["eigvecs"], w_cols)], 1)
-        sol, _ = pcg(ops.matvec, rhs, ops.precond, tol=cg_tol or CG_TOL["float64"], restrict=ops.restrict,
+        sol, _ = pcg(ops.matvec, rhs, ops.precond, tol=cg_tol or CG_TOL[solve_dtype], restrict=ops.restrict,
                      rows=n * q)
-        sol = sol[:, : n * q]
+        sol = sol[:, : n * q].to(opts["dtype"])
         cols = cols - sol.reshape(b, n, q, -1)
         if "nu" in fit:  # not needed for G alone
             resid = resid + torch.einsum("bnkl,bnl->bnk", blocks, torch.as_tensor(np.asarray(fit["nu"]), **opts))
@@ -211,7 +224,7 @@ def robust_score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, f
     z = np.asarray(z, dtype=np.float64).reshape(n, -1)
     f = z.shape[1]
     _, c = _covariates_given_nuisance(counts, probs, z, design, cg_tol=SANDWICH_CG_TOL, fit=fit, eigvals=eigvals,
-                                      eigvecs=eigvecs, config=config, device=device)
+                                      eigvecs=eigvecs, config=config, device=device, solve_dtype=_fit_dtype(config))
     c = c.reshape(c.shape[0], n, f, q)
     s = c.sum(1)
     v = np.einsum("bnfq,bnfr->bfqr", c, c)
@@ -352,7 +365,8 @@ def wald_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, beta: np.nda
         raise ValueError(f"unknown Wald variance {variance!r}; choose one of model, robust.")
     f = z.shape[1]
     g, contrib = working_model(counts, probs, np.concatenate([z, np.ones((z.shape[0], 1))], axis=1), fit=fit,
-                               eigvals=eigvals, eigvecs=eigvecs, config=config, device=device, cg_tol=SANDWICH_CG_TOL)
+                               eigvals=eigvals, eigvecs=eigvecs, config=config, device=device, cg_tol=SANDWICH_CG_TOL,
+                               solve_dtype=_fit_dtype(config))
     g_inv = np.linalg.pinv(g, hermitian=True)
     m = g.shape[-1]
     covered = (counts.sum(-1) > 0).sum(1).astype(np.float64)
