@@ -118,10 +118,7 @@ def apply_precision(v, vec, a, e):
     out = e[:, None, :, None] * v
     if a is None:
         return out
-    b, n, q, k = v.shape
-    proj = (vec.T @ v.permute(1, 0, 2, 3).reshape(n, -1)).reshape(-1, b, q, k)  # (r, B, q, k)
-    proj = proj * a.permute(2, 0, 1)[..., None]
-    return out + (vec @ proj.reshape(proj.shape[0], -1)).reshape(n, b, q, k).permute(1, 0, 2, 3)
+    return out + _back(vec, a.transpose(1, 2)[..., None] * _project(vec, v))
 
 
 _SQUARED: tuple = (lambda: None, None)  # the last eigenbasis squared: (weak reference to it, its square)
