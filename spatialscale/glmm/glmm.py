@@ -85,6 +85,31 @@ def fit_glmm(
     return fit_joint_gd(counts, eigvals, eigvecs, design=design, config=cfg, device=device, init=init)
 
 
+def _full_logdet(w: np.ndarray, vec: np.ndarray, cov: np.ndarray, rest: tuple | None, *, gene: int) -> float:
+    """``logdet(W + C^-1)`` of one gene (``n q x n q``, dense Cholesky), ``C^-1 = V diag(1 / cov_j) V'`` per logit.
+
+    Each logit's ``C^-1`` is one symmetric product ``(V D^1/2)(V D^1/2)'``,
+    formed once where the logits share their variance; with a low-rank basis
+    ``rest = (1 / d, I - V V')`` adds the isotropic remainder.  One gene at a
+    time: the matrix is ``(n q)^2`` doubles.
+    """
+    n, q = w.shape[0], w.shape[-1]
+    neg_h = np.zeros((q * n, q * n))
+    idx = np.arange(n)
+    prec = None
+    for j in range(q):
+        if prec is None or not np.array_equal(cov[gene, j], cov[gene, j - 1]) or (
+                rest is not None and rest[0][gene, j] != rest[0][gene, j - 1]):
+            half = vec * np.sqrt(1.0 / cov[gene, j])
+            prec = half @ half.T
+            if rest is not None:
+                prec = prec + rest[0][gene, j] * rest[1]
+        neg_h[j * n:(j + 1) * n, j * n:(j + 1) * n] = prec
+        for k in range(q):
+            neg_h[j * n + idx, k * n + idx] += w[:, j, k]
+    return float(2.0 * np.log(np.diagonal(np.linalg.cholesky(neg_h))).sum())
+
+
 def laplace_log_marginal(fit: dict[str, np.ndarray], counts: np.ndarray, eigvals: np.ndarray | None,
                          eigvecs: np.ndarray | None, *, design: np.ndarray | None = None,
                          config: GLMMConfig | None = None) -> np.ndarray:
@@ -125,10 +150,8 @@ def laplace_log_marginal(fit: dict[str, np.ndarray], counts: np.ndarray, eigvals
         theta = np.broadcast_to(theta, (b, q)) if theta.shape[1] == 1 else theta
         lam, vec = np.asarray(eigvals, dtype=np.float64), np.asarray(eigvecs, dtype=np.float64)
         cov = var[..., None] * (theta[..., None] * lam + 1.0 - theta[..., None])  # (B, q, r)
-        prec = (vec * (1.0 / cov)[..., None, :]) @ vec.T  # (B, q, n, n), one GEMM per gene and logit
-        if lam.shape[0] < n:
-            d = var * (1.0 - theta)
-            prec = prec + (1.0 / d)[..., None, None] * (np.eye(n) - vec @ vec.T)
+        rest = (1.0 / (var * (1.0 - theta)), np.eye(n) - vec @ vec.T) if lam.shape[0] < n else None
+        prec = (vec, cov, rest)
     else:
         params["theta_logit"] = torch.full_like(params["sigma"], -math.inf)
         prec = None
@@ -140,11 +163,5 @@ def laplace_log_marginal(fit: dict[str, np.ndarray], counts: np.ndarray, eigvals
         blocks = w + np.einsum("bq,qr->bqr", 1.0 / var, np.eye(q))[:, None]
         logdet = 2.0 * np.log(np.diagonal(np.linalg.cholesky(blocks), axis1=-2, axis2=-1)).sum((-2, -1))
         return log_joint - 0.5 * logdet
-    neg_h = np.zeros((b, q * n, q * n))
-    idx = np.arange(n)
-    for j in range(q):
-        neg_h[:, j * n:(j + 1) * n, j * n:(j + 1) * n] += prec[:, j]
-        for k in range(q):
-            neg_h[:, j * n + idx, k * n + idx] += w[:, :, j, k]
-    logdet = 2.0 * np.log(np.diagonal(np.linalg.cholesky(neg_h), axis1=1, axis2=2)).sum(-1)
+    logdet = np.array([_full_logdet(w[i], *prec, gene=i) for i in range(b)])
     return log_joint - 0.5 * logdet
