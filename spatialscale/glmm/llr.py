@@ -29,6 +29,7 @@ Newton fits to Adam with ``lr = 0.01``).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -113,11 +114,14 @@ def fit_sv_pair(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, co
 
 def sv_log_marginals(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, config, *,
                      device: str = "cpu", work: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Laplace log marginal likelihoods ``(l_null, l_full)`` of the pair from :func:`fit_sv_pair` (and its ``work``)."""
-
+    """Laplace log marginal likelihoods ``(l_null, l_full)`` of the pair from :func:`fit_sv_pair` (and its ``work``;
+    ``work["laplace_s"]`` adds the seconds of the two log marginals)."""
+    work = {} if work is None else work
     null, full = fit_sv_pair(counts, eigvals, eigvecs, config, device=device, work=work)
+    t = time.perf_counter()
     l_null = laplace_log_marginal(null, counts, eigvals, eigvecs, config=dataclasses.replace(config, model="glmm-null"))
     l_full = laplace_log_marginal(full, counts, eigvals, eigvecs, config=dataclasses.replace(config, model="glmm-full"))
+    work["laplace_s"] = work.get("laplace_s", 0.0) + time.perf_counter() - t
     return l_null, l_full
 
 
