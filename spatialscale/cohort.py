@@ -202,7 +202,7 @@ def ingest_cohort(
     table = read_manifest(manifest)
     allowed = {"table", "layer", "gene_key", "spatial_key", "adj_key", "min_counts", "min_bin_pct",
                "filter_single_iso_genes", "min_component_size", "k_neighbors", "rho", "standardize_cov",
-               "power_sums", "block_bytes", "kernel", "grid_keys", "grid_spacing", "neighbor_degree"}
+               "power_sums", "block_bytes", "kernel", "grid_keys", "grid_spacing", "neighbor_degree", "eigenpairs"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise InputError(f"unknown ingest option(s) {unknown}; choose from {sorted(allowed)}.")
@@ -210,7 +210,8 @@ def ingest_cohort(
         "min_counts", "min_bin_pct", "min_component_size", "k_neighbors", "rho", "standardize_cov", "power_sums",
         "block_bytes")})
     check_raster_options(**{k: v for k, v in options.items() if k in (
-        "kernel", "grid_keys", "grid_spacing", "neighbor_degree", "rho", "min_component_size", "adj_key")})
+        "kernel", "grid_keys", "grid_spacing", "neighbor_degree", "rho", "min_component_size", "adj_key",
+        "eigenpairs")})
     run = ExecutionOptions(client=client, scheduler=scheduler, workers=workers, progress=progress).validated()
     out = Path(os.path.abspath(out_dir))
     if out.exists() and _read_meta(out) is None and any(out.iterdir()):

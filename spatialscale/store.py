@@ -174,9 +174,7 @@ def ingest(
                                   standardize_cov=standardize_cov, power_sums=power_sums, block_bytes=block_bytes)
     raster = check_raster_options(kernel=kernel, grid_keys=grid_keys, grid_spacing=grid_spacing,
                                   neighbor_degree=neighbor_degree, rho=rho, min_component_size=min_component_size,
-                                  adj_key=adj_key)
-    if eigenpairs and raster is not None:
-        raise InputError("eigenpairs=True needs kernel='car': the GLMM does not run on a raster (fft) kernel.")
+                                  adj_key=adj_key, eigenpairs=eigenpairs)
     source = resolve_table(source, table)
     _check_store_target(store_path, source, overwrite)
     src = AnnDataSource(source, layer)
@@ -224,12 +222,15 @@ def check_ingest_options(*, min_counts: float = 10, min_bin_pct: float = 0.0, mi
 
 def check_raster_options(*, kernel: str = "car", grid_keys: Any = ("array_row", "array_col"),
                          grid_spacing: Any = (1.0, 1.0), neighbor_degree: int = 1, rho: float = 0.99,
-                         min_component_size: int = 1, adj_key: str | None = None) -> dict | None:
+                         min_component_size: int = 1, adj_key: str | None = None,
+                         eigenpairs: bool = False) -> dict | None:
     """Validate the raster options: ``None`` for ``kernel="car"``, else the grid keys and kernel parameters."""
     if kernel not in ("car", "fft"):
         raise InputError(f"unknown kernel {kernel!r}; choose car or fft.")
     if kernel == "car":
         return None
+    if eigenpairs:
+        raise InputError("eigenpairs=True needs kernel='car': the GLMM does not run on a raster (fft) kernel.")
     if adj_key is not None or int(min_component_size) != 1:
         raise InputError("kernel='fft' builds its kernel from the grid: adj_key and min_component_size do not apply.")
     if isinstance(grid_keys, str) or len(tuple(grid_keys)) != 2:
