@@ -296,8 +296,9 @@ def run_glmm_bench(spots: list[int], genes: list[int], *, method: str = "glmm-sc
     print(f"\n{what}: SplisosmGLMM fit(n_jobs={workers}, batch_size={splisosm_batch_size}) vs spatialscale on "
           f"{workers} workers (defaults; ingest and eigenpairs included). fit_s / test_s / io_s: task seconds per "
           "worker (glmm-llr: test_s is the Laplace log-determinants); scheduling_s: the rest of the wall; "
-          "flop_floor_frac: one eigenbasis product per epoch and gene at the measured GEMM rate, over fit_s; eigenpairs_s: the decomposition's share of ingest_s (stores ingested "
-          "with eigenpairs=True: the exact power sums come from it)")
+          "flop_floor_frac: one eigenbasis product per epoch and gene at the measured GEMM rate, over fit_s; "
+          "eigenpairs_s: the decomposition's share of ingest_s (stores ingested with eigenpairs=True: the exact "
+          "power sums come from it)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return table
 
