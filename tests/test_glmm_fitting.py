@@ -530,8 +530,8 @@ def test_newton_system_carrying_the_projections_solves_the_same(rank):
 
 @pytest.mark.parametrize("q", [1, 2, 3])
 @pytest.mark.parametrize("rank", [None, 20])
-def test_laplace_logdet_by_block_elimination_equals_the_dense_one(q, rank):
-    """glmm-full's log det(W + C^-1), the first logit's block eliminated first, equals numpy's slogdet."""
+def test_laplace_logdet_equals_the_dense_one(q, rank):
+    """glmm-full's log det(W + C^-1) (one gene at a time, shared logit precisions) equals numpy's slogdet."""
     from spatialscale.glmm.glmm import _full_logdet
 
     rng = np.random.default_rng(q)
