@@ -623,8 +623,7 @@ def build_kernel(
     how = params.power_sum_method(m.shape[0])
     pairs = None
     if eigenpairs:
-        rank = default_rank(m.shape[0])
-        pairs = kernel_eigenpairs(m, None if rank >= m.shape[0] else rank)
+        pairs = kernel_eigenpairs(m, default_rank(m.shape[0]))
     if how == "exact" and pairs is not None and pairs[0].shape[0] == m.shape[0]:
         sums, se = eigen_power_sums(*pairs), np.zeros(4)
     elif how == "exact":
@@ -836,6 +835,11 @@ class SparseCGOperator(CentredProducts):
 def default_rank(n: int, exact_threshold: int = 5000) -> int:
     """Eigenpairs kept for the GLMM: all up to ``exact_threshold`` spots, else ``ceil(4 sqrt(n))``."""
     return n if n <= exact_threshold else int(np.ceil(4.0 * np.sqrt(n)))
+
+
+def glmm_rank(n: int, rank: int | None = None) -> int:
+    """The GLMM's eigenbasis rank for ``n`` spots: ``rank`` capped at ``n``, or :func:`default_rank`."""
+    return default_rank(n) if rank is None else min(int(rank), n)
 
 
 def kernel_eigenpairs(precision: scipy.sparse.spmatrix, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:

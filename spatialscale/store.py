@@ -629,9 +629,9 @@ class IsoformStore:
         return read_elem(self._group()["obs"])
 
     def _eigen_keys(self, rank: int | None) -> tuple[int, str, str]:
-        from spatialscale.kernel import default_rank
+        from spatialscale.kernel import glmm_rank
 
-        return _eigen_keys(min(int(rank), self.n_spots) if rank is not None else default_rank(self.n_spots))
+        return _eigen_keys(glmm_rank(self.n_spots, rank))
 
     def has_eigenpairs(self, rank: int | None = None) -> bool:
         """Whether the eigenpairs of ``rank`` are in the store (see :meth:`ensure_eigenpairs`)."""

@@ -64,9 +64,9 @@ def glmm_options(store: IsoformStore, model: str, glmm: dict[str, Any] | None) -
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid GLMM options: {exc}") from exc
     if model == "glmm-full":
-        from spatialscale.kernel import default_rank
+        from spatialscale.kernel import glmm_rank
 
-        rank = default_rank(store.n_spots) if rank is None else min(int(rank), store.n_spots)
+        rank = glmm_rank(store.n_spots, rank)
         if not store.has_eigenpairs(rank):  # computed once, on the client, before any task needs them
             store.ensure_eigenpairs(rank)
     return {**opts, "rank": rank}
@@ -97,10 +97,9 @@ def default_fit(store: IsoformStore, model: str, rank: int | None) -> str:
     theta = 0.99995 for every gene); SPLISOSM's slow Adam steps stay away from that region.
     """
     if model == "glmm-full":
-        from spatialscale.kernel import default_rank
+        from spatialscale.kernel import glmm_rank
 
-        r = default_rank(store.n_spots) if rank is None else min(int(rank), store.n_spots)
-        if r < store.n_spots:
+        if glmm_rank(store.n_spots, rank) < store.n_spots:
             return "joint_gd"
     return FIT_METHODS[model][0]
 

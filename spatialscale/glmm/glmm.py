@@ -85,25 +85,26 @@ def fit_glmm(
     return fit_joint_gd(counts, eigvals, eigvecs, design=design, config=cfg, device=device, init=init)
 
 
-def _full_logdet(w: np.ndarray, vec: np.ndarray, cov: np.ndarray, rest: tuple | None, *, gene: int) -> float:
+def _full_logdet(w: np.ndarray, vec: np.ndarray, cov: np.ndarray, rest: tuple | None) -> float:
     """``logdet(W + C^-1)`` of one gene (``n q x n q``, dense Cholesky), ``C^-1 = V diag(1 / cov_j) V'`` per logit.
 
-    Each logit's ``C^-1`` is one symmetric product ``(V D^1/2)(V D^1/2)'``,
-    formed once where the logits share their variance; with a low-rank basis
-    ``rest = (1 / d, I - V V')`` adds the isotropic remainder.  One gene at a
-    time: the matrix is ``(n q)^2`` doubles.
+    ``w`` ``(n, q, q)`` and ``cov`` ``(q, r)`` are the gene's.  Each logit's
+    ``C^-1`` is one symmetric product ``(V D^1/2)(V D^1/2)'``, formed once
+    where the logits share their variance; with a low-rank basis
+    ``rest = (1 / d, I - V V')`` (``d`` per logit) adds the isotropic
+    remainder.  One gene at a time: the matrix is ``(n q)^2`` doubles.
     """
     n, q = w.shape[0], w.shape[-1]
+    scale = np.zeros(q) if rest is None else rest[0]
     neg_h = np.zeros((q * n, q * n))
     idx = np.arange(n)
     prec = None
     for j in range(q):
-        if prec is None or not np.array_equal(cov[gene, j], cov[gene, j - 1]) or (
-                rest is not None and rest[0][gene, j] != rest[0][gene, j - 1]):
-            half = vec * np.sqrt(1.0 / cov[gene, j])
+        if prec is None or not np.array_equal(cov[j], cov[j - 1]) or scale[j] != scale[j - 1]:
+            half = vec * np.sqrt(1.0 / cov[j])
             prec = half @ half.T
             if rest is not None:
-                prec = prec + rest[0][gene, j] * rest[1]
+                prec = prec + scale[j] * rest[1]
         neg_h[j * n:(j + 1) * n, j * n:(j + 1) * n] = prec
         for k in range(q):
             neg_h[j * n + idx, k * n + idx] += w[:, j, k]
@@ -150,18 +151,18 @@ def laplace_log_marginal(fit: dict[str, np.ndarray], counts: np.ndarray, eigvals
         theta = np.broadcast_to(theta, (b, q)) if theta.shape[1] == 1 else theta
         lam, vec = np.asarray(eigvals, dtype=np.float64), np.asarray(eigvecs, dtype=np.float64)
         cov = var[..., None] * (theta[..., None] * lam + 1.0 - theta[..., None])  # (B, q, r)
-        rest = (1.0 / (var * (1.0 - theta)), np.eye(n) - vec @ vec.T) if lam.shape[0] < n else None
-        prec = (vec, cov, rest)
+        low_rank = lam.shape[0] < n  # the isotropic remainder: its precision per logit and projector
+        scale, rest_proj = (1.0 / (var * (1.0 - theta)), np.eye(n) - vec @ vec.T) if low_rank else (None, None)
     else:
         params["theta_logit"] = torch.full_like(params["sigma"], -math.inf)
-        prec = None
     log_joint = -neg_log_joint(params, data, cfg).numpy()
     probs = np.asarray(fit["probs"], dtype=np.float64)[..., :-1]  # (B, n, q)
     w = c.sum(-1)[..., None, None] * (np.einsum("bnq,qr->bnqr", probs, np.eye(q))
                                       - np.einsum("bnq,bnr->bnqr", probs, probs))
-    if prec is None:  # glmm-null: C^-1 = I / sigma^2 per logit, so -H is block diagonal over spots
+    if cfg.model != "glmm-full":  # glmm-null: C^-1 = I / sigma^2 per logit, so -H is block diagonal over spots
         blocks = w + np.einsum("bq,qr->bqr", 1.0 / var, np.eye(q))[:, None]
         logdet = 2.0 * np.log(np.diagonal(np.linalg.cholesky(blocks), axis1=-2, axis2=-1)).sum((-2, -1))
         return log_joint - 0.5 * logdet
-    logdet = np.array([_full_logdet(w[i], *prec, gene=i) for i in range(b)])
+    logdet = np.array([_full_logdet(w[i], vec, cov[i], None if scale is None else (scale[i], rest_proj))
+                       for i in range(b)])
     return log_joint - 0.5 * logdet

@@ -328,8 +328,7 @@ def _precision_tangents(vec, proj, nu, tangents: list):
     if tangents[0][0] is None:  # glmm-null: C^-1 is diagonal
         return out
     w = torch.stack([t[0] for t in tangents], -1) * proj[..., None]  # (B, q, r, m)
-    b, q, r, m = w.shape
-    return out + (vec @ w.permute(2, 0, 1, 3).reshape(r, -1)).reshape(-1, b, q, m).permute(1, 0, 2, 3)
+    return out + _back(vec, w.transpose(1, 2))
 
 
 def _project(vec, v):
