@@ -23,7 +23,7 @@ import xarray as xr
 from spatialscale.errors import InputError
 from spatialscale.families import run_family
 from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM
-from spatialscale.families.common import parse_bytes
+from spatialscale.families.common import input_store, parse_bytes
 from spatialscale.families.fit import fitted_ratios
 from spatialscale.families.summary import merge_summary
 from spatialscale.options import ExecutionOptions
@@ -57,6 +57,13 @@ _EXECUTION_DOC = """client, scheduler, workers
     options
         An :class:`~spatialscale.options.ExecutionOptions` instead of the
         keywords above (give one or the other).
+    ingest, ingest_to
+        When ``store`` is an AnnData (object, ``.h5ad`` or AnnData zarr) or a
+        SpatialData input, it is ingested first with these
+        :func:`~spatialscale.store.ingest` keywords (``{"layer": "X",
+        "spatial_key": ("x", "y")}``...) into ``ingest_to``, or into a
+        temporary store removed when the run ends (workers must see it:
+        local clusters do; name a path on shared storage for a remote one).
     **extra
         Options of test families not listed above (see
         :data:`spatialscale.families.FAMILIES`); unknown ones are an error."""
@@ -77,14 +84,21 @@ def _with_execution(fn: Callable) -> Callable:
              for f in fields(ExecutionOptions)]
     added.append(inspect.Parameter("options", inspect.Parameter.KEYWORD_ONLY, default=None,
                                    annotation="ExecutionOptions | None"))
+    added += [inspect.Parameter("ingest", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                annotation="dict[str, Any] | None"),
+              inspect.Parameter("ingest_to", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                annotation="str | os.PathLike | None")]
 
     @functools.wraps(fn)
-    def entry(*args: Any, options: ExecutionOptions | None = None, **kwargs: Any) -> xr.Dataset:
+    def entry(store: Any, *args: Any, options: ExecutionOptions | None = None, ingest: dict[str, Any] | None = None,
+              ingest_to: str | os.PathLike | None = None, **kwargs: Any) -> xr.Dataset:
         given = {k: kwargs.pop(k) for k in names if k in kwargs}
         if options is not None and given:
             raise InputError(f"give execution settings either as options= or as keywords, not both "
                              f"({', '.join(sorted(given))}).")
-        return fn(*args, execution=options if options is not None else ExecutionOptions(**given), **kwargs)
+        execution = (options if options is not None else ExecutionOptions(**given)).validated()
+        with input_store(store, ingest, ingest_to) as opened:
+            return fn(opened, *args, execution=execution, **kwargs)
 
     entry.__signature__ = sig.replace(parameters=own + added + rest)  # type: ignore[attr-defined]
     entry.__doc__ = (fn.__doc__ or "").replace("{execution}", _EXECUTION_DOC)
@@ -114,7 +128,8 @@ def sv_test(
     Parameters
     ----------
     store
-        An opened store or its path, or a cohort (:func:`spatialscale.open_cohort`
+        An opened store or its path, an AnnData input (ingested first, see
+        ``ingest``), or a cohort (:func:`spatialscale.open_cohort`
         or a cohort folder): then every section is tested in one set of
         tasks and the results gain a ``section`` dimension and per-gene
         combined p-values (see :func:`spatialscale.cohort.run_cohort`).
@@ -210,7 +225,8 @@ def du_test(
     Parameters
     ----------
     store
-        An opened store or its path.
+        An opened store or its path, or an AnnData input (ingested first, see
+        ``ingest``).
     covariates
         obs column name(s) (a list, or ``"a,b"``; categorical columns are
         one-hot with every level kept), or an array / DataFrame with one row
@@ -308,7 +324,8 @@ def glmm_fit(
     Parameters
     ----------
     store
-        An opened store or its path.
+        An opened store or its path, or an AnnData input (ingested first, see
+        ``ingest``).
     model
         ``glmm-full`` (default; spatial random effect), ``glmm-null`` (white
         noise) or ``glm``.
@@ -354,7 +371,8 @@ def feature_summary(
     Parameters
     ----------
     store
-        An opened store or its path.
+        An opened store or its path, or an AnnData input (ingested first, see
+        ``ingest``).
     {execution}
 
     Returns

@@ -17,45 +17,71 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_ingest_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--table", default=None,
+def _add_ingest_options(p: argparse.ArgumentParser, *, anndata_input: bool = False) -> None:
+    """The ingest flags; ``anndata_input``: on a test command, for an AnnData input (only the flags given count)."""
+    if anndata_input:
+        p = p.add_argument_group("ingest (when STORE is an AnnData .h5ad / .zarr: it is ingested first, into "
+                                 "--ingest-to or a temporary store; same flags as `spatialscale ingest`)")
+        p.add_argument("--ingest-to", default=None, metavar="PATH",
+                       help="keep the ingested store at PATH (default: a temporary store, removed at the end)")
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if anndata_input else value
+
+    p.add_argument("--table", default=default(None),
                    help="table of a SpatialData store input (needed when it has more than one)")
-    p.add_argument("--layer", default="counts", help="layer with isoform counts (default counts)")
-    p.add_argument("--gene-key", default="gene_symbol", help="var column naming each isoform's gene")
-    p.add_argument("--spatial-key", default="spatial", help="obsm key of spot coordinates")
-    p.add_argument("--adj-key", default=None, help="obsp key of a user adjacency (instead of the kNN graph)")
-    p.add_argument("--min-counts", type=float, default=10, help="min total count of a kept isoform (10)")
-    p.add_argument("--min-bin-pct", type=float, default=0.0, help="min fraction (or %% if > 1) of spots with counts")
-    p.add_argument("--keep-single-isoform-genes", action="store_true", help="keep genes with one isoform")
-    p.add_argument("--min-component-size", type=int, default=1, help="drop spots in smaller graph components")
-    p.add_argument("--k-neighbors", type=int, default=4, help="neighbours of the kNN graph (4)")
-    p.add_argument("--rho", type=float, default=0.99, help="CAR autocorrelation, 0 <= rho < 1 (0.99)")
-    p.add_argument("--no-standardize-cov", action="store_true", help="keep the CAR covariance unstandardised")
-    p.add_argument("--kernel", default="car", choices=("car", "fft"),
+    p.add_argument("--layer", default=default("counts"), help="layer with isoform counts (default counts; X: adata.X)")
+    p.add_argument("--gene-key", default=default("gene_symbol"), help="var column naming each isoform's gene")
+    p.add_argument("--spatial-key", default=default("spatial"),
+                   help="obsm key of spot coordinates, or two obs columns as X,Y (default spatial)")
+    p.add_argument("--adj-key", default=default(None),
+                   help="obsp key of a user adjacency (instead of the kNN graph)")
+    p.add_argument("--min-counts", type=float, default=default(10), help="min total count of a kept isoform (10)")
+    p.add_argument("--min-bin-pct", type=float, default=default(0.0),
+                   help="min fraction (or %% if > 1) of spots with counts")
+    p.add_argument("--keep-single-isoform-genes", action="store_true", default=default(False),
+                   help="keep genes with one isoform")
+    p.add_argument("--min-component-size", type=int, default=default(1), help="drop spots in smaller graph components")
+    p.add_argument("--k-neighbors", type=int, default=default(4), help="neighbours of the kNN graph (4)")
+    p.add_argument("--rho", type=float, default=default(0.99), help="CAR autocorrelation, 0 <= rho < 1 (0.99)")
+    p.add_argument("--no-standardize-cov", action="store_true", default=default(False),
+                   help="keep the CAR covariance unstandardised")
+    p.add_argument("--kernel", default=default("car"), choices=("car", "fft"),
                    help="car: CAR kernel on the kNN graph of the coordinates; fft: bins of a regular raster "
                         "(integer row/column obs columns, --grid-keys) with the periodic CAR kernel of the grid")
-    p.add_argument("--grid-keys", nargs=2, default=["array_row", "array_col"], metavar=("ROW", "COL"),
+    p.add_argument("--grid-keys", nargs=2, default=default(["array_row", "array_col"]), metavar=("ROW", "COL"),
                    help="fft: obs columns of each bin's row and column (array_row array_col)")
-    p.add_argument("--grid-spacing", nargs=2, type=float, default=[1.0, 1.0], metavar=("DY", "DX"),
+    p.add_argument("--grid-spacing", nargs=2, type=float, default=default([1.0, 1.0]), metavar=("DY", "DX"),
                    help="fft: bin spacing (1 1)")
-    p.add_argument("--neighbor-degree", type=int, default=1, help="fft: rings of neighbouring bins (1)")
-    p.add_argument("--power-sums", default="auto", choices=("auto", "exact", "selected", "hutchinson"),
+    p.add_argument("--neighbor-degree", type=int, default=default(1), help="fft: rings of neighbouring bins (1)")
+    p.add_argument("--power-sums", default=default("auto"), choices=("auto", "exact", "selected", "hutchinson"),
                    help="kernel power sums of the null: auto (exact up to 5,000 spots, then selected), exact, "
                         "selected (k1, k2 exact; k3, k4 from probes with control variates), hutchinson (SPLISOSM's)")
-    p.add_argument("--eigenpairs", action="store_true",
+    p.add_argument("--eigenpairs", action="store_true", default=default(False),
                    help="also compute the GLMM's kernel eigenpairs and keep them in the store (car kernel; up to "
                         "5,000 spots the exact power sums come from the same decomposition)")
 
 
+#: ingest keyword -> (argparse dest, conversion of the flag's value)
+_INGEST_FLAGS: dict[str, tuple[str, object]] = {
+    "table": ("table", None), "layer": ("layer", None), "gene_key": ("gene_key", None),
+    "spatial_key": ("spatial_key", None), "adj_key": ("adj_key", None), "min_counts": ("min_counts", None),
+    "min_bin_pct": ("min_bin_pct", None), "filter_single_iso_genes": ("keep_single_isoform_genes", "not"),
+    "min_component_size": ("min_component_size", None), "k_neighbors": ("k_neighbors", None), "rho": ("rho", None),
+    "standardize_cov": ("no_standardize_cov", "not"), "power_sums": ("power_sums", None), "kernel": ("kernel", None),
+    "grid_keys": ("grid_keys", tuple), "grid_spacing": ("grid_spacing", tuple),
+    "neighbor_degree": ("neighbor_degree", None), "eigenpairs": ("eigenpairs", None),
+}
+
+
 def _ingest_kwargs(args: argparse.Namespace) -> dict:
-    return {"table": args.table, "layer": args.layer, "gene_key": args.gene_key, "spatial_key": args.spatial_key,
-            "adj_key": args.adj_key,
-            "min_counts": args.min_counts, "min_bin_pct": args.min_bin_pct,
-            "filter_single_iso_genes": not args.keep_single_isoform_genes,
-            "min_component_size": args.min_component_size, "k_neighbors": args.k_neighbors, "rho": args.rho,
-            "standardize_cov": not args.no_standardize_cov, "power_sums": args.power_sums, "kernel": args.kernel,
-            "grid_keys": tuple(args.grid_keys), "grid_spacing": tuple(args.grid_spacing),
-            "neighbor_degree": args.neighbor_degree, "eigenpairs": args.eigenpairs}
+    """The ingest keywords of the flags given (all of them on `ingest`, whose flags have defaults)."""
+    out = {}
+    for name, (dest, convert) in _INGEST_FLAGS.items():
+        if hasattr(args, dest):
+            value = getattr(args, dest)
+            out[name] = (not value) if convert == "not" else convert(value) if callable(convert) else value
+    return out
 
 
 def _add_execution(p: argparse.ArgumentParser) -> None:
@@ -125,8 +151,12 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
     p = sub.add_parser(command, help=short, description=description + " Options come from the test families: "
                        + "; ".join(f"{f.name}: {f.description}" for f in families) + ".")
     p.add_argument("store", help="isoform store (from `spatialscale ingest`)"
-                   + (", or a cohort folder (from `spatialscale cohort ingest`)" if command in ("sv", "du") else ""))
+                   + (", a cohort folder (from `spatialscale cohort ingest`)" if command in ("sv", "du") else "")
+                   + " or an AnnData .h5ad / .zarr (ingested first, see the ingest flags)")
     p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--anndata-out", default=None, metavar="PATH",
+                   help="also write a copy of the input AnnData (STORE's source when STORE is an isoform store) with "
+                        "the per-gene results in var and the run's provenance in uns['spatialscale'] (.h5ad or .zarr)")
     cov = {f.covariates for f in families} - {"none"}
     if cov:
         p.add_argument("--covariates", required="required" in cov,
@@ -162,6 +192,7 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
                             "manifest column (e.g. condition)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace results of other options at --out (only results spatialscale wrote)")
+    _add_ingest_options(p, anndata_input=True)
     _add_execution(p)
 
 
@@ -176,12 +207,41 @@ def _run_family_command(args: argparse.Namespace) -> int:
     for name in ("method", "covariates", "with_summary", "combine", "group_by"):
         if hasattr(args, name):
             kwargs[name] = getattr(args, name)
+    from spatialscale.results import check_anndata_target, write_anndata_copy
+
+    ingest = _ingest_kwargs(args)
+    if args.anndata_out is not None:
+        source = _annotation_source(args.store)
+        check_anndata_target(source, args.anndata_out, overwrite=args.overwrite)
     ds = api_function(command)(
         args.store, **kwargs, scheduler=args.scheduler, workers=args.workers, device=args.device,
         batch_memory=args.batch_memory, batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,
-        progress=not args.no_progress)
+        progress=not args.no_progress, ingest=ingest or None, ingest_to=args.ingest_to)
     _report(command, args, ds)
+    if args.anndata_out is not None:
+        written = write_anndata_copy(ds, source, args.anndata_out, overwrite=args.overwrite)
+        print(f"annotated copy of {source} in {written}")
     return 0
+
+
+def _annotation_source(store: str) -> str:
+    """The AnnData file that ``--anndata-out`` copies: the input itself, or the one an isoform store came from."""
+    import os
+
+    from spatialscale.cohort import is_cohort
+    from spatialscale.errors import InputError
+    from spatialscale.families.common import is_anndata_input
+    from spatialscale.store import open_store
+
+    if is_anndata_input(store):
+        return store
+    if is_cohort(store):
+        raise InputError("--anndata-out applies to one section, not to a cohort.")
+    source = str(open_store(store).meta.get("source", ""))
+    if not source or not os.path.exists(source):
+        raise InputError(f"--anndata-out: the AnnData that {store} was ingested from ({source or 'in memory'}) is not "
+                         "found from here; give that AnnData file as STORE instead.")
+    return source
 
 
 def _report(command: str, args: argparse.Namespace, ds) -> None:

@@ -14,7 +14,8 @@ import scipy.sparse
 from spatialscale.errors import InputError
 
 __all__ = ["AnnDataSource", "MAX_COUNT", "MIN_SPOTS", "check_counts", "check_section_size", "column_blocks",
-           "coordinate_array", "resolve_table", "validate_coords"]
+           "coordinate_array", "resolve_table", "spatial_columns", "spot_coordinates",
+           "validate_coords"]
 
 #: largest count stored exactly (float64 integers; the store's integer dtype holds every total below it)
 MAX_COUNT = float(2**53)
@@ -110,10 +111,20 @@ class AnnDataSource:
         self.n_obs = adata.n_obs
         self.obs = adata.obs.copy()
         self.var = adata.var.copy()
-        if layer not in adata.layers:
-            raise InputError(f"layer {layer!r} not found in adata.layers (available: {sorted(adata.layers)}).")
-        x = adata.layers[layer]
-        self._matrix = x.tocsc() if scipy.sparse.issparse(x) else np.asarray(x)
+        if layer in adata.layers:
+            x = adata.layers[layer]
+        elif layer == "X" and adata.X is not None:
+            x = adata.X
+        else:
+            raise InputError(_missing_layer(layer, sorted(adata.layers), "adata.layers", adata.X is not None))
+        if scipy.sparse.issparse(x) or isinstance(x, np.ndarray):
+            self._matrix = x.tocsc() if scipy.sparse.issparse(x) else x
+        elif hasattr(x, "format"):  # a backed AnnData's sparse X: read in column blocks like a file's
+            self._matrix = x.to_memory().tocsc() if small_enough(x) else x
+        elif hasattr(x, "shape") and hasattr(x, "dtype"):  # a backed AnnData's dense X (an HDF5 dataset)
+            self._matrix = x
+        else:
+            self._matrix = np.asarray(x)
         self.obsm = {k: coordinate_array(v) for k, v in adata.obsm.items()}
         self.obsp = dict(adata.obsp.items())
         self._shape = tuple(self._matrix.shape)
@@ -129,9 +140,12 @@ class AnnDataSource:
         self.var = read_elem(root["var"])
         self.n_obs = len(self.obs)
         layers = root["layers"] if "layers" in root else {}
-        if layer not in layers:
-            raise InputError(f"layer {layer!r} not found in layers of {self.label} (available: {sorted(layers)}).")
-        elem = layers[layer]
+        if layer in layers:
+            elem = layers[layer]
+        elif layer == "X" and "X" in root:
+            elem = root["X"]
+        else:
+            raise InputError(_missing_layer(layer, sorted(layers), f"layers of {self.label}", "X" in root))
         enc = dict(elem.attrs).get("encoding-type", "array")
         if enc in ("csr_matrix", "csc_matrix"):
             ds = sparse_dataset(elem)
@@ -225,6 +239,56 @@ class AnnDataSource:
             self._file.close()
 
 
+def _missing_layer(layer: str, available: list[str], where: str, has_x: bool) -> str:
+    """The one-line error for a counts layer that is not there."""
+    hint = " Counts in X: layer='X' (--layer X)." if has_x and layer != "X" else ""
+    return f"layer {layer!r} not found in {where} (available: {available}).{hint}"
+
+
+def spot_coordinates(obs: pd.DataFrame, obsm: dict[str, np.ndarray], spatial_key: str | tuple[str, str]) -> np.ndarray:
+    """The validated ``(n, 2)`` spot coordinates named by ``spatial_key``.
+
+    Parameters
+    ----------
+    obs, obsm
+        The AnnData's annotations (``obsm`` entries already arrays, see
+        :func:`coordinate_array`).
+    spatial_key
+        An ``obsm`` key (an array, or a DataFrame whose numeric columns are
+        x and y), or two ``obs`` column names (a pair, or ``"x,y"``).
+
+    Raises
+    ------
+    InputError
+        When the key is not there (naming what is), or on bad coordinates.
+    """
+    cols = spatial_columns(spatial_key)
+    if cols is None:
+        if spatial_key in obsm:
+            return validate_coords(obsm[spatial_key], obs.index, f"obsm[{spatial_key!r}]")
+        guess = [c for c in ("x", "y", "X", "Y", "x_centroid", "y_centroid", "array_col", "array_row")
+                 if c in obs.columns]
+        hint = (f"; coordinates in two obs columns: spatial_key=('{guess[0]}', '{guess[1]}') "
+                f"(--spatial-key {guess[0]},{guess[1]})" if len(guess) >= 2 else "")
+        raise InputError(f"obsm has no coordinates {spatial_key!r} (available: {sorted(obsm)}){hint}.")
+    missing = [c for c in cols if c not in obs.columns]
+    if missing:
+        raise InputError(f"obs has no column {missing[0]!r} for the coordinates (columns: {list(obs.columns)}).")
+    return validate_coords(obs[list(cols)].to_numpy(), obs.index, f"obs[{list(cols)!r}]")
+
+
+def spatial_columns(spatial_key: Any) -> tuple[str, str] | None:
+    """The two ``obs`` columns a ``spatial_key`` names, or ``None`` for an ``obsm`` key."""
+    if isinstance(spatial_key, str):
+        if "," not in spatial_key:
+            return None
+        spatial_key = [part.strip() for part in spatial_key.split(",")]
+    keys = list(spatial_key)
+    if len(keys) != 2 or not all(isinstance(k, str) and k for k in keys):
+        raise InputError(f"spatial_key must be an obsm key or two obs column names, got {spatial_key!r}.")
+    return keys[0], keys[1]
+
+
 def coordinate_array(value: Any) -> np.ndarray:
     """An ``obsm`` entry as an array: a DataFrame's numeric columns in order (e.g. ``x``, ``y``)."""
     if isinstance(value, pd.DataFrame):
@@ -239,27 +303,28 @@ def small_enough(ds: Any, limit: int = 2 << 30) -> bool:
 
 
 # --------------------------------------------------------------------------- validation
-def validate_coords(coords: np.ndarray, obs_names: pd.Index, spatial_key: str) -> np.ndarray:
+def validate_coords(coords: np.ndarray, obs_names: pd.Index, where: str) -> np.ndarray:
+    """Coordinates as float64 ``(n, 2)``, finite and distinct; ``where`` names them in errors."""
     try:
         coords = np.asarray(coords, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"obsm[{spatial_key!r}] is not numeric ({exc}).") from None
+        raise InputError(f"{where} is not numeric ({exc}).") from None
     if coords.ndim != 2 or coords.shape[0] != len(obs_names) or coords.shape[1] != 2:
         raise InputError(
-            f"obsm[{spatial_key!r}] has shape {coords.shape}; expected ({len(obs_names)}, 2): one row of x, y "
+            f"{where} has shape {coords.shape}; expected ({len(obs_names)}, 2): one row of x, y "
             "coordinates per spot."
         )
     bad = ~np.isfinite(coords).all(axis=1)
     if bad.any():
         raise InputError(
-            f"obsm[{spatial_key!r}] has {int(bad.sum())} spot(s) with NaN or infinite coordinates "
+            f"{where} has {int(bad.sum())} spot(s) with NaN or infinite coordinates "
             f"(first: {obs_names[np.flatnonzero(bad)[0]]!r}); remove or fix them before ingest."
         )
     dup = pd.DataFrame(coords).duplicated(keep=False).to_numpy()
     if dup.any():
         first = np.flatnonzero(dup)[:2]
         raise InputError(
-            f"obsm[{spatial_key!r}] has {int(dup.sum())} spots sharing coordinates with another spot "
+            f"{where} has {int(dup.sum())} spots sharing coordinates with another spot "
             f"(e.g. {obs_names[first[0]]!r} and {obs_names[first[-1]]!r} at {tuple(coords[first[0]])}); "
             "duplicate coordinates make the neighbour graph ambiguous. Merge or drop duplicated spots."
         )

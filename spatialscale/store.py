@@ -53,10 +53,11 @@ from spatialscale.sources import (
     check_section_size,
     column_blocks,
     resolve_table,
-    validate_coords,
+    spatial_columns,
+    spot_coordinates,
 )
 
-__all__ = ["ingest", "open_store", "IsoformStore", "STORE_FORMAT", "check_ingest_options"]
+__all__ = ["ingest", "is_store", "open_store", "IsoformStore", "STORE_FORMAT", "check_ingest_options"]
 
 STORE_FORMAT = 1
 PRECISION_KEY = "spatialscale_precision"
@@ -73,7 +74,7 @@ def ingest(
     table: str | None = None,
     layer: str = "counts",
     gene_key: str = "gene_symbol",
-    spatial_key: str = "spatial",
+    spatial_key: str | tuple[str, str] = "spatial",
     adj_key: str | None = None,
     min_counts: float = 10,
     min_bin_pct: float = 0.0,
@@ -108,11 +109,16 @@ def ingest(
         ``array_row`` / ``array_col`` (``kernel="fft"``) or it needs
         coordinates in ``obsm[spatial_key]`` (``kernel="car"``).
     layer
-        Layer holding isoform counts (spots x isoforms).
+        Layer holding isoform counts (spots x isoforms); ``"X"`` reads
+        ``adata.X`` (unless a layer is called ``X``). Sparse layers are read
+        in column blocks without densifying them; so is a backed AnnData's
+        ``X`` (``anndata.read_h5ad(path, backed="r")``).
     gene_key
         ``var`` column naming each isoform's gene.
     spatial_key
-        ``obsm`` key of the spot coordinates.
+        The spot coordinates: an ``obsm`` key (an array, or a DataFrame whose
+        numeric columns are x and y), or two ``obs`` columns, as a pair
+        (``("x", "y")``) or ``"x,y"``.
     adj_key
         ``obsp`` key of a user adjacency to use instead of the kNN graph.
     min_counts, min_bin_pct
@@ -269,10 +275,11 @@ def _grid_bins(obs: pd.DataFrame, raster: dict) -> tuple[np.ndarray, tuple[int, 
     return bins, shape
 
 
-def _is_store(path: Path) -> bool:
+def is_store(path: str | os.PathLike) -> bool:
     """A folder spatialscale's ingest wrote (its ``spatialscale`` marker), complete or not."""
     from spatialscale.output import group_attributes
 
+    path = Path(path)
     return path.is_dir() and isinstance(group_attributes(path).get("spatialscale"), dict)
 
 
@@ -293,7 +300,7 @@ def _check_store_target(store_path: Path, source: Any, overwrite: bool) -> None:
         return
     if not overwrite:
         raise InputError(f"{store_path} already exists; pass overwrite=True (--overwrite) to replace it.")
-    if not _is_store(store_path):
+    if not is_store(store_path):
         raise InputError(f"{store_path} exists and was not written by spatialscale (it is no isoform store); "
                          "spatialscale never replaces what it did not write: choose another path.")
 
@@ -340,10 +347,8 @@ def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer
     if raster is not None:
         bins, shape = _grid_bins(src.obs, raster)
         grid = {"bins": bins, "shape": shape, **raster}
-    elif spatial_key in src.obsm:
-        coords = validate_coords(src.obsm[spatial_key], src.obs.index, spatial_key)
-    elif adjacency is None:
-        raise InputError(f"obsm has no coordinates {spatial_key!r} (available: {sorted(src.obsm)}).")
+    elif adjacency is None or spatial_columns(spatial_key) is not None or spatial_key in src.obsm:
+        coords = spot_coordinates(src.obs, src.obsm, spatial_key)
 
     check_section_size(n_obs, params.k_neighbors, "the input")
 
@@ -448,7 +453,7 @@ def _write_store(path: Path, src: AnnDataSource, var: pd.DataFrame, keep_spots: 
         obsp = {}
         row, col = np.divmod(grid["bins"], nx)
         coords = np.c_[col * grid["spacing"][1], row * grid["spacing"][0]].astype(np.float64)
-    out_var = var[["gene", "n_isoforms", "total_counts"]].copy()
+    out_var = var[["gene", "n_isoforms", "total_counts", "source_index"]].copy()
     out_var["source_name"] = var.index
     meta = {**meta, "n_spots": n_spots, "n_isoforms": len(var), "n_genes": int(var["gene"].nunique()),
             "kernel": kernel.attrs(), "complete": False}
@@ -548,10 +553,16 @@ class IsoformStore:
         The ``var`` table.
     meta
         ``uns/spatialscale``: ingest parameters and kernel description.
+    identity
+        What results written with ``out=`` are matched against when a run
+        resumes: the store's path, or, for a temporary store ingested from an
+        AnnData file, that file and the ingest options (so a re-run from the
+        same, unchanged file resumes).
     """
 
     path: Path
     meta: dict
+    identity: str | None = None
 
     @cached_property
     def isoforms(self) -> pd.DataFrame:

@@ -12,7 +12,7 @@ import xarray as xr
 
 import spatialscale
 from spatialscale import InputError
-from spatialscale.cli import COMMANDS, _parser, api_function, family_options
+from spatialscale.cli import _INGEST_FLAGS, COMMANDS, _parser, api_function, family_options
 from spatialscale.families import FAMILIES, Family, Option, Prepared, methods_of, run_family
 from spatialscale.families.common import batch_counts, provenance
 from spatialscale.options import ExecutionOptions
@@ -33,7 +33,9 @@ def test_cli_and_api_match_name_for_name_with_choices(command):
     flags = {a.dest: a for a in sub._actions if a.dest != "help"}
     declared = family_options(command)
     fixed = EXECUTION | {"store", "method", "covariates", "with_summary", "top", "combine", "group_by"}
-    assert set(flags) - fixed == set(declared)  # every family option is a flag, and nothing else is
+    ingest = {dest for dest, _ in _INGEST_FLAGS.values()} | {"ingest_to", "anndata_out"}  # AnnData inputs
+    assert set(flags) - fixed - ingest == set(declared)  # every family option is a flag, and nothing else is
+    assert ingest <= set(flags)
     api = inspect.signature(api_function(command)).parameters
     for name, decl in declared.items():
         assert name in api, f"{command}: API lacks {name}"
@@ -43,7 +45,8 @@ def test_cli_and_api_match_name_for_name_with_choices(command):
     if methods_of(command):
         assert set(flags["method"].choices) == set(methods_of(command))
         assert api["method"].default in methods_of(command)
-    for name in ("scheduler", "workers", "device", "batch_memory", "batch_size", "out", "overwrite", "progress"):
+    for name in ("scheduler", "workers", "device", "batch_memory", "batch_size", "out", "overwrite", "progress",
+                 "ingest", "ingest_to"):
         assert name in api
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
+import inspect
+import json
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +33,7 @@ from spatialscale.errors import InputError
 from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM  # noqa: F401 - re-exported
 from spatialscale.options import ExecutionOptions
 from spatialscale.output import SECTIONS, PartialStore, claim_output
-from spatialscale.store import IsoformStore, open_store, read_count_columns
+from spatialscale.store import IsoformStore, ingest, is_store, open_store, read_count_columns
 
 #: tasks submitted at a time when several runs (a cohort's sections) share one graph
 MAX_IN_FLIGHT = 64
@@ -58,6 +64,7 @@ def provenance(store: IsoformStore) -> dict[str, Any]:
     kernel = store.kernel_attrs
     return {
         "n_spots": store.n_spots, "n_genes": store.n_genes, "store": str(store.path),
+        "gene_key": str(store.meta.get("gene_key", "gene_symbol")),
         "spatialscale_version": __version__, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **{f"kernel_{k}": v for k, v in kernel.items() if k != "power_sums"},
         "kernel_power_sums": list(kernel["power_sums"]),
@@ -85,7 +92,7 @@ def run_spec(store: IsoformStore, prep: Any, with_summary: bool = False) -> RunS
     if with_summary:  # the gene-level feature summaries ride along with each batch's test
         task = functools.partial(_summarised, task, store_path)
         params = {**params, "with_summary": True}
-    fp = fingerprint(kind=prep.kind, store=store_path, kernel=store.kernel_token,
+    fp = fingerprint(kind=prep.kind, store=store.identity or store_path, kernel=store.kernel_token,
                      genes=list(store.genes.index), extra=prep.fingerprint_extra, **params)
     return RunSpec(store, prep, task, fp)
 
@@ -237,3 +244,77 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def as_store(store: IsoformStore | str | os.PathLike) -> IsoformStore:
     """An opened store from a store or its path."""
     return store if isinstance(store, IsoformStore) else open_store(store)
+
+
+def is_anndata_input(source: Any) -> bool:
+    """Whether ``source`` is something :func:`~spatialscale.store.ingest` reads rather than an isoform store.
+
+    An ``AnnData`` or ``SpatialData`` object, or the path of an ``.h5ad``
+    file, an AnnData zarr or a SpatialData zarr that is not an isoform store.
+    """
+    import anndata as ad
+
+    if isinstance(source, ad.AnnData) or hasattr(source, "tables"):
+        return True
+    if not isinstance(source, str | os.PathLike):
+        return False
+    path = Path(source)
+    if path.is_file():
+        return True
+    return path.is_dir() and not is_store(path) and any((path / key).is_dir() for key in ("obs", "tables"))
+
+
+@contextlib.contextmanager
+def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
+                ingest_to: str | os.PathLike | None = None) -> Iterator[IsoformStore]:
+    """The isoform store a run reads: ``source`` itself, or an AnnData input ingested first.
+
+    Parameters
+    ----------
+    source
+        An isoform store (opened or its path), a cohort (passed through), or
+        an AnnData / SpatialData input (object or path; see
+        :func:`is_anndata_input`).
+    ingest_options
+        Keywords of :func:`~spatialscale.store.ingest` for an AnnData input
+        (``layer``, ``gene_key``, ``spatial_key``, ``k_neighbors``...).
+    ingest_to
+        Where to keep the ingested store; ``None``: a temporary folder, removed
+        when the run ends (workers must see it: local clusters do; give a path
+        on shared storage for a remote cluster).
+
+    Raises
+    ------
+    InputError
+        Ingest options for an input that is already a store, unknown ingest
+        options, or anything :func:`~spatialscale.store.ingest` refuses.
+    """
+    from spatialscale.cohort import is_cohort
+
+    options = dict(ingest_options or {})
+    if not is_anndata_input(source):
+        if options or ingest_to is not None:
+            what = "a cohort" if is_cohort(source) else "an isoform store"
+            raise InputError(f"ingest options and ingest_to apply to AnnData inputs; {source} is {what} "
+                             "(already ingested).")
+        yield source if is_cohort(source) else as_store(source)
+        return
+    allowed = set(inspect.signature(ingest).parameters) - {"source", "store_path"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise InputError(f"unknown ingest option(s) {', '.join(map(repr, unknown))}; choose from "
+                         f"{', '.join(sorted(allowed))}.")
+    if ingest_to is not None:
+        yield ingest(source, ingest_to, **options)
+        return
+    options.pop("overwrite", None)
+    tmp = tempfile.mkdtemp(prefix="spatialscale-store-")
+    try:
+        store = ingest(source, Path(tmp, "store.zarr"), **options)
+        if isinstance(source, str | os.PathLike):
+            stat = os.stat(source)
+            store.identity = json.dumps({"anndata": os.path.abspath(source), "size": stat.st_size,
+                                         "mtime_ns": stat.st_mtime_ns, "ingest": options}, sort_keys=True, default=str)
+        yield store
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
