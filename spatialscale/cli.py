@@ -19,6 +19,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_ingest_options(p: argparse.ArgumentParser, *, anndata_input: bool = False) -> None:
     """The ingest flags; ``anndata_input``: on a test command, for an AnnData input (only the flags given count)."""
+    from spatialscale.priors import DEFAULT_BANDWIDTH, PRIORS, WEIGHTS
+
     if anndata_input:
         p = p.add_argument_group("ingest (when STORE is an AnnData .h5ad / .zarr: it is ingested first, into "
                                  "--ingest-to or a temporary store; same flags as `spatialscale ingest`)")
@@ -43,9 +45,24 @@ def _add_ingest_options(p: argparse.ArgumentParser, *, anndata_input: bool = Fal
                    help="keep genes with one isoform")
     p.add_argument("--min-component-size", type=int, default=default(1), help="drop spots in smaller graph components")
     p.add_argument("--k-neighbors", type=int, default=default(4), help="neighbours of the kNN graph (4)")
-    p.add_argument("--rho", type=float, default=default(0.99), help="CAR autocorrelation, 0 <= rho < 1 (0.99)")
+    p.add_argument("--rho", type=float, default=default(0.99),
+                   help="spatial autocorrelation (0.99): 0 <= rho < 1 for splisosm, icar, isar; car, sar and sma "
+                        "have a bound from the graph, checked")
     p.add_argument("--no-standardize-cov", action="store_true", default=default(False),
                    help="keep the CAR covariance unstandardised")
+    p.add_argument("--prior", default=default("splisosm"), choices=PRIORS,
+                   help="spatial prior: splisosm (SPLISOSM's CAR kernel, default) or Smoother's car, icar, sar, isar, "
+                        "sma (docs/priors.md)")
+    p.add_argument("--weights", default=default("knn"), choices=WEIGHTS,
+                   help="graph of the prior: knn (mutual kNN, default) or distance (Gaussian band, --radius)")
+    p.add_argument("--radius", type=float, default=default(None),
+                   help="distance weights: edge cutoff in coordinate units")
+    p.add_argument("--bandwidth", type=float, default=default(DEFAULT_BANDWIDTH),
+                   help=f"distance weights: Gaussian width in scaled coordinates ({DEFAULT_BANDWIDTH})")
+    p.add_argument("--no-scale-coords", action="store_true", default=default(False),
+                   help="distance weights: do not scale coordinates into [0, 1] first")
+    p.add_argument("--row-scale", action="store_true", default=default(False),
+                   help="sar / sma: row-scaled weights D^-1 W")
     p.add_argument("--kernel", default=default("car"), choices=("car", "fft"),
                    help="car: CAR kernel on the kNN graph of the coordinates; fft: bins of a regular raster "
                         "(integer row/column obs columns, --grid-keys) with the periodic CAR kernel of the grid")
@@ -70,7 +87,9 @@ _INGEST_FLAGS: dict[str, tuple[str, object]] = {
     "min_component_size": ("min_component_size", None), "k_neighbors": ("k_neighbors", None), "rho": ("rho", None),
     "standardize_cov": ("no_standardize_cov", "not"), "power_sums": ("power_sums", None), "kernel": ("kernel", None),
     "grid_keys": ("grid_keys", tuple), "grid_spacing": ("grid_spacing", tuple),
-    "neighbor_degree": ("neighbor_degree", None), "eigenpairs": ("eigenpairs", None),
+    "neighbor_degree": ("neighbor_degree", None), "eigenpairs": ("eigenpairs", None), "prior": ("prior", None),
+    "weights": ("weights", None), "radius": ("radius", None), "bandwidth": ("bandwidth", None),
+    "scale_coords": ("no_scale_coords", "not"), "row_scale": ("row_scale", None),
 }
 
 

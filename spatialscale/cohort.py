@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import pandas as pd
 
 from spatialscale._version import __version__
 from spatialscale.errors import InputError
-from spatialscale.store import IsoformStore, check_ingest_options, check_raster_options, open_store
+from spatialscale.store import IsoformStore, check_ingest_options, check_raster_options, ingest, open_store
 
 __all__ = ["Cohort", "ingest_cohort", "open_cohort", "read_manifest"]
 
@@ -142,8 +143,6 @@ def _source_token(source: str, options: dict[str, Any]) -> str:
 
 def _ingest_section(source: str, store: str, options: dict[str, Any]) -> dict[str, Any]:
     """One task: ingest one section (replacing only an isoform store of an earlier attempt)."""
-    from spatialscale.store import ingest
-
     st = ingest(source, store, overwrite=True, **options)
     return {"n_spots": st.n_spots, "n_genes": st.n_genes}
 
@@ -200,18 +199,12 @@ def ingest_cohort(
     from spatialscale.options import ExecutionOptions
 
     table = read_manifest(manifest)
-    allowed = {"table", "layer", "gene_key", "spatial_key", "adj_key", "min_counts", "min_bin_pct",
-               "filter_single_iso_genes", "min_component_size", "k_neighbors", "rho", "standardize_cov",
-               "power_sums", "block_bytes", "kernel", "grid_keys", "grid_spacing", "neighbor_degree", "eigenpairs"}
+    allowed = set(inspect.signature(ingest).parameters) - {"source", "store_path", "overwrite", "progress"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise InputError(f"unknown ingest option(s) {unknown}; choose from {sorted(allowed)}.")
-    check_ingest_options(**{k: v for k, v in options.items() if k in (
-        "min_counts", "min_bin_pct", "min_component_size", "k_neighbors", "rho", "standardize_cov", "power_sums",
-        "block_bytes")})
-    check_raster_options(**{k: v for k, v in options.items() if k in (
-        "kernel", "grid_keys", "grid_spacing", "neighbor_degree", "rho", "min_component_size", "adj_key",
-        "eigenpairs")})
+    for check in (check_ingest_options, check_raster_options):  # each takes the options it validates
+        check(**{k: v for k, v in options.items() if k in inspect.signature(check).parameters})
     run = ExecutionOptions(client=client, scheduler=scheduler, workers=workers, progress=progress).validated()
     out = Path(os.path.abspath(out_dir))
     if out.exists() and _read_meta(out) is None and any(out.iterdir()):

@@ -1,4 +1,4 @@
-"""Spatial kernel: the CAR covariance on a mutual k-nearest-neighbour graph.
+"""Spatial kernel: the CAR covariance on a mutual k-nearest-neighbour graph (or another spatial prior).
 
 The kernel is built once per tissue section, stored in the isoform store and
 shared by every worker.  Only sparse objects are kept: the precision matrix of
@@ -7,6 +7,11 @@ the power sums ``k_r = tr((H K_s H)^r)``, ``r = 1..4``, that every gene's null
 distribution needs.  Products with the centred kernel ``K_eff = H K_s H`` are
 sparse solves with ``M_s`` (see :class:`SparseCAROperator`), or dense products
 on an accelerator for sections that fit (:class:`DenseKernelOperator`).
+
+By default the precision is SPLISOSM's ``I - rho D^-1/2 W D^-1/2``; ``KernelParams.prior``
+chooses one of Smoother's priors instead (car, icar, sar, isar, sma; :mod:`spatialscale.priors`)
+and ``KernelParams.weights`` its distance-band weights.  Whatever the prior, the kernel is held as
+its sparse SPD precision, so everything downstream is unchanged.
 
 The math here knows nothing of Dask or zarr.
 """
@@ -25,6 +30,8 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import scipy.sparse.linalg
 
+from spatialscale import priors as _priors
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -35,6 +42,8 @@ __all__ = [
     "car_precision",
     "inverse_diagonal",
     "build_kernel",
+    "spatial_weights",
+    "prior_kernel_precision",
     "SparseCAROperator",
     "DenseKernelOperator",
     "SparseCGOperator",
@@ -64,7 +73,8 @@ class KernelParams:
     k_neighbors
         Neighbours per spot in the kNN graph (self excluded).
     rho
-        CAR autocorrelation, ``0 <= rho < 1``.
+        CAR autocorrelation, ``0 <= rho < 1`` (for ``prior`` car, sar and sma: ``rho >= 0`` below a
+        bound that depends on the graph, see :func:`spatialscale.priors.rho_range`).
     standardize_cov
         Rescale the covariance to unit diagonal.
     exact_threshold
@@ -84,6 +94,29 @@ class KernelParams:
         probes with ``k_1, k_2`` as control variates; any size),
         ``"hutchinson"`` (SPLISOSM's plain probe estimate of all four), or
         ``"auto"`` (``exact`` up to ``exact_threshold`` spots, else ``selected``).
+    prior
+        The spatial prior (:mod:`spatialscale.priors`): ``"splisosm"`` (the default, SPLISOSM's
+        ``I - rho D^-1/2 W D^-1/2``), or Smoother's ``"car"`` (``I - rho W``), ``"icar"``
+        (``D - rho W``), ``"sar"`` (``(I - rho W)'(I - rho W)``), ``"isar"`` (sar on ``D^-1 W``) or
+        ``"sma"`` (covariance ``(I + rho W)(I + rho W)'``; dense precision, so at most
+        ``exact_threshold`` spots).  ``rho`` must be below 1 for splisosm, icar and isar; for car,
+        sar and sma its bound depends on the graph and is checked when the kernel is built.
+    weights
+        ``"knn"`` (the binary mutual kNN graph of ``k_neighbors``) or ``"distance"`` (Smoother's
+        Gaussian distance band: :func:`spatialscale.priors.distance_weights`).  A user adjacency
+        (``adj_key``) replaces either.
+    radius
+        Distance cutoff of ``weights="distance"`` in coordinate units (Smoother's ``radius_cutoff``);
+        required there, refused with ``"knn"``.
+    bandwidth
+        Gaussian width of ``weights="distance"`` (Smoother's ``band_width``), in units of the
+        scaled coordinates where ``scale_coords``.
+    scale_coords
+        ``weights="distance"``: scale coordinates into ``[0, 1]`` by their largest extent first
+        (Smoother's default).
+    row_scale
+        Row-scale the weights (``D^-1 W``, Smoother's ``row_scale``) for sar and sma (isar always
+        does); refused by splisosm, car and icar, whose precision would not be symmetric.
     """
 
     k_neighbors: int = 4
@@ -95,12 +128,45 @@ class KernelParams:
     power_sums: str = "auto"
     n_sketch: int = 128
     n_cv_probes: int = 128
+    prior: str = "splisosm"
+    weights: str = "knn"
+    radius: float | None = None
+    bandwidth: float = _priors.DEFAULT_BANDWIDTH
+    scale_coords: bool = True
+    row_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.power_sums not in POWER_SUM_METHODS:
             raise ValueError(f"power_sums must be one of {', '.join(POWER_SUM_METHODS)}, got {self.power_sums!r}.")
-        if not np.isfinite(self.rho) or not 0.0 <= self.rho < 1.0:
-            raise ValueError(f"rho must satisfy 0 <= rho < 1, got {self.rho!r}.")
+        if self.prior not in _priors.PRIORS:
+            raise ValueError(f"prior must be one of {', '.join(_priors.PRIORS)}, got {self.prior!r}.")
+        if self.prior == "splisosm":
+            if not np.isfinite(self.rho) or not 0.0 <= self.rho < 1.0:
+                raise ValueError(f"rho must satisfy 0 <= rho < 1, got {self.rho!r}.")
+        elif self.prior in _priors.UNIT_RANGE_PRIORS:
+            if not np.isfinite(self.rho) or not 0.0 <= self.rho < 1.0:
+                raise ValueError(f"rho must satisfy 0 <= rho < 1 for prior={self.prior!r} (at rho = 1 its precision is "
+                                 f"singular), got {self.rho!r}.")
+        elif not np.isfinite(self.rho) or self.rho < 0.0:
+            raise ValueError(f"rho must be a finite number >= 0 for prior={self.prior!r} (its upper bound depends on "
+                             f"the graph and is checked when the kernel is built), got {self.rho!r}.")
+        if self.row_scale and self.prior in _priors.SYMMETRIC_PRIORS:
+            raise ValueError(f"row_scale needs prior='sar', 'isar' or 'sma': prior={self.prior!r} needs symmetric "
+                             "weights, and row-scaled weights are not.")
+        if self.weights not in _priors.WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(_priors.WEIGHTS)}, got {self.weights!r}.")
+        if self.weights == "distance":
+            if self.radius is None or not np.isfinite(self.radius) or self.radius <= 0:
+                raise ValueError(f"weights='distance' needs a radius > 0 in coordinate units, got {self.radius!r}.")
+            if not np.isfinite(self.bandwidth) or self.bandwidth <= 0:
+                raise ValueError(f"bandwidth must be a finite number > 0, got {self.bandwidth!r}.")
+        else:
+            unused = [name for name, value, default in (("radius", self.radius, None),
+                                                        ("bandwidth", self.bandwidth, _priors.DEFAULT_BANDWIDTH),
+                                                        ("scale_coords", self.scale_coords, True))
+                      if value != default]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} apply only to weights='distance' (weights={self.weights!r}).")
         if int(self.k_neighbors) < 1:
             raise ValueError(f"k_neighbors must be >= 1, got {self.k_neighbors!r}.")
         if int(self.n_probes) < 1:
@@ -121,7 +187,24 @@ class KernelParams:
             "power_sums": str(self.power_sums),
             "n_sketch": int(self.n_sketch),
             "n_cv_probes": int(self.n_cv_probes),
+            **self._prior_dict(),
         }
+
+    def _prior_dict(self) -> dict:
+        """The prior and weight options, only where they differ from the default kernel's.
+
+        A default kernel's dict (and so its store metadata and results attributes) is the same as
+        before these options existed.
+        """
+        out: dict = {}
+        if self.prior != "splisosm":
+            out["prior"] = str(self.prior)
+        if self.weights != "knn":
+            out.update(weights=str(self.weights), radius=float(self.radius), bandwidth=float(self.bandwidth),
+                       scale_coords=bool(self.scale_coords))
+        if self.row_scale:
+            out["row_scale"] = True
+        return out
 
     def power_sum_method(self, n: int) -> str:
         """The method used for a section of ``n`` spots (``auto`` resolved)."""
@@ -150,7 +233,7 @@ class SpatialKernel:
     params
         The :class:`KernelParams` used.
     source
-        ``"knn"`` or ``"adjacency"``.
+        ``"knn"``, ``"distance"`` or ``"adjacency"``.
     eigenpairs
         ``(eigvals, eigvecs)`` of the covariance (:func:`kernel_eigenpairs`)
         where :func:`build_kernel` was asked for them, else ``None``.
@@ -595,9 +678,12 @@ def build_kernel(
     coords
         ``(n, d)`` coordinates; used unless ``adjacency`` is given.
     adjacency
-        A user graph (e.g. from ``obsp``), symmetrised and kept weighted.
+        A user graph (e.g. from ``obsp``), symmetrised and kept weighted (not with
+        ``weights="distance"``, which builds the graph from the coordinates).
     params
-        Kernel parameters; defaults match SPLISOSM.
+        Kernel parameters; defaults match SPLISOSM.  Other priors (``params.prior``) have their
+        ``rho`` checked against the graph (:func:`spatialscale.priors.check_rho`: a ``ValueError``
+        naming the admissible range), and ``"sma"`` needs at most ``params.exact_threshold`` spots.
     eigenpairs
         Also compute the GLMM's eigenpairs (:func:`default_rank` of them).
         Where the power sums are exact and every eigenpair is kept, they come
@@ -610,16 +696,17 @@ def build_kernel(
     """
     params = params or KernelParams()
     if adjacency is not None:
+        if params.weights != "knn":
+            raise ValueError(f"weights={params.weights!r} builds the graph from coordinates; it does not apply to a "
+                             "given adjacency (adj_key).")
         w = symmetrise_adjacency(adjacency)
         source = "adjacency"
     elif coords is not None:
-        w = knn_adjacency(coords, params.k_neighbors)
-        source = "knn"
+        w = spatial_weights(coords, params)
+        source = params.weights
     else:
         raise ValueError("build_kernel needs coordinates or an adjacency matrix.")
-    m = car_precision(w, params.rho)
-    if params.standardize_cov:
-        m = standardised_precision(m)
+    m = prior_kernel_precision(w, params)
     how = params.power_sum_method(m.shape[0])
     pairs = None
     if eigenpairs:
@@ -643,6 +730,67 @@ def build_kernel(
         power_sum_se=np.asarray(se, dtype=np.float64),
         eigenpairs=pairs,
     )
+
+
+def spatial_weights(coords: np.ndarray, params: KernelParams) -> scipy.sparse.csr_matrix:
+    """The symmetric spot graph ``params`` asks for: the mutual kNN graph or Smoother's distance band.
+
+    Parameters
+    ----------
+    coords
+        ``(n, d)`` spot coordinates.
+    params
+        Kernel parameters (``weights``, ``k_neighbors``, ``radius``, ``bandwidth``, ``scale_coords``).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Symmetric non-negative ``(n, n)`` weights, isolated spots with a self loop.
+    """
+    if params.weights == "distance":
+        return _priors.distance_weights(coords, float(params.radius), float(params.bandwidth),
+                                        scale_coords=bool(params.scale_coords))
+    return knn_adjacency(coords, params.k_neighbors)
+
+
+def prior_kernel_precision(w: scipy.sparse.spmatrix, params: KernelParams) -> scipy.sparse.csr_matrix:
+    """The kernel's precision on weights ``w``: ``params.prior``'s, standardised where ``params.standardize_cov``.
+
+    The default (``prior="splisosm"``) is :func:`car_precision` then :func:`standardised_precision`,
+    as always.  Smoother's sparse priors get their ``rho`` checked on ``w``
+    (:func:`spatialscale.priors.check_rho`) and the same standardisation.  ``"sma"`` is standardised
+    on its sparse covariance and inverted densely (:func:`spatialscale.priors.sma_precision`), so it
+    is refused above ``params.exact_threshold`` spots; its precision is stored as a CSR matrix with
+    ``n^2`` entries.
+
+    Parameters
+    ----------
+    w
+        Symmetric non-negative weights.
+    params
+        Kernel parameters.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Symmetric positive-definite precision.
+    """
+    n = w.shape[0]
+    if params.prior == "splisosm":
+        m = car_precision(w, params.rho)
+    elif params.prior == "sma":
+        if n > params.exact_threshold:
+            raise ValueError(f"prior='sma' has a dense precision ({n} x {n}); it is allowed up to exact_threshold="
+                             f"{params.exact_threshold} spots. Use prior='sar' or 'isar' (sparse), or raise "
+                             "exact_threshold if the memory allows.")
+        _priors.check_rho(w, "sma", params.rho, row_scale=params.row_scale)
+        q = _priors.sma_precision(w, params.rho, row_scale=params.row_scale, standardize=params.standardize_cov)
+        return scipy.sparse.csr_matrix(q)
+    else:
+        m = _priors.prior_precision(w, params.prior, params.rho, row_scale=params.row_scale)
+    if params.standardize_cov:
+        m = standardised_precision(m)
+    return m
 
 
 class SparseCAROperator:

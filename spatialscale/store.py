@@ -47,7 +47,8 @@ import scipy.sparse.csgraph
 
 from spatialscale._version import __version__
 from spatialscale.errors import InputError
-from spatialscale.kernel import KernelParams, build_kernel, knn_adjacency, symmetrise_adjacency
+from spatialscale.kernel import KernelParams, build_kernel, spatial_weights, symmetrise_adjacency
+from spatialscale.priors import DEFAULT_BANDWIDTH
 from spatialscale.sources import (
     AnnDataSource,
     check_section_size,
@@ -83,6 +84,12 @@ def ingest(
     k_neighbors: int = 4,
     rho: float = 0.99,
     standardize_cov: bool = True,
+    prior: str = "splisosm",
+    weights: str = "knn",
+    radius: float | None = None,
+    bandwidth: float = DEFAULT_BANDWIDTH,
+    scale_coords: bool = True,
+    row_scale: bool = False,
     power_sums: str = "auto",
     eigenpairs: bool = False,
     kernel: str = "car",
@@ -130,6 +137,13 @@ def ingest(
         Drop spots in graph components smaller than this.
     k_neighbors, rho, standardize_cov
         Spatial kernel parameters (see :class:`spatialscale.kernel.KernelParams`).
+    prior, weights, radius, bandwidth, scale_coords, row_scale
+        The spatial prior: ``splisosm`` (default, SPLISOSM's CAR kernel) or
+        Smoother's ``car``, ``icar``, ``sar``, ``isar``, ``sma``, on the kNN
+        graph (``weights="knn"``) or Smoother's Gaussian distance band
+        (``weights="distance"`` with ``radius``, ``bandwidth``,
+        ``scale_coords``); ``rho`` is checked against the prior's admissible
+        range on the graph (see :mod:`spatialscale.priors`). ``kernel="car"`` only.
     power_sums
         How the kernel's null power sums are computed: ``auto`` (exact up to
         5,000 spots, then ``selected``), ``exact``, ``selected`` (``k_1, k_2``
@@ -177,10 +191,12 @@ def ingest(
     store_path = Path(os.path.abspath(store_path))
     params = check_ingest_options(min_counts=min_counts, min_bin_pct=min_bin_pct,
                                   min_component_size=min_component_size, k_neighbors=k_neighbors, rho=rho,
-                                  standardize_cov=standardize_cov, power_sums=power_sums, block_bytes=block_bytes)
+                                  standardize_cov=standardize_cov, power_sums=power_sums, block_bytes=block_bytes,
+                                  prior=prior, weights=weights, radius=radius, bandwidth=bandwidth,
+                                  scale_coords=scale_coords, row_scale=row_scale)
     raster = check_raster_options(kernel=kernel, grid_keys=grid_keys, grid_spacing=grid_spacing,
                                   neighbor_degree=neighbor_degree, rho=rho, min_component_size=min_component_size,
-                                  adj_key=adj_key, eigenpairs=eigenpairs)
+                                  adj_key=adj_key, eigenpairs=eigenpairs, prior=prior, weights=weights)
     source = resolve_table(source, table)
     _check_store_target(store_path, source, overwrite)
     src = AnnDataSource(source, layer)
@@ -210,11 +226,14 @@ def ingest(
 
 def check_ingest_options(*, min_counts: float = 10, min_bin_pct: float = 0.0, min_component_size: int = 1,
                          k_neighbors: int = 4, rho: float = 0.99, standardize_cov: bool = True,
-                         power_sums: str = "auto", block_bytes: int = 256 << 20) -> KernelParams:
+                         power_sums: str = "auto", block_bytes: int = 256 << 20, prior: str = "splisosm",
+                         weights: str = "knn", radius: float | None = None, bandwidth: float = DEFAULT_BANDWIDTH,
+                         scale_coords: bool = True, row_scale: bool = False) -> KernelParams:
     """Validate ingest's numeric options; return the kernel parameters (``InputError`` naming a bad one)."""
     try:
         params = KernelParams(k_neighbors=k_neighbors, rho=rho, standardize_cov=standardize_cov,
-                              power_sums=power_sums)
+                              power_sums=power_sums, prior=prior, weights=weights, radius=radius,
+                              bandwidth=bandwidth, scale_coords=scale_coords, row_scale=row_scale)
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid kernel parameters: {exc}") from None
     for name, value, low in (("min_component_size", min_component_size, 1), ("block_bytes", block_bytes, 1)):
@@ -229,12 +248,18 @@ def check_ingest_options(*, min_counts: float = 10, min_bin_pct: float = 0.0, mi
 def check_raster_options(*, kernel: str = "car", grid_keys: Any = ("array_row", "array_col"),
                          grid_spacing: Any = (1.0, 1.0), neighbor_degree: int = 1, rho: float = 0.99,
                          min_component_size: int = 1, adj_key: str | None = None,
-                         eigenpairs: bool = False) -> dict | None:
+                         eigenpairs: bool = False, prior: str = "splisosm", weights: str = "knn") -> dict | None:
     """Validate the raster options: ``None`` for ``kernel="car"``, else the grid keys and kernel parameters."""
     if kernel not in ("car", "fft"):
         raise InputError(f"unknown kernel {kernel!r}; choose car or fft.")
     if kernel == "car":
+        if adj_key is not None and weights != "knn":
+            raise InputError(f"weights={weights!r} builds the graph from the coordinates; it does not apply with "
+                             "adj_key (a given adjacency).")
         return None
+    if prior != "splisosm" or weights != "knn":
+        raise InputError("kernel='fft' has SPLISOSM's CAR kernel of the grid: prior and weights apply to "
+                         "kernel='car'.")
     if eigenpairs:
         raise InputError("eigenpairs=True needs kernel='car': the GLMM does not run on a raster (fft) kernel.")
     if adj_key is not None or int(min_component_size) != 1:
@@ -355,7 +380,7 @@ def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer
     # spots: drop small graph components
     keep_spots = np.ones(n_obs, dtype=bool)
     if min_component_size > 1:
-        graph = adjacency if adjacency is not None else knn_adjacency(coords, params.k_neighbors)
+        graph = adjacency if adjacency is not None else spatial_weights(coords, params)
         _, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
         keep_spots = np.bincount(labels)[labels] >= min_component_size
         if not keep_spots.any():
@@ -405,10 +430,15 @@ def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer
         from spatialscale.raster import RasterParams, build_raster_kernel
 
         kernel = build_raster_kernel(RasterParams(grid["shape"], grid["spacing"], grid["rho"], grid["neighbor_degree"]))
-    elif adjacency is not None:
-        kernel = build_kernel(adjacency=adjacency[keep_spots][:, keep_spots], params=params, eigenpairs=eigenpairs)
     else:
-        kernel = build_kernel(coords[keep_spots], params=params, eigenpairs=eigenpairs)
+        try:
+            if adjacency is not None:
+                kernel = build_kernel(adjacency=adjacency[keep_spots][:, keep_spots], params=params,
+                                      eigenpairs=eigenpairs)
+            else:
+                kernel = build_kernel(coords[keep_spots], params=params, eigenpairs=eigenpairs)
+        except ValueError as exc:  # a prior's rho outside its range on this graph, sma too large...
+            raise InputError(f"invalid kernel: {exc}") from None
 
     tmp = store_path.with_name(f".{store_path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
