@@ -135,12 +135,6 @@ def _one_covariate(ds: xr.Dataset, name: str, covariate: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- isoform ratios
-def _open(store: IsoformStore | str | os.PathLike) -> IsoformStore:
-    from spatialscale.store import IsoformStore, open_store
-
-    return store if isinstance(store, IsoformStore) else open_store(store)
-
-
 def _gene_isoforms(store: IsoformStore, gene: str) -> list[str]:
     """Names of the gene's isoform columns, or an InputError naming close matches."""
     genes = store.genes
@@ -267,6 +261,7 @@ def isoform_ratios(
     missing_color: str | None = "lightgrey",
     colorbar: bool = True,
     panel_size: float = 3.2,
+    ingest: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Draw a gene's isoform ratios in space, one panel per isoform.
 
@@ -280,7 +275,9 @@ def isoform_ratios(
     Parameters
     ----------
     store
-        An isoform store or its path.
+        An isoform store or its path, or an AnnData input (object, ``.h5ad``
+        or zarr), ingested first into a temporary store with the ``ingest``
+        keywords (as the tests do).
     gene
         The gene (a name in ``store.genes``).
     isoforms
@@ -302,6 +299,9 @@ def isoform_ratios(
         Add one colorbar shared by the panels.
     panel_size
         Size (inches) of one panel of a new figure.
+    ingest
+        :func:`~spatialscale.store.ingest` keywords for an AnnData input
+        (``{"layer": "X"}``...).
 
     Returns
     -------
@@ -318,10 +318,15 @@ def isoform_ratios(
     _pyplot()  # matplotlib, or how to install it
     from matplotlib.colors import Normalize
 
-    store = _open(store)
-    names = _gene_isoforms(store, gene)
-    picked = _pick_isoforms(gene, names, isoforms)
-    layout = _layout(store, gene)
+    from spatialscale.families.common import input_store
+    from spatialscale.store import IsoformStore
+
+    with input_store(store, ingest) as opened:
+        if not isinstance(opened, IsoformStore):
+            raise InputError("isoform_ratios draws one section: pass a section's store (cohort.store(section_id)).")
+        names = _gene_isoforms(opened, gene)
+        picked = _pick_isoforms(gene, names, isoforms)
+        layout = _layout(opened, gene)
     panels, new = _panel_axes(ax, axes, len(picked), ncols, panel_size)
     norm = Normalize(vmin=0.0, vmax=1.0)
     ratios, covered = gene_ratios(layout["counts"])

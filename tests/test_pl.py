@@ -105,6 +105,22 @@ def test_isoform_ratios_of_points_are_the_counts_over_the_gene_total(points):
     assert len(colorbars) == 1 and colorbars[0].get_ylim() == (0.0, 1.0)  # one shared colour scale
 
 
+def test_isoform_ratios_of_an_anndata_equal_those_of_its_store(points, tmp_path, monkeypatch):
+    """An AnnData is ingested into a temporary store (removed afterwards) and drawn the same."""
+    adata, store = points
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    gene = store.genes.index[0]
+    a = adata.copy()
+    a.X = a.layers["counts"]
+    del a.layers["counts"]
+    want = [_collection(ax, "ratio").get_array() for ax in pl.isoform_ratios(store, gene)]
+    got = [_collection(ax, "ratio").get_array() for ax in pl.isoform_ratios(a, gene, ingest={"layer": "X"})]
+    assert len(got) == len(want) >= 2
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_isoform_ratios_of_a_raster_are_an_image_of_its_grid(raster):
     adata, store = raster
     gene = store.genes.index[0]
