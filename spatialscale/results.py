@@ -193,6 +193,9 @@ def to_anndata(ds: xr.Dataset | str | Any, adata: Any, *, gene_key: str | None =
     """
     import json
 
+    if not (hasattr(adata, "var") and hasattr(adata, "uns")):
+        raise InputError(f"to_anndata writes into an AnnData object, got {type(adata).__name__}; for an AnnData "
+                         "file, write an annotated copy with write_anndata_copy(ds, source, dest) (--anndata-out).")
     if not isinstance(ds, xr.Dataset):
         ds = open_results(ds)
     if "section" in ds.dims:

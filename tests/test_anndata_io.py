@@ -126,6 +126,8 @@ def test_anndata_input_to_the_test_functions(adata, reference, tmp_path, monkeyp
         spatialscale.sv_test(a, ingest={"layr": "X"})
     with pytest.raises(InputError, match="apply to AnnData inputs; .* is an isoform store"):
         spatialscale.sv_test(reference, ingest={"layer": "X"})
+    with pytest.raises(InputError, match="ingest must be a dict of ingest options"):
+        spatialscale.sv_test(a, ingest="X")
 
 
 # --------------------------------------------------------------------------- results back into AnnData
@@ -159,6 +161,8 @@ def test_to_anndata_round_trip(adata, reference, tmp_path):
     assert (user.var["sv_pvalue"] == 7.0).all()
     copy = spatialscale.to_anndata(sv, user, overwrite=True, copy=True)
     assert (user.var["sv_pvalue"] == 7.0).all() and not (copy.var["sv_pvalue"] == 7.0).any()
+    with pytest.raises(InputError, match="to_anndata writes into an AnnData object, got str"):
+        spatialscale.to_anndata(sv, "sample.h5ad")
     # genes absent from the results (filtered at ingest) get NaN
     extra = ad.concat([adata[:, :2], adata[:, :2]], axis=1)
     extra.var_names = ["a", "b", "c", "d"]

@@ -291,6 +291,9 @@ def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
     """
     from spatialscale.cohort import is_cohort
 
+    if ingest_options is not None and not isinstance(ingest_options, dict):
+        raise InputError(f"ingest must be a dict of ingest options ({{'layer': 'X', ...}}), got "
+                         f"{type(ingest_options).__name__}.")
     options = dict(ingest_options or {})
     if not is_anndata_input(source):
         if options or ingest_to is not None:
