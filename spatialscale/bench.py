@@ -8,11 +8,12 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["run_bench", "run_cohort_bench", "compare", "task_stream_stats"]
+__all__ = ["run_bench", "run_cohort_bench", "run_compat_bench", "compare", "task_stream_stats"]
 
 
 def compare(ref: pd.DataFrame, ours: pd.DataFrame) -> dict[str, float]:
@@ -1015,4 +1016,71 @@ def run_raster_bench(shapes: list[tuple[int, int]], genes: list[int], *, method:
           f"(ingest kernel='fft' + sv_test on {workers} workers)")
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return table
+
+
+def _compat_case(module: Any, adata: Any, kind: str) -> tuple[dict[str, pd.DataFrame], float]:
+    """One class of ``module`` (``splisosm`` or ``spatialscale.compat``) through the same calls, timed."""
+    t = time.perf_counter()
+    if kind == "np":
+        model = module.SplisosmNP()
+        model.setup_data(adata, layer="counts", group_iso_by="gene_symbol", design_mtx=["rbp"])
+        model.test_spatial_variability(method="hsic-ir", print_progress=False)
+        model.test_differential_usage(method="hsic", print_progress=False)
+        tables = {"sv": model.get_formatted_test_results("sv"), "du": model.get_formatted_test_results("du")}
+    else:
+        model = module.SplisosmGLMM(model_type="glmm-full")
+        model.setup_data(adata, layer="counts", group_iso_by="gene_symbol", design_mtx=["rbp"])
+        model.fit(n_jobs=2, batch_size=20, print_progress=False)
+        model.test_differential_usage(method="score", print_progress=False)
+        tables = {"du": model.get_formatted_test_results("du")}
+    wall = time.perf_counter() - t
+    with contextlib.suppress(AttributeError):
+        model.close()  # the compat object's temporary store
+    return tables, wall
+
+
+def run_compat_bench(spots: list[int], genes: list[int], *, model: str = "np", workers: int = 2,
+                     seed: int = 0) -> pd.DataFrame:
+    """Time SPLISOSM 1.2.0's classes against :mod:`spatialscale.compat`'s, the same calls on the same AnnData.
+
+    ``model="np"``: ``SplisosmNP`` setup, ``hsic-ir`` SV and ``hsic`` DU against the covariate
+    ``rbp``; ``model="glmm"``: ``SplisosmGLMM`` glmm-full ``fit`` (SPLISOSM: ``n_jobs=2,
+    batch_size=20``) and the DU score test (genes of 3 isoforms). The compat classes run on a
+    LocalCluster of ``workers`` (the active client), started before timing. Printed per size: both
+    walls, the ratio, and how far the DataFrames are apart (largest p-value difference; GLMM:
+    p-value Spearman, since both are optimisation results).
+    """
+    import splisosm
+    from distributed import Client
+    from scipy.stats import spearmanr
+
+    from spatialscale import compat
+    from spatialscale.engine import local_cluster
+    from spatialscale.simulate import simulate_section
+
+    warnings.filterwarnings("ignore")
+    rows = []
+    with local_cluster(workers) as cluster, Client(cluster) as client:
+        client.run(_import_library)
+        for n in spots:
+            for g in genes:
+                adata = simulate_section(n, g, n_sv=max(1, g // 5), n_du=max(1, g // 10), seed=seed,
+                                         isoforms=(3, 3) if model == "glmm" else (2, 4))
+                ref, t_ref = _compat_case(splisosm, adata, model)
+                ours, t_ours = _compat_case(compat, adata, model)
+                row = {"spots": n, "genes": g, "splisosm_s": t_ref, "compat_s": t_ours, "speedup": t_ref / t_ours,
+                       "same_frames": all(list(ref[k].columns) == list(ours[k].columns)
+                                          and list(ref[k].index) == list(ours[k].index) for k in ref)}
+                for k in ref:
+                    p0, p1 = ref[k]["pvalue"].to_numpy(float), ours[k]["pvalue"].to_numpy(float)
+                    row[f"{k}_p_max_abs_diff"] = float(np.nanmax(np.abs(p0 - p1)))
+                    if model == "glmm":
+                        row[f"{k}_p_spearman"] = float(spearmanr(p0, p1, nan_policy="omit").statistic)
+                rows.append(row)
+                print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    table = pd.DataFrame(rows)
+    what = "SplisosmNP (setup + hsic-ir SV + hsic DU)" if model == "np" else "SplisosmGLMM (fit + score DU)"
+    print(f"\n{what}: SPLISOSM 1.2.0 vs spatialscale.compat on {workers} workers, the same calls")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return table

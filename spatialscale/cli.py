@@ -356,11 +356,13 @@ def _parser() -> argparse.ArgumentParser:
                    "or glmm-llr")
     p.add_argument("--null", default="liu", help="null (liu)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for spatialscale (2)")
-    p.add_argument("--test", default="sv", choices=("sv", "glmm", "du", "kernel", "raster"),
+    p.add_argument("--test", default="sv", choices=("sv", "glmm", "du", "kernel", "raster", "compat"),
                    help="sv: HSIC SV tests; glmm: glmm-full fit + DU score test (genes of 3 isoforms); "
                    "du: hsic and hsic-gp DU tests of every gene x covariate; kernel: kernel build of large sections "
                    "(graph, standardisation, power sums, peak memory) at each --spots and --geometry; "
-                   "raster: sv on square grids of --spots bins (kernel='fft', ~70%% under tissue) against SplisosmFFT")
+                   "raster: sv on square grids of --spots bins (kernel='fft', ~70%% under tissue) against SplisosmFFT; "
+                   "compat: SPLISOSM's classes against spatialscale.compat, the same calls (--method hsic-ir: "
+                   "SplisosmNP; glmm-score: SplisosmGLMM)")
     p.add_argument("--geometry", nargs="+", default=["hex", "random", "grid"], choices=("hex", "random", "grid"),
                    help="kernel: spot layouts (hex random grid)")
     p.add_argument("--covariates", type=int, default=50, help="du: covariates (50)")
@@ -453,6 +455,16 @@ def _run(args: argparse.Namespace) -> int:
             run_raster_bench([(s, s) for s in sides], genes=args.genes if args.genes != [300] else [200],
                              method=args.method, workers=args.workers, seed=args.seed,
                              batch_memory=args.batch_memory, splisosm=not args.no_splisosm)
+            return 0
+        if args.test == "compat":
+            from spatialscale.bench import run_compat_bench
+            from spatialscale.errors import InputError
+
+            if args.method not in ("hsic-ir", "glmm-score"):
+                raise InputError("bench --test compat: --method hsic-ir (SplisosmNP, default) or glmm-score "
+                                 "(SplisosmGLMM).")
+            run_compat_bench(spots=args.spots, genes=args.genes, model="np" if args.method == "hsic-ir" else "glmm",
+                             workers=args.workers, seed=args.seed)
             return 0
         if args.test == "glmm":
             method = "glmm-score" if args.method == "hsic-ir" else args.method

@@ -332,3 +332,19 @@ def test_unsupported_options_name_the_alternative(np_models):
         ours.test_spatial_variability(method="moran")
     with pytest.raises(RuntimeError, match="setup_data"):
         compat.SplisosmNP().test_spatial_variability()
+
+
+def test_compat_bench_runs_both_classes_and_compares_their_frames(capsys):
+    """``spatialscale bench --test compat``: both packages on the same data, the same DataFrames."""
+    from spatialscale.cli import main
+
+    assert main(["bench", "--test", "compat", "--spots", "120", "--genes", "6", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "SPLISOSM 1.2.0 vs spatialscale.compat on 1 workers" in out
+    from spatialscale.bench import run_compat_bench
+
+    table = run_compat_bench([120], [6], workers=1, seed=1)
+    row = table.iloc[0]
+    assert bool(row["same_frames"]) and row["splisosm_s"] > 0 and row["compat_s"] > 0
+    assert row["sv_p_max_abs_diff"] < 1e-4 and row["du_p_max_abs_diff"] < 1e-4
+    assert main(["bench", "--test", "compat", "--method", "hsic-gc"]) == 2
