@@ -105,6 +105,8 @@ def make_dataset(genes: list[str] | np.ndarray, data: dict[str, np.ndarray], att
 # --------------------------------------------------------------------------- back into AnnData
 #: ``adata.uns`` key of what spatialscale wrote into an AnnData
 UNS_KEY = "spatialscale"
+#: entry of ``uns/spatialscale`` that only :func:`write_anndata_copy` writes: the copy's source
+COPY_MARK = "annotated_copy_of"
 
 
 def var_columns(ds: xr.Dataset, var: Any, gene_key: str) -> dict[str, np.ndarray]:
@@ -208,6 +210,7 @@ def to_anndata(ds: xr.Dataset | str | Any, adata: Any, *, gene_key: str | None =
         raise InputError(f"none of the results' genes is in var[{gene_key!r}] of this AnnData (results: "
                          f"{', '.join(map(str, ds['gene'].values[:3]))}...); is it the AnnData the store came from?")
     uns = dict(adata.uns.get(UNS_KEY, {})) if isinstance(adata.uns.get(UNS_KEY, {}), dict) else {}
+    uns.pop(COPY_MARK, None)  # annotated in memory, it is the user's: only write_anndata_copy marks its files
     ours = {c for entry in uns.values() if isinstance(entry, dict) for c in entry.get("columns", [])}
     theirs = [c for c in columns if c in adata.var.columns and c not in ours]
     if theirs and not overwrite:
@@ -297,10 +300,14 @@ def check_anndata_target(source: str | os.PathLike, dest: str | os.PathLike, *, 
 
 
 def _annotated_by_us(path: Path) -> bool:
-    """Whether ``path`` is an AnnData that :func:`write_anndata_copy` wrote (it has ``uns/spatialscale``)."""
+    """Whether ``path`` is an AnnData that :func:`write_anndata_copy` wrote (``uns/spatialscale`` holds its mark).
+
+    An AnnData the user annotated with :func:`to_anndata` and saved has ``uns/spatialscale`` too, but
+    not the mark: it is the user's file and is never replaced.
+    """
     try:
         with _anndata_root(path, "r") as root:
-            return "uns" in root and UNS_KEY in root["uns"]
+            return "uns" in root and UNS_KEY in root["uns"] and COPY_MARK in root["uns"][UNS_KEY]
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False
 
@@ -363,6 +370,7 @@ def write_anndata_copy(ds: xr.Dataset, source: str | os.PathLike, dest: str | os
             if "uns" in root and UNS_KEY in root["uns"]:
                 light.uns[UNS_KEY] = read_elem(root["uns"][UNS_KEY])
             to_anndata(ds, light, overwrite=overwrite)
+            light.uns[UNS_KEY][COPY_MARK] = str(src)
             write_elem(root, "var", light.var)
             uns = root["uns"] if "uns" in root else root.create_group("uns")
             write_elem(uns, UNS_KEY, light.uns[UNS_KEY])
@@ -371,8 +379,11 @@ def write_anndata_copy(ds: xr.Dataset, source: str | os.PathLike, dest: str | os
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(out, old)
         os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        if old is not None:  # the earlier annotated copy, checked as ours just before
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -211,6 +211,11 @@ def test_cli_anndata_input_and_annotated_copy(adata, tmp_path, capsys, monkeypat
     assert main([*args, "--anndata-out", "mine.h5ad", "--overwrite"]) == 2
     assert "spatialscale never replaces what it did not write" in capsys.readouterr().err
     assert (tmp_path / "mine.h5ad").read_bytes() == b"user data"
+    saved = ad.read_h5ad("annotated.h5ad")  # the user's own file, annotated in memory and saved: never replaced
+    spatialscale.to_anndata(ds, saved)
+    saved.write_h5ad("saved.h5ad")
+    assert main([*args, "--anndata-out", "saved.h5ad", "--overwrite"]) == 2
+    assert "spatialscale never replaces what it did not write" in capsys.readouterr().err
     assert main([*args, "--anndata-out", "annotated.h5ad", "--overwrite"]) == 0
     assert "already holds verified results" not in capsys.readouterr().out
     # from a store: its source file is annotated

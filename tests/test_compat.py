@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from spatialscale import InputError
+from spatialscale import InputError, open_store
 from spatialscale.simulate import simulate_section
 from tests.conftest import make_adata
 
@@ -348,3 +348,14 @@ def test_compat_bench_runs_both_classes_and_compares_their_frames(capsys):
     assert bool(row["same_frames"]) and row["splisosm_s"] > 0 and row["compat_s"] > 0
     assert row["sv_p_max_abs_diff"] < 1e-4 and row["du_p_max_abs_diff"] < 1e-4
     assert main(["bench", "--test", "compat", "--method", "hsic-gc"]) == 2
+
+
+def test_a_named_store_is_replaced_only_by_the_object_that_wrote_it(section, tmp_path):
+    path = tmp_path / "named.zarr"
+    with compat.SplisosmNP(store=path) as first:
+        quiet(first.setup_data, section, **SETUP)
+        quiet(first.setup_data, section, **{**SETUP, "min_counts": 20})  # its own store: replaced
+        assert first.store.meta["min_counts"] == 20
+    with compat.SplisosmNP(store=path) as second, pytest.raises(InputError, match="already exists"):
+        quiet(second.setup_data, section, **SETUP)
+    assert open_store(path).meta["min_counts"] == 20 and path.is_dir()  # a close() does not delete it

@@ -271,15 +271,18 @@ class CompatModel:
         """Ingest ``source`` into this object's store (replacing the previous one)."""
         from spatialscale.store import ingest
 
+        replace = False
         if self._store_path is not None:
             path = self._store_path
+            # a named store is replaced only where this object wrote it; any other is the user's to remove
+            replace = self.store is not None and Path(self.store.path).resolve() == Path(path).resolve()
         else:
             self.close()
             self._tmpdir = tempfile.TemporaryDirectory(prefix="spatialscale-compat-")
             path = Path(self._tmpdir.name) / "store.zarr"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*autosharding.*")
-            self.store = ingest(source, path, overwrite=True, progress=False, **kwargs)
+            self.store = ingest(source, path, overwrite=replace, progress=False, **kwargs)
         return self.store
 
     def _set_genes(self, adata: Any, group_iso_by: str, gene_names: str | None) -> None:
