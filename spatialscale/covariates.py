@@ -10,13 +10,14 @@ import pandas as pd
 
 from spatialscale.errors import InputError
 
-__all__ = ["resolve_covariates"]
+__all__ = ["one_hot", "resolve_covariates"]
 
 #: covariates with a standard deviation at or below this are constant
 _MIN_STD = 1e-5
 
 
-def _one_hot(col: pd.Series, name: str) -> pd.DataFrame:
+def one_hot(col: pd.Series, name: str) -> pd.DataFrame:
+    """Indicator columns ``<name>_<level>`` of every level of ``col``, in category order (missing values: all 0)."""
     cat = col.astype("category")
     levels = list(cat.cat.categories)
     return pd.DataFrame({f"{name}_{lv}": (cat == lv).to_numpy(float) for lv in levels}, index=col.index)
@@ -83,7 +84,7 @@ def resolve_covariates(obs: pd.DataFrame, covariates: Any) -> tuple[list[str], n
                 if col.isna().any():
                     raise InputError(f"covariate {c!r} has missing values; drop those spots or fill them first.")
                 _check_levels(col, c, n)
-                parts.append(_one_hot(col, c))
+                parts.append(one_hot(col, c))
             else:
                 parts.append(pd.DataFrame({c: pd.to_numeric(col, errors="raise").to_numpy(float)}, index=obs.index))
         frame = pd.concat(parts, axis=1)

@@ -312,22 +312,28 @@ def knn_adjacency(coords: np.ndarray, k_neighbors: int = 4) -> scipy.sparse.csr_
     directed = nn.fit(coords).kneighbors_graph(coords, mode="connectivity")
     both = (directed + directed.T).tocsr()
     both.data = (both.data > 1).astype(np.float64)
-    return _finish_adjacency(both)
+    return finish_adjacency(both)
+
+
+def square_weights(w: scipy.sparse.spmatrix | np.ndarray, what: str = "weights") -> scipy.sparse.csr_matrix:
+    """``w`` as float64 CSR, after checking it is square with finite, non-negative entries (``what`` names it)."""
+    a = scipy.sparse.csr_matrix(w, dtype=np.float64)
+    if a.shape[0] != a.shape[1]:
+        raise ValueError(f"{what} must be square, got shape {a.shape}.")
+    if a.nnz and (not np.all(np.isfinite(a.data)) or a.data.min() < 0):
+        raise ValueError(f"{what} must be finite and non-negative.")
+    return a
 
 
 def symmetrise_adjacency(adj: scipy.sparse.spmatrix | np.ndarray) -> scipy.sparse.csr_matrix:
     """Symmetrise a user adjacency as ``(A + A') / 2``, keeping its weights."""
-    a = scipy.sparse.csr_matrix(adj, dtype=np.float64)
-    if a.shape[0] != a.shape[1]:
-        raise ValueError(f"adjacency must be square, got shape {a.shape}.")
-    if a.nnz and (not np.all(np.isfinite(a.data)) or a.data.min() < 0):
-        raise ValueError("adjacency weights must be finite and non-negative.")
+    a = square_weights(adj, "adjacency")
     if (a != a.T).nnz:
         a = ((a + a.T) * 0.5).tocsr()
-    return _finish_adjacency(a)
+    return finish_adjacency(a)
 
 
-def _finish_adjacency(w: scipy.sparse.csr_matrix) -> scipy.sparse.csr_matrix:
+def finish_adjacency(w: scipy.sparse.csr_matrix) -> scipy.sparse.csr_matrix:
     """Zero the diagonal, give isolated spots a self loop, drop zeros."""
     w = w.tolil()
     w.setdiag(0.0)

@@ -134,7 +134,7 @@ def distance_weights(coords: np.ndarray, radius: float, bandwidth: float = DEFAU
     from scipy.spatial import cKDTree
     from sklearn.neighbors import NearestNeighbors
 
-    from spatialscale.kernel import _finish_adjacency
+    from spatialscale.kernel import finish_adjacency
 
     radius, bandwidth = float(radius), float(bandwidth)
     if not (math.isfinite(radius) and radius > 0):
@@ -165,7 +165,7 @@ def distance_weights(coords: np.ndarray, radius: float, bandwidth: float = DEFAU
     rows, cols, dist = g.row[off], g.col[off], g.data[off]
     w = scipy.sparse.csr_matrix((np.exp(-(dist**2) / (2.0 * bandwidth**2)), (rows, cols)), shape=(n, n))
     w = w.maximum(w.T).tocsr()  # symmetric by construction; guards a pair found from one end only
-    return _finish_adjacency(w)
+    return finish_adjacency(w)
 
 
 def row_scale_weights(w: scipy.sparse.spmatrix) -> scipy.sparse.csr_matrix:
@@ -179,11 +179,9 @@ def row_scale_weights(w: scipy.sparse.spmatrix) -> scipy.sparse.csr_matrix:
 
 def _checked_weights(w: scipy.sparse.spmatrix | np.ndarray) -> scipy.sparse.csr_matrix:
     """``w`` as float64 CSR, after checking it is square, finite, non-negative and symmetric."""
-    w = scipy.sparse.csr_matrix(w, dtype=np.float64)
-    if w.shape[0] != w.shape[1]:
-        raise ValueError(f"weights must be square, got shape {w.shape}.")
-    if w.nnz and (not np.all(np.isfinite(w.data)) or w.data.min() < 0):
-        raise ValueError("weights must be finite and non-negative.")
+    from spatialscale.kernel import square_weights
+
+    w = square_weights(w)
     diff = abs(w - w.T)
     if diff.nnz and diff.max() > 1e-12 * max(abs(w).max(), 1.0):
         raise ValueError("weights must be symmetric (pass the graph before any row scaling; use row_scale=True to "

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from spatialscale.covariates import one_hot
 from spatialscale.errors import InputError
 
 __all__ = ["CompatModel", "UnsupportedAttribute", "anndata_from_tensors", "resolve_design", "unsupported"]
@@ -95,7 +96,7 @@ def resolve_design(obs: pd.DataFrame, design_mtx: Any, covariate_names: Sequence
         for c in columns:
             col = obs[c]
             if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype.kind == "O":
-                dummies = pd.get_dummies(col, prefix=c, drop_first=False)
+                dummies = one_hot(col, c)
                 parts.append(dummies.to_numpy(dtype=np.float32))
                 names += [str(v) for v in dummies.columns]
             else:
