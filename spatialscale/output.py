@@ -7,7 +7,7 @@ The rules that keep a user's data safe:
   :data:`PARTIAL_MARK`, holding nothing but zarr entries); never an input
   store, the working directory, a folder it did not create or a file;
 - an output is claimed only after every option has been validated, under a
-  lock (:class:`OutputLock`) that a second run on the same output cannot
+  lock (:class:`FileLock`) that a second run on the same output cannot
   take;
 - results of another run are never removed first: a new run writes its
   batches beside them (``.<name>.partial-<fingerprint>``), and the finished
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -42,18 +43,25 @@ import numpy as np
 from spatialscale.errors import InputError
 
 __all__ = ["group_attributes", "remove_empty_folders",
-           "RESULTS_MARK", "PARTIAL_MARK", "PartialStore", "OutputLock", "Output", "claim_output",
-           "array_checksum", "dataset_checksums", "open_results", "StaleRunError"]
+           "RESULTS_MARK", "PARTIAL_MARK", "PartialStore", "FileLock", "Output", "claim_output",
+           "array_checksum", "dataset_checksums", "open_results", "StaleRunError", "ResultsDamagedError",
+           "FileLock", "temporary_folder"]
 
 log = logging.getLogger("spatialscale")
 
 RESULTS_MARK = "spatialscale_results"
 PARTIAL_MARK = "spatialscale_partial"
 CHECKSUMS_ATTR = "spatialscale_checksums"
+#: the entry of a results checksum record that covers the attributes
+ATTRS_KEY = "@attrs"
 BATCHES = "_batches"
 #: how every lock file spatialscale writes begins (a file without it is not ours)
 LOCK_PREFIX = b"pid "
+#: what a lock file's name adds to the name of what it locks
+LOCK_SUFFIX = ".spatialscale-lock"
 SECTIONS = "_sections"
+#: 2: checksums cover attributes and are computed on the Dataset as read back
+RESULTS_FORMAT = 2
 
 
 class StaleRunError(RuntimeError):
@@ -65,7 +73,7 @@ def array_checksum(values: Any) -> str:
     """SHA-256 of an array's dtype, shape and values (NaNs canonicalised; strings by value)."""
     a = np.asarray(values)
     h = hashlib.sha256()
-    if a.dtype.kind in "OUS":
+    if a.dtype.kind in "OUST":  # T: numpy's StringDType, as text coordinates may be read back
         h.update(b"str" + repr(a.shape).encode())
         h.update("\0".join(map(str, a.ravel().tolist())).encode())
         return h.hexdigest()
@@ -77,9 +85,26 @@ def array_checksum(values: Any) -> str:
     return h.hexdigest()
 
 
+def _plain_json(value: Any) -> Any:
+    """numpy scalars and arrays as Python values, for canonical JSON."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
 def dataset_checksums(ds: Any) -> dict[str, str]:
-    """Checksums of every data variable and coordinate of a Dataset."""
-    return {str(k): array_checksum(ds[k].values) for k in sorted(map(str, ds.variables))}
+    """Checksums of every data variable and coordinate of a Dataset, and of its and their attributes.
+
+    The checksums attribute itself is left out; attributes are hashed as
+    canonical JSON, so compare checksums of Datasets read back from zarr.
+    """
+    sums = {str(k): array_checksum(ds[k].values) for k in sorted(map(str, ds.variables))}
+    attrs = {"": {str(k): v for k, v in ds.attrs.items() if k != CHECKSUMS_ATTR},
+             **{str(k): dict(ds[k].attrs) for k in ds.variables}}
+    sums[ATTRS_KEY] = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=_plain_json).encode()).hexdigest()
+    return sums
 
 
 def group_attributes(path: Path) -> dict:
@@ -152,10 +177,16 @@ class PartialStore:
         return None
 
     def _verified(self, path: Path) -> tuple[dict[str, np.ndarray] | None, str | None]:
-        """A recorded batch's arrays and ``None``, or ``None`` and why not (``""``: not one of this run's)."""
+        """A recorded batch's arrays and ``None``, or ``None`` and why not (``""``: not one of this run's).
+
+        A record names the batch (its gene range) it was written for: one
+        found under another batch's name (moved or swapped) is rejected.
+        """
         attrs = group_attributes(path)
         if attrs.get("fingerprint") != self.fp or not attrs.get("done"):
             return None, ""
+        if attrs.get("batch") != path.name:
+            return None, f"recorded for batch {attrs.get('batch')!r}, found as {path.name} (moved)"
         try:
             result = self._read(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable chunk means: recompute
@@ -229,7 +260,7 @@ class PartialStore:
                 v = np.asarray(v)
                 g.create_array(k, shape=v.shape, dtype=v.dtype, chunks=v.shape or None)[...] = v
                 sums[k] = array_checksum(v)
-            g.attrs.update({"done": True, "fingerprint": self.fp, "checksums": sums})
+            g.attrs.update({"done": True, "fingerprint": self.fp, "checksums": sums, "batch": final.name})
             self.check_owner()
             if final.exists():
                 shutil.rmtree(final)
@@ -240,60 +271,190 @@ class PartialStore:
 
 
 # --------------------------------------------------------------------------- lock
-class OutputLock:
-    """An exclusive lock on an output, held by the run writing it.
+class FileLock:
+    """A lock on a store, cohort or output: exclusive for the run that writes it, shared for runs that read it.
 
-    A sibling file ``.<name>.lock`` locked with ``flock``: the lock dies with
-    the process holding it, so a killed run never blocks the next one.
+    The lock is ``flock`` on a sibling file ``.<name>.spatialscale-lock``, a
+    name no user file has; it is created exclusively and begins with
+    :data:`LOCK_PREFIX`, and a file of that name with other content is never
+    used, rewritten or removed.  The lock dies with the process holding it, so
+    a killed run never blocks the next one; the file is removed by the last
+    holder.
+
+    Parameters
+    ----------
+    target
+        What is locked (a store, a cohort folder, a results path).
+    shared
+        A reader's lock: several readers at once, no writer meanwhile.
+    hint
+        What to do when it is busy (ends the error message).
     """
 
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.path = out.with_name(f".{out.name}.lock")
+    def __init__(self, target: Path, *, shared: bool = False, hint: str = "wait for it to finish") -> None:
+        self.target = Path(target)
+        self.path = self.target.with_name(f".{self.target.name}{LOCK_SUFFIX}")
+        self.shared = shared
+        self.hint = hint
         self._fd: int | None = None
 
-    def acquire(self) -> OutputLock:
+    def _open(self) -> int:
+        """A descriptor of the lock file, created exclusively if there is none (refusing a file not ours)."""
+        import time
+
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            except FileExistsError:
+                try:
+                    fd = os.open(self.path, os.O_RDWR)
+                except FileNotFoundError:  # removed by its last holder meanwhile
+                    continue
+                except PermissionError:
+                    if not self.shared:
+                        raise
+                    return -1  # a read-only place: nobody writes there either
+            except OSError as exc:
+                if not self.shared or exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+                    raise
+                return -1
+            else:
+                os.pwrite(fd, self._info(), 0)
+                return fd
+            head = b""
+            for _ in range(20):  # a lock file just created is written at once; wait for its first line
+                head = os.pread(fd, len(LOCK_PREFIX), 0)
+                if head:
+                    break
+                time.sleep(0.05)
+            if head != LOCK_PREFIX:
+                os.close(fd)
+                raise InputError(f"{self.path} exists and is not a spatialscale lock; spatialscale never uses or "
+                                 "removes it: move it away.")
+            return fd
+
+    @staticmethod
+    def _info() -> bytes:
+        return (f"{LOCK_PREFIX.decode()}{os.getpid()} on {socket.gethostname()} since "
+                f"{_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')}").encode()
+
+    def acquire(self) -> FileLock:
+        """Take the lock without waiting; a busy one is an :class:`InputError` naming who holds it."""
         import fcntl
 
         while True:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            fd = self._open()
+            if fd < 0:  # a reader in a folder it cannot write: no lock file, the end-of-run check still holds
+                log.info("no reader's lock on %s (its folder is read-only)", self.target)
+                return self
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
+                readers = False
+                if not self.shared:  # held by readers (shared) or by a writer?
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                        readers = True
+                    except BlockingIOError:
+                        pass
                 holder = ""
                 with contextlib.suppress(OSError):
                     holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
                 os.close(fd)
-                raise InputError(
-                    f"{self.out} is being written by another spatialscale run ({holder or 'unknown'}); "
-                    "wait for it to finish or choose another --out."
-                ) from None
-            try:  # the file may have been removed by the previous holder: lock the file that is there
+                doing = "read by a spatialscale run" if readers else "written by another spatialscale run"
+                raise InputError(f"{self.target} is being {doing} ({holder or 'unknown'}); {self.hint}.") from None
+            try:  # the file may have been removed by its last holder: lock the file that is there
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
-                content = os.pread(fd, len(LOCK_PREFIX), 0)
-                if content and not content.startswith(LOCK_PREFIX):  # someone else's file: never rewrite it
-                    os.close(fd)
-                    raise InputError(f"{self.path} exists and is not a spatialscale lock; move it or choose another "
-                                     "--out.")
                 break
             os.close(fd)
-        info = (f"{LOCK_PREFIX.decode()}{os.getpid()} on {socket.gethostname()} since "
-                f"{_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')}")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, self._info(), 0)
         self._fd = fd
         return self
 
     def release(self) -> None:
+        """Release the lock; the last holder removes the file."""
+        import fcntl
+
         if self._fd is None:
             return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else holds it
+            with contextlib.suppress(OSError):
+                if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+                    os.unlink(self.path)
+        except BlockingIOError:
+            pass  # other readers still hold it; the last one removes it
         os.close(self._fd)
         self._fd = None
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------- temporary folders
+#: file inside a temporary folder naming the process that owns it
+OWNER_FILE = ".spatialscale-owner"
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def remove_orphaned_temporaries(kind: str, folder: str | os.PathLike | None = None) -> list[Path]:
+    """Remove ``spatialscale-<kind>-*`` temporary folders whose owning process (on this host) is gone.
+
+    Only folders holding spatialscale's owner file are considered; returns what was removed.
+    """
+    import tempfile
+
+    base = Path(folder or tempfile.gettempdir())
+    host = socket.gethostname()
+    removed = []
+    for path in base.glob(f"spatialscale-{kind}-*"):
+        try:
+            owner = json.loads((path / OWNER_FILE).read_text())
+            if owner["host"] != host or _process_alive(int(owner["pid"]), float(owner["started"])):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def temporary_folder(kind: str) -> Any:
+    """A temporary folder for this process (``spatialscale-<kind>-*``), removed at the end.
+
+    It records its owner (pid, process start time, host); folders left by
+    processes that were killed are removed at the next start.
+    """
+    import tempfile
+
+    import psutil
+
+    for path in remove_orphaned_temporaries(kind):
+        log.info("removed %s, left by a spatialscale process that is gone", path)
+    tmp = Path(tempfile.mkdtemp(prefix=f"spatialscale-{kind}-"))
+    try:
+        (tmp / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                  "started": psutil.Process().create_time()}))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- claiming an output
@@ -337,7 +498,7 @@ class Output:
 
     out: Path
     fp: str
-    lock: OutputLock
+    lock: FileLock
     staging: Path | None = None
     resume: bool = False
     existing: Any = None
@@ -347,6 +508,7 @@ class Output:
     base: str | None = None
     keep: tuple[str, ...] = ()
     previous: Path | None = None
+    content: str | None = None
 
     def start(self) -> PartialStore:
         """Create (or take over, for resuming) the staging group; the first write of the run."""
@@ -356,7 +518,7 @@ class Output:
                 _set_attrs(self.staging, run_id=self.run_id)  # from now on only this run commits batches here
                 self.partial = PartialStore(self.staging, self.fp, self.run_id)
             else:
-                self.partial = _new_partial(self.staging, self.fp, self.run_id, self.base)
+                self.partial = _new_partial(self.staging, self.fp, self.run_id, self.base, self.content)
         return self.partial
 
     def commit(self, ds: Any) -> None:
@@ -371,14 +533,17 @@ class Output:
         out = self.out
         tmp = out.with_name(f".{out.name}.final-{uuid.uuid4().hex[:8]}")
         ds = ds.copy()
-        ds.attrs.update({RESULTS_MARK: True, "fingerprint": self.fp})
+        ds.attrs.update({RESULTS_MARK: True, "fingerprint": self.fp, "results_format": RESULTS_FORMAT})
         if self.base is not None:
             ds.attrs["base_fingerprint"] = self.base
-        ds.attrs[CHECKSUMS_ATTR] = json.dumps(dataset_checksums(ds))
+        if self.content is not None:
+            ds.attrs["content_token"] = self.content
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds.to_zarr(tmp, mode="w-", consolidated=True, zarr_format=3)
+            # checksums of the Dataset as it reads back (values and attributes), beside the mark
+            _set_attrs(tmp, **{CHECKSUMS_ATTR: json.dumps(dataset_checksums(_read_dataset(tmp)))})
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError):
@@ -412,39 +577,92 @@ class Output:
             remove_empty_folders(self.created)
 
 
-def open_results(path: str | os.PathLike) -> Any:
-    """Open a results store (loaded into memory; results are small)."""
+class ResultsDamagedError(InputError):
+    """Results on disk that are unreadable or do not match the checksums written with them."""
+
+
+def _read_dataset(path: Path) -> Any:
     import xarray as xr
 
     return xr.open_zarr(str(path), consolidated=None).load()
 
 
-def _verified_results(out: Path) -> Any | None:
-    """The finished results at ``out`` if their checksums verify, else ``None`` (logged)."""
+def open_results(path: str | os.PathLike, *, verify: bool = True) -> Any:
+    """Open results written by spatialscale (loaded into memory; results are small), verified by default.
+
+    Parameters
+    ----------
+    path
+        A results zarr written with ``out=`` (``--out``).
+    verify
+        Check every variable, coordinate and attribute against the checksums
+        written with the results (``False``: skip, e.g. to look at damaged
+        results).
+
+    Raises
+    ------
+    InputError
+        ``path`` is not spatialscale's results, or (:class:`ResultsDamagedError`)
+        they are unreadable or do not match their checksums.
+    """
+    path = Path(os.path.abspath(path))
+    attrs = group_attributes(path)
+    if not attrs.get(RESULTS_MARK):
+        if not path.exists():
+            raise InputError(f"no results at {path}.")
+        raise InputError(f"{path} holds no spatialscale results" +
+                         (" (an unfinished run: re-run the same command to finish it)." if attrs.get(PARTIAL_MARK)
+                          else "."))
+    fmt = attrs.get("results_format", 1)
+    if verify and fmt != RESULTS_FORMAT:
+        raise ResultsDamagedError(f"results in {path} were written by another spatialscale (results format {fmt!r}, "
+                                  f"this version checks format {RESULTS_FORMAT}); re-run the command with --overwrite "
+                                  "or open them with verify=False.")
     try:
-        ds = open_results(out)
-        sums = json.loads(ds.attrs.get(CHECKSUMS_ATTR, "null"))
-    except Exception as exc:  # noqa: BLE001
-        log.warning("results in %s are unreadable (%s); recomputing them.", out, exc)
-        return None
-    if not isinstance(sums, dict) or sums != dataset_checksums(ds):
-        log.warning("results in %s do not match their checksums; recomputing them.", out)
-        return None
+        ds = _read_dataset(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable chunk or metadata
+        why = " ".join(str(exc).split())[:200]
+        raise ResultsDamagedError(f"results in {path} are damaged (unreadable: {type(exc).__name__}: {why}); re-run "
+                                  "the command with --overwrite.") from None
+    if verify:
+        try:
+            sums = json.loads(ds.attrs.get(CHECKSUMS_ATTR, "null"))
+        except ValueError:
+            sums = None
+        if not isinstance(sums, dict):
+            raise ResultsDamagedError(f"results in {path} carry no readable checksums; re-run the command with "
+                                      "--overwrite.")
+        found = dataset_checksums(ds)
+        bad = sorted(k for k in set(sums) | set(found) if sums.get(k) != found.get(k))
+        if bad:
+            what = ", ".join("attributes" if k == ATTRS_KEY else k for k in bad[:4])
+            raise ResultsDamagedError(f"results in {path} are damaged ({what} do not match the checksums written "
+                                      "with them); re-run the command with --overwrite.")
     ds.attrs.pop(CHECKSUMS_ATTR, None)
     return ds
 
 
-def _new_partial(path: Path, fp: str, run_id: str, base: str | None = None) -> PartialStore:
+def _verified_results(out: Path) -> Any | None:
+    """The finished results at ``out`` if their checksums verify, else ``None`` (logged)."""
+    try:
+        return open_results(out)
+    except InputError as exc:
+        log.warning("%s; recomputing them.", str(exc).rstrip("."))
+        return None
+
+
+def _new_partial(path: Path, fp: str, run_id: str, base: str | None = None, content: str | None = None) -> PartialStore:
     import zarr
 
     g = zarr.open_group(str(path), mode="w-", zarr_format=3)
     g.attrs.update({PARTIAL_MARK: True, "fingerprint": fp, "run_id": run_id,
-                    **({"base_fingerprint": base} if base is not None else {})})
+                    **({"base_fingerprint": base} if base is not None else {}),
+                    **({"content_token": content} if content is not None else {})})
     return PartialStore(path, fp, run_id)
 
 
 def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path] = (), base: str | None = None,
-                 keep: Sequence[str] = ()) -> Output:
+                 keep: Sequence[str] = (), content: str | None = None) -> Output:
     """Claim ``out`` for a run with fingerprint ``fp``; call after every option has been validated.
 
     Parameters
@@ -466,6 +684,9 @@ def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path]
     keep
         Folders of the staging group moved into the results at the end
         (a cohort's per-section batches).
+    content
+        Content token of the data the run reads (recorded with the results;
+        results of other data are named as such).
 
     Returns
     -------
@@ -501,11 +722,11 @@ def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path]
         raise InputError(f"cannot create {parent} ({exc.strerror or exc}); choose another --out.") from exc
     try:
         try:
-            lock = OutputLock(out).acquire()
+            lock = FileLock(out, hint="wait for it to finish or choose another --out").acquire()
         except OSError as exc:
             raise InputError(f"cannot write into {parent} ({exc.strerror or exc}); choose another --out.") from None
-        claim = _claim_locked(out, fp, overwrite, lock, base)
-        claim.base, claim.keep = base, tuple(keep)
+        claim = _claim_locked(out, fp, overwrite, lock, base, content)
+        claim.base, claim.keep, claim.content = base, tuple(keep), content
     except BaseException:
         with contextlib.suppress(UnboundLocalError):
             lock.release()
@@ -522,7 +743,8 @@ def remove_empty_folders(folders: list[Path]) -> None:
             d.rmdir()
 
 
-def _claim_locked(out: Path, fp: str, overwrite: bool, lock: OutputLock, base: str | None = None) -> Output:
+def _claim_locked(out: Path, fp: str, overwrite: bool, lock: FileLock, base: str | None = None,
+                  content: str | None = None) -> Output:
     claim = Output(out, fp, lock)
     if not out.exists():
         claim.staging, claim.resume = out, False
@@ -542,8 +764,11 @@ def _claim_locked(out: Path, fp: str, overwrite: bool, lock: OutputLock, base: s
             claim.staging, claim.resume = out, True
             return claim
     elif not overwrite and not (base is not None and attrs.get("base_fingerprint") == base):
-        raise InputError(f"{out} holds results of a run with other options; pass overwrite=True (--overwrite) "
-                         "to replace them, or choose another --out.")
+        what = "a run with other options"
+        if content is not None and attrs.get("content_token") not in (None, content):
+            what = "other data (the input was re-ingested or changed since they were computed)"
+        raise InputError(f"{out} holds results of {what}; pass overwrite=True (--overwrite) to replace them, or "
+                         "choose another --out.")
     if not same:  # recorded batches there are reused where their fingerprints match (not when forced anew)
         claim.previous = out
     # other results stay in place until the new ones are complete

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ class AnnDataSource:
         self._file = None
         self._whole: np.ndarray | None = None
         self._whole_rows: np.ndarray | None = None
-        self.label = str(source) if not isinstance(source, ad.AnnData) else "<AnnData>"
+        # absolute: the store records where it came from, and is read later from other directories
+        self.label = os.path.abspath(source) if not isinstance(source, ad.AnnData) else "<AnnData>"
         if isinstance(source, ad.AnnData):
             self._init_anndata(source, layer)
             return

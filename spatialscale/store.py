@@ -46,6 +46,8 @@ import scipy.sparse
 import scipy.sparse.csgraph
 
 from spatialscale._version import __version__
+from spatialscale.checksums import content_token as _content_token
+from spatialscale.checksums import read_manifest, verify, verify_prefix, write_array_manifest, write_manifest
 from spatialscale.errors import InputError
 from spatialscale.kernel import KernelParams, build_kernel, spatial_weights, symmetrise_adjacency
 from spatialscale.priors import DEFAULT_BANDWIDTH
@@ -60,7 +62,8 @@ from spatialscale.sources import (
 
 __all__ = ["ingest", "is_store", "open_store", "IsoformStore", "STORE_FORMAT", "check_ingest_options"]
 
-STORE_FORMAT = 1
+#: 2: every file checksummed, with a content token (format 1 stores had neither and are refused)
+STORE_FORMAT = 2
 PRECISION_KEY = "spatialscale_precision"
 #: ``obs`` column of a raster store: each observed bin's row-major index in the bounding grid
 GRID_INDEX = "spatialscale_grid_index"
@@ -186,7 +189,7 @@ def ingest(
         On missing keys, bad coordinates or counts, or nothing left after
         filtering; nothing is written in that case.
     """
-    from spatialscale.output import OutputLock, remove_empty_folders
+    from spatialscale.output import FileLock, remove_empty_folders
 
     store_path = Path(os.path.abspath(store_path))
     params = check_ingest_options(min_counts=min_counts, min_bin_pct=min_bin_pct,
@@ -207,9 +210,10 @@ def ingest(
         src.close()
         raise InputError(f"cannot create {store_path.parent} ({exc.strerror or exc}).") from None
     try:
-        lock = OutputLock(store_path).acquire()
+        lock = FileLock(store_path, hint="wait for it to finish, or ingest into another path").acquire()
         try:
             _check_store_target(store_path, source, overwrite)  # again, under the lock
+            _remove_stale_siblings(store_path)
             return _ingest(src, store_path, params, layer=layer, gene_key=gene_key, spatial_key=spatial_key,
                            adj_key=adj_key, min_counts=min_counts, min_bin_pct=min_bin_pct,
                            filter_single_iso_genes=filter_single_iso_genes,
@@ -306,6 +310,19 @@ def is_store(path: str | os.PathLike) -> bool:
 
     path = Path(path)
     return path.is_dir() and isinstance(group_attributes(path).get("spatialscale"), dict)
+
+
+def _remove_stale_siblings(store_path: Path) -> None:
+    """Remove what an ingest into ``store_path`` that was killed left beside it (called under the store's lock).
+
+    Only ``.<name>.tmp-*`` / ``.<name>.old-*`` folders that carry the store mark
+    (complete or not) are removed: the lock proves no other ingest of this path
+    is running.
+    """
+    for pattern in (f".{store_path.name}.tmp-*", f".{store_path.name}.old-*"):
+        for path in store_path.parent.glob(pattern):
+            if is_store(path):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_store_target(store_path: Path, source: Any, overwrite: bool) -> None:
@@ -445,6 +462,7 @@ def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer
         _write_store(tmp, src, var, keep_spots, rows, coords, kernel, layer=layer, block_bytes=block_bytes,
                      progress=progress, grid=grid, meta={
                          "format": STORE_FORMAT, "spatialscale_version": __version__, "source": src.label,
+                         **source_stamp(src.label),
                          "layer": layer, "gene_key": gene_key, "spatial_key": spatial_key,
                          "adj_key": adj_key or "", "min_counts": float(min_counts),
                          "min_bin_pct": float(min_bin_pct), "filter_single_iso_genes": bool(filter_single_iso_genes),
@@ -497,6 +515,7 @@ def _write_store(path: Path, src: AnnDataSource, var: pd.DataFrame, keep_spots: 
         with ad.settings.override(zarr_write_format=3):
             skeleton.write_zarr(path)
         root = zarr.open_group(str(path), mode="a")
+        root.attrs["spatialscale"] = {"complete": False, "format": STORE_FORMAT}  # ours, even if interrupted
         max_total = float(var["total_counts"].max()) if len(var) else 0.0
         dtype = "int32" if max_total < 2**31 else "int64"
         src_idx = var["source_index"].to_numpy()
@@ -509,9 +528,12 @@ def _write_store(path: Path, src: AnnDataSource, var: pd.DataFrame, keep_spots: 
             _, vals_key, vecs_key = _eigen_keys(lam.shape[0])
             _put_array(root, vecs_key, vec)
             _put_array(root, vals_key, lam)
-        # a JSON copy of uns/spatialscale beside the completion mark: opening the store (on every worker
-        # that loads the section) then reads one small file instead of one array per entry
-        root.attrs["spatialscale"] = {"complete": True, "format": STORE_FORMAT, "meta": _plain(meta)}
+        # every file hashed (the content token covers them and the metadata), then the completion mark with a
+        # JSON copy of uns/spatialscale: opening the store (on every worker that loads the section) then reads
+        # one small file instead of one array per entry
+        token = write_manifest(path, _plain(meta))
+        root.attrs["spatialscale"] = {"complete": True, "format": STORE_FORMAT, "meta": _plain(meta),
+                                      "content_token": token}
         zarr.consolidate_metadata(str(path))
 
 
@@ -583,22 +605,18 @@ class IsoformStore:
         The ``var`` table.
     meta
         ``uns/spatialscale``: ingest parameters and kernel description.
-    identity
-        What results written with ``out=`` are matched against when a run
-        resumes: the store's path, or, for a temporary store ingested from an
-        AnnData file, that file and the ingest options (so a re-run from the
-        same, unchanged file resumes).
+    token
+        The store's content token (see :mod:`spatialscale.checksums`): what
+        results and recorded batches are matched against, never the path.
     """
 
     path: Path
     meta: dict
-    identity: str | None = None
+    token: str = ""
 
     @cached_property
     def isoforms(self) -> pd.DataFrame:
-        from anndata.io import read_elem
-
-        return read_elem(self._group()["var"])
+        return self._read_elem("var")
 
     @cached_property
     def genes(self) -> pd.DataFrame:
@@ -644,10 +662,23 @@ class IsoformStore:
         return (f"IsoformStore({str(self.path)!r}, n_spots={self.n_spots}, n_genes={self.n_genes}, "
                 f"n_isoforms={len(self.isoforms)})")
 
+    @property
+    def content_token(self) -> str:
+        """Hash of the store's files and metadata: equal tokens, equal data (see :mod:`spatialscale.checksums`)."""
+        return self.token
+
     def _group(self) -> Any:
         import zarr
 
-        return zarr.open_group(str(self.path), mode="r")
+        # each node's own zarr.json (checksummed), not the consolidated copy in the root's
+        return zarr.open_group(str(self.path), mode="r", use_consolidated=False)
+
+    def _read_elem(self, key: str) -> Any:
+        """An AnnData element of the store, its files verified first."""
+        from anndata.io import read_elem
+
+        verify_prefix(self.path, key)
+        return read_elem(self._group()[key])
 
     def read_counts(self, start: int, stop: int) -> np.ndarray:
         """Counts of isoform columns ``start:stop`` as float64 ``(n_spots, m)``."""
@@ -660,14 +691,13 @@ class IsoformStore:
 
     def coords(self) -> np.ndarray | None:
         """Spot coordinates, if the store has them."""
-        g = self._group()
-        return np.asarray(g["obsm/spatial"][:]) if "obsm" in g and "spatial" in g["obsm"] else None
+        if not (self.path / "obsm" / "spatial" / "zarr.json").is_file():
+            return None
+        return np.asarray(self._read_elem("obsm/spatial"))
 
     def obs(self) -> pd.DataFrame:
         """Spot annotations (covariates); for a raster store, the observed bins only."""
-        from anndata.io import read_elem
-
-        return read_elem(self._group()["obs"])
+        return self._read_elem("obs")
 
     def _eigen_keys(self, rank: int | None) -> tuple[int, str, str]:
         from spatialscale.kernel import glmm_rank
@@ -710,6 +740,8 @@ class IsoformStore:
         if not (vals_key in root and vecs_key in root):
             raise InputError(f"{self.path} has no kernel eigenpairs of rank {r}; compute them with "
                              f"store.ensure_eigenpairs({r}) first.")
+        verify_prefix(self.path, vals_key)
+        verify_prefix(self.path, vecs_key)
         return np.asarray(root[vals_key][:]), np.asarray(root[vecs_key][:])
 
     def ensure_eigenpairs(self, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -731,43 +763,94 @@ class IsoformStore:
 
     def precision(self) -> scipy.sparse.csr_matrix:
         """The standardised CAR precision of the section."""
-        from anndata.io import read_elem
-
         if self.kernel_kind != "car":
             raise InputError(f"{self.path} has a raster (fft) kernel, which has no sparse precision; this needs a "
                              "store ingested with kernel='car'.")
 
-        return scipy.sparse.csr_matrix(read_elem(self._group()[f"obsp/{PRECISION_KEY}"]))
+        return scipy.sparse.csr_matrix(self._read_elem(f"obsp/{PRECISION_KEY}"))
 
 
 def open_store(path: str | os.PathLike) -> IsoformStore:
-    """Open an isoform store written by :func:`ingest`.
+    """Open an isoform store written by :func:`ingest` (its path made absolute).
+
+    The store's format is checked, and its checksums against its content
+    token (once per process while the store is unchanged); the files
+    themselves are verified when first read.
 
     Raises
     ------
     InputError
-        If ``path`` is not a complete isoform store.
+        If ``path`` is not a complete isoform store, was written by another
+        store format, or its checksums do not match
+        (:class:`~spatialscale.checksums.StoreDamagedError`).
     """
-    import zarr
-    from anndata.io import read_elem
+    from spatialscale.output import group_attributes
 
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if not path.exists():
         raise InputError(f"no isoform store at {path}; create one with `spatialscale ingest`.")
-    try:
-        root = zarr.open_group(str(path), mode="r")
-        mark = dict(root.attrs).get("spatialscale", {})
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{path} is not an isoform store ({exc}).") from exc
+    if not (path / "zarr.json").is_file():
+        raise InputError(f"{path} is not an isoform store (no zarr.json).")
+    mark = group_attributes(path).get("spatialscale")
+    if not isinstance(mark, dict):
+        raise InputError(f"{path} is not an isoform store (no spatialscale mark); create one with `spatialscale "
+                         "ingest`.")
     if not mark.get("complete", False):
         raise InputError(f"{path} is not a complete isoform store (was its ingest interrupted?). Re-run ingest.")
-    meta = mark["meta"] if "meta" in mark else _uns_meta(read_elem(root["uns/spatialscale"]))  # older stores
-    return IsoformStore(path=path, meta=meta)
+    check_store_format(path, mark)
+    meta, token = mark.get("meta"), mark.get("content_token")
+    if not isinstance(meta, dict) or not isinstance(token, str):
+        raise InputError(f"{path} has a damaged store mark (no metadata or content token); re-ingest it "
+                         "(spatialscale ingest SOURCE STORE --overwrite).")
+    _check_token(str(path), token, json.dumps(meta, sort_keys=True))
+    return IsoformStore(path=path, meta=meta, token=token)
 
 
-def _uns_meta(value: Any) -> dict:
-    """``uns/spatialscale`` as read: a JSON string, or the nested mapping that earlier versions wrote."""
-    return json.loads(str(value)) if isinstance(value, (str, np.str_)) else _plain(value)
+def check_store_format(path: Path, mark: dict) -> None:
+    """Refuse stores of another format: older ones with how to re-ingest, newer or unknown ones with an upgrade."""
+    fmt = mark.get("format")
+    if fmt == STORE_FORMAT:
+        return
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and 0 < fmt < STORE_FORMAT:
+        source = (mark.get("meta") or {}).get("source") or "SOURCE"
+        raise InputError(f"{path} was written by an earlier spatialscale (store format {fmt}, without checksums); "
+                         f"re-ingest it: spatialscale ingest {source} {path} --overwrite.")
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > STORE_FORMAT:
+        raise InputError(f"{path} was written by a newer spatialscale (store format {fmt}; this version "
+                         f"{__version__} reads format {STORE_FORMAT}); upgrade spatialscale to read it.")
+    raise InputError(f"{path} has an unknown store format {fmt!r} (this version reads format {STORE_FORMAT}); "
+                     "re-ingest it with this version.")
+
+
+@functools.lru_cache(maxsize=64)
+def _check_token_cached(path: str, token: str, meta_json: str, _stamp: tuple) -> None:
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    if manifest["token"] != token or _content_token(files, json.loads(meta_json)) != token:
+        from spatialscale.checksums import StoreDamagedError
+
+        raise StoreDamagedError(f"isoform store {path} is damaged: its checksums do not match its content token; "
+                                "re-ingest it (spatialscale ingest SOURCE STORE --overwrite).")
+
+
+def _check_token(path: str, token: str, meta_json: str) -> None:
+    from spatialscale.checksums import MANIFEST_KEY
+
+    try:
+        st = os.stat(Path(path) / MANIFEST_KEY)
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = None
+    _check_token_cached(path, token, meta_json, stamp)
+
+
+def source_stamp(source: str) -> dict[str, Any]:
+    """What identifies the file a store was ingested from besides its path: size and modification time."""
+    try:
+        st = os.stat(source)
+    except (OSError, ValueError):
+        return {}
+    return {"source_size": int(st.st_size), "source_mtime_ns": int(st.st_mtime_ns)}
 
 
 def _plain(x: Any) -> Any:
@@ -791,7 +874,9 @@ def read_count_columns(store_path: str | os.PathLike, start: int, stop: int, *, 
     """
     node = _counts_node(str(store_path))
     if node["kind"] == "dense":
-        return np.asarray(node["array"][:, start:stop], dtype=np.float64)
+        arr = node["array"]
+        verify(store_path, ["layers/counts/zarr.json", *_chunk_keys("layers/counts", arr, start, stop, axis=1)])
+        return np.asarray(arr[:, start:stop], dtype=np.float64)
     data, rows, ptr = read_sparse_columns(store_path, start, stop)
     index = _grid_index(str(store_path))
     if grid:
@@ -811,10 +896,28 @@ def read_sparse_columns(store_path: str | os.PathLike, start: int,
     node = _counts_node(str(store_path))
     if node["kind"] != "sparse":
         raise InputError(f"{store_path} keeps dense counts (not a raster store).")
+    head = ["layers/counts/zarr.json", *(f"layers/counts/{k}/zarr.json" for k in ("indptr", "data", "indices"))]
+    verify(store_path, [*head, *_chunk_keys("layers/counts/indptr", node["indptr"], start, stop + 1)])
     ptr = np.asarray(node["indptr"][start : stop + 1], dtype=np.int64)
-    data = np.asarray(node["data"][ptr[0] : ptr[-1]], dtype=np.float64)
-    rows = np.asarray(node["indices"][ptr[0] : ptr[-1]], dtype=np.int64)
+    lo, hi = int(ptr[0]), int(ptr[-1])
+    verify(store_path, [*_chunk_keys("layers/counts/data", node["data"], lo, hi),
+                        *_chunk_keys("layers/counts/indices", node["indices"], lo, hi)])
+    data = np.asarray(node["data"][lo:hi], dtype=np.float64)
+    rows = np.asarray(node["indices"][lo:hi], dtype=np.int64)
     return data, rows, ptr - ptr[0]
+
+
+def _chunk_keys(prefix: str, arr: Any, start: int, stop: int, axis: int = 0) -> list[str]:
+    """Store keys of the chunks of ``arr`` (at ``prefix``) that hold positions ``start:stop`` along ``axis``."""
+    if stop <= start:
+        return []
+    width = int(arr.chunks[axis])
+    coords = [0] * arr.ndim
+    keys = []
+    for j in range(start // width, (stop - 1) // width + 1):
+        coords[axis] = j
+        keys.append(f"{prefix}/{arr.metadata.encode_chunk_key(tuple(coords))}")
+    return keys
 
 
 def _counts_node(store_path: str) -> dict:
@@ -837,6 +940,7 @@ def _counts_node_cached(path: str, _mtime: int) -> dict:
 def _grid_index(store_path: str) -> np.ndarray:
     """Each observed bin's row in the grid (cached per process, keyed on the array's modification time)."""
     path = Path(store_path) / "obs" / GRID_INDEX
+    verify_prefix(store_path, f"obs/{GRID_INDEX}")
     return _grid_index_cached(str(path), (path / "zarr.json").stat().st_mtime_ns)
 
 
@@ -865,6 +969,7 @@ def _write_array_atomic(store_path: Path, key: str, values: np.ndarray) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _put_array(zarr.open_group(str(store_path), mode="a", use_consolidated=False), rel, values)
+    write_array_manifest(store_path, tmp)  # checksums travel with the array
     if final.exists():
         shutil.rmtree(tmp, ignore_errors=True)  # another worker got there first
         return

@@ -16,7 +16,7 @@ import spatialscale
 import spatialscale.families.sv_hsic as api
 from spatialscale import InputError
 from spatialscale.engine import Batch
-from spatialscale.output import OutputLock, PartialStore, StaleRunError, claim_output
+from spatialscale.output import FileLock, PartialStore, StaleRunError, claim_output
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_a_second_run_on_a_locked_output_fails_at_once(store, tmp_path):
     out = tmp_path / "sv.zarr"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from spatialscale.output import "
-         "OutputLock; OutputLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)",
+         "FileLock; FileLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)",
          str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -142,11 +142,11 @@ def test_a_second_run_on_a_locked_output_fails_at_once(store, tmp_path):
 
 def test_lock_is_exclusive_within_a_process(tmp_path):
     out = tmp_path / "x.zarr"
-    lock = OutputLock(out).acquire()
+    lock = FileLock(out).acquire()
     with pytest.raises(InputError, match="being written"):
-        OutputLock(out).acquire()
+        FileLock(out).acquire()
     lock.release()
-    OutputLock(out).acquire().release()
+    FileLock(out).acquire().release()
     assert not lock.path.exists()
 
 
@@ -196,7 +196,7 @@ def test_ctrl_c_is_one_line_and_resumable(tmp_path):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines == ["spatialscale sv: interrupted; finished batches are kept and re-running the same command "
                      "resumes."], err
-    assert not (tmp_path / ".llr.zarr.lock").exists()
+    assert not (tmp_path / ".llr.zarr.spatialscale-lock").exists()
 
 
 def test_single_isoform_genes_get_nan_in_glmm_tests(tmp_path):
@@ -214,10 +214,12 @@ def test_single_isoform_genes_get_nan_in_glmm_tests(tmp_path):
     assert np.isnan(llr["sv_pvalue"].values[single]).all() and np.isfinite(llr["sv_pvalue"].values[~single]).all()
 
 
-def test_a_file_that_is_not_our_lock_is_never_rewritten(store, tmp_path):
+@pytest.mark.parametrize("content", ["my notes", ""])
+def test_a_file_that_is_not_our_lock_is_never_rewritten(store, tmp_path, content):
     out = tmp_path / "sv.zarr"
-    foreign = tmp_path / ".sv.zarr.lock"
-    foreign.write_text("my notes")
+    foreign = tmp_path / ".sv.zarr.spatialscale-lock"
+    foreign.write_text(content)  # an empty file too: never taken for a lock, never removed
     with pytest.raises(InputError, match="is not a spatialscale lock"):
         spatialscale.sv_test(store, out=out, scheduler="threads", progress=False)
-    assert foreign.read_text() == "my notes" and not out.exists()
+    assert foreign.read_text() == content and not out.exists()
+    assert not (tmp_path / ".sv.zarr.lock").exists()  # the old lock name: nothing of ours there

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import anndata as ad
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 import zarr
@@ -226,32 +228,35 @@ def test_large_backed_csr_is_scanned_in_row_blocks(tmp_path, small_adata, monkey
     np.testing.assert_array_equal(store.read_counts(0, len(store.isoforms)), ref.read_counts(0, len(ref.isoforms)))
 
 
-def test_metadata_copy_in_root_attributes_and_older_stores(tmp_path, small_adata):
-    """Opening reads the JSON copy of uns/spatialscale; a store without it (older ingest) opens the same."""
+def test_metadata_copy_in_root_attributes_and_store_formats(tmp_path, small_adata):
+    """Opening reads the JSON copy of uns/spatialscale; stores of an older, newer or unknown format are refused."""
     import json
 
     from anndata.io import read_elem
-
-    from spatialscale.store import _uns_meta
 
     path = tmp_path / "s.zarr"
     store = spatialscale.ingest(small_adata, path)
     root = zarr.open_group(str(path), mode="r")
     assert root.attrs["spatialscale"]["meta"] == json.loads(read_elem(root["uns/spatialscale"]))
     assert json.loads(ad.read_zarr(path).uns["spatialscale"])["n_spots"] == store.n_spots
-    assert _uns_meta(store.meta) == store.meta  # the nested mapping earlier versions wrote
-    genes = store.genes.copy()
-    # drop the copy, as a store written before it existed
+    assert root.attrs["spatialscale"]["format"] == 2 and len(store.content_token) == 32
     zj = path / "zarr.json"
-    doc = json.loads(zj.read_text())
-    del doc["attributes"]["spatialscale"]["meta"]
-    zj.write_text(json.dumps(doc))
-    zarr.consolidate_metadata(str(path))
-    old = spatialscale.open_store(path)
-    assert "meta" not in zarr.open_group(str(path), mode="r").attrs["spatialscale"]
-    assert old.meta == store.meta
-    assert old.kernel_token == store.kernel_token
-    pd.testing.assert_frame_equal(old.genes, genes)
+    original = zj.read_text()
+    for fmt, match in ((1, r"earlier spatialscale \(store format 1, without checksums\); re-ingest it: "
+                           r"spatialscale ingest <AnnData> .*s\.zarr --overwrite"),
+                       (999, r"newer spatialscale \(store format 999; this version .* reads format 2\); upgrade"),
+                       ("x", r"unknown store format 'x'")):
+        doc = json.loads(original)
+        doc["attributes"]["spatialscale"]["format"] = fmt
+        zj.write_text(json.dumps(doc))
+        with pytest.raises(InputError, match=match):
+            spatialscale.open_store(path)
+        r = subprocess.run([sys.executable, "-m", "spatialscale.cli", "sv", str(path), "--out", str(tmp_path / "o"),
+                            "--scheduler", "threads"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "store format" in r.stderr, r.stderr
+        assert not (tmp_path / "o").exists()
+    zj.write_text(original)
+    assert spatialscale.open_store(path).content_token == store.content_token
 
 
 def test_eigenpairs_at_ingest_are_those_a_glmm_run_computes(tmp_path, small_adata):

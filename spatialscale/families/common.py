@@ -6,10 +6,7 @@ import contextlib
 import datetime as _dt
 import functools
 import inspect
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +16,7 @@ import numpy as np
 import xarray as xr
 
 from spatialscale._version import __version__
+from spatialscale.checksums import StoreChangedError, pinned
 from spatialscale.engine import (
     Batch,
     Work,
@@ -32,7 +30,7 @@ from spatialscale.engine import (
 from spatialscale.errors import InputError
 from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM  # noqa: F401 - re-exported
 from spatialscale.options import ExecutionOptions
-from spatialscale.output import SECTIONS, PartialStore, claim_output
+from spatialscale.output import SECTIONS, FileLock, PartialStore, claim_output, temporary_folder
 from spatialscale.store import IsoformStore, ingest, is_store, open_store, read_count_columns
 
 #: tasks submitted at a time when several runs (a cohort's sections) share one graph
@@ -92,9 +90,18 @@ def run_spec(store: IsoformStore, prep: Any, with_summary: bool = False) -> RunS
     if with_summary:  # the gene-level feature summaries ride along with each batch's test
         task = functools.partial(_summarised, task, store_path)
         params = {**params, "with_summary": True}
-    fp = fingerprint(kind=prep.kind, store=store.identity or store_path, kernel=store.kernel_token,
-                     genes=list(store.genes.index), extra=prep.fingerprint_extra, **params)
+    # every read of the store inside the task must find the content the client planned on
+    task = functools.partial(_pinned, task, store_path, store.content_token)
+    # the store's content token (counts, spots, isoforms, kernel, ingest options), never its path: results
+    # are reused only for the same data
+    fp = fingerprint(kind=prep.kind, content=store.content_token, extra=prep.fingerprint_extra, **params)
     return RunSpec(store, prep, task, fp)
+
+
+def _pinned(task: Any, store_path: str, token: str, batch: Batch, *extra: Any) -> dict[str, np.ndarray]:
+    """Run ``task`` with the store pinned to ``token`` (a store re-ingested under the run stops it)."""
+    with pinned(store_path, token):
+        return task(batch, *extra)
 
 
 def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
@@ -119,10 +126,30 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
     """
     single = len(specs) == 1
     fp = fp or (next(iter(specs.values())).fp if single else fingerprint(runs={k: v.fp for k, v in specs.items()}))
+    with contextlib.ExitStack() as held:
+        # readers' locks: no ingest replaces a store (or cohort) while this run reads it
+        for path in dict.fromkeys([*protect, *(v.store.path for v in specs.values())]):
+            held.enter_context(FileLock(Path(path), shared=True, hint="wait for it to finish"))
+        return _execute(specs, options, finalize=finalize, protect=protect, label=label, fp=fp, base=base,
+                        single=single)
+
+
+def check_unchanged(specs: dict[str, RunSpec]) -> None:
+    """Every store still holds the content the run was planned on (else nothing final is written)."""
+    for key, spec in specs.items():
+        now = open_store(spec.store.path).content_token
+        if now != spec.store.content_token:
+            where = f"section {key!r}: " if key else ""
+            raise StoreChangedError(f"{where}isoform store {spec.store.path} changed while this run was reading it "
+                                    "(re-ingested); no results were written; run it again.")
+
+
+def _execute(specs: dict[str, RunSpec], options: ExecutionOptions, *, finalize: Callable, protect: list, label: str,
+             fp: str, base: str | None, single: bool) -> xr.Dataset:
     claim = None
     if options.out is not None:
         claim = claim_output(options.out, fp, overwrite=options.overwrite, protect=protect, base=base,
-                             keep=() if single else (SECTIONS,))
+                             keep=() if single else (SECTIONS,), content=content_of(specs))
         if claim.existing is not None:
             claim.release()
             return claim.existing
@@ -165,12 +192,20 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
             by_key[key].append(part)
         datasets = {k: specs[k].prep.assemble(_Run(by_key[k], runner.kind, specs[k].fp)) for k in specs}
         ds = finalize(datasets, by_key)
+        check_unchanged(specs)
         if claim is not None:
             claim.commit(ds)
         return ds
     finally:
         if claim is not None:
             claim.release()
+
+
+def content_of(specs: dict[str, RunSpec]) -> str:
+    """The content token of what a run reads: its store's, or, for a cohort, a hash of its sections' tokens."""
+    if len(specs) == 1:
+        return next(iter(specs.values())).store.content_token
+    return fingerprint(sections={k: v.store.content_token for k, v in specs.items()})
 
 
 def run_plan(spec: RunSpec, budget: int, batch_size: int | None = None, n_runs: int = 1) -> list[Batch]:
@@ -311,13 +346,6 @@ def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
         yield ingest(source, ingest_to, **options)
         return
     options.pop("overwrite", None)
-    tmp = tempfile.mkdtemp(prefix="spatialscale-store-")
-    try:
-        store = ingest(source, Path(tmp, "store.zarr"), **options)
-        if isinstance(source, str | os.PathLike):
-            stat = os.stat(source)
-            store.identity = json.dumps({"anndata": os.path.abspath(source), "size": stat.st_size,
-                                         "mtime_ns": stat.st_mtime_ns, "ingest": options}, sort_keys=True, default=str)
-        yield store
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with temporary_folder("store") as tmp:
+        # a temporary store of the same file and options has the same content token, so a re-run resumes
+        yield ingest(source, tmp / "store.zarr", **options)
