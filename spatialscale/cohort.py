@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = ["Cohort", "ingest_cohort", "open_cohort", "read_manifest"]
 
 COHORT_FILE = "cohort.json"
 COHORT_MARK = "spatialscale_cohort"
+COHORT_FORMAT = 1
 #: ingest options a manifest column may set per section
 PER_SECTION = ("spatial_key", "layer", "gene_key", "table")
 _SECTION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -102,7 +104,12 @@ class Cohort:
             stamp = None
         cached = self._opened.get(section)
         if cached is None or cached[0] != stamp or stamp is None:
-            cached = self._opened[section] = (stamp, open_store(path))
+            store = open_store(path)
+            recorded = self.sections.loc[section].get("content_token") if "content_token" in self.sections else None
+            if isinstance(recorded, str) and recorded != store.content_token:
+                raise InputError(f"section {section!r} of cohort {self.path}: its store was replaced since the cohort "
+                                 "was ingested (other content); re-run `spatialscale cohort ingest` to record it.")
+            cached = self._opened[section] = (stamp, store)
         return cached[1]
 
     def __repr__(self) -> str:
@@ -126,11 +133,17 @@ def open_cohort(path: str | os.PathLike) -> Cohort:
 
 
 def _read_meta(path: Path) -> dict | None:
+    """``cohort.json`` of a cohort folder (``None`` if there is none); a cohort of another format is refused."""
     try:
         meta = json.loads((path / COHORT_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return meta if meta.get(COHORT_MARK) else None
+    if not isinstance(meta, dict) or not meta.get(COHORT_MARK):
+        return None
+    if meta.get("format") != COHORT_FORMAT:
+        raise InputError(f"cohort {path} has format {meta.get('format')!r} (this version {__version__} reads format "
+                         f"{COHORT_FORMAT}); use the spatialscale that wrote it, or ingest the cohort anew.")
+    return meta
 
 
 def _source_token(source: str, options: dict[str, Any]) -> str:
@@ -144,7 +157,7 @@ def _source_token(source: str, options: dict[str, Any]) -> str:
 def _ingest_section(source: str, store: str, options: dict[str, Any]) -> dict[str, Any]:
     """One task: ingest one section (replacing only an isoform store of an earlier attempt)."""
     st = ingest(source, store, overwrite=True, **options)
-    return {"n_spots": st.n_spots, "n_genes": st.n_genes}
+    return {"n_spots": st.n_spots, "n_genes": st.n_genes, "content_token": st.content_token}
 
 
 def ingest_cohort(
@@ -193,9 +206,7 @@ def ingest_cohort(
         path and problem).  Re-running after a fix ingests only what is
         missing or changed.
     """
-    from tqdm import tqdm
 
-    from spatialscale.engine import execution
     from spatialscale.options import ExecutionOptions
 
     table = read_manifest(manifest)
@@ -214,6 +225,24 @@ def ingest_cohort(
         if src and (Path(src) == out or out in Path(src).parents):
             raise InputError(f"section {sid!r}: its input {src} lies inside the cohort folder {out}.")
 
+    from spatialscale.output import FileLock
+
+    if _read_meta(out) is None:  # mark the folder as a cohort before anything goes into it, so that an
+        out.mkdir(parents=True, exist_ok=True)  # interrupted ingest leaves a folder a re-run recognises
+        if _read_meta(out) is None:
+            _write_meta(out, [])
+    # one cohort ingest at a time, and none while a run reads the cohort
+    with FileLock(out, hint="wait for it to finish"):
+        return _ingest_cohort_locked(table, out, options, run, progress)
+
+
+def _ingest_cohort_locked(table: pd.DataFrame, out: Path, options: dict[str, Any], run: Any,
+                          progress: bool) -> Cohort:
+    from tqdm import tqdm
+
+    from spatialscale.engine import execution
+    from spatialscale.store import is_store
+
     done = {s["section"]: s for s in (_read_meta(out) or {}).get("sections", [])}
     failures: dict[str, str] = {}
     todo: dict[str, tuple[str, str]] = {}
@@ -227,13 +256,10 @@ def ingest_cohort(
         token = _source_token(src, own)
         store = out / "sections" / f"{sid}.zarr"
         prev = done.get(sid)
-        if prev is not None and prev.get("token") == token and store.exists():
+        if prev is not None and prev.get("token") == token and _store_matches(store, prev.get("content_token")):
             kept[sid] = prev
             continue
         todo[sid] = (src, token, own)
-    if _read_meta(out) is None:  # mark the folder as a cohort before anything goes into it, so that an
-        out.mkdir(parents=True, exist_ok=True)  # interrupted ingest leaves a folder a re-run recognises
-        _write_meta(out, [])
     (out / "sections").mkdir(exist_ok=True)
     with execution(run.client, scheduler=run.scheduler, workers=run.workers) as runner:
         futures = {runner.submit(_ingest_section, src, str(out / "sections" / f"{sid}.zarr"), own,
@@ -256,6 +282,11 @@ def ingest_cohort(
             meta = {k: v for k, v in row.items()}
             rows.append({**meta, **kept[sid], "section": sid})
     _write_meta(out, rows)
+    # cohort.json lists every section store in the folder: stores of sections no longer in the manifest, or
+    # whose new input failed, are removed (only isoform stores that spatialscale wrote)
+    for path in (out / "sections").glob("*.zarr"):
+        if path.name[: -len(".zarr")] not in kept and is_store(path):
+            shutil.rmtree(path, ignore_errors=True)
     if failures:
         listed = "; ".join(f"section {sid!r} ({msg})" for sid, msg in sorted(failures.items()))
         raise InputError(f"{len(failures)} of {len(table)} section(s) failed: {listed}. The other sections are in "
@@ -263,8 +294,17 @@ def ingest_cohort(
     return open_cohort(out)
 
 
+def _store_matches(path: Path, content: str | None) -> bool:
+    """Whether a section's store is there, complete and (when recorded) holds the recorded content."""
+    try:
+        store = open_store(path)
+    except InputError:
+        return False
+    return content is None or store.content_token == content
+
+
 def _write_meta(out: Path, rows: list[dict]) -> None:
-    meta = {COHORT_MARK: True, "format": 1, "spatialscale_version": __version__,
+    meta = {COHORT_MARK: True, "format": COHORT_FORMAT, "spatialscale_version": __version__,
             "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "sections": rows}
     tmp = out / f".{COHORT_FILE}.{uuid.uuid4().hex[:8]}"
     tmp.write_text(json.dumps(meta, indent=1, default=str))
@@ -333,7 +373,7 @@ def run_cohort(family: Any, cohort: Cohort | str | os.PathLike, *, method: str |
     if family.command not in ("sv", "du"):
         raise InputError(f"{family.command} does not run on cohorts yet; run it per section (cohort.store(id)).")
     cohort = cohort if isinstance(cohort, Cohort) else open_cohort(cohort)
-    meta = cohort.sections.drop(columns=[c for c in ("token",) if c in cohort.sections.columns])
+    meta = cohort.sections.drop(columns=[c for c in ("token", "content_token") if c in cohort.sections.columns])
     if group_by is not None and group_by not in meta.columns:
         raise InputError(f"group_by {group_by!r} is not a column of the cohort's manifest (columns: "
                          f"{[c for c in meta.columns if c != 'path']}).")

@@ -17,11 +17,14 @@ from typing import Any
 
 from spatialscale.errors import InputError
 
-__all__ = ["ExecutionOptions", "DEVICES", "check_scheduler_address", "cuda_available", "is_scheduler_file"]
+__all__ = ["ExecutionOptions", "DEVICES", "check_scheduler_address", "cuda_available", "is_scheduler_file",
+           "read_scheduler_file"]
 
 DEVICES = ("cpu", "cuda", "auto")
 #: seconds to wait for an existing scheduler to answer
 CONNECT_TIMEOUT_S = 10.0
+#: seconds for a listener to answer Dask's handshake before it is declared no scheduler
+HANDSHAKE_TIMEOUT_S = 5.0
 
 
 #: device nodes of a GPU driver (NVIDIA; AMD's ROCm, which torch also drives as "cuda")
@@ -72,10 +75,15 @@ def _parse_memory(value: Any) -> int | str:
 
 
 def check_scheduler_address(address: str) -> str:
-    """Validate a scheduler address (``tcp://host:port``, ``tls://...``) and that something listens there.
+    """Validate a scheduler address (``tcp://host:port``, ``tls://...``) and that a Dask scheduler answers there.
 
-    A refused or unresolvable address fails within seconds, not after the
-    client's connection timeout.  Returns the address unchanged.
+    The address must parse; for ``tcp`` / ``tls`` something must accept a
+    connection (a refused or unroutable address fails within seconds) and
+    then speak Dask's protocol: a listener that never answers, a web server
+    or the dashboard's port fails after :data:`HANDSHAKE_TIMEOUT_S` with a
+    named error instead of the client's long connection retries.  ``tls``
+    needs the client's certificates in Dask's configuration.  Returns the
+    address unchanged.
     """
     from distributed.comm import registry
     from distributed.comm.addressing import parse_address, parse_host_port
@@ -90,12 +98,87 @@ def check_scheduler_address(address: str) -> str:
     if scheme not in registry.backends:
         raise InputError(f"scheduler {address!r} has unknown protocol {scheme!r} "
                          f"(known: {', '.join(sorted(registry.backends))}).")
-    if scheme in ("tcp", "tls") and host:
+    if scheme not in ("tcp", "tls") or not host:
+        return address
+    connection_args = _tls_connection_args(address) if scheme == "tls" else {}
+    try:
+        with socket.create_connection((host, int(port)), timeout=min(CONNECT_TIMEOUT_S, 5.0)):
+            pass
+    except OSError as exc:
+        raise InputError(f"no Dask scheduler reachable at {address} ({exc.strerror or exc or 'timed out'}).") from None
+    _handshake(address, connection_args)
+    return address
+
+
+def _tls_connection_args(address: str) -> dict[str, Any]:
+    """The client's TLS settings from Dask's configuration (a named error when there are none)."""
+    from distributed.security import Security
+
+    try:
+        security = Security()
+    except Exception as exc:  # noqa: BLE001 - unreadable certificate paths and the like
+        raise InputError(f"the TLS settings in Dask's configuration are unusable ({exc}).") from None
+    if not (security.tls_ca_file and security.tls_client_cert):
+        raise InputError(f"scheduler {address} uses TLS: give the client its certificates through Dask's "
+                         "configuration (DASK_DISTRIBUTED__COMM__TLS__CA_FILE, "
+                         "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT, DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY; see "
+                         "deploy/README.md).")
+    try:
+        return security.get_connection_args("client")
+    except Exception as exc:  # noqa: BLE001 - missing or malformed certificate files
+        raise InputError(f"the client's TLS certificates for {address} cannot be loaded ({exc}).") from None
+
+
+def _handshake(address: str, connection_args: dict[str, Any]) -> None:
+    """Exchange Dask's handshake and an ``identity`` request with ``address``; a named error unless a scheduler answers.
+
+    Runs in a thread of its own, so it works inside a running event loop (Jupyter).
+    """
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect
+
+    async def identity() -> Any:
+        comm = await connect(address, timeout=HANDSHAKE_TIMEOUT_S, **connection_args)
         try:
-            with socket.create_connection((host, int(port)), timeout=min(CONNECT_TIMEOUT_S, 5.0)):
-                pass
-        except OSError as exc:
-            raise InputError(f"no Dask scheduler reachable at {address} ({exc.strerror or exc}).") from exc
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            await comm.close()
+
+    def probe() -> Any:
+        return asyncio.run(asyncio.wait_for(identity(), HANDSHAKE_TIMEOUT_S))
+
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            answer = pool.submit(probe).result()
+        except TimeoutError:
+            raise InputError(f"{address} accepts connections but did not answer as a Dask scheduler within "
+                             f"{HANDSHAKE_TIMEOUT_S:g} s (another service, or the dashboard's port?).") from None
+        except Exception as exc:  # noqa: BLE001 - a web server's reply, a TLS mismatch, a closed stream...
+            why = (" ".join(str(exc).split())[:200] or type(exc).__name__) if not isinstance(exc, MemoryError) \
+                else "its reply is no Dask message"
+            raise InputError(f"{address} did not answer as a Dask scheduler ({type(exc).__name__}: {why}).") from None
+    if not isinstance(answer, dict) or answer.get("type") != "Scheduler":
+        kind = answer.get("type") if isinstance(answer, dict) else type(answer).__name__
+        raise InputError(f"{address} answers Dask's protocol but is not a scheduler (it is a {kind}).")
+
+
+def read_scheduler_file(path: str) -> str:
+    """The scheduler address in a Dask scheduler file (a named error for a missing or unreadable one)."""
+    import json
+
+    try:
+        info = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"scheduler file {path} does not exist.") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"scheduler file {path} is not a Dask scheduler file (JSON with an address): {exc}.") from None
+    address = info.get("address") if isinstance(info, dict) else None
+    if not isinstance(address, str) or "://" not in address:
+        raise InputError(f"scheduler file {path} names no scheduler address (expected JSON with \"address\": "
+                         "\"tcp://host:port\").")
     return address
 
 
@@ -159,8 +242,7 @@ class ExecutionOptions:
             if not isinstance(scheduler, str) or not scheduler.strip():
                 raise InputError(f"scheduler must be an address, a scheduler file or 'threads' (got {scheduler!r}).")
             if is_scheduler_file(scheduler):
-                if not Path(scheduler).is_file():
-                    raise InputError(f"scheduler file {scheduler} does not exist.")
+                check_scheduler_address(read_scheduler_file(scheduler))
                 scheduler = str(Path(scheduler).resolve())
             elif scheduler != "threads":
                 check_scheduler_address(scheduler)

@@ -23,7 +23,7 @@ from typing import Any
 
 from spatialscale.errors import InputError
 
-__all__ = ["Option", "Family", "Prepared", "resolve_options", "MIN_BATCHES", "MIN_BATCHES_GLMM"]
+__all__ = ["Option", "Family", "Prepared", "check_setting_types", "resolve_options", "MIN_BATCHES", "MIN_BATCHES_GLMM"]
 
 #: Genes are split into at least this many batches (when there are enough) so
 #: that every worker gets work.  A constant, not the cluster size, so that a
@@ -53,6 +53,8 @@ class Option:
     methods
         Methods of the family the option applies to (empty: all of them);
         giving it with another method is an error.
+    low
+        Smallest allowed value of an ``int`` option.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Option:
     choices: tuple[Any, ...] | None = None
     kind: str = "str"
     methods: tuple[str, ...] = ()
+    low: int | None = None
 
     @property
     def flag(self) -> str:
@@ -110,6 +113,36 @@ class Family:
         return next(o for o in self.options if o.name == name)
 
 
+def check_setting_types(what: str, given: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Each setting of a ``key=value`` option has the type of its default (bool, whole number, number, text...).
+
+    Settings whose default is ``None`` are left to the code that takes them.
+    """
+    import math
+
+    for key, value in given.items():
+        default = defaults.get(key)
+        if default is None:
+            continue
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            want = "a finite number"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "text"
+        elif isinstance(default, tuple | list):
+            ok, want = isinstance(value, tuple | list) and len(value) == len(default), f"{len(default)} values"
+        elif isinstance(default, dict):
+            ok, want = isinstance(value, dict), "a mapping"
+        else:
+            continue
+        if not ok:
+            raise InputError(f"{what} setting {key}={value!r} must be {want}.")
+
+
 def resolve_options(family: Family, method: str | None, given: dict[str, Any],
                     elsewhere: dict[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
     """The family's option values: given ones checked, the rest defaulted.
@@ -136,6 +169,8 @@ def resolve_options(family: Family, method: str | None, given: dict[str, Any],
             raise InputError(f"option {name!r} must be a dict of settings (got {type(value).__name__}).")
         if opt.kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
             raise InputError(f"option {name!r} must be a whole number (got {value!r}).")
+        if opt.low is not None and value < opt.low:
+            raise InputError(f"option {name!r} must be >= {opt.low} (got {value!r}; {opt.flag}).")
         if opt.choices is not None and value not in opt.choices:
             raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, opt.choices))}.")
         out[name] = value

@@ -11,7 +11,7 @@ import xarray as xr
 
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
-from spatialscale.families.base import Family, Option, Prepared
+from spatialscale.families.base import Family, Option, Prepared, check_setting_types
 from spatialscale.families.common import batch_counts, check_choice, provenance, summary_variables
 from spatialscale.results import make_dataset
 from spatialscale.stats.du import (
@@ -198,6 +198,8 @@ def _gp_options(gp: dict[str, Any] | None, store: IsoformStore) -> dict[str, Any
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise InputError(f"unknown gp option(s) {unknown}; choose from {allowed}.")
+    params = inspect.signature(residualize).parameters
+    check_setting_types("gp", opts, {k: params[k].default for k in allowed})
     return opts
 
 

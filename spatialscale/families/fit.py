@@ -11,7 +11,7 @@ import xarray as xr
 
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
-from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM, Family, Option, Prepared
+from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM, Family, Option, Prepared, check_setting_types
 from spatialscale.families.common import batch_counts, provenance
 from spatialscale.glmm.glmm import FIT_METHODS as GLMM_FITS
 from spatialscale.results import make_dataset
@@ -49,6 +49,16 @@ def glmm_config(model: str, glmm: dict[str, Any]):
     return GLMMConfig(model=model, **{k: v for k, v in glmm.items() if k not in ("rank", "fit")})
 
 
+def glmm_defaults() -> dict[str, Any]:
+    """Each GLMM setting's default (what its given value is type-checked against)."""
+    import dataclasses
+
+    from spatialscale.glmm.glmm import GLMMConfig
+
+    return {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(GLMMConfig)}
+
+
 def glmm_options(store: IsoformStore, model: str, glmm: dict[str, Any] | None) -> dict[str, Any]:
     """Validate GLMM options and make sure the eigenpairs a GLMM needs are in the store."""
     from spatialscale.glmm.glmm import GLMMConfig
@@ -59,6 +69,9 @@ def glmm_options(store: IsoformStore, model: str, glmm: dict[str, Any] | None) -
             raise InputError(f"model='glm' takes no GLMM options (got {sorted(opts)}).")
         return opts
     rank = opts.pop("rank", None)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise InputError(f"GLMM setting rank={rank!r} must be a whole number >= 1.")
+    check_setting_types("GLMM", opts, glmm_defaults())
     try:
         GLMMConfig(model=model, **opts)
     except (TypeError, ValueError) as exc:

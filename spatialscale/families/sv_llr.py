@@ -111,8 +111,8 @@ FAMILY = Family(
     options=(
         Option("null", "chi2", "null of the LLR: chi2, or spot permutations pooled over genes of equal isoform "
                "count (perm) or per gene (perm-gene)", choices=LLR_NULLS),
-        Option("n_perms", None, "permutations for the perm nulls (20; each one a refit)", kind="int"),
-        Option("perm_seed", 0, "seed of the permutations (one set shared by all genes)", kind="int"),
+        Option("n_perms", None, "permutations for the perm nulls (20; each one a refit)", kind="int", low=1),
+        Option("perm_seed", 0, "seed of the permutations (one set shared by all genes)", kind="int", low=0),
         Option("fit", None, "GLMM fitting method (joint_newton; joint_gd above 5,000 spots and SPLISOSM's)",
                choices=FIT_METHODS["glmm-full"]),
         Option("glmm", None, "GLMM settings (key=value): share_variance, var_fix_sigma, var_prior, init_ratio, lr, "

@@ -81,8 +81,9 @@ class GLMMConfig:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}.")
         if self.patience is None:
             object.__setattr__(self, "patience", 1 if self.method == "joint_newton" else 5)
-        if self.max_epochs < 0 or self.patience < 1 or self.lr <= 0 or self.update_nu_every_k < 1:
-            raise ValueError("max_epochs >= 0, patience >= 1, lr > 0 and update_nu_every_k >= 1 are required.")
+        if self.max_epochs < 0 or self.patience < 1 or self.lr <= 0 or self.update_nu_every_k < 1 or self.tol < 0:
+            raise ValueError("max_epochs >= 0, patience >= 1, lr > 0, tol >= 0 and update_nu_every_k >= 1 are "
+                             "required.")
 
 
 def initial_sigma(counts: np.ndarray) -> np.ndarray:
