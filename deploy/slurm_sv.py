@@ -136,6 +136,9 @@ def make_cluster(args: argparse.Namespace) -> Any:
         shared_temp_directory=tls_dir,
         interface=args.interface,
         scheduler_options={"dashboard_address": args.dashboard_address},
+        # each worker's dashboard on its node's loopback interface only (dask worker binds all interfaces
+        # unless told otherwise)
+        worker_extra_args=["--dashboard-address", "127.0.0.1:0"],
     )
     if args.gpu:
         # one single-threaded dask-cuda worker per job; the job still books --cores CPUs

@@ -256,10 +256,17 @@ def _annotation_source(store: str) -> str:
         return store
     if is_cohort(store):
         raise InputError("--anndata-out applies to one section, not to a cohort.")
-    source = str(open_store(store).meta.get("source", ""))
-    if not source or not os.path.exists(source):
+    from spatialscale.store import source_stamp
+
+    meta = open_store(store).meta
+    source = str(meta.get("source", ""))
+    if not source or not os.path.isabs(source) or not os.path.exists(source):
         raise InputError(f"--anndata-out: the AnnData that {store} was ingested from ({source or 'in memory'}) is not "
-                         "found from here; give that AnnData file as STORE instead.")
+                         "found; give that AnnData file as STORE instead.")
+    recorded = {k: meta.get(k) for k in ("source_size", "source_mtime_ns")}
+    if recorded != source_stamp(source):  # the file there now is not the one the store was made from
+        raise InputError(f"--anndata-out: {source} changed since {store} was ingested from it (size or modification "
+                         "time differ); re-ingest, or give that AnnData file as STORE instead.")
     return source
 
 

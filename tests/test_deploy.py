@@ -88,6 +88,7 @@ def test_slurm_job_script(tmp_path, monkeypatch):
         assert Path(f).parent == tls_dir and mode == 0o600, (f, oct(mode))
     assert not any(Path(f).exists() for f in tls_files), "temporary certificates left behind"
     assert dashboard.startswith("127.0.0.1:")
+    assert _script_flag(script, "--dashboard-address").startswith("127.0.0.1:")  # the workers' dashboards too
 
 
 def test_slurm_gpu_job_script(tmp_path):
@@ -178,6 +179,7 @@ def test_sbatch_script_is_private_and_tls():
     assert "--protocol tls" in scheduler and "--protocol tls" in worker
     assert '"${TLS_ARGS[@]}"' in scheduler and '"${TLS_ARGS[@]}"' in worker
     assert "--dashboard-address 127.0.0.1:" in scheduler
+    assert "--dashboard-address 127.0.0.1:" in worker  # dask worker binds all interfaces unless told
     assert "--tls-ca-file" in code and "--tls-cert" in code and "--tls-key" in code
     exported = set(re.findall(r"^export (DASK_DISTRIBUTED__\w+)=", code, re.M))
     assert exported == CLIENT_TLS_ENV
@@ -270,6 +272,25 @@ def test_manifests_use_tls():
                 assert _flag(args, flag) == f"{TLS_MOUNT}/{name}", role
             if role == "worker":  # the operator's DASK_SCHEDULER_ADDRESS is tcp://; workers must be told tls://
                 assert any(a.startswith("tls://") and a.endswith(":8786") for a in args), args
+
+
+def test_manifests_keep_dashboards_on_loopback():
+    """Every scheduler and worker dashboard listens on 127.0.0.1; no Service or container port exposes one."""
+    pods = 0
+    for doc in _manifests():
+        for role, pod in _pod_specs(doc):
+            if role == "job":
+                continue
+            (c,) = pod["containers"]
+            assert _flag(c["args"], "--dashboard-address").startswith("127.0.0.1:"), role
+            assert all(p["name"] != "http-dashboard" for p in c.get("ports", [])), role
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert "httpGet" not in c.get(probe, {}), (role, probe)
+            pods += 1
+        service = doc.get("spec", {}).get("scheduler", {}).get("service")
+        if service is not None:
+            assert [p["port"] for p in service["ports"]] == [8786]
+    assert pods == 3
 
 
 # --- Docker --------------------------------------------------------------------------------------
