@@ -246,8 +246,8 @@ def test_options_are_validated_before_the_output_is_claimed(files, tmp_path):
     store = spatialscale.ingest(files / "a.h5ad", tmp_path / "s.zarr")
     out = tmp_path / "sv.zarr"
     for bad, words in ((["--method", "glmm-llr", "--glmm", "tol=abc"], "tol='abc' must be a finite number"),
-                       (["--null", "perm", "--perm-seed", "-1"], "'perm_seed' must be >= 0"),
-                       (["--null", "perm", "--n-perms", "0"], "'n_perms' must be >= 1"),
+                       (["--null", "perm", "--perm-seed", "-1"], "perm_seed must be >= 0"),
+                       (["--null", "perm", "--n-perms", "0"], "n_perms must be >= 1"),
                        (["--method", "glmm-llr", "--glmm", "max_epochs=1.5"], "max_epochs=1.5 must be a whole")):
         r = cli("sv", str(store.path), "--out", str(out), "--scheduler", "threads", "--no-progress", *bad)
         assert r.returncode == 2 and words in r.stderr and "internal error" not in r.stderr, r.stderr

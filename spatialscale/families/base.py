@@ -170,7 +170,7 @@ def resolve_options(family: Family, method: str | None, given: dict[str, Any],
         if opt.kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
             raise InputError(f"option {name!r} must be a whole number (got {value!r}).")
         if opt.low is not None and value < opt.low:
-            raise InputError(f"option {name!r} must be >= {opt.low} (got {value!r}; {opt.flag}).")
+            raise InputError(f"{name} must be >= {opt.low} (got {value!r}; {opt.flag}).")
         if opt.choices is not None and value not in opt.choices:
             raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, opt.choices))}.")
         out[name] = value
