@@ -45,7 +45,7 @@ from spatialscale.errors import InputError
 __all__ = ["group_attributes", "remove_empty_folders",
            "RESULTS_MARK", "PARTIAL_MARK", "PartialStore", "FileLock", "Output", "claim_output",
            "array_checksum", "dataset_checksums", "open_results", "StaleRunError", "ResultsDamagedError",
-           "FileLock", "temporary_folder"]
+           "FileLock", "TemporaryFolder"]
 
 log = logging.getLogger("spatialscale")
 
@@ -435,26 +435,34 @@ def remove_orphaned_temporaries(kind: str, folder: str | os.PathLike | None = No
     return removed
 
 
-@contextlib.contextmanager
-def temporary_folder(kind: str) -> Any:
-    """A temporary folder for this process (``spatialscale-<kind>-*``), removed at the end.
+class TemporaryFolder:
+    """A temporary folder owned by this process (``spatialscale-<kind>-*``), removed by :meth:`cleanup`.
 
-    It records its owner (pid, process start time, host); folders left by
-    processes that were killed are removed at the next start.
+    It records its owner (pid, process start time, host); folders of the
+    same kind left by processes that were killed are removed when the next
+    one is made.  Use as a context manager (the folder's path) or keep it and
+    call :meth:`cleanup`.
     """
-    import tempfile
 
-    import psutil
+    def __init__(self, kind: str) -> None:
+        import tempfile
 
-    for path in remove_orphaned_temporaries(kind):
-        log.info("removed %s, left by a spatialscale process that is gone", path)
-    tmp = Path(tempfile.mkdtemp(prefix=f"spatialscale-{kind}-"))
-    try:
-        (tmp / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                  "started": psutil.Process().create_time()}))
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        import psutil
+
+        for path in remove_orphaned_temporaries(kind):
+            log.info("removed %s, left by a spatialscale process that is gone", path)
+        self.path = Path(tempfile.mkdtemp(prefix=f"spatialscale-{kind}-"))
+        (self.path / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                        "started": psutil.Process().create_time()}))
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cleanup()
 
 
 # --------------------------------------------------------------------------- claiming an output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import anndata as ad
@@ -93,3 +94,21 @@ def small_store(tmp_path, small_adata):
     import spatialscale
 
     return spatialscale.ingest(small_adata, tmp_path / "small.zarr")
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(path, *, shared: bool = False):
+    """Another process holding spatialscale's lock on ``path`` (a writer's, or a reader's with ``shared``)."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from spatialscale.output import FileLock; "
+         f"FileLock(Path(sys.argv[1]), shared={shared}).acquire(); print('locked', flush=True); time.sleep(120)",
+         str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -20,7 +20,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import make_adata
+from conftest import lock_held_elsewhere, make_adata
 
 import spatialscale
 import spatialscale.families.sv_hsic as fam
@@ -108,21 +108,13 @@ def test_reingest_after_an_interrupted_run_never_mixes_batches(files, tmp_path, 
 def test_ingest_waits_for_nobody_while_a_run_reads_the_store(files, tmp_path):
     store = tmp_path / "s.zarr"
     a = spatialscale.ingest(files / "a.h5ad", store)
-    reader = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from spatialscale.output import FileLock; "
-         "FileLock(Path(sys.argv[1]), shared=True).acquire(); print('reading', flush=True); time.sleep(120)",
-         str(store)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert reader.stdout.readline().strip() == "reading"
+    with lock_held_elsewhere(store, shared=True):
         r = cli("ingest", str(files / "b.h5ad"), str(store), "--overwrite")
         assert r.returncode == 2 and "being read by a spatialscale run (pid" in r.stderr, r.stderr
         assert spatialscale.open_store(store).content_token == a.content_token
         # readers share the store
         with FileLock(store, shared=True):
             same(_threads(a), _threads(store))
-    finally:
-        reader.kill()
-        reader.wait()
     spatialscale.ingest(files / "b.h5ad", store, overwrite=True)  # free again once the reader is gone
     assert not list(tmp_path.glob(".s.zarr.*"))  # no temporaries; the lock file left by the killed reader removed
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import lock_held_elsewhere
 
 import spatialscale
 import spatialscale.families.sv_hsic as api
@@ -119,12 +120,7 @@ def test_damaged_final_results_are_recomputed(store, reference, tmp_path, caplog
 
 def test_a_second_run_on_a_locked_output_fails_at_once(store, tmp_path):
     out = tmp_path / "sv.zarr"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from spatialscale.output import "
-         "FileLock; FileLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)",
-         str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out):
         t0 = time.monotonic()
         r = subprocess.run([sys.executable, "-m", "spatialscale.cli", "sv", str(store.path), "--out", str(out),
                             "--scheduler", "threads", "--no-progress"], capture_output=True, text=True, timeout=120)
@@ -132,9 +128,6 @@ def test_a_second_run_on_a_locked_output_fails_at_once(store, tmp_path):
         assert "being written by another spatialscale run (pid" in r.stderr and "Traceback" not in r.stderr
         assert time.monotonic() - t0 < 60
         assert not out.exists()
-    finally:
-        holder.kill()
-        holder.wait()
     # the lock died with its process: the next run goes ahead
     ds = spatialscale.sv_test(store, out=out, scheduler="threads", progress=False)
     assert ds.sizes["gene"] == store.n_genes

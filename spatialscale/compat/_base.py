@@ -11,7 +11,6 @@ with SPLISOSM's keys, array types and dtypes, and the same DataFrames.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ import pandas as pd
 
 from spatialscale.covariates import one_hot
 from spatialscale.errors import InputError
+from spatialscale.output import TemporaryFolder
 
 __all__ = ["CompatModel", "UnsupportedAttribute", "anndata_from_tensors", "resolve_design", "unsupported"]
 
@@ -210,7 +210,7 @@ class CompatModel:
         self._store_path = None if store is None else Path(store)
         self._batch_size = batch_size
         self._batch_memory = batch_memory
-        self._tmpdir: tempfile.TemporaryDirectory | None = None
+        self._tmpdir: TemporaryFolder | None = None
         self.store = None  # the IsoformStore of setup_data
         self.adata = None
         self.n_genes: int | None = None
@@ -279,8 +279,8 @@ class CompatModel:
             replace = self.store is not None and Path(self.store.path).resolve() == Path(path).resolve()
         else:
             self.close()
-            self._tmpdir = tempfile.TemporaryDirectory(prefix="spatialscale-compat-")
-            path = Path(self._tmpdir.name) / "store.zarr"
+            self._tmpdir = TemporaryFolder("compat")  # removed by close(), or at a later start if killed
+            path = self._tmpdir.path / "store.zarr"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*autosharding.*")
             self.store = ingest(source, path, overwrite=replace, progress=False, **kwargs)

@@ -30,7 +30,7 @@ from spatialscale.engine import (
 from spatialscale.errors import InputError
 from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM  # noqa: F401 - re-exported
 from spatialscale.options import ExecutionOptions
-from spatialscale.output import SECTIONS, FileLock, PartialStore, claim_output, temporary_folder
+from spatialscale.output import SECTIONS, FileLock, PartialStore, TemporaryFolder, claim_output
 from spatialscale.store import IsoformStore, ingest, is_store, open_store, read_count_columns
 
 #: tasks submitted at a time when several runs (a cohort's sections) share one graph
@@ -346,6 +346,6 @@ def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
         yield ingest(source, ingest_to, **options)
         return
     options.pop("overwrite", None)
-    with temporary_folder("store") as tmp:
+    with TemporaryFolder("store") as tmp:
         # a temporary store of the same file and options has the same content token, so a re-run resumes
         yield ingest(source, tmp / "store.zarr", **options)
