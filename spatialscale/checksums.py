@@ -38,7 +38,8 @@ from typing import Any
 from spatialscale.errors import InputError
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_KEY", "StoreDamagedError", "StoreChangedError", "content_token", "file_digest",
-           "write_manifest", "write_array_manifest", "read_manifest", "verify", "verify_prefix", "pinned"]
+           "write_manifest", "write_array_manifest", "read_manifest", "check_content_token", "verify", "verify_prefix",
+           "pinned"]
 
 #: file name of a manifest (the store's, in ``uns/spatialscale/``, or an added array's, in its folder)
 MANIFEST_NAME = "spatialscale_checksums.json"
@@ -98,6 +99,28 @@ def write_manifest(root: str | os.PathLike, meta: dict[str, Any]) -> str:
     token = content_token(files, meta)
     _write_json(root / MANIFEST_KEY, {"algorithm": "sha256", "token": token, "files": files})
     return token
+
+
+def check_content_token(store_path: str | os.PathLike, token: str, meta: dict[str, Any]) -> None:
+    """The manifest agrees with the token of the store's mark, and hashes (with ``meta``) to it.
+
+    Checked once per process while the manifest is unchanged; a mismatch is a :class:`StoreDamagedError`.
+    """
+    path = Path(os.path.abspath(store_path))
+    try:
+        st = (path / MANIFEST_KEY).stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = None
+    _check_content_token(str(path), token, json.dumps(meta, sort_keys=True), stamp)
+
+
+@lru_cache(maxsize=64)
+def _check_content_token(path: str, token: str, meta_json: str, _stamp: tuple | None) -> None:
+    manifest = read_manifest(path)
+    if manifest["token"] != token or content_token(manifest["files"], json.loads(meta_json)) != token:
+        raise StoreDamagedError(f"isoform store {path} is damaged: its checksums do not match its content token; "
+                                f"{_REINGEST}")
 
 
 def write_array_manifest(root: str | os.PathLike, folder: str | os.PathLike) -> None:

@@ -46,8 +46,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 
 from spatialscale._version import __version__
-from spatialscale.checksums import content_token as _content_token
-from spatialscale.checksums import read_manifest, verify, verify_prefix, write_array_manifest, write_manifest
+from spatialscale.checksums import check_content_token, verify, verify_prefix, write_array_manifest, write_manifest
 from spatialscale.errors import InputError
 from spatialscale.kernel import KernelParams, build_kernel, spatial_weights, symmetrise_adjacency
 from spatialscale.priors import DEFAULT_BANDWIDTH
@@ -605,14 +604,15 @@ class IsoformStore:
         The ``var`` table.
     meta
         ``uns/spatialscale``: ingest parameters and kernel description.
-    token
-        The store's content token (see :mod:`spatialscale.checksums`): what
-        results and recorded batches are matched against, never the path.
+    content_token
+        Hash of the store's files and metadata: equal tokens, equal data (see
+        :mod:`spatialscale.checksums`); what results and recorded batches are
+        matched against, never the path.
     """
 
     path: Path
     meta: dict
-    token: str = ""
+    content_token: str = ""
 
     @cached_property
     def isoforms(self) -> pd.DataFrame:
@@ -661,11 +661,6 @@ class IsoformStore:
     def __repr__(self) -> str:
         return (f"IsoformStore({str(self.path)!r}, n_spots={self.n_spots}, n_genes={self.n_genes}, "
                 f"n_isoforms={len(self.isoforms)})")
-
-    @property
-    def content_token(self) -> str:
-        """Hash of the store's files and metadata: equal tokens, equal data (see :mod:`spatialscale.checksums`)."""
-        return self.token
 
     def _group(self) -> Any:
         import zarr
@@ -802,8 +797,8 @@ def open_store(path: str | os.PathLike) -> IsoformStore:
     if not isinstance(meta, dict) or not isinstance(token, str):
         raise InputError(f"{path} has a damaged store mark (no metadata or content token); re-ingest it "
                          "(spatialscale ingest SOURCE STORE --overwrite).")
-    _check_token(str(path), token, json.dumps(meta, sort_keys=True))
-    return IsoformStore(path=path, meta=meta, token=token)
+    check_content_token(path, token, meta)
+    return IsoformStore(path=path, meta=meta, content_token=token)
 
 
 def check_store_format(path: Path, mark: dict) -> None:
@@ -820,28 +815,6 @@ def check_store_format(path: Path, mark: dict) -> None:
                          f"{__version__} reads format {STORE_FORMAT}); upgrade spatialscale to read it.")
     raise InputError(f"{path} has an unknown store format {fmt!r} (this version reads format {STORE_FORMAT}); "
                      "re-ingest it with this version.")
-
-
-@functools.lru_cache(maxsize=64)
-def _check_token_cached(path: str, token: str, meta_json: str, _stamp: tuple) -> None:
-    manifest = read_manifest(path)
-    files = manifest["files"]
-    if manifest["token"] != token or _content_token(files, json.loads(meta_json)) != token:
-        from spatialscale.checksums import StoreDamagedError
-
-        raise StoreDamagedError(f"isoform store {path} is damaged: its checksums do not match its content token; "
-                                "re-ingest it (spatialscale ingest SOURCE STORE --overwrite).")
-
-
-def _check_token(path: str, token: str, meta_json: str) -> None:
-    from spatialscale.checksums import MANIFEST_KEY
-
-    try:
-        st = os.stat(Path(path) / MANIFEST_KEY)
-        stamp = (st.st_mtime_ns, st.st_size)
-    except OSError:
-        stamp = None
-    _check_token_cached(path, token, meta_json, stamp)
 
 
 def source_stamp(source: str) -> dict[str, Any]:
