@@ -57,13 +57,27 @@ def test_matches_splisosm(section, method, transformation, null):
     assert float(ds["sv_pvalue"].min()) < 1e-3
 
 
-def test_nan_filling_none_matches_splisosm(tmp_path):
-    adata = make_adata(n=400, n_genes=12, zero_spots=0.3, seed=5)
+@pytest.mark.parametrize("n", [240, 600])
+def test_nan_filling_none_matches_splisosm(tmp_path, n):
+    """Genes with every spot covered, a single empty spot, and many empty spots, at two section sizes."""
+    adata = make_adata(n=n, n_genes=12, zero_spots=0.0, depth=30.0, seed=5)
+    counts = adata.layers["counts"].toarray()
+    genes = adata.var["gene_symbol"].to_numpy()
+    rng = np.random.default_rng(n)
+    for g in ("gene004", "gene005"):  # one empty spot
+        counts[rng.integers(n), genes == g] = 0
+    for g in ("gene006", "gene007", "gene011"):  # a third of the spots empty
+        counts[np.ix_(rng.random(n) < 0.3, genes == g)] = 0
+    adata.layers["counts"] = counts
+    adata.X = counts.copy()
     store = spatialscale.ingest(adata, tmp_path / "s.zarr")
     ref = reference(adata, method="hsic-ir", nan_filling="none")
     ds = spatialscale.sv_test(store, method="hsic-ir", nan_filling="none", progress=False)
     assert_agree(ds, ref)
-    assert int(ds["n_spots_used"].max()) < store.n_spots
+    used = ds["n_spots_used"].to_series()
+    assert (used[["gene000", "gene001", "gene002", "gene003"]] == n).all()  # full coverage
+    assert (used[["gene004", "gene005"]] == n - 1).all()
+    assert (used[["gene006", "gene007", "gene011"]] < 0.8 * n).all()
 
 
 def test_large_section_hutchinson_matches_splisosm(tmp_path):

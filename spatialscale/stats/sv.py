@@ -64,6 +64,17 @@ def _masked_kernel_sums(op: KernelOperator, covered: np.ndarray, n_probes: int, 
     the covered set ``S``.  Probes are ``default_rng(seed).choice([-1, 1],
     size=(|S|, n_probes))`` per gene.
     """
+    # genes with the same covered set share one estimate (every gene's probes come from the same seed)
+    packed, inverse = np.unique(np.packbits(covered, axis=1), axis=0, return_inverse=True)
+    distinct = np.unpackbits(packed, axis=1, count=covered.shape[1]).astype(bool)
+    per_block = max(1, int(2**24 // max(covered.shape[1] * n_probes, 1)))  # about 128 MiB of probes at a time
+    sums = np.concatenate([_masked_sums(op, distinct[s : s + per_block], n_probes, seed)
+                           for s in range(0, len(distinct), per_block)])
+    return sums[np.asarray(inverse).reshape(-1)]
+
+
+def _masked_sums(op: KernelOperator, covered: np.ndarray, n_probes: int, seed: int) -> np.ndarray:
+    """:func:`_masked_kernel_sums` of a few distinct covered sets."""
     b, n = covered.shape
     z = np.zeros((n, b * n_probes))
     for g in range(b):
@@ -161,10 +172,9 @@ def sv_batch(
     n_eff = np.full(b, n, dtype=np.float64)
     k = np.broadcast_to(np.asarray(kernel_sums, dtype=np.float64), (b, 4)).copy()
     if method == "hsic-ir" and nan_filling == "none":
+        # every gene's kernel sums are estimated alike, full coverage included (as SPLISOSM does)
         n_eff = covered.sum(axis=1).astype(np.float64)
-        partial = n_eff < n
-        if partial.any():
-            k[partial] = _masked_kernel_sums(op, covered[partial], n_probes, probe_seed)
+        k = _masked_kernel_sums(op, covered, n_probes, probe_seed)
     c = mixture_cumulants(k, f, n_eff)
     q_null = q  # the statistic on the null mixture's scale
     if null in ("liu", "welch"):
