@@ -18,7 +18,8 @@ __all__ = ["AnnDataSource", "MAX_COUNT", "MIN_SPOTS", "check_counts", "check_sec
            "coordinate_array", "resolve_table", "spatial_columns", "spot_coordinates",
            "validate_coords"]
 
-#: largest count stored exactly (float64 integers; the store's integer dtype holds every total below it)
+#: largest count accepted (whole numbers up to it are exact in float64; the store's integer dtype holds
+#: every total below it)
 MAX_COUNT = float(2**53)
 #: fewest spots a section may have (the kNN graph needs k + 1; the tests' null moments need more)
 MIN_SPOTS = 10
@@ -210,26 +211,41 @@ class AnnDataSource:
         return scipy.sparse.csc_matrix(self.read_columns(cols))
 
     def column_stats(self, cols: np.ndarray, rows: np.ndarray | None, names: pd.Index,
-                     layer: str) -> tuple[np.ndarray, np.ndarray]:
-        """Validate a column block and return its totals and non-zero counts.
+                     layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Validate a column block and return its totals, non-zero counts and which columns are whole numbers.
 
         In-memory sparse layers are checked on their stored values, without
         densifying; everything else through :meth:`read_columns`.
+
+        Returns
+        -------
+        totals, nonzero : numpy.ndarray
+            Per column, float64: the sum over the spots ``rows`` and the
+            spots with a positive count.
+        whole : numpy.ndarray
+            Per column, bool: every value a whole number (fractional columns,
+            e.g. EM estimates, are stored as float64).
+
+        Raises
+        ------
+        InputError
+            On NaN / infinite, negative or too large counts (:func:`check_counts`).
         """
         m = self._matrix
         if scipy.sparse.issparse(m):
             sub = m[:, cols] if rows is None else m[rows][:, cols]
             sub = scipy.sparse.csc_matrix(sub)
             d = sub.data
-            if not (np.isfinite(d).all() and (d >= 0).all() and (d <= MAX_COUNT).all() and (d == np.round(d)).all()):
+            if not (np.isfinite(d).all() and (d >= 0).all() and (d <= MAX_COUNT).all()):
                 check_counts(sub.toarray(), names, layer)
             col_of = np.repeat(np.arange(sub.shape[1]), np.diff(sub.indptr))
             totals = np.bincount(col_of, weights=d, minlength=sub.shape[1])
             nonzero = np.bincount(col_of[d > 0], minlength=sub.shape[1]).astype(np.float64)
-            return totals, nonzero
+            whole = np.bincount(col_of[d != np.round(d)], minlength=sub.shape[1]) == 0
+            return totals, nonzero, whole
         block = self.read_columns(cols, rows)
-        check_counts(block, names, layer)
-        return block.sum(axis=0), (block > 0).sum(axis=0).astype(np.float64)
+        whole = check_counts(block, names, layer)
+        return block.sum(axis=0), (block > 0).sum(axis=0).astype(np.float64), whole
 
     def _scan_csr(self, ds: Any, cols: np.ndarray, row_block: int = 200_000) -> scipy.sparse.csr_matrix:
         parts = [ds[s : min(s + row_block, self.n_obs)][:, cols] for s in range(0, self.n_obs, row_block)]
@@ -341,8 +357,32 @@ def check_section_size(n_spots: int, k_neighbors: int, what: str) -> None:
                          f"at least {MIN_SPOTS}) for a meaningful spatial test.")
 
 
-def check_counts(block: np.ndarray, names: pd.Index, layer: str) -> None:
-    """Raise if a counts block has non-finite, negative or non-integer values."""
+def check_counts(block: np.ndarray, names: pd.Index, layer: str) -> np.ndarray:
+    """Raise if a counts block has non-finite, negative or too large values; say which columns are whole numbers.
+
+    Fractional counts (e.g. the EM estimates of long-read quantifiers such as
+    IsoQuant, Bambu or oarfish) are accepted: the store keeps them as float64.
+
+    Parameters
+    ----------
+    block
+        ``(n_spots, m)`` counts.
+    names
+        The ``m`` isoform names (for the messages).
+    layer
+        The layer they come from (for the messages).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(m,)`` bool: every value of the column is a whole number.
+
+    Raises
+    ------
+    InputError
+        One line naming the first isoform with NaN / infinite, negative or
+        above-2^53 counts.
+    """
     if not np.isfinite(block).all():
         j = int(np.flatnonzero(~np.isfinite(block).all(axis=0))[0])
         raise InputError(f"layers[{layer!r}] has NaN or infinite counts (isoform {names[j]!r}).")
@@ -353,12 +393,7 @@ def check_counts(block: np.ndarray, names: pd.Index, layer: str) -> None:
     if big.any():
         raise InputError(f"layers[{layer!r}] has counts above 2^53 (isoform {names[int(np.flatnonzero(big)[0])]!r}), "
                          "which cannot be stored exactly; these are not read counts.")
-    frac = (block != np.round(block)).any(axis=0)
-    if frac.any():
-        raise InputError(
-            f"layers[{layer!r}] has non-integer counts (isoform {names[int(np.flatnonzero(frac)[0])]!r}); "
-            "the tests model integer counts: round estimated counts or pass the raw count layer."
-        )
+    return np.asarray((block == np.round(block)).all(axis=0), dtype=bool).reshape(-1)
 
 
 def column_blocks(n_cols: int, n_rows: int, block_bytes: int) -> Iterator[slice]:

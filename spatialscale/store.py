@@ -121,7 +121,12 @@ def ingest(
         Layer holding isoform counts (spots x isoforms); ``"X"`` reads
         ``adata.X`` (unless a layer is called ``X``). Sparse layers are read
         in column blocks without densifying them; so is a backed AnnData's
-        ``X`` (``anndata.read_h5ad(path, backed="r")``).
+        ``X`` (``anndata.read_h5ad(path, backed="r")``). Counts must be
+        finite, non-negative and at most 2^53. Whole numbers are stored as
+        int32 / int64; fractional counts (the EM estimates of long-read
+        quantifiers such as IsoQuant, Bambu or oarfish) as float64, exactly
+        as given, and the store's ``meta["integer_counts"]`` is then
+        ``False`` (see ``docs/migration.md``, "Fractional counts").
     gene_key
         ``var`` column naming each isoform's gene.
     spatial_key
@@ -412,9 +417,10 @@ def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer
     names = src.var.index.astype(str)
     totals = np.zeros(n_var)
     nonzero = np.zeros(n_var)
+    whole = np.ones(n_var, dtype=bool)  # columns of whole numbers; fractional ones (EM estimates) make a float store
     all_cols = np.arange(n_var)
     for sl in tqdm(list(column_blocks(n_var, n_obs, block_bytes)), desc="ingest: check", disable=not progress):
-        totals[sl], nonzero[sl] = src.column_stats(all_cols[sl], rows, names[sl], layer)
+        totals[sl], nonzero[sl], whole[sl] = src.column_stats(all_cols[sl], rows, names[sl], layer)
     if totals.max(initial=0.0) >= 2.0**62:
         raise InputError(f"layers[{layer!r}] has isoform totals of {totals.max():.3g}, beyond the exact range of "
                          "the stored integers; these are not read counts.")
@@ -466,6 +472,8 @@ def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer
                          "adj_key": adj_key or "", "min_counts": float(min_counts),
                          "min_bin_pct": float(min_bin_pct), "filter_single_iso_genes": bool(filter_single_iso_genes),
                          "min_component_size": int(min_component_size), "n_spots_input": int(n_obs),
+                         # only fractional stores carry the flag: integer stores keep their metadata and bytes
+                         **({} if whole[var["source_index"].to_numpy()].all() else {"integer_counts": False}),
                      })
         old = None
         if store_path.exists():  # an isoform store (checked under the lock): set aside, then removed
@@ -516,7 +524,10 @@ def _write_store(path: Path, src: AnnDataSource, var: pd.DataFrame, keep_spots: 
         root = zarr.open_group(str(path), mode="a")
         root.attrs["spatialscale"] = {"complete": False, "format": STORE_FORMAT}  # ours, even if interrupted
         max_total = float(var["total_counts"].max()) if len(var) else 0.0
-        dtype = "int32" if max_total < 2**31 else "int64"
+        if not meta.get("integer_counts", True):
+            dtype = "float64"  # fractional counts, stored exactly as given
+        else:
+            dtype = "int32" if max_total < 2**31 else "int64"
         src_idx = var["source_index"].to_numpy()
         if grid is None:
             _write_dense_counts(root, src, src_idx, rows, n_spots, dtype, block_bytes, progress)
@@ -543,11 +554,15 @@ def _eigen_keys(rank: int) -> tuple[int, str, str]:
 
 def _write_dense_counts(root: Any, src: AnnDataSource, src_idx: np.ndarray, rows: np.ndarray | None, n_spots: int,
                         dtype: str, block_bytes: int, progress: bool) -> None:
-    """``layers/counts`` as a dense array, ~4 MB chunks of whole columns (never wider than one ingest block)."""
+    """``layers/counts`` as a dense array, ~4 MB chunks of whole columns (never wider than one ingest block).
+
+    ``dtype``: ``int32`` / ``int64`` for whole-number counts, ``float64`` for fractional ones.
+    """
     from tqdm import tqdm
 
     n_iso = len(src_idx)
-    chunk_cols = max(1, min(n_iso, (4 << 20) // max(4 * n_spots, 1), block_bytes // max(8 * n_spots, 1)))
+    item = 8 if dtype == "float64" else 4  # integer stores keep the chunking (and bytes) they always had
+    chunk_cols = max(1, min(n_iso, (4 << 20) // max(item * n_spots, 1), block_bytes // max(8 * n_spots, 1)))
     arr = root.create_array("layers/counts", shape=(n_spots, n_iso), chunks=(n_spots, chunk_cols), dtype=dtype,
                             fill_value=0)
     arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
@@ -563,7 +578,8 @@ def _write_sparse_counts(root: Any, src: AnnDataSource, src_idx: np.ndarray, n_o
 
     Binned sections are mostly zeros (bins without tissue, genes absent from
     most bins), so only the non-zero counts are kept; a task scatters its
-    columns into the full grid (:func:`read_count_columns`).
+    columns into the full grid (:func:`read_count_columns`). ``data`` has the
+    dense store's ``dtype`` (``float64`` for fractional counts).
     """
     from tqdm import tqdm
 
@@ -638,6 +654,15 @@ class IsoformStore:
     def n_observed(self) -> int:
         """Rows of ``obs``: the spots, or a raster's observed bins (``n_spots`` counts every bin of its grid)."""
         return int(self.meta.get("n_observed", self.meta["n_spots"]))
+
+    @property
+    def integer_counts(self) -> bool:
+        """Whether the stored counts are whole numbers (``False``: fractional, e.g. EM estimates, kept as float64).
+
+        Stores written before fractional counts were accepted have no
+        ``integer_counts`` entry and are integer.
+        """
+        return bool(self.meta.get("integer_counts", True))
 
     def grid_index(self) -> np.ndarray:
         """A raster store's observed bins' flat grid positions (``row * nx + col``), in ``obs`` order."""

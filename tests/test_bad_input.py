@@ -62,7 +62,6 @@ def files(tmp_path_factory):
     bad("xy1", lambda a: a.obsm.__setitem__("spatial", a.obsm["spatial"][:, :1].copy()))
     bad("xy3", lambda a: a.obsm.__setitem__("spatial", np.c_[a.obsm["spatial"], np.zeros(a.n_obs)]))
     bad("negative", lambda a: a.layers.__setitem__("counts", _dense_with(a, -1.0)))
-    bad("fraction", lambda a: a.layers.__setitem__("counts", _dense_with(a, 0.5)))
     bad("huge", lambda a: a.layers.__setitem__("counts", _dense_with(a, 1e20)))
     bad("dup_spots", lambda a: setattr(a, "obs_names", [a.obs_names[0], *a.obs_names[1:-1], a.obs_names[0]]))
     bad("dup_isoforms", lambda a: setattr(a, "var_names", [a.var_names[0], *a.var_names[1:-1], a.var_names[0]]))
@@ -120,7 +119,6 @@ CLI_CASES = [
     ("ingest-one-coordinate-column", ["ingest", "{xy1}", "{out}"], "expected (100, 2)"),
     ("ingest-three-coordinate-columns", ["ingest", "{xy3}", "{out}"], "expected (100, 2)"),
     ("ingest-negative-counts", ["ingest", "{negative}", "{out}"], "negative counts"),
-    ("ingest-fractional-counts", ["ingest", "{fraction}", "{out}"], "non-integer counts"),
     ("ingest-counts-beyond-2^53", ["ingest", "{huge}", "{out}"], "above 2^53"),
     ("ingest-duplicate-spot-names", ["ingest", "{dup_spots}", "{out}"], "duplicate spot name"),
     ("ingest-duplicate-isoform-names", ["ingest", "{dup_isoforms}", "{out}"], "duplicate isoform name"),

@@ -148,11 +148,11 @@ def _bad(kind: str) -> tuple[ad.AnnData, dict, str]:
         x[2, 4] = -1
         a.layers["counts"] = sp.csr_matrix(x)
         msg = "negative counts"
-    elif kind == "non_integer":
+    elif kind == "inf_counts":
         x = a.layers["counts"].toarray()
-        x[2, 4] = 1.5
+        x[2, 4] = np.inf
         a.layers["counts"] = x
-        msg = "non-integer counts"
+        msg = "NaN or infinite counts"
     elif kind == "nan_counts":
         x = a.layers["counts"].toarray()
         x[0, 0] = np.nan
@@ -167,12 +167,26 @@ def _bad(kind: str) -> tuple[ad.AnnData, dict, str]:
 
 
 @pytest.mark.parametrize("kind", ["layer", "gene_key", "spatial_key", "nan_coords", "inf_coords",
-                                  "duplicate_coords", "negative", "non_integer", "nan_counts", "nothing_left"])
+                                  "duplicate_coords", "negative", "inf_counts", "nan_counts", "nothing_left"])
 def test_bad_input_is_named_and_leaves_nothing(tmp_path, kind):
     adata, kw, msg = _bad(kind)
     with pytest.raises(InputError, match=msg):
         spatialscale.ingest(adata, tmp_path / "s.zarr", **kw)
     assert _leftovers(tmp_path) == []
+
+
+def test_fractional_counts_are_accepted(tmp_path):
+    """Non-integer counts (EM estimates) were refused before; now the store keeps them as float64
+    (tests/test_fractional.py has the rest)."""
+    a = make_adata(n=120, n_genes=8, seed=1)
+    x = a.layers["counts"].toarray().astype(np.float64)
+    x[2, 4] = 1.5
+    a.layers["counts"] = x
+    store = spatialscale.ingest(a, tmp_path / "s.zarr", min_counts=0)
+    assert store.integer_counts is False
+    assert zarr.open_array(str(store.path / "layers" / "counts"), mode="r").dtype == np.float64
+    j = int(np.flatnonzero(store.isoforms["source_index"].to_numpy() == 4)[0])
+    assert store.read_counts(j, j + 1)[2, 0] == 1.5
 
 
 def test_shape_mismatch_in_file_is_named(tmp_path, small_adata):
