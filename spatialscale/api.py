@@ -23,11 +23,12 @@ import xarray as xr
 from spatialscale.errors import InputError
 from spatialscale.families import run_family
 from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM
-from spatialscale.families.common import input_store, parse_bytes
+from spatialscale.families.common import ingest_option_names, input_store, parse_bytes
 from spatialscale.families.fit import fitted_ratios
 from spatialscale.families.summary import merge_summary
 from spatialscale.options import ExecutionOptions
 from spatialscale.store import IsoformStore
+from spatialscale.store import ingest as ingest_function
 
 __all__ = ["MIN_BATCHES", "MIN_BATCHES_GLMM", "du_test", "feature_summary", "fitted_ratios", "glmm_fit",
            "merge_summary", "parse_bytes", "sv_test"]
@@ -57,13 +58,18 @@ _EXECUTION_DOC = """client, scheduler, workers
     options
         An :class:`~spatialscale.options.ExecutionOptions` instead of the
         keywords above (give one or the other).
-    ingest, ingest_to
+    layer, gene_key, spatial_key, ..., ingest, ingest_to
         When ``store`` is an AnnData (object, ``.h5ad`` or AnnData zarr) or a
-        SpatialData input, it is ingested first with these
-        :func:`~spatialscale.store.ingest` keywords (``{"layer": "X",
-        "spatial_key": ("x", "y")}``...) into ``ingest_to``, or into a
-        temporary store removed when the run ends (workers must see it:
-        local clusters do; name a path on shared storage for a remote one).
+        SpatialData input, it is ingested once with the
+        :func:`~spatialscale.store.ingest` options given as keywords
+        (``layer="X"``, ``spatial_key=("x", "y")``, ``gene_key=``,
+        ``k_neighbors=``..., the names of the CLI's flags) or as a dict
+        ``ingest={"layer": "X", ...}``.  The store goes to ``ingest_to``, or
+        to this process's ingest cache (a temporary folder removed at exit);
+        later calls on the same unchanged input with the same options reuse
+        it (keyed by the input's content, never by its path or name).
+        Workers must see it: local clusters do; name a path on shared storage
+        for a remote one.
     **extra
         Options of test families not listed above (see
         :data:`spatialscale.families.FAMILIES`); unknown ones are an error."""
@@ -88,6 +94,10 @@ def _with_execution(fn: Callable) -> Callable:
                                 annotation="dict[str, Any] | None"),
               inspect.Parameter("ingest_to", inspect.Parameter.KEYWORD_ONLY, default=None,
                                 annotation="str | os.PathLike | None")]
+    ingest_names = ingest_option_names()
+    ingest_defaults = inspect.signature(ingest_function).parameters
+    added += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                annotation=f"{ingest_defaults[k].annotation} | None") for k in ingest_names]
 
     @functools.wraps(fn)
     def entry(store: Any, *args: Any, options: ExecutionOptions | None = None, ingest: dict[str, Any] | None = None,
@@ -97,6 +107,16 @@ def _with_execution(fn: Callable) -> Callable:
             raise InputError(f"give execution settings either as options= or as keywords, not both "
                              f"({', '.join(sorted(given))}).")
         execution = (options if options is not None else ExecutionOptions(**given)).validated()
+        top = {k: v for k in ingest_names if (v := kwargs.pop(k, None)) is not None}
+        if top:
+            if ingest is not None and not isinstance(ingest, dict):
+                raise InputError(f"ingest must be a dict of ingest options ({{'layer': 'X', ...}}), got "
+                                 f"{type(ingest).__name__}.")
+            twice = sorted(set(top) & set(ingest or {}))
+            if twice:
+                raise InputError(f"ingest option(s) {', '.join(twice)} given both as keywords and in ingest=; "
+                                 "give each once.")
+            ingest = {**(ingest or {}), **top}
         with input_store(store, ingest, ingest_to) as opened:
             return fn(opened, *args, execution=execution, **kwargs)
 

@@ -39,7 +39,7 @@ from spatialscale.errors import InputError
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_KEY", "StoreDamagedError", "StoreChangedError", "content_token", "file_digest",
            "write_manifest", "write_array_manifest", "read_manifest", "check_content_token", "verify", "verify_prefix",
-           "pinned"]
+           "pinned", "input_fingerprint"]
 
 #: file name of a manifest (the store's, in ``uns/spatialscale/``, or an added array's, in its folder)
 MANIFEST_NAME = "spatialscale_checksums.json"
@@ -269,3 +269,74 @@ def verify_prefix(store_path: str | os.PathLike, prefix: str) -> None:
                                     f"{_REINGEST}")
         rels = [f"{prefix}/{r}" for r in _array_manifest(str(mpath), mpath.stat().st_mtime_ns)]
     verify(store, rels)
+
+
+# --------------------------------------------------------------------------- the content of an ingest's input
+def input_fingerprint(source: Any, settings: dict[str, Any]) -> str:
+    """Hash of what an ingest of ``source`` with ``settings`` reads: equal fingerprints, equal stores.
+
+    A file input (``.h5ad``, AnnData or SpatialData-table zarr folder) is
+    hashed byte by byte, whatever its path or modification time; an AnnData
+    object by its counts matrix (every layer ``settings["layer"]`` may name),
+    ``obs``, ``var``, coordinates and adjacency.  ``settings`` (the ingest
+    options that shape the store) are part of the hash, so another option is
+    another fingerprint.
+
+    Parameters
+    ----------
+    source
+        An AnnData, or the path of an AnnData file / zarr folder.
+    settings
+        The ingest options (JSON-serialisable after ``str`` of anything else).
+    """
+    h = hashlib.sha256(b"spatialscale-input-1\0")
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for f in files:
+            h.update(f"\0{f.relative_to(path).as_posix() if f != path else ''}\0".encode())
+            h.update(file_digest(f).encode())
+        return h.hexdigest()
+    _hash_anndata(h, source, settings)
+    return h.hexdigest()
+
+
+def _hash_anndata(h: Any, adata: Any, settings: dict[str, Any]) -> None:
+    """Feed an in-memory (or backed) AnnData's ingested content to ``h``."""
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse
+
+    if getattr(adata, "isbacked", False) and getattr(adata, "filename", None):
+        h.update(b"\0backed\0" + file_digest(Path(adata.filename)).encode())
+    layer = settings.get("layer", "counts")
+    x = adata.layers[layer] if layer in adata.layers else adata.X if layer == "X" else None
+    arrays: list[Any] = []
+    if scipy.sparse.issparse(x):
+        h.update(f"\0{x.format}{x.shape}{x.dtype}\0".encode())
+        arrays += [x.data, x.indices, x.indptr]
+    elif isinstance(x, np.ndarray):
+        h.update(f"\0dense{x.shape}{x.dtype}\0".encode())
+        arrays.append(x)
+    elif x is not None and not getattr(adata, "isbacked", False):
+        arrays.append(np.asarray(x))
+    for frame in (adata.obs, adata.var):
+        h.update(json.dumps([list(map(str, frame.columns)), [str(getattr(t, "categories", t)) for t in frame.dtypes],
+                             len(frame)]).encode())
+        try:
+            arrays.append(pd.util.hash_pandas_object(frame, index=True).to_numpy())
+        except TypeError:  # unhashable cells (lists...): their text
+            arrays.append(pd.util.hash_pandas_object(frame.astype(str), index=True).to_numpy())
+    key = settings.get("spatial_key")
+    if isinstance(key, str) and key in adata.obsm:
+        value = adata.obsm[key]
+        arrays.append(value.to_numpy() if isinstance(value, pd.DataFrame) else np.asarray(value))
+    adj = settings.get("adj_key")
+    if adj and adj in adata.obsp:
+        m = scipy.sparse.csr_matrix(adata.obsp[adj])
+        arrays += [m.data, m.indices, m.indptr]
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"\0{a.dtype}{a.shape}\0".encode())
+        h.update(a.view(np.uint8).reshape(-1) if a.dtype.kind in "biufc" else repr(a.tolist()).encode())

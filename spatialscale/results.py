@@ -16,8 +16,9 @@ import xarray as xr
 from spatialscale.errors import InputError
 from spatialscale.output import open_results
 
-__all__ = ["VARIABLES", "GENE_SUMMARY_VARIABLES", "ISOFORM_SUMMARY_VARIABLES", "UNS_KEY", "input_order", "make_dataset",
-           "open_results", "to_anndata", "var_columns", "write_anndata_copy"]
+__all__ = ["VARIABLES", "GENE_SUMMARY_VARIABLES", "ISOFORM_SUMMARY_VARIABLES", "UNS_KEY", "dataset_from_anndata",
+           "gene_table", "input_order", "make_dataset", "open_results", "result_key", "result_keys", "to_anndata",
+           "write_anndata_copy"]
 
 #: name -> (dims, description); one registry for every result variable
 VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -109,45 +110,92 @@ UNS_KEY = "spatialscale"
 COPY_MARK = "annotated_copy_of"
 
 
-def var_columns(ds: xr.Dataset, var: Any, gene_key: str) -> dict[str, np.ndarray]:
-    """Results as ``var`` columns, one value per isoform row of ``var``.
+#: result variable -> column of the gene table (the test's prefix dropped, as in squidpy's ``uns["moranI"]``)
+_TABLE_NAMES = {"sv_statistic": "statistic", "sv_pvalue": "pvalue", "sv_pvalue_adj": "pvalue_adj",
+                "du_statistic": "statistic", "du_pvalue": "pvalue", "du_pvalue_adj": "pvalue_adj"}
+_TESTS = {"spatial_variability": "sv", "differential_usage": "du"}
 
-    Gene-level variables (dimension ``gene``) give each isoform row its
-    gene's value; DU variables (``gene x covariate``) one column per
-    covariate, ``<variable>_<covariate>``; isoform-level summaries
-    (``isoform``) go to their own rows.  Rows of genes (isoforms) without a
-    result get NaN; booleans become floats (1.0 / 0.0) so that NaN fits.
 
-    Parameters
-    ----------
-    ds
-        A results Dataset of one section.
-    var
-        The AnnData's ``var`` (isoform rows).
-    gene_key
-        The ``var`` column naming each isoform's gene.
+def result_key(ds: xr.Dataset) -> str:
+    """The default ``key_added`` of a results Dataset: ``spatialscale_<test>_<method>``.
+
+    ``spatialscale_sv_hsic-ir``, ``spatialscale_du_hsic-gp``, ``spatialscale_du_glmm-score``;
+    GLMM fits ``spatialscale_fit_<model>``, feature summaries ``spatialscale_summary``.
+    """
+    attrs = ds.attrs
+    if attrs.get("test") in _TESTS:
+        return f"spatialscale_{_TESTS[attrs['test']]}_{attrs.get('method', 'results')}"
+    if "summary" in attrs:
+        return "spatialscale_summary"
+    if "model" in attrs:
+        return f"spatialscale_fit_{attrs['model']}"
+    return "spatialscale_results"
+
+
+def _flat(da: xr.DataArray, skip: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """A variable as columns: one per label of each dimension beside ``skip`` (``beta_region_0``...)."""
+    extra = [d for d in da.dims if d not in skip]
+    da = da.transpose(*skip, *extra)
+    if not extra:
+        return {str(da.name): da.values}
+    out = {}
+    for index in np.ndindex(*[da.sizes[d] for d in extra]):
+        labels = [str(da[d].values[i]) for d, i in zip(extra, index)]
+        out["_".join([str(da.name), *labels])] = da.values[(slice(None),) * len(skip) + index]
+    return out
+
+
+def gene_table(ds: xr.Dataset) -> Any:
+    """The results as a gene-level ``pandas.DataFrame`` (scverse style, as squidpy's ``uns["moranI"]``).
+
+    SV results: one row per gene (indexed by gene), columns ``statistic``,
+    ``pvalue``, ``pvalue_adj``, then the other per-gene variables with their
+    dtypes (``n_isoforms`` and ``n_spots_used`` integers).  DU results: one
+    row per gene and covariate (index ``<gene>:<covariate>``) with columns
+    ``gene`` and ``covariate`` first; per-gene variables repeat on each of the
+    gene's rows.  Variables with further dimensions (a GLMM's ``beta`` over
+    contrasts, ``sigma`` over components) become one column per label
+    (``beta_<contrast>``; ``beta_<covariate>_<contrast>`` for a fit).
+    Isoform-level variables and per-spot ones (``nu``) are not in the table.
     """
     import pandas as pd
 
-    if gene_key not in var.columns:
-        raise InputError(f"var has no column {gene_key!r} naming each isoform's gene (columns: "
-                         f"{list(var.columns)}); pass gene_key=.")
-    gene_of = pd.Index(ds["gene"].values.astype(str)).get_indexer(var[gene_key].astype(str).to_numpy())
-    iso_of = (pd.Index(ds["isoform"].values.astype(str)).get_indexer(var.index.astype(str))
-              if "isoform" in ds.dims else None)
-    out: dict[str, np.ndarray] = {}
+    if "section" in ds.dims:
+        raise InputError("these results span several sections (a cohort); make a table of one section: "
+                         "gene_table(ds.sel(section=...)).")
+    genes = ds["gene"].values.astype(str)
+    long = "covariate" in ds.dims and any("covariate" in da.dims for name, da in ds.data_vars.items()
+                                          if str(name).startswith("du_"))
+    skip = ("gene", "covariate") if long else ("gene",)
+    columns: dict[str, np.ndarray] = {}
     for name, da in ds.data_vars.items():
-        values = da.values.astype(np.float64) if da.dtype == bool else da.values
-        if not np.issubdtype(values.dtype, np.number):
+        if "gene" not in da.dims or "isoform" in da.dims or "spot" in da.dims:
             continue
-        if da.dims == ("gene",):
-            out[str(name)] = _take(values, gene_of)
-        elif da.dims == ("gene", "covariate"):
-            for j, cov in enumerate(ds["covariate"].values.astype(str)):
-                out[f"{name}_{cov}"] = _take(values[:, j], gene_of)
-        elif da.dims == ("isoform",) and iso_of is not None:
-            out[str(name)] = _take(values, iso_of)
-    return out
+        if long and "covariate" not in da.dims:
+            da = da.expand_dims(covariate=ds["covariate"].values)
+        da = da.rename(_TABLE_NAMES.get(str(name), str(name)))
+        for col, values in _flat(da, skip).items():
+            columns[col] = values.reshape(-1) if not long else values.reshape(len(genes), -1).T.reshape(-1)
+    first = ["statistic", "pvalue", "pvalue_adj"]
+    order = [c for c in first if c in columns] + [c for c in columns if c not in first]
+    if not long:
+        return pd.DataFrame({c: columns[c] for c in order}, index=pd.Index(genes, name="gene"))
+    covs = ds["covariate"].values.astype(str)
+    frame = pd.DataFrame({"gene": np.tile(genes, len(covs)), "covariate": np.repeat(covs, len(genes)),
+                          **{c: columns[c] for c in order}})
+    frame.index = pd.Index(frame["gene"] + ":" + frame["covariate"], name="test")
+    return frame
+
+
+def _isoform_columns(ds: xr.Dataset, var: Any, key: str) -> dict[str, np.ndarray]:
+    """Isoform-level variables (feature summaries) as ``var`` columns ``<key>_<variable>`` (NaN where absent)."""
+    import pandas as pd
+
+    if "isoform" not in ds.dims:
+        return {}
+    iso_of = pd.Index(ds["isoform"].values.astype(str)).get_indexer(var.index.astype(str))
+    return {f"{key}_{name}": _take(np.asarray(da.values, dtype=np.float64), iso_of)
+            for name, da in ds.data_vars.items() if da.dims == ("isoform",)}
 
 
 def _take(values: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -158,9 +206,28 @@ def _take(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_anndata(ds: xr.Dataset | str | Any, adata: Any, *, gene_key: str | None = None, overwrite: bool = False,
-               copy: bool = False) -> Any:
-    """Write per-gene results into ``adata.var`` and the run's provenance into ``adata.uns``.
+def _plain_params(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Run attributes as values h5ad and zarr can write: numbers, text, booleans and lists of one type."""
+    out: dict[str, Any] = {}
+    for k, v in attrs.items():
+        if isinstance(v, np.ndarray | np.generic):
+            v = v.tolist()
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            v = _plain_params(v)
+        elif isinstance(v, list | tuple):
+            kinds = {type(x) for x in v}
+            v = list(v) if len(kinds) == 1 and kinds <= {str, int, float, bool} else [str(x) for x in v]
+        elif not isinstance(v, str | int | float | bool):
+            v = str(v)
+        out[str(k)] = v
+    return out
+
+
+def to_anndata(ds: xr.Dataset | str | Any, adata: Any, *, key_added: str | None = None, gene_key: str | None = None,
+               overwrite: bool = False, copy: bool = False) -> Any:
+    """Write results into an AnnData the scverse way: a gene table in ``uns[key_added]``.
 
     Parameters
     ----------
@@ -170,31 +237,40 @@ def to_anndata(ds: xr.Dataset | str | Any, adata: Any, *, gene_key: str | None =
         :func:`~spatialscale.glmm_fit` or :func:`~spatialscale.feature_summary`.
     adata
         The AnnData the results are about (isoforms as ``var`` rows).
+    key_added
+        Where the results go; default :func:`result_key` (``spatialscale_sv_hsic-ir``...),
+        so results of another test or method get their own key.
     gene_key
-        The ``var`` column naming each isoform's gene; default: the one the
-        store was ingested with (the results' ``gene_key`` attribute).
+        The ``var`` column naming each isoform's gene, to check that the
+        results belong to this AnnData; default: the one the store was
+        ingested with (the results' ``gene_key`` attribute).
     overwrite
-        Replace ``var`` columns that exist already and that spatialscale did not
-        write (columns it wrote before, listed in ``adata.uns["spatialscale"]``,
-        are always replaced).
+        Replace a ``uns`` entry or ``var`` columns that exist already and that
+        spatialscale did not write (what it wrote under the same key before is
+        always replaced).
     copy
         Annotate and return a copy instead of ``adata`` itself.
 
     Returns
     -------
     anndata.AnnData
-        The annotated AnnData: ``var`` gains a column per result variable
-        (see :func:`var_columns`); ``uns["spatialscale"][<test>]`` holds the
-        run's attributes as a JSON string and the names of the columns written.
+        The annotated AnnData:
+
+        - ``uns[key_added]``: the gene table (:func:`gene_table`; SV: one row
+          per gene, ``statistic``, ``pvalue``, ``pvalue_adj``, ``n_isoforms``...;
+          DU: one row per gene and covariate),
+        - ``var["<key_added>_<variable>"]``: isoform-level variables only
+          (feature summaries' ``iso_*``), NaN for isoforms without results,
+        - ``uns["spatialscale"][key_added]``: provenance, a mapping with
+          ``params`` (the run's attributes: test, method, options, kernel,
+          version, the input it read) and ``var_columns``.
 
     Raises
     ------
     InputError
         Results of several sections (a cohort), a missing ``gene_key``, no
-        gene in common, or existing columns of the user's.
+        gene in common, or an existing entry or column of the user's.
     """
-    import json
-
     if not (hasattr(adata, "var") and hasattr(adata, "uns")):
         raise InputError(f"to_anndata writes into an AnnData object, got {type(adata).__name__}; for an AnnData "
                          "file, write an annotated copy with write_anndata_copy(ds, source, dest) (--anndata-out).")
@@ -203,27 +279,113 @@ def to_anndata(ds: xr.Dataset | str | Any, adata: Any, *, gene_key: str | None =
     if "section" in ds.dims:
         raise InputError("these results span several sections (a cohort); write one section's results into its "
                          "AnnData: to_anndata(ds.sel(section=...), adata).")
+    key = key_added or result_key(ds)
+    if not isinstance(key, str) or not key or "/" in key:
+        raise InputError(f"key_added must be a non-empty name without '/', got {key!r}.")
+    if key == UNS_KEY:
+        raise InputError(f"key_added={UNS_KEY!r} is where spatialscale keeps provenance; choose another key.")
     gene_key = gene_key or str(ds.attrs.get("gene_key", "gene_symbol"))
-    columns = var_columns(ds, adata.var, gene_key)
-    gene_vars = [c for c in columns if c in ds.data_vars and ds[c].dims == ("gene",)]
-    if gene_vars and np.isnan(columns[gene_vars[0]]).all():
+    if gene_key not in adata.var.columns:
+        raise InputError(f"var has no column {gene_key!r} naming each isoform's gene (columns: "
+                         f"{list(adata.var.columns)}); pass gene_key=.")
+    table = gene_table(ds)
+    genes = set(adata.var[gene_key].astype(str))
+    if len(ds["gene"]) and not genes.intersection(ds["gene"].values.astype(str)):
         raise InputError(f"none of the results' genes is in var[{gene_key!r}] of this AnnData (results: "
                          f"{', '.join(map(str, ds['gene'].values[:3]))}...); is it the AnnData the store came from?")
+    columns = _isoform_columns(ds, adata.var, key)
     uns = dict(adata.uns.get(UNS_KEY, {})) if isinstance(adata.uns.get(UNS_KEY, {}), dict) else {}
     uns.pop(COPY_MARK, None)  # annotated in memory, it is the user's: only write_anndata_copy marks its files
-    ours = {c for entry in uns.values() if isinstance(entry, dict) for c in entry.get("columns", [])}
+    ours = {c for entry in uns.values() if isinstance(entry, dict)
+            for c in [*entry.get("var_columns", []), *entry.get("columns", [])]}
+    if key in adata.uns and key not in uns and not overwrite:
+        raise InputError(f"uns already has an entry {key!r} that spatialscale did not write; pass key_added= "
+                         "another name, or overwrite=True (--overwrite) to replace it.")
     theirs = [c for c in columns if c in adata.var.columns and c not in ours]
     if theirs and not overwrite:
         raise InputError(f"var already has column(s) {', '.join(map(repr, theirs[:3]))} that spatialscale did not "
                          "write; pass overwrite=True (--overwrite) to replace them.")
     target = adata.copy() if copy else adata
+    old = uns.get(key, {}) if isinstance(uns.get(key), dict) else {}
+    for name in old.get("var_columns", []):  # this key's earlier columns: replaced by this run's
+        if name not in columns and name in target.var.columns:
+            del target.var[name]
     for name, values in columns.items():
         target.var[name] = values
-    test = str(ds.attrs.get("test", ds.attrs.get("model", "results")))
-    attrs = {k: (v.tolist() if isinstance(v, np.ndarray | np.generic) else v) for k, v in ds.attrs.items()}
-    uns[test] = {"attrs": json.dumps(attrs, default=str), "columns": list(columns)}
+    target.uns[key] = table
+    uns[key] = {"params": _plain_params(dict(ds.attrs)), "var_columns": list(columns)}
     target.uns[UNS_KEY] = uns
     return target
+
+
+def result_keys(adata: Any) -> list[str]:
+    """The ``key_added`` of every spatialscale result in ``adata`` (``uns`` entries with provenance)."""
+    uns = adata.uns.get(UNS_KEY, {})
+    if not hasattr(uns, "items"):
+        return []
+    return [str(k) for k, v in uns.items() if hasattr(v, "get") and "params" in v and k in adata.uns]
+
+
+def dataset_from_anndata(adata: Any, key: str | None = None) -> xr.Dataset:
+    """The results Dataset back from an AnnData annotated by :func:`to_anndata`.
+
+    Parameters
+    ----------
+    adata
+        The annotated AnnData (in memory, or read back from ``.h5ad`` / zarr).
+    key
+        The ``key_added`` of the results; may be left out when there is one.
+
+    Returns
+    -------
+    xarray.Dataset
+        The variables of the run's Dataset (``sv_pvalue``, ``du_pvalue`` over
+        ``gene`` x ``covariate``...) from the gene table, isoform-level ones from
+        ``var``, and the run's attributes.
+    """
+    import pandas as pd
+
+    keys = result_keys(adata)
+    if key is None:
+        if len(keys) != 1:
+            raise InputError(f"the AnnData holds {len(keys)} spatialscale results ({', '.join(keys) or 'none'}); "
+                             "name one with key=." if keys else "the AnnData holds no spatialscale results; "
+                             "add them with spatialscale.to_anndata(ds, adata).")
+        key = keys[0]
+    if key not in keys:
+        raise InputError(f"the AnnData has no spatialscale results {key!r} (results: {', '.join(keys) or 'none'}).")
+    entry = adata.uns[UNS_KEY][key]
+    params = dict(entry["params"])
+    table = adata.uns[key]
+    if not isinstance(table, pd.DataFrame):
+        raise InputError(f"uns[{key!r}] is not the gene table spatialscale wrote (a {type(table).__name__}).")
+    prefix = _TESTS.get(str(params.get("test")), "")
+    rename = {v: f"{prefix}_{v}" for v in ("statistic", "pvalue", "pvalue_adj")} if prefix else {}
+    per_gene = {"n_isoforms", "n_spots_used"}
+    if {"gene", "covariate"} <= set(table.columns):
+        genes = pd.unique(table["gene"].astype(str))
+        covs = pd.unique(table["covariate"].astype(str))
+        wide = table.set_index(["gene", "covariate"])
+        coords = {"gene": genes, "covariate": covs}
+        data = {}
+        for col in wide.columns:
+            grid = wide[col].unstack("covariate").reindex(index=genes, columns=covs)
+            if col in per_gene or str(col).startswith("gene_"):
+                data[col] = (("gene",), grid.iloc[:, 0].to_numpy().astype(wide[col].dtype))
+            else:
+                data[rename.get(col, col)] = (("gene", "covariate"), grid.to_numpy())
+    else:
+        coords = {"gene": table.index.astype(str).to_numpy()}
+        data = {rename.get(c, c): (("gene",), table[c].to_numpy()) for c in table.columns}
+    ds = xr.Dataset(data, coords=coords)
+    for col in entry.get("var_columns", []):
+        if col in adata.var.columns:
+            values = adata.var[col]
+            have = values.notna().to_numpy()
+            ds[col[len(key) + 1 :]] = xr.DataArray(values.to_numpy()[have], dims=("isoform",),
+                                                   coords={"isoform": adata.var.index.astype(str)[have]})
+    ds.attrs.update(params)
+    return ds
 
 
 def input_order(ds: xr.Dataset, genes: Any, *, gene_key: str | None = None) -> xr.Dataset:
@@ -332,11 +494,11 @@ def _anndata_root(path: Path, mode: str) -> Iterator[Any]:
 
 
 def write_anndata_copy(ds: xr.Dataset, source: str | os.PathLike, dest: str | os.PathLike, *,
-                       overwrite: bool = False) -> Path:
+                       key_added: str | None = None, overwrite: bool = False) -> Path:
     """Write a copy of the AnnData file ``source`` to ``dest`` with the results in ``var`` and ``uns``.
 
-    Only ``var`` and ``uns/spatialscale`` of the copy are rewritten (see
-    :func:`to_anndata`); counts and everything else are copied as files, never
+    Only ``var``, ``uns/<key_added>`` and ``uns/spatialscale`` of the copy are
+    rewritten (see :func:`to_anndata`); counts and everything else are copied as files, never
     loaded. The copy is written beside ``dest`` and moved into place at the
     end; a failure leaves ``dest`` as it was.
 
@@ -346,6 +508,8 @@ def write_anndata_copy(ds: xr.Dataset, source: str | os.PathLike, dest: str | os
         Results of one section.
     source, dest
         See :func:`check_anndata_target`.
+    key_added
+        The results' ``uns`` key (default :func:`result_key`).
     overwrite
         Replace an earlier annotated copy at ``dest``, and ``var`` columns of
         the source that spatialscale did not write.
@@ -366,14 +530,17 @@ def write_anndata_copy(ds: xr.Dataset, source: str | os.PathLike, dest: str | os
         else:
             shutil.copytree(src, tmp)
         with _anndata_root(tmp, "r+") as root:
+            key = key_added or result_key(ds)
             light = ad.AnnData(var=read_elem(root["var"]))
-            if "uns" in root and UNS_KEY in root["uns"]:
-                light.uns[UNS_KEY] = read_elem(root["uns"][UNS_KEY])
-            to_anndata(ds, light, overwrite=overwrite)
+            for name in (UNS_KEY, key):
+                if "uns" in root and name in root["uns"]:
+                    light.uns[name] = read_elem(root["uns"][name])
+            to_anndata(ds, light, key_added=key, overwrite=overwrite)
             light.uns[UNS_KEY][COPY_MARK] = str(src)
             write_elem(root, "var", light.var)
             uns = root["uns"] if "uns" in root else root.create_group("uns")
             write_elem(uns, UNS_KEY, light.uns[UNS_KEY])
+            write_elem(uns, key, light.uns[key])
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -46,7 +47,14 @@ import scipy.sparse
 import scipy.sparse.csgraph
 
 from spatialscale._version import __version__
-from spatialscale.checksums import check_content_token, verify, verify_prefix, write_array_manifest, write_manifest
+from spatialscale.checksums import (
+    check_content_token,
+    input_fingerprint,
+    verify,
+    verify_prefix,
+    write_array_manifest,
+    write_manifest,
+)
 from spatialscale.errors import InputError
 from spatialscale.kernel import KernelParams, build_kernel, spatial_weights, symmetrise_adjacency
 from spatialscale.priors import DEFAULT_BANDWIDTH
@@ -59,7 +67,10 @@ from spatialscale.sources import (
     spot_coordinates,
 )
 
-__all__ = ["ingest", "is_store", "open_store", "IsoformStore", "STORE_FORMAT", "check_ingest_options"]
+__all__ = ["ingest", "ingest_fingerprint", "is_store", "open_store", "IsoformStore", "STORE_FORMAT",
+           "check_ingest_options"]
+
+log = logging.getLogger(__name__)
 
 #: 2: every file checksummed, with a content token (format 1 stores had neither and are refused)
 STORE_FORMAT = 2
@@ -101,6 +112,7 @@ def ingest(
     block_bytes: int = 256 << 20,
     overwrite: bool = False,
     progress: bool = False,
+    _fingerprint: str | None = None,
 ) -> IsoformStore:
     """Ingest an AnnData of isoform counts into an isoform store.
 
@@ -178,7 +190,10 @@ def ingest(
     block_bytes
         Memory budget of one column block while ingesting.
     overwrite
-        Replace an existing store at ``store_path``.
+        Replace an existing store at ``store_path``. Without it, a store that
+        ingest wrote there from the same input content with the same options
+        (its recorded input fingerprint, :func:`ingest_fingerprint`) is reused
+        as it is; anything else there is an error.
     progress
         Show a progress bar over column blocks.
 
@@ -195,6 +210,7 @@ def ingest(
     """
     from spatialscale.output import FileLock, remove_empty_folders
 
+    settings = ingest_settings(**{k: v for k, v in locals().items() if k not in ("source", "store_path")})
     store_path = Path(os.path.abspath(store_path))
     params = check_ingest_options(min_counts=min_counts, min_bin_pct=min_bin_pct,
                                   min_component_size=min_component_size, k_neighbors=k_neighbors, rho=rho,
@@ -205,6 +221,12 @@ def ingest(
                                   neighbor_degree=neighbor_degree, rho=rho, min_component_size=min_component_size,
                                   adj_key=adj_key, eigenpairs=eigenpairs, prior=prior, weights=weights)
     source = resolve_table(source, table)
+    fingerprint = _fingerprint or input_fingerprint(source, settings)
+    if not overwrite:
+        reused = _reusable_store(store_path, fingerprint)
+        if reused is not None:
+            log.info("%s already holds this input (same content and ingest options): reused", store_path)
+            return reused
     _check_store_target(store_path, source, overwrite)
     src = AnnDataSource(source, layer)
     created = [d for d in [store_path.parent, *store_path.parent.parents] if not d.exists()]
@@ -222,7 +244,7 @@ def ingest(
                            adj_key=adj_key, min_counts=min_counts, min_bin_pct=min_bin_pct,
                            filter_single_iso_genes=filter_single_iso_genes,
                            min_component_size=min_component_size, block_bytes=block_bytes, progress=progress,
-                           raster=raster, eigenpairs=bool(eigenpairs))
+                           raster=raster, eigenpairs=bool(eigenpairs), fingerprint=fingerprint)
         finally:
             lock.release()
     except BaseException:
@@ -230,6 +252,41 @@ def ingest(
         raise
     finally:
         src.close()
+
+
+#: ingest keywords that do not change what a store holds
+_NOT_CONTENT = ("block_bytes", "overwrite", "progress", "_fingerprint")
+
+
+def ingest_settings(**options: Any) -> dict[str, Any]:
+    """Every option that shapes an ingested store: ``options`` over :func:`ingest`'s defaults (JSON-ready)."""
+    import inspect
+
+    out = {k: p.default for k, p in inspect.signature(ingest).parameters.items()
+           if p.default is not inspect.Parameter.empty and k not in _NOT_CONTENT}
+    out.update({k: v for k, v in options.items() if k not in _NOT_CONTENT})
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def ingest_fingerprint(source: Any, **options: Any) -> str:
+    """The input fingerprint an ingest of ``source`` with ``options`` records (its content and the options).
+
+    Equal fingerprints mean equal stores; a changed matrix, coordinates,
+    annotation or option gives another (see
+    :func:`spatialscale.checksums.input_fingerprint`).
+    """
+    return input_fingerprint(resolve_table(source, options.get("table")), ingest_settings(**options))
+
+
+def _reusable_store(store_path: Path, fingerprint: str) -> IsoformStore | None:
+    """The complete, verified store at ``store_path`` if ingest wrote it from the same input and options."""
+    if not is_store(store_path):
+        return None
+    try:
+        store = open_store(store_path)
+    except InputError:
+        return None
+    return store if store.meta.get("source_fingerprint") == fingerprint else None
 
 
 def check_ingest_options(*, min_counts: float = 10, min_bin_pct: float = 0.0, min_component_size: int = 1,
@@ -345,6 +402,9 @@ def _check_store_target(store_path: Path, source: Any, overwrite: bool) -> None:
             raise InputError(f"cannot write into {store_path.parent} (permission denied).")
         return
     if not overwrite:
+        if is_store(store_path):
+            raise InputError(f"{store_path} holds an isoform store of another input or other ingest options; pass "
+                             "overwrite=True (--overwrite) to replace it, or choose another path.")
         raise InputError(f"{store_path} already exists; pass overwrite=True (--overwrite) to replace it.")
     if not is_store(store_path):
         raise InputError(f"{store_path} exists and was not written by spatialscale (it is no isoform store); "
@@ -354,7 +414,8 @@ def _check_store_target(store_path: Path, source: Any, overwrite: bool) -> None:
 def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer: str, gene_key: str,
             spatial_key: str, adj_key: str | None, min_counts: float, min_bin_pct: float,
             filter_single_iso_genes: bool, min_component_size: int, block_bytes: int,
-            progress: bool, raster: dict | None = None, eigenpairs: bool = False) -> IsoformStore:
+            progress: bool, raster: dict | None = None, eigenpairs: bool = False,
+            fingerprint: str = "") -> IsoformStore:
     from tqdm import tqdm
 
     n_obs, n_var = src.shape
@@ -472,6 +533,7 @@ def _ingest(src: AnnDataSource, store_path: Path, params: KernelParams, *, layer
                          "adj_key": adj_key or "", "min_counts": float(min_counts),
                          "min_bin_pct": float(min_bin_pct), "filter_single_iso_genes": bool(filter_single_iso_genes),
                          "min_component_size": int(min_component_size), "n_spots_input": int(n_obs),
+                         "source_fingerprint": fingerprint,
                          # only fractional stores carry the flag: integer stores keep their metadata and bytes
                          **({} if whole[var["source_index"].to_numpy()].all() else {"integer_counts": False}),
                      })

@@ -4,7 +4,6 @@ AnnData inputs to the test functions and the CLI, backed and sparse inputs, and 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -109,7 +108,20 @@ def test_anndata_input_to_the_test_functions(adata, reference, tmp_path, monkeyp
     got = spatialscale.sv_test(a, ingest={"layer": "X", "spatial_key": ("x", "y")}, client=client, progress=False)
     np.testing.assert_array_equal(got["gene"].values, expected["gene"].values)
     np.testing.assert_allclose(got["sv_pvalue"].values, expected["sv_pvalue"].values, rtol=1e-10, atol=0)
-    assert not list(tmp_path.glob("spatialscale-store-*"))  # the temporary store is gone
+    # ingested once into this process's cache (a temporary folder), reused while the input is unchanged
+    from spatialscale.families.common import INGEST_CACHE
+
+    cached = list(tmp_path.glob("spatialscale-store-*/*.zarr"))
+    assert len(cached) == 1 and INGEST_CACHE.holds(cached[0]) and got.attrs["store"] == ""
+    again = spatialscale.sv_test(a, layer="X", spatial_key=("x", "y"), progress=False)  # top-level ingest options
+    assert list(tmp_path.glob("spatialscale-store-*/*.zarr")) == cached
+    np.testing.assert_array_equal(again["sv_pvalue"].values, got["sv_pvalue"].values)
+    b = a.copy()
+    b.obs["x"] = b.obs["x"] * 2.0  # other coordinates: another store
+    spatialscale.sv_test(b, layer="X", spatial_key=("x", "y"), progress=False)
+    assert len(list(tmp_path.glob("spatialscale-store-*/*.zarr"))) == 2
+    with pytest.raises(InputError, match="ingest option.s. layer given both as keywords and in ingest="):
+        spatialscale.sv_test(a, layer="X", ingest={"layer": "X"})
     # a named store is kept, and is the same store
     du = spatialscale.du_test(a, "region", method="hsic", ingest={"layer": "X", "spatial_key": "x,y"},
                               ingest_to=tmp_path / "kept.zarr", progress=False)
@@ -133,42 +145,73 @@ def test_anndata_input_to_the_test_functions(adata, reference, tmp_path, monkeyp
 # --------------------------------------------------------------------------- results back into AnnData
 def test_to_anndata_round_trip(adata, reference, tmp_path):
     sv = spatialscale.sv_test(reference, progress=False, with_summary=True)
+    gc = spatialscale.sv_test(reference, method="hsic-gc", progress=False)
     du = spatialscale.du_test(reference, "region", method="hsic", progress=False)
+    summ = spatialscale.feature_summary(reference, progress=False)
+    assert "gene_perplexity" in sv and "iso_ratio_total" not in sv and "iso_ratio_total" in summ
     a = adata.copy()
+    var_before = list(a.var.columns)
     out = spatialscale.to_anndata(sv, a)
     assert out is a
-    spatialscale.to_anndata(du, a)
-    genes = a.var["gene_symbol"].to_numpy()
-    for i, g in enumerate(genes):  # every isoform row carries its gene's values
-        assert a.var["sv_pvalue"].iloc[i] == sv["sv_pvalue"].sel(gene=g).item()
-        assert a.var["gene_perplexity"].iloc[i] == sv["gene_perplexity"].sel(gene=g).item()
-        for cov in du["covariate"].values:
-            assert a.var[f"du_pvalue_{cov}"].iloc[i] == du["du_pvalue"].sel(gene=g, covariate=cov).item()
-    uns = a.uns["spatialscale"]
-    assert sorted(uns) == ["differential_usage", "spatial_variability"]
-    assert json.loads(uns["spatial_variability"]["attrs"])["method"] == "hsic-ir"
-    assert "du_pvalue_adj_region_A" in uns["differential_usage"]["columns"]
-    # written and read back as .h5ad
+    spatialscale.to_anndata(gc, a)  # another method: its own key, the first one's table kept
+    spatialscale.to_anndata(du, a, key_added="du_region")
+    spatialscale.to_anndata(summ, a)
+    assert spatialscale.results.result_keys(a) == ["spatialscale_sv_hsic-ir", "spatialscale_sv_hsic-gc", "du_region",
+                                                   "spatialscale_summary"]
+    table = a.uns["spatialscale_sv_hsic-ir"]
+    assert isinstance(table, pd.DataFrame) and list(table.columns[:3]) == ["statistic", "pvalue", "pvalue_adj"]
+    np.testing.assert_array_equal(table.loc[sv["gene"].values, "pvalue"], sv["sv_pvalue"].values)
+    assert table["n_isoforms"].dtype == np.int64 and table["n_spots_used"].dtype == np.int64
+    np.testing.assert_array_equal(table["n_isoforms"], sv["n_isoforms"].values)
+    assert not np.array_equal(a.uns["spatialscale_sv_hsic-gc"]["pvalue"], table["pvalue"])
+    # gene-level values stay in the table; var gains the isoform-level summaries only
+    np.testing.assert_array_equal(table.loc[sv["gene"].values, "gene_perplexity"], sv["gene_perplexity"].values)
+    new_columns = [c for c in a.var.columns if c not in var_before]
+    assert new_columns == [f"spatialscale_summary_{v}" for v in summ.data_vars if summ[v].dims == ("isoform",)]
+    iso = a.var["spatialscale_summary_iso_ratio_total"]
+    np.testing.assert_array_equal(iso.loc[summ["isoform"].values], summ["iso_ratio_total"].values)
+    assert iso.drop(summ["isoform"].values).isna().all()  # isoforms filtered at ingest have no value
+    dtab = a.uns["du_region"]
+    assert list(dtab.columns[:2]) == ["gene", "covariate"] and len(dtab) == du.sizes["gene"] * du.sizes["covariate"]
+    for row in dtab.itertuples():
+        assert row.pvalue == du["du_pvalue"].sel(gene=row.gene, covariate=row.covariate).item()
+    params = a.uns["spatialscale"]["spatialscale_sv_hsic-ir"]["params"]
+    assert params["method"] == "hsic-ir" and params["test"] == "spatial_variability"
+    # written and read back as .h5ad and zarr: the same tables, provenance a mapping, the Dataset rebuilt
     a.write_h5ad(tmp_path / "annotated.h5ad")
-    back = ad.read_h5ad(tmp_path / "annotated.h5ad")
-    np.testing.assert_array_equal(back.var["sv_pvalue"].to_numpy(), a.var["sv_pvalue"].to_numpy())
-    # a second write replaces its own columns; a user's column of the same name is refused unless overwrite
-    spatialscale.to_anndata(sv, back)
+    a.write_zarr(tmp_path / "annotated.zarr")
+    for back in (ad.read_h5ad(tmp_path / "annotated.h5ad"), ad.read_zarr(tmp_path / "annotated.zarr")):
+        pd.testing.assert_frame_equal(back.uns["spatialscale_sv_hsic-ir"], table)
+        assert back.uns["spatialscale"]["du_region"]["params"]["method"] == "hsic"
+        rebuilt = spatialscale.results.dataset_from_anndata(back, "du_region")
+        np.testing.assert_array_equal(rebuilt["du_pvalue"].sel(gene=du["gene"], covariate=du["covariate"]).values,
+                                      du["du_pvalue"].values)
+        rebuilt = spatialscale.results.dataset_from_anndata(back, "spatialscale_summary")
+        np.testing.assert_array_equal(rebuilt["iso_ratio_total"].sel(isoform=summ["isoform"]).values,
+                                      summ["iso_ratio_total"].values)
+    with pytest.raises(InputError, match="holds 4 spatialscale results .*; name one with key="):
+        spatialscale.results.dataset_from_anndata(a)
+    # a second write under the same key replaces its own entry; a user's entry or column is refused
+    spatialscale.to_anndata(sv, a)
     user = adata.copy()
-    user.var["sv_pvalue"] = 7.0
-    with pytest.raises(InputError, match=r"var already has column\(s\) 'sv_pvalue'"):
+    user.uns["spatialscale_sv_hsic-ir"] = {"mine": 1}
+    with pytest.raises(InputError, match="uns already has an entry 'spatialscale_sv_hsic-ir' that spatialscale did "
+                                         "not write"):
         spatialscale.to_anndata(sv, user)
-    assert (user.var["sv_pvalue"] == 7.0).all()
-    copy = spatialscale.to_anndata(sv, user, overwrite=True, copy=True)
-    assert (user.var["sv_pvalue"] == 7.0).all() and not (copy.var["sv_pvalue"] == 7.0).any()
+    user = adata.copy()
+    user.var["spatialscale_summary_iso_ratio_total"] = 7.0
+    with pytest.raises(InputError, match=r"var already has column\(s\) 'spatialscale_summary_iso_ratio_total'"):
+        spatialscale.to_anndata(summ, user)
+    assert (user.var["spatialscale_summary_iso_ratio_total"] == 7.0).all()
+    copy = spatialscale.to_anndata(summ, user, overwrite=True, copy=True)
+    assert (user.var["spatialscale_summary_iso_ratio_total"] == 7.0).all()
+    assert copy.var["spatialscale_summary_iso_ratio_total"].isna().sum() < len(copy.var)
     with pytest.raises(InputError, match="to_anndata writes into an AnnData object, got str"):
         spatialscale.to_anndata(sv, "sample.h5ad")
-    # genes absent from the results (filtered at ingest) get NaN
-    extra = ad.concat([adata[:, :2], adata[:, :2]], axis=1)
-    extra.var_names = ["a", "b", "c", "d"]
-    extra.var["gene_symbol"] = ["gene000", "gene000", "nogene", "nogene"]
-    spatialscale.to_anndata(sv, extra)
-    assert np.isnan(extra.var["sv_pvalue"].iloc[2:]).all() and np.isfinite(extra.var["sv_pvalue"].iloc[:2]).all()
+    other = adata.copy()
+    other.var["gene_symbol"] = "nogene"
+    with pytest.raises(InputError, match="none of the results' genes is in var"):
+        spatialscale.to_anndata(sv, other)
 
 
 def test_input_order(adata, reference):
@@ -198,8 +241,8 @@ def test_cli_anndata_input_and_annotated_copy(adata, tmp_path, capsys, monkeypat
     assert "annotated copy of in.h5ad in" in capsys.readouterr().out
     ds = spatialscale.open_results("sv.zarr")
     back = ad.read_h5ad("annotated.h5ad")
-    want = ds["sv_pvalue"].sel(gene=back.var["gene_symbol"].to_numpy()).values
-    np.testing.assert_array_equal(back.var["sv_pvalue"].to_numpy(), want)
+    table = back.uns["spatialscale_sv_hsic-ir"]
+    np.testing.assert_array_equal(table.loc[ds["gene"].values, "pvalue"].to_numpy(), ds["sv_pvalue"].values)
     np.testing.assert_array_equal(back.X.toarray(), a.X.toarray())
     assert _digest(tmp_path / "in.h5ad") == before  # the input is never touched
     # a second run resumes from the same file's results; the copy exists: refused before anything runs
@@ -222,7 +265,8 @@ def test_cli_anndata_input_and_annotated_copy(adata, tmp_path, capsys, monkeypat
     assert main(["ingest", "in.h5ad", "st.zarr", "--layer", "X", "--spatial-key", "x,y", "--no-progress"]) == 0
     assert main(["du", "st.zarr", "--covariates", "region", "--method", "hsic", "--out", "du.zarr", "--no-progress",
                  "--anndata-out", "du.h5ad", "--top", "0"]) == 0
-    assert "du_pvalue_region_A" in ad.read_h5ad("du.h5ad").var.columns
+    assert set(ad.read_h5ad("du.h5ad").uns["spatialscale_du_hsic"]["covariate"]) == set(
+        spatialscale.open_results("du.zarr")["covariate"].values)
     assert main(["sv", "st.zarr", "--out", "x.zarr", "--layer", "X", "--no-progress"]) == 2
     assert "apply to AnnData inputs" in capsys.readouterr().err
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -236,6 +280,6 @@ def test_annotated_copy_of_a_zarr_anndata(adata, reference, tmp_path):
         write_anndata_copy(sv, tmp_path / "in.zarr", tmp_path / "out.h5ad")
     write_anndata_copy(sv, tmp_path / "in.zarr", tmp_path / "out.zarr")
     back = ad.read_zarr(tmp_path / "out.zarr")
-    assert np.isfinite(back.var["sv_pvalue"]).all()
-    assert "sv_pvalue" not in ad.read_zarr(tmp_path / "in.zarr").var.columns
+    assert np.isfinite(back.uns["spatialscale_sv_hsic-ir"]["pvalue"]).all()
+    assert "spatialscale_sv_hsic-ir" not in ad.read_zarr(tmp_path / "in.zarr").uns
     assert sorted(os.listdir(tmp_path)) == ["in.zarr", "out.zarr"]

@@ -356,6 +356,6 @@ def test_a_named_store_is_replaced_only_by_the_object_that_wrote_it(section, tmp
         quiet(first.setup_data, section, **SETUP)
         quiet(first.setup_data, section, **{**SETUP, "min_counts": 20})  # its own store: replaced
         assert first.store.meta["min_counts"] == 20
-    with compat.SplisosmNP(store=path) as second, pytest.raises(InputError, match="already exists"):
+    with compat.SplisosmNP(store=path) as second, pytest.raises(InputError, match="holds an isoform store of another"):
         quiet(second.setup_data, section, **SETUP)
     assert open_store(path).meta["min_counts"] == 20 and path.is_dir()  # a close() does not delete it

@@ -112,10 +112,18 @@ def test_store_in_a_new_folder(tmp_path, small_adata):
 
 
 def test_existing_store_is_not_overwritten(tmp_path, small_adata):
-    spatialscale.ingest(small_adata, tmp_path / "s.zarr")
+    first = spatialscale.ingest(small_adata, tmp_path / "s.zarr")
     before = (tmp_path / "s.zarr" / "zarr.json").read_bytes()
-    with pytest.raises(InputError, match="overwrite"):
-        spatialscale.ingest(small_adata, tmp_path / "s.zarr")
+    # the same content with the same options: the store is reused as it is
+    again = spatialscale.ingest(small_adata.copy(), tmp_path / "s.zarr")
+    assert again.content_token == first.content_token
+    assert (tmp_path / "s.zarr" / "zarr.json").read_bytes() == before
+    changed = small_adata.copy()
+    changed.layers["counts"][3, 3] += 1  # one count more: another input
+    for data, opts in ((changed, {}), (small_adata, {"k_neighbors": 6})):
+        with pytest.raises(InputError, match="holds an isoform store of another input or other ingest options; "
+                                             "pass overwrite=True"):
+            spatialscale.ingest(data, tmp_path / "s.zarr", **opts)
     assert (tmp_path / "s.zarr" / "zarr.json").read_bytes() == before
     spatialscale.ingest(small_adata[:, :20].copy(), tmp_path / "s.zarr", overwrite=True, min_counts=0,
                         filter_single_iso_genes=False)

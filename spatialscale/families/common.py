@@ -7,6 +7,7 @@ import datetime as _dt
 import functools
 import inspect
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,11 @@ class _Run:
 def provenance(store: IsoformStore) -> dict[str, Any]:
     """Attributes every results Dataset carries."""
     kernel = store.kernel_attrs
+    # a store of the ingest cache is temporary: the results name the input it was ingested from instead
+    temporary = INGEST_CACHE.holds(store.path)
     return {
-        "n_spots": store.n_spots, "n_genes": store.n_genes, "store": str(store.path),
+        "n_spots": store.n_spots, "n_genes": store.n_genes, "store": "" if temporary else str(store.path),
+        "input": str(store.meta.get("source", "")),
         "gene_key": str(store.meta.get("gene_key", "gene_symbol")),
         "spatialscale_version": __version__, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **{f"kernel_{k}": v for k, v in kernel.items() if k != "power_sums"},
@@ -299,10 +303,80 @@ def is_anndata_input(source: Any) -> bool:
     return path.is_dir() and not is_store(path) and any((path / key).is_dir() for key in ("obs", "tables"))
 
 
+#: ingest keywords that are not ingest options of a run (the run's own overwrite / progress apply)
+_NOT_INGEST_OPTIONS = ("source", "store_path", "overwrite", "progress", "_fingerprint")
+
+
+def ingest_option_names() -> list[str]:
+    """The ingest options a run that takes an AnnData accepts (``layer``, ``spatial_key``, ``gene_key``...)."""
+    return [k for k in inspect.signature(ingest).parameters if k not in _NOT_INGEST_OPTIONS]
+
+
+class IngestCache:
+    """Stores ingested from AnnData inputs in this process, keyed by the input's content and the ingest options.
+
+    A run given an AnnData (object, ``.h5ad`` or zarr) without ``ingest_to``
+    ingests it into a temporary folder of this process (removed at exit, or
+    at the next start after a crash); later runs on the same unchanged input
+    with the same options find that store by its input fingerprint
+    (:func:`~spatialscale.store.ingest_fingerprint`) and reuse it: a changed
+    matrix, coordinates, annotation or option is another fingerprint, hence a
+    new store.  At most :attr:`max_stores` are kept; the least recently used
+    one not being read by a run is removed first.
+    """
+
+    max_stores = 4
+
+    def __init__(self) -> None:
+        self._folder: TemporaryFolder | None = None
+        self._used: list[Path] = []  # least recently used first
+        self._lock = threading.Lock()
+
+    def path_for(self, fingerprint: str) -> Path:
+        """Where the store of an input with this fingerprint lives (made or found)."""
+        import atexit
+        import tempfile
+
+        with self._lock:
+            folder = self._folder
+            if folder is None or not folder.path.is_dir() or folder.path.parent != Path(tempfile.gettempdir()):
+                self._folder = TemporaryFolder("store")
+                atexit.register(self._folder.cleanup)
+            path = self._folder.path / f"{fingerprint[:32]}.zarr"
+            if path in self._used:
+                self._used.remove(path)
+            self._used.append(path)
+            self._evict()
+            return path
+
+    def holds(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` is a store of this cache (temporary)."""
+        folder = self._folder
+        return folder is not None and Path(path).parent == folder.path
+
+    def _evict(self) -> None:
+        """Remove least recently used stores beyond ``max_stores`` (those not read by a run now)."""
+        import shutil
+
+        for old in list(self._used[: -self.max_stores]):
+            try:
+                lock = FileLock(old, hint="").acquire()
+            except InputError:
+                continue  # a run is reading it: kept for now
+            try:
+                shutil.rmtree(old, ignore_errors=True)
+                self._used.remove(old)
+            finally:
+                lock.release()
+
+
+INGEST_CACHE = IngestCache()
+
+
 @contextlib.contextmanager
 def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
                 ingest_to: str | os.PathLike | None = None) -> Iterator[IsoformStore]:
-    """The isoform store a run reads: ``source`` itself, or an AnnData input ingested first.
+    """The isoform store a run reads: ``source`` itself, or an AnnData input ingested once.
 
     Parameters
     ----------
@@ -314,9 +388,12 @@ def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
         Keywords of :func:`~spatialscale.store.ingest` for an AnnData input
         (``layer``, ``gene_key``, ``spatial_key``, ``k_neighbors``...).
     ingest_to
-        Where to keep the ingested store; ``None``: a temporary folder, removed
-        when the run ends (workers must see it: local clusters do; give a path
-        on shared storage for a remote cluster).
+        Where to keep the ingested store: reused by later runs while it holds
+        the same input content ingested with the same options, else an error
+        (it is never replaced without ``overwrite`` in ``ingest_options``).
+        ``None``: this process's ingest cache (:class:`IngestCache`; workers
+        must see it: local clusters do; give a path on shared storage for a
+        remote cluster).
 
     Raises
     ------
@@ -325,6 +402,7 @@ def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
         options, or anything :func:`~spatialscale.store.ingest` refuses.
     """
     from spatialscale.cohort import is_cohort
+    from spatialscale.store import ingest_fingerprint
 
     if ingest_options is not None and not isinstance(ingest_options, dict):
         raise InputError(f"ingest must be a dict of ingest options ({{'layer': 'X', ...}}), got "
@@ -333,11 +411,13 @@ def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
     if not is_anndata_input(source):
         if options or ingest_to is not None:
             what = "a cohort" if is_cohort(source) else "an isoform store"
-            raise InputError(f"ingest options and ingest_to apply to AnnData inputs; {source} is {what} "
+            given = ", ".join(sorted(options)) + (" and " if options and ingest_to is not None else "") + (
+                "ingest_to" if ingest_to is not None else "")
+            raise InputError(f"ingest options ({given}) apply to AnnData inputs; {source} is {what} "
                              "(already ingested).")
         yield source if is_cohort(source) else as_store(source)
         return
-    allowed = set(inspect.signature(ingest).parameters) - {"source", "store_path"}
+    allowed = set(ingest_option_names()) | {"overwrite"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise InputError(f"unknown ingest option(s) {', '.join(map(repr, unknown))}; choose from "
@@ -346,6 +426,5 @@ def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
         yield ingest(source, ingest_to, **options)
         return
     options.pop("overwrite", None)
-    with TemporaryFolder("store") as tmp:
-        # a temporary store of the same file and options has the same content token, so a re-run resumes
-        yield ingest(source, tmp / "store.zarr", **options)
+    fp = ingest_fingerprint(source, **options)
+    yield ingest(source, INGEST_CACHE.path_for(fp), _fingerprint=fp, **options)
