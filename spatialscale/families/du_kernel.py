@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from spatialscale.covariates import CovariateDesign, encode_covariates
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
 from spatialscale.families.base import Family, Option, Prepared, check_setting_types
@@ -30,20 +31,27 @@ from spatialscale.stats.sv import NAN_FILLINGS
 from spatialscale.store import IsoformStore
 from spatialscale.worker import coordinates_token
 
-__all__ = ["FAMILY", "du_dataset"]
-
+__all__ = ["FAMILY", "JOINT_METHODS", "PER_LEVEL", "design_fingerprint", "du_dataset", "per_level_option",
+           "refuse_joint"]
 
 
 RESIDUALIZE = ("cov_only", "both")
+#: the DU families' option: one test per level of a categorical instead of one per covariate
+PER_LEVEL = Option("per_level", False, "categorical covariates: test each level against the rest (one test per "
+                   "level, SPLISOSM's layout) instead of one test per covariate (two levels: one indicator, the "
+                   "first level the reference; more: all levels jointly)", kind="bool")
 GP_BACKENDS = ("auto", "exact", "lowrank", "sod", "fft")
 
 
 def _du_np_task(store_path: str, xy_token: str, method: str, transformation: str, nan_filling: str,
-                gp: dict[str, Any] | None, device: str, raster: bool, batch: Batch,
+                gp: dict[str, Any] | None, device: str, raster: bool,
+                groups: tuple[tuple[int, ...], ...] | None, batch: Batch,
                 z: np.ndarray | GPNull) -> dict[str, np.ndarray]:
     """One Dask task: kernel or t-tests of every gene of the batch against every (residualised) covariate.
 
-    On a raster store the genes are tested on its observed bins (the rows of its obs).
+    ``groups`` are the columns of ``z`` each HSIC test takes jointly (``None``:
+    one test per column).  On a raster store the genes are tested on its
+    observed bins (the rows of its obs).
     """
     counts = batch_counts(store_path, batch, grid=not raster)
     y, used = du_responses(counts, transformation, nan_filling)
@@ -54,7 +62,7 @@ def _du_np_task(store_path: str, xy_token: str, method: str, transformation: str
     if isinstance(z, GPNull):
         stat, pval = hsic_du_gp_null(y, used, z)
     elif method in ("hsic", "hsic-gp"):
-        stat, pval = hsic_du(y, used, z)
+        stat, pval = hsic_du(y, used, z, groups)
     else:
         stat, pval = ttest_du(y, used, z, combine=method.removeprefix("t-"))
     return {"statistic": stat, "pvalue": pval, "n_spots_used": used.sum(1)}
@@ -100,21 +108,48 @@ def _check_binary(z: np.ndarray, names: list[str]) -> None:
     try:
         binary_levels(z, names)
     except ValueError as exc:
-        raise InputError(f"{exc} Use hsic / hsic-gp for continuous or multi-level covariates "
-                         "(categorical obs columns are one-hot encoded, one binary column per level).") from None
+        raise InputError(f"{exc} Use hsic / hsic-gp for continuous covariates (a two-level categorical obs "
+                         "column is one 0/1 indicator).") from None
+
+
+#: DU methods that test the levels of a categorical jointly
+JOINT_METHODS = ("hsic", "hsic-gp", "glmm-score", "glmm-wald")
+
+
+def per_level_option(opts: dict[str, Any]) -> bool:
+    """The validated ``per_level`` option (true or false)."""
+    value = opts.get("per_level", False)
+    if not isinstance(value, bool | np.bool_):
+        raise InputError(f"per_level must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def refuse_joint(what: str, design: CovariateDesign, instead: str) -> None:
+    """A one-line InputError when ``what`` cannot test a categorical's levels jointly; ``instead``: the way out
+    besides ``per_level=True``."""
+    joint = [(t, len(g)) for t, g in zip(design.tests, design.groups) if len(g) > 1]
+    if joint:
+        which = (f"covariate {joint[0][0]!r} has {joint[0][1]} levels" if len(joint) == 1 else
+                 f"covariates {', '.join(f'{t!r} ({k} levels)' for t, k in joint)} have more than two levels")
+        raise InputError(f"{what}; {which}: pass per_level=True (--per-level) to test each level against the rest, "
+                         f"or {instead}.")
 
 
 def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates: Any, device: str) -> Prepared:
-    from spatialscale.covariates import resolve_covariates
-
     transformation, nan_filling = opts["transformation"], opts["nan_filling"]
     residualize, null, gp = opts.get("residualize", "cov_only"), opts.get("null", "liu"), opts.get("gp")
     if residualize == "both" and nan_filling != "mean":
         raise InputError("residualize='both' needs nan_filling='mean' (one GP basis shared by all genes).")
     raster = store.kernel_kind == "fft"
-    names, z = resolve_covariates(store.obs(), covariates)
+    design = encode_covariates(store.obs(), covariates, per_level=per_level_option(opts))
+    names, z = design.tests, design.z
     if method.startswith("t-"):
+        refuse_joint(f"{method} compares two groups", design,
+                     f"use {', '.join(JOINT_METHODS)}, which test all levels of a covariate jointly")
         _check_binary(z, names)
+    if method == "hsic-gp" and null == "gp":
+        refuse_joint("hsic-gp's null='gp' models one covariate column at a time", design,
+                     "null='liu', which tests all levels of a covariate jointly")
     gp_opts = _gp_options(gp, store) if method == "hsic-gp" else None
     grid_gp = gp_opts is not None and gp_opts.get("backend") == "fft"
     if grid_gp and null == "gp":
@@ -126,7 +161,7 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
               **({"null": null} if null != "liu" else {})}
     xy_token = coordinates_token(store.coords()) if method == "hsic-gp" and not grid_gp else ""
     task = functools.partial(_du_np_task, str(store.path.resolve()), xy_token, method, transformation, nan_filling,
-                             gp_opts if residualize == "both" else None, device, raster)
+                             gp_opts if residualize == "both" else None, device, raster, design.column_groups)
 
     def shared() -> np.ndarray | GPNull:
         if method != "hsic-gp":
@@ -142,7 +177,7 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
                       **{f"gp_{k}": v for k, v in gp_opts.items() if v is not None}})
 
     def assemble(run: Any) -> xr.Dataset:
-        return du_dataset(store, run, names, {**attrs, **provenance(store)}, per_gene=("n_spots_used",))
+        return du_dataset(store, run, design, {**attrs, **provenance(store)}, per_gene=("n_spots_used",))
 
     grid_n = store.n_spots if grid_gp and residualize == "both" else 0
 
@@ -150,18 +185,36 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
                     bytes_per_gene=lambda p: 8.0 * (n * (3 * p + 4 * p * (residualize == "both")) + 8 * p * f
                                                     + 4 * grid_n * p),
                     label=f"du {method}", assemble=assemble, shared=shared,
-                    fingerprint_extra={"covariates": names, "design": hashlib.sha256(z.tobytes()).hexdigest()})
+                    fingerprint_extra=design_fingerprint(design))
 
 
-def du_dataset(store: IsoformStore, run: Any, names: list[str], attrs: dict[str, Any],
+def design_fingerprint(design: CovariateDesign) -> dict[str, Any]:
+    """What the covariates add to a DU run's fingerprint: the column names, the values' hash and, when levels
+    were encoded, the tests' grouping, references and encodings (numeric designs keep their earlier fingerprint)."""
+    out: dict[str, Any] = {"covariates": design.columns, "design": hashlib.sha256(design.z.tobytes()).hexdigest()}
+    if not design.numeric:
+        out["encoding"] = design.describe()
+    return out
+
+
+def du_dataset(store: IsoformStore, run: Any, design: CovariateDesign, attrs: dict[str, Any],
                 per_gene: tuple[str, ...] = ()) -> xr.Dataset:
-    """DU results from a run's batches: statistics, p-values, BH per covariate, per-gene extras."""
+    """DU results from a run's batches: statistics, p-values, BH over genes per covariate test, per-gene extras.
+
+    The ``covariate`` coordinate names the tests; ``covariate_reference``
+    (the reference level of a categorical's test, ``""`` for numeric and
+    per-level tests) and ``covariate_encoding`` (one of
+    :data:`~spatialscale.covariates.ENCODINGS`) lie along it.
+    """
     stat = np.concatenate([r["statistic"] for r in run.parts])
     pval = np.concatenate([r["pvalue"] for r in run.parts])
     data = {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
             "n_isoforms": store.genes["n_isoforms"].to_numpy(),
             **{k: np.concatenate([r[k] for r in run.parts]) for k in per_gene}, **summary_variables(run.parts)}
-    return make_dataset(store.genes.index.to_numpy(), data, {**attrs, "execution": run.kind}, covariates=names)
+    coords = {"covariate_reference": ("covariate", np.asarray(design.reference, dtype=str)),
+              "covariate_encoding": ("covariate", np.asarray(design.encoding, dtype=str))}
+    return make_dataset(store.genes.index.to_numpy(), data, {**attrs, "execution": run.kind},
+                        covariates=design.tests, extra_coords=coords)
 
 
 def _gp_options(gp: dict[str, Any] | None, store: IsoformStore) -> dict[str, Any]:
@@ -274,6 +327,7 @@ FAMILY = Family(
     methods=DU_NP_METHODS,
     description="kernel and t-tests of differential usage: every gene's isoform ratios against every covariate",
     options=(
+        PER_LEVEL,
         Option("transformation", "none", "transformation of the isoform ratios", choices=TRANSFORMS),
         Option("nan_filling", "mean", "spots where a gene has no counts: mean ratio, or left out",
                choices=NAN_FILLINGS),

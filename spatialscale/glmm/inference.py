@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy import stats
 
-__all__ = ["adjusted_covariate_information", "covariate_information", "llr_test", "pearson_dispersion",
-           "robust_score_test", "score_test", "wald_test", "working_model"]
+__all__ = ["adjusted_covariate_information", "covariate_information", "cross_information", "llr_test",
+           "pearson_dispersion", "robust_score_test", "score_test", "wald_test", "working_model"]
 
 #: ``variance`` options of :func:`score_test`
 SCORE_VARIANCES = ("model", "pearson", "robust")
@@ -191,7 +193,8 @@ def adjusted_covariate_information(counts: np.ndarray, probs: np.ndarray, z: np.
 
 def robust_score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, fit: dict | None = None,
                       eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None, config=None,
-                      design: np.ndarray | None = None, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                      design: np.ndarray | None = None, device: str = "cpu",
+                      groups: Groups = None) -> tuple[np.ndarray, np.ndarray]:
     """Score test with the empirical (sandwich) variance of the score's spot terms.
 
     With ``c_i`` the spot terms of the working model (:func:`working_model`)
@@ -214,11 +217,16 @@ def robust_score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, f
         As :func:`working_model`.
     design
         ``(n, F0)`` covariates of the fitted model, if any.
+    groups
+        The columns each test takes jointly (the indicators of a
+        categorical's levels): the score of a test of ``k`` columns is the
+        ``k q``-vector of its columns' scores, ``V`` the sandwich of their
+        spot terms, ``stat ~ chi2(k q)``.  ``None``: one test per column.
 
     Returns
     -------
     statistic, pvalue
-        Each ``(B, F)``.
+        Each ``(B, T)``.
     """
     n, q = np.shape(counts)[1], np.shape(counts)[-1] - 1
     z = np.asarray(z, dtype=np.float64).reshape(n, -1)
@@ -226,9 +234,18 @@ def robust_score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, f
     _, c = _covariates_given_nuisance(counts, probs, z, design, cg_tol=SANDWICH_CG_TOL, fit=fit, eigvals=eigvals,
                                       eigvecs=eigvecs, config=config, device=device, solve_dtype=_fit_dtype(config))
     c = c.reshape(c.shape[0], n, f, q)
-    s = c.sum(1)
-    v = np.einsum("bnfq,bnfr->bfqr", c, c)
-    return _quadratic_form(s, v, q)
+
+    def single(cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        cs = c if len(cols) == f else c[:, :, cols]
+        return _quadratic_form(cs.sum(1), np.einsum("bnfq,bnfr->bfqr", cs, cs), q)
+
+    def joint(cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        cg = c[:, :, cols].reshape(c.shape[0], n, -1)
+        return _joint_quadratic_form(cg.sum(1), np.einsum("bni,bnj->bij", cg, cg))
+
+    if not _joint(groups):
+        return single(list(range(f)))
+    return _by_test(groups, single, joint)
 
 
 def _quadratic_form(s: np.ndarray, v: np.ndarray, q: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,6 +256,54 @@ def _quadratic_form(s: np.ndarray, v: np.ndarray, q: int) -> tuple[np.ndarray, n
     if ok.any():
         stat[ok] = np.einsum("kq,kq->k", s[ok], np.linalg.solve(v[ok], s[ok][..., None])[..., 0])
     return stat, stats.chi2.sf(stat, q)
+
+
+#: the columns each test takes jointly (``None``: one test per column)
+Groups = tuple[tuple[int, ...], ...] | None
+
+
+def _joint(groups: Groups) -> bool:
+    """Whether some test takes several columns."""
+    return groups is not None and any(len(g) > 1 for g in groups)
+
+
+def _rows(cols: list[int], q: int) -> np.ndarray:
+    """Rows of the columns ``cols`` in a matrix indexed ``(column, logit)``."""
+    return (np.asarray(cols)[:, None] * q + np.arange(q)[None, :]).ravel()
+
+
+def _by_test(groups: tuple[tuple[int, ...], ...], single: Callable[[list[int]], tuple[np.ndarray, np.ndarray]],
+             joint: Callable[[list[int]], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(B, T)`` statistics and p-values: ``single(cols)`` (``(B, len(cols))`` each) for the one-column tests
+    at once, ``joint(cols)`` (``(B,)`` each) for every test of several columns."""
+    parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    singles = [t for t, g in enumerate(groups) if len(g) == 1]
+    if singles:
+        stat, pval = single([groups[t][0] for t in singles])
+        parts.update({t: (stat[:, j], pval[:, j]) for j, t in enumerate(singles)})
+    parts.update({t: joint(list(g)) for t, g in enumerate(groups) if len(g) > 1})
+    return (np.stack([parts[t][0] for t in range(len(groups))], axis=1),
+            np.stack([parts[t][1] for t in range(len(groups))], axis=1))
+
+
+def _joint_quadratic_form(s: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``s' V^-1 s ~ chi2(m)`` per gene for ``(B, m)`` ``s`` and ``(B, m, m)`` ``V``: ``(B,)`` each."""
+    stat, pval = _quadratic_form(s[:, None, :], v[:, None], s.shape[-1])
+    return stat[:, 0], pval[:, 0]
+
+
+def cross_information(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, jitter: float = _JITTER) -> np.ndarray:
+    """The multinomial information of several covariate columns jointly, cross terms included.
+
+    ``I_fg = sum_i z_if z_ig N_i (diag p_i - p_i p_i')`` for every pair of
+    columns ``f, g`` of ``z`` ``(n, k)``, plus ``jitter I``: ``(B, k q, k q)``
+    indexed ``(column, logit)``; for one column :func:`covariate_information`.
+    """
+    pq = probs[..., :-1]
+    b, q, k = pq.shape[0], pq.shape[-1], z.shape[1]
+    w = np.einsum("bnq,qr->bnqr", pq, np.eye(q)) - np.einsum("bnq,bnr->bnqr", pq, pq)
+    info = np.einsum("nf,ng,bn,bnqr->bfqgr", z, z, counts.sum(-1), w).reshape(b, k * q, k * q)
+    return info + jitter * np.eye(k * q)
 
 
 def pearson_dispersion(counts: np.ndarray, probs: np.ndarray, n_params: int) -> tuple[np.ndarray, np.ndarray]:
@@ -269,7 +334,7 @@ def pearson_dispersion(counts: np.ndarray, probs: np.ndarray, n_params: int) -> 
 def score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, variance: str = "model",
                information: str = "unadjusted", fit: dict | None = None, eigvals: np.ndarray | None = None,
                eigvecs: np.ndarray | None = None, config=None, design: np.ndarray | None = None,
-               device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+               device: str = "cpu", groups: Groups = None) -> tuple[np.ndarray, np.ndarray]:
     """Score test of each covariate against a model fitted without covariates.
 
     ``s_f = Z_f' (Y - N p_hat)[:, :q]`` and ``stat = s_f' V_f^-1 s_f``.
@@ -299,11 +364,18 @@ def score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, variance
     fit, eigvals, eigvecs, config, design, device
         The null model's fit, as :func:`working_model` (``robust`` and
         ``adjusted``; ``fit=None`` is a GLM).
+    groups
+        The columns each test takes jointly (the indicators of a
+        categorical's levels but the reference): a test of ``k`` columns
+        takes the ``k q``-vector of their scores and the ``(k q, k q)`` block
+        of ``V`` with the cross terms (:func:`cross_information` for
+        ``unadjusted``), ``stat ~ chi2(k q)`` (``F(k q, df)`` for
+        ``pearson``).  ``None``: one test per column.
 
     Returns
     -------
     statistic, pvalue
-        Each ``(B, F)``.
+        Each ``(B, T)``.
     """
     if variance not in SCORE_VARIANCES:
         raise ValueError(f"unknown score variance {variance!r}; choose one of {', '.join(SCORE_VARIANCES)}.")
@@ -315,25 +387,55 @@ def score_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, *, variance
     if variance == "robust":
         if information != "unadjusted":
             raise ValueError("information applies to variance='model' or 'pearson', not 'robust'.")
-        return robust_score_test(counts, probs, z, **kw)
+        return robust_score_test(counts, probs, z, groups=groups, **kw)
     resid = counts - counts.sum(-1, keepdims=True) * probs
     s = np.einsum("nf,bnq->bfq", z, resid[..., :-1])
-    if information == "adjusted":
-        info = adjusted_covariate_information(counts, probs, z, **kw)
-    else:
-        info = covariate_information(counts, probs, z)
-    stat = np.einsum("bfq,bfq->bf", s, np.linalg.solve(info, s[..., None])[..., 0])
     q = counts.shape[-1] - 1
-    if variance == "model":
-        return stat, stats.chi2.sf(stat, q)
-    phi, df = pearson_dispersion(counts, probs, q)
-    stat = stat / phi[:, None]
-    return stat, stats.f.sf(stat / q, q, np.maximum(df, 1)[:, None])
+    if variance == "pearson":
+        phi, df = pearson_dispersion(counts, probs, q)
+
+    def pvalues(stat: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """``stat ~ chi2(m)`` (``model``) or ``stat / phi / m ~ F(m, df)`` (``pearson``), ``stat`` ``(B, ...)``."""
+        if variance == "model":
+            return stat, stats.chi2.sf(stat, m)
+        extra = (1,) * (stat.ndim - 1)
+        stat = stat / phi.reshape(-1, *extra)
+        return stat, stats.f.sf(stat / m, m, np.maximum(df, 1).reshape(-1, *extra))
+
+    if not _joint(groups):
+        if information == "adjusted":
+            info = adjusted_covariate_information(counts, probs, z, **kw)
+        else:
+            info = covariate_information(counts, probs, z)
+        return pvalues(np.einsum("bfq,bfq->bf", s, np.linalg.solve(info, s[..., None])[..., 0]), q)
+    full = None
+    if information == "adjusted":  # every column's projected information, cross terms included, at once
+        kw.pop("design")
+        full, _ = _covariates_given_nuisance(counts, probs, z, design, **kw)
+
+    def single(cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        if full is None:
+            info = covariate_information(counts, probs, z[:, cols])
+        else:
+            info = _per_covariate(full[:, _rows(cols, q)][:, :, _rows(cols, q)], len(cols), q) + _JITTER * np.eye(q)
+        sc = s[:, cols]
+        return pvalues(np.einsum("bfq,bfq->bf", sc, np.linalg.solve(info, sc[..., None])[..., 0]), q)
+
+    def joint(cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        rows = _rows(cols, q)
+        if full is None:
+            info = cross_information(counts, probs, z[:, cols])
+        else:
+            info = full[:, rows][:, :, rows] + _JITTER * np.eye(len(rows))
+        sg = s[:, cols].reshape(s.shape[0], -1)
+        return pvalues(np.einsum("bi,bi->b", sg, np.linalg.solve(info, sg[..., None])[..., 0]), len(rows))
+
+    return _by_test(groups, single, joint)
 
 
 def wald_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, beta: np.ndarray, *, variance: str = "model",
               fit: dict | None = None, eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None,
-              config=None, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+              config=None, device: str = "cpu", groups: Groups = None) -> tuple[np.ndarray, np.ndarray]:
     """Wald test of each covariate of a model fitted with them: ``stat = beta_f' Cov_f^-1 beta_f ~ chi2(q)``.
 
     Parameters
@@ -353,14 +455,34 @@ def wald_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, beta: np.nda
         counts, ``m`` fixed effects: the HC1 small-sample factor).
     fit, eigvals, eigvecs, config, device
         The fit, as :func:`working_model` (``robust``; ``fit=None`` is a GLM).
+    groups
+        The columns each test takes jointly (the indicators of a
+        categorical's levels but the reference): ``beta_G' Cov_GG^-1 beta_G ~
+        chi2(k q)`` over the ``k`` columns' coefficients, ``Cov_GG`` their
+        block of the sandwich (``robust``) or, for ``model``, ``Cov_GG^-1``
+        their block of the information with the cross terms between them
+        (:func:`cross_information`, no jitter).  ``None``: one test per column.
+
+    Returns
+    -------
+    statistic, pvalue
+        Each ``(B, T)``.
     """
     counts = np.asarray(counts, dtype=np.float64)
     z = np.asarray(z, dtype=np.float64).reshape(counts.shape[1], -1)
     q = beta.shape[-1]
     if variance == "model":
-        info = covariate_information(counts, probs, z, jitter=0.0)
-        stat = np.einsum("bfq,bfqr,bfr->bf", beta, info, beta)
-        return stat, stats.chi2.sf(stat, q)
+        def single_model(cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            info = covariate_information(counts, probs, z[:, cols], jitter=0.0)
+            stat = np.einsum("bfq,bfqr,bfr->bf", beta[:, cols], info, beta[:, cols])
+            return stat, stats.chi2.sf(stat, q)
+
+        def joint_model(cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            bg = beta[:, cols].reshape(beta.shape[0], -1)
+            stat = np.einsum("bi,bij,bj->b", bg, cross_information(counts, probs, z[:, cols], jitter=0.0), bg)
+            return stat, stats.chi2.sf(stat, bg.shape[1])
+
+        return _by_test(groups, single_model, joint_model) if _joint(groups) else single_model(list(range(z.shape[1])))
     if variance != "robust":
         raise ValueError(f"unknown Wald variance {variance!r}; choose one of model, robust.")
     f = z.shape[1]
@@ -372,7 +494,18 @@ def wald_test(counts: np.ndarray, probs: np.ndarray, z: np.ndarray, beta: np.nda
     covered = (counts.sum(-1) > 0).sum(1).astype(np.float64)
     small_sample = covered / np.maximum(covered - m, 1.0)  # HC1: n / (n - parameters)
     cov = small_sample[:, None, None] * (g_inv @ np.einsum("bnm,bnk->bmk", contrib, contrib) @ g_inv)
-    return _quadratic_form(beta, _per_covariate(cov[:, :f * q, :f * q], f, q), q)
+
+    def single(cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        rows = _rows(cols, q)
+        return _quadratic_form(beta[:, cols], _per_covariate(cov[:, rows][:, :, rows], len(cols), q), q)
+
+    def joint(cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        rows = _rows(cols, q)
+        return _joint_quadratic_form(beta[:, cols].reshape(beta.shape[0], -1), cov[:, rows][:, :, rows])
+
+    if not _joint(groups):
+        return _quadratic_form(beta, _per_covariate(cov[:, :f * q, :f * q], f, q), q)
+    return _by_test(groups, single, joint)
 
 
 def llr_test(log_marginal_full: np.ndarray, log_marginal_null: np.ndarray, df: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,12 @@ products, never from a loop over pairs.
   ``T = ||Y' z||^2`` and, under independence, ``n T`` is approximately
   ``sum_k ||z||^2 mu_k chi2_1`` with ``mu`` the eigenvalues of ``Y'Y``
   (Liu's approximation).  The reported statistic is ``T / (n-1)^2``.
+  A covariate of several columns ``Z`` (the indicators of a categorical's
+  levels) is tested jointly with the linear kernel ``L = Z Z'``:
+  ``T = tr(Y' H L H Y) = ||Y' Z_c||_F^2``, and ``n T`` is approximately
+  ``sum_jk lambda_j mu_k chi2_1`` with ``lambda`` the eigenvalues of
+  ``Z_c' Z_c``; the mixture's power sums are the products
+  ``(sum lambda^r) (sum mu^r)``.
 * ``t-fisher`` / ``t-tippett``: a two-sample Student t-test (pooled
   variance) per isoform ratio between the two values of a binary covariate,
   the isoforms' p-values combined by Fisher's or Tippett's method.
@@ -29,7 +35,7 @@ from spatialscale.stats.nulls import liu_pvalue
 from spatialscale.stats.responses import ratio_response
 
 __all__ = ["DU_NP_METHODS", "DU_NULLS", "GPNull", "du_responses", "hsic_du", "hsic_du_gp_null", "ttest_du",
-           "binary_levels"]
+           "binary_levels", "kernel_power_sums"]
 
 DU_NP_METHODS = ("hsic", "hsic-gp", "t-fisher", "t-tippett")
 #: nulls of hsic-gp: SPLISOSM's (``liu``) and the GP-conditional one (``gp``)
@@ -65,7 +71,52 @@ def _centred_norms(z: np.ndarray, used: np.ndarray) -> np.ndarray:
     return np.maximum(s2 - s1 * s1 / n_used, 0.0)
 
 
-def hsic_du(y: np.ndarray, used: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def kernel_power_sums(z: np.ndarray, used: np.ndarray, groups: tuple[tuple[int, ...], ...] | None = None
+                      ) -> np.ndarray:
+    """Power sums ``sum_j lambda_j^r`` (``r = 1..4``) of each covariate kernel's eigenvalues, per gene.
+
+    ``lambda`` are the eigenvalues of ``Z_c' Z_c``, with ``Z`` a test's
+    columns centred over each gene's used spots (floor ``1e-5``): for one
+    column the single eigenvalue ``||z_c||^2``.
+
+    Parameters
+    ----------
+    z
+        ``(n, C)`` covariate columns.
+    used
+        ``(B, n)`` spots entering each gene's tests.
+    groups
+        The columns of each test (``None``: one test per column).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B, T, 4)``.
+    """
+    r = np.arange(1, 5)
+    if groups is None:
+        lam = _centred_norms(z, used)  # the one eigenvalue of z_c' z_c
+        lam = np.where(lam > _EIG_FLOOR, lam, 0.0)
+        return lam[..., None] ** r
+    w = used.astype(np.float64)
+    if w.all():  # every gene uses every spot: one kernel for the batch
+        w = w[:1]
+    n_used = np.maximum(w.sum(1), 1.0)
+    out = np.empty((w.shape[0], len(groups), 4))
+    for t, cols in enumerate(groups):
+        zg = z[:, list(cols)]
+        k = zg.shape[1]
+        s1 = w @ zg  # (B, k)
+        s2 = (w @ (zg[:, :, None] * zg[:, None, :]).reshape(len(zg), k * k)).reshape(-1, k, k)
+        gram = s2 - s1[:, :, None] * s1[:, None, :] / n_used[:, None, None]
+        lam = np.linalg.eigvalsh(gram)
+        lam = np.where(np.isfinite(lam) & (lam > _EIG_FLOOR), lam, 0.0)
+        out[:, t] = (lam[..., None] ** r).sum(1)
+    return np.broadcast_to(out, (used.shape[0], *out.shape[1:]))
+
+
+def hsic_du(y: np.ndarray, used: np.ndarray, z: np.ndarray,
+            groups: tuple[tuple[int, ...], ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Linear HSIC test of every gene x covariate pair.
 
     Parameters
@@ -76,25 +127,30 @@ def hsic_du(y: np.ndarray, used: np.ndarray, z: np.ndarray) -> tuple[np.ndarray,
     used
         ``(B, n)`` spots entering each gene's tests.
     z
-        ``(n, F)`` covariates (raw or residualised; centred here).
+        ``(n, C)`` covariate columns (raw or residualised; centred here).
+    groups
+        The columns each test takes jointly, with the linear kernel of those
+        columns (the indicators of a categorical's levels); ``None``: one
+        test per column.
 
     Returns
     -------
     statistic, pvalue
-        ``(B, F)`` each: ``||Y' z_c||^2 / (n_g - 1)^2`` and its Liu p-value.
+        ``(B, T)`` each: ``||Y' Z_c||_F^2 / (n_g - 1)^2`` and its Liu p-value.
     """
     z = np.asarray(z, dtype=np.float64)
     n_used = used.sum(1).astype(np.float64)  # (B,)
     # y is centred over the used spots and zero elsewhere, so Y' z_c = Y' z
     cross = np.einsum("bnd,nf->bdf", y, z)
     t_scaled = np.einsum("bdf,bdf->bf", cross, cross)
-    lam_z = _centred_norms(z, used)  # the one eigenvalue of z_c' z_c
-    lam_z = np.where(lam_z > _EIG_FLOOR, lam_z, 0.0)
+    if groups is not None:  # ||Y' Z_c||_F^2: the columns' energies add up
+        t_scaled = np.stack([t_scaled[:, list(cols)].sum(1) for cols in groups], axis=1)
+    lam_sums = kernel_power_sums(z, used, groups)  # (B, T, 4)
     mu = np.linalg.eigvalsh(np.einsum("bnd,bne->bde", y, y))
     mu = np.where(np.isfinite(mu) & (mu > _EIG_FLOOR), mu, 0.0)
     r = np.arange(1, 5)
     mu_sums = (mu[..., None] ** r).sum(1)  # (B, 4)
-    c = lam_z[..., None] ** r * mu_sums[:, None, :]  # (B, F, 4)
+    c = lam_sums * mu_sums[:, None, :]  # (B, T, 4): the power sums of the products lambda_j mu_k
     t = n_used[:, None] * t_scaled
     p = liu_pvalue(t.reshape(-1), c.reshape(-1, 4)).reshape(t.shape)
     stat = t_scaled / np.maximum(n_used - 1.0, 1.0)[:, None] ** 2
