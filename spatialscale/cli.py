@@ -41,15 +41,17 @@ def _add_ingest_options(p: argparse.ArgumentParser, *, anndata_input: bool = Fal
     p.add_argument("--min-counts", type=float, default=default(10), help="min total count of a kept isoform (10)")
     p.add_argument("--min-bin-pct", type=float, default=default(0.0),
                    help="min fraction (or %% if > 1) of spots with counts")
-    p.add_argument("--keep-single-isoform-genes", action="store_true", default=default(False),
-                   help="keep genes with one isoform")
+    p.add_argument("--filter-single-iso-genes", action=argparse.BooleanOptionalAction, default=default(True),
+                   help="drop genes left with one isoform (default; --no-filter-single-iso-genes keeps them)")
+    p.add_argument("--keep-single-isoform-genes", dest="filter_single_iso_genes", action="store_false",
+                   default=default(True), help=argparse.SUPPRESS)  # the earlier name of --no-filter-single-iso-genes
     p.add_argument("--min-component-size", type=int, default=default(1), help="drop spots in smaller graph components")
     p.add_argument("--k-neighbors", type=int, default=default(4), help="neighbours of the kNN graph (4)")
     p.add_argument("--rho", type=float, default=default(0.99),
                    help="spatial autocorrelation (0.99): 0 <= rho < 1 for splisosm, icar, isar; car, sar and sma "
                         "have a bound from the graph, checked")
-    p.add_argument("--no-standardize-cov", action="store_true", default=default(False),
-                   help="keep the CAR covariance unstandardised")
+    p.add_argument("--standardize-cov", action=argparse.BooleanOptionalAction, default=default(True),
+                   help="standardise the CAR covariance (default; --no-standardize-cov keeps it unstandardised)")
     p.add_argument("--prior", default=default("splisosm"), choices=PRIORS,
                    help="spatial prior: splisosm (SPLISOSM's CAR kernel, default) or Smoother's car, icar, sar, isar, "
                         "sma (docs/priors.md)")
@@ -59,9 +61,9 @@ def _add_ingest_options(p: argparse.ArgumentParser, *, anndata_input: bool = Fal
                    help="distance weights: edge cutoff in coordinate units")
     p.add_argument("--bandwidth", type=float, default=default(DEFAULT_BANDWIDTH),
                    help=f"distance weights: Gaussian width in scaled coordinates ({DEFAULT_BANDWIDTH})")
-    p.add_argument("--no-scale-coords", action="store_true", default=default(False),
-                   help="distance weights: do not scale coordinates into [0, 1] first")
-    p.add_argument("--row-scale", action="store_true", default=default(False),
+    p.add_argument("--scale-coords", action=argparse.BooleanOptionalAction, default=default(True),
+                   help="distance weights: scale coordinates into [0, 1] first (default)")
+    p.add_argument("--row-scale", action=argparse.BooleanOptionalAction, default=default(False),
                    help="sar / sma: row-scaled weights D^-1 W")
     p.add_argument("--kernel", default=default("car"), choices=("car", "fft"),
                    help="car: CAR kernel on the kNN graph of the coordinates; fft: bins of a regular raster "
@@ -74,32 +76,28 @@ def _add_ingest_options(p: argparse.ArgumentParser, *, anndata_input: bool = Fal
     p.add_argument("--power-sums", default=default("auto"), choices=("auto", "exact", "selected", "hutchinson"),
                    help="kernel power sums of the null: auto (exact up to 5,000 spots, then selected), exact, "
                         "selected (k1, k2 exact; k3, k4 from probes with control variates), hutchinson (SPLISOSM's)")
-    p.add_argument("--eigenpairs", action="store_true", default=default(False),
+    p.add_argument("--eigenpairs", action=argparse.BooleanOptionalAction, default=default(False),
                    help="also compute the GLMM's kernel eigenpairs and keep them in the store (car kernel; up to "
                         "5,000 spots the exact power sums come from the same decomposition)")
 
 
-#: ingest keyword -> (argparse dest, conversion of the flag's value)
-_INGEST_FLAGS: dict[str, tuple[str, object]] = {
-    "table": ("table", None), "layer": ("layer", None), "gene_key": ("gene_key", None),
-    "spatial_key": ("spatial_key", None), "adj_key": ("adj_key", None), "min_counts": ("min_counts", None),
-    "min_bin_pct": ("min_bin_pct", None), "filter_single_iso_genes": ("keep_single_isoform_genes", "not"),
-    "min_component_size": ("min_component_size", None), "k_neighbors": ("k_neighbors", None), "rho": ("rho", None),
-    "standardize_cov": ("no_standardize_cov", "not"), "power_sums": ("power_sums", None), "kernel": ("kernel", None),
-    "grid_keys": ("grid_keys", tuple), "grid_spacing": ("grid_spacing", tuple),
-    "neighbor_degree": ("neighbor_degree", None), "eigenpairs": ("eigenpairs", None), "prior": ("prior", None),
-    "weights": ("weights", None), "radius": ("radius", None), "bandwidth": ("bandwidth", None),
-    "scale_coords": ("no_scale_coords", "not"), "row_scale": ("row_scale", None),
-}
+#: ingest options whose flag takes several values (given to ingest as a tuple)
+_TUPLE_FLAGS = ("grid_keys", "grid_spacing")
 
 
 def _ingest_kwargs(args: argparse.Namespace) -> dict:
-    """The ingest keywords of the flags given (all of them on `ingest`, whose flags have defaults)."""
+    """The ingest keywords of the flags given (all of them on `ingest`, whose flags have defaults).
+
+    Every ingest option has the flag of its Python name (``spatial_key`` is
+    ``--spatial-key``; booleans also ``--no-...``).
+    """
+    from spatialscale.families.common import ingest_option_names
+
     out = {}
-    for name, (dest, convert) in _INGEST_FLAGS.items():
-        if hasattr(args, dest):
-            value = getattr(args, dest)
-            out[name] = (not value) if convert == "not" else convert(value) if callable(convert) else value
+    for name in ingest_option_names():
+        if hasattr(args, name):
+            value = getattr(args, name)
+            out[name] = tuple(value) if name in _TUPLE_FLAGS and value is not None else value
     return out
 
 
@@ -175,7 +173,10 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--anndata-out", default=None, metavar="PATH",
                    help="also write a copy of the input AnnData (STORE's source when STORE is an isoform store) with "
-                        "the per-gene results in var and the run's provenance in uns['spatialscale'] (.h5ad or .zarr)")
+                        "the gene table in uns[KEY], isoform-level values in var and the run's provenance in "
+                        "uns['spatialscale'][KEY] (.h5ad or .zarr)")
+    p.add_argument("--key-added", default=None, metavar="KEY",
+                   help="with --anndata-out: the uns key of the results (default spatialscale_<test>_<method>)")
     cov = {f.covariates for f in families} - {"none"}
     if cov:
         p.add_argument("--covariates", required="required" in cov,
@@ -238,7 +239,8 @@ def _run_family_command(args: argparse.Namespace) -> int:
         progress=not args.no_progress, ingest=ingest or None, ingest_to=args.ingest_to)
     _report(command, args, ds)
     if args.anndata_out is not None:
-        written = write_anndata_copy(ds, source, args.anndata_out, overwrite=args.overwrite)
+        written = write_anndata_copy(ds, source, args.anndata_out, key_added=args.key_added,
+                                     overwrite=args.overwrite)
         print(f"annotated copy of {source} in {written}")
     return 0
 
@@ -342,6 +344,20 @@ def _parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         _add_family_command(sub, command)
 
+    p = sub.add_parser("simulate", help="write simulated example data (sample.h5ad, a raster, a cohort)",
+                       description="Write simulated isoform counts to try spatialscale on: a section (obs region, "
+                       "celltype, rbp; spatially variable genes and genes whose usage depends on celltype), a "
+                       "raster of bins, a cohort folder with a manifest, or one AnnData of several sections "
+                       "(obs library_id).")
+    p.add_argument("out", help="the .h5ad to write (--kind cohort: a folder)")
+    p.add_argument("--kind", default="section", choices=("section", "raster", "cohort", "sections"),
+                   help="section (default), raster, cohort (a folder of sections and manifest.csv) or sections "
+                        "(one .h5ad of several sections, obs library_id and condition)")
+    p.add_argument("--spots", type=int, default=900, help="spots per section, or bins of the raster (900)")
+    p.add_argument("--genes", type=int, default=100, help="genes (100)")
+    p.add_argument("--sections", type=int, default=3, help="cohort / sections: how many (3)")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("demo", help="simulate a section, ingest it and run hsic-ir on a LocalCluster",
                        description="End-to-end demo on simulated data with known spatially variable genes.")
     p.add_argument("--spots", type=int, default=2500, help="spots (default 2500)")
@@ -411,6 +427,24 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command in COMMANDS:
         return _run_family_command(args)
+    if args.command == "simulate":
+        from pathlib import Path
+
+        from spatialscale.errors import InputError
+        from spatialscale.simulate import write_example
+
+        out = Path(args.out)
+        if out.exists():
+            raise InputError(f"{out} already exists; simulate writes a new file or folder.")
+        if args.kind != "cohort" and out.suffix != ".h5ad":
+            raise InputError(f"name the file *.h5ad (got {out.name}).")
+        for name in ("spots", "genes", "sections"):
+            if getattr(args, name) < (10 if name == "spots" else 1):
+                raise InputError(f"--{name} is too small ({getattr(args, name)}).")
+        written = write_example(out, args.kind, n_spots=args.spots, n_genes=args.genes, n_sections=args.sections,
+                                seed=args.seed)
+        print(f"wrote {written}")
+        return 0
     if args.command == "demo":
         from spatialscale.demo import run_cohort_demo, run_demo
 

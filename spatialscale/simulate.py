@@ -207,8 +207,8 @@ def simulate_raster(
     -------
     anndata.AnnData
         Sparse ``layers["counts"]`` (CSR, float32), ``obs`` with integer
-        ``array_row`` / ``array_col``, ``var`` with ``gene_symbol`` and
-        ``is_sv``.
+        ``array_row`` / ``array_col`` and a three-level ``celltype`` (sectors
+        of the tissue), ``var`` with ``gene_symbol`` and ``is_sv``.
     """
     import anndata as ad
 
@@ -246,7 +246,11 @@ def simulate_raster(
     names = [f"gene{g:04d}" for g in range(n_genes)]
     var = pd.DataFrame({"gene_symbol": np.repeat(names, p_of), "is_sv": np.repeat(is_sv, p_of)},
                        index=[f"{g}-iso{k}" for g, p in zip(names, p_of) for k in range(p)])
-    obs = pd.DataFrame({"array_row": rr, "array_col": cc}, index=pd.RangeIndex(n).astype(str))
+    # a cell-type label in patches of the tissue (for DU examples on rasters): three levels by angle
+    angle = np.arctan2(rr + 0.5 - ny / 2, cc + 0.5 - nx / 2)
+    celltype = pd.Categorical(np.array(["ct0", "ct1", "ct2"])[((angle + np.pi) / (2 * np.pi / 3)).astype(int) % 3])
+    obs = pd.DataFrame({"array_row": rr, "array_col": cc, "celltype": celltype},
+                       index=pd.RangeIndex(n).astype(str))
     adata = ad.AnnData(obs=obs, var=var)
     adata.layers["counts"] = x
     adata.uns["simulation"] = {"shape": [ny, nx], "n_genes": int(n_genes), "n_sv": int(n_sv),
@@ -320,3 +324,60 @@ def simulate_cohort(
     truth_table = pd.DataFrame(truth_cols, index=pd.Index(genes, name="gene"))
     truth_table["shared"] = shared
     return manifest, truth_table
+
+
+def write_example(path: str | os.PathLike, kind: str = "section", *, n_spots: int = 900, n_genes: int = 100,
+                  n_sections: int = 3, seed: int = 0) -> Path:
+    """Write a simulated example input: what ``spatialscale simulate`` writes.
+
+    Parameters
+    ----------
+    path
+        ``section`` and ``raster``: the ``.h5ad`` to write; ``cohort``: a folder
+        (section files and ``manifest.csv``); ``sections``: one ``.h5ad`` of
+        several sections, ``obs["library_id"]`` naming each spot's section and
+        ``obs["condition"]`` constant within a section (as squidpy keeps them).
+    kind
+        ``section`` (obs ``region``, ``celltype``, ``rbp``; SV genes and genes
+        whose usage depends on ``celltype``), ``raster`` (bins of a square grid
+        of about ``n_spots`` bins, obs ``array_row``, ``array_col``,
+        ``celltype``), ``cohort`` or ``sections``.
+    n_spots, n_genes, n_sections, seed
+        Size and seed.
+
+    Returns
+    -------
+    Path
+        What was written (the manifest for ``cohort``).
+    """
+    import anndata as ad
+
+    out = Path(path)
+    if kind == "section":
+        adata = simulate_section(n_spots, n_genes, n_sv=max(1, n_genes // 5), n_du=max(1, n_genes // 10), seed=seed)
+    elif kind == "raster":
+        side = max(4, int(round(np.sqrt(n_spots / 0.7))))
+        adata = simulate_raster((side, side), n_genes, n_sv=max(1, n_genes // 5), mean_depth=4.0, seed=seed)
+    elif kind == "cohort":
+        manifest, _ = simulate_cohort(out, n_sections, n_genes, n_shared=max(1, n_genes // 10),
+                                      n_specific=max(1, n_genes // 20), spots=(n_spots, int(n_spots * 1.5)),
+                                      seed=seed)
+        return manifest
+    elif kind == "sections":
+        parts = {}
+        for s in range(n_sections):
+            part = simulate_section(n_spots, n_genes, n_sv=max(1, n_genes // 5), geometry=("grid", "hex")[s % 2],
+                                    seed=seed * 1000 + s + 1)
+            part.obs_names = [f"S{s + 1}-{i}" for i in part.obs_names]
+            part.obs["condition"] = "control" if s % 2 == 0 else "treated"
+            parts[f"S{s + 1}"] = part
+        adata = ad.concat(parts, label="library_id", merge="same")
+        adata.obs["library_id"] = adata.obs["library_id"].astype("category")
+        adata.obs["condition"] = adata.obs["condition"].astype("category")
+    else:
+        raise ValueError(f"unknown example kind {kind!r}; choose section, raster, cohort or sections.")
+    if out.suffix != ".h5ad":
+        raise ValueError(f"write the {kind} example to an .h5ad file, got {out}.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    return out

@@ -12,9 +12,9 @@ import xarray as xr
 
 import spatialscale
 from spatialscale import InputError
-from spatialscale.cli import _INGEST_FLAGS, COMMANDS, _parser, api_function, family_options
+from spatialscale.cli import COMMANDS, _parser, api_function, family_options
 from spatialscale.families import FAMILIES, Family, Option, Prepared, methods_of, run_family
-from spatialscale.families.common import batch_counts, provenance
+from spatialscale.families.common import batch_counts, ingest_option_names, provenance
 from spatialscale.options import ExecutionOptions
 from spatialscale.results import VARIABLES, make_dataset
 
@@ -33,10 +33,17 @@ def test_cli_and_api_match_name_for_name_with_choices(command):
     flags = {a.dest: a for a in sub._actions if a.dest != "help"}
     declared = family_options(command)
     fixed = EXECUTION | {"store", "method", "covariates", "with_summary", "top", "combine", "group_by"}
-    ingest = {dest for dest, _ in _INGEST_FLAGS.values()} | {"ingest_to", "anndata_out"}  # AnnData inputs
+    # AnnData inputs: every ingest option is a flag of its Python name and a keyword of the API
+    options = set(ingest_option_names()) - {"block_bytes"}
+    ingest = options | {"ingest_to", "anndata_out", "key_added"}
     assert set(flags) - fixed - ingest == set(declared)  # every family option is a flag, and nothing else is
     assert ingest <= set(flags)
     api = inspect.signature(api_function(command)).parameters
+    strings = {}
+    for a in sub._actions:
+        strings.setdefault(a.dest, []).extend(a.option_strings)
+    for name in options:
+        assert name in api and f"--{name.replace('_', '-')}" in strings[name]
     for name, decl in declared.items():
         assert name in api, f"{command}: API lacks {name}"
         assert api[name].default is None or decl[0][1].kind == "bool" or api[name].default == decl[0][1].default
