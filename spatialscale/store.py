@@ -3,7 +3,8 @@
 An isoform store is an AnnData zarr (``anndata.read_zarr`` opens it) laid out
 for gene batches:
 
-- ``layers/counts``: dense integer counts, ``(n_spots, n_isoforms)``, chunked
+- ``layers/counts``: dense counts, ``(n_spots, n_isoforms)`` (integers; float64
+  when the input has fractional counts, as EM quantifiers give), chunked
   by isoform columns only, with genes sorted by (number of isoforms, name),
   so every batch of genes with equal isoform count is one contiguous column
   range;
@@ -24,7 +25,9 @@ columns scattered into the full grid (:func:`read_count_columns`).
 
 Ingest validates everything first, writes to a temporary sibling and renames
 it into place only when complete, so a failed ingest never leaves anything
-that looks like a store.
+that looks like a store. The store records the fingerprint of its input
+(:func:`ingest_fingerprint`: the input's content and the ingest options); an
+ingest of the same input with the same options into that path reuses it.
 """
 
 from __future__ import annotations
