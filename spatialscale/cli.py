@@ -332,9 +332,15 @@ def _parser() -> argparse.ArgumentParser:
                           description="Ingest every section listed in MANIFEST (CSV or TSV: a 'section' id column, "
                           "a 'path' column, further columns kept as section metadata) into OUT_DIR, one isoform "
                           "store per section. Sections that fail are named; the others are kept, and a re-run "
-                          "ingests only what is missing or changed.")
-    p.add_argument("manifest", help="CSV / TSV manifest")
+                          "ingests only what is missing or changed. With --library-key, MANIFEST is instead one "
+                          "AnnData (.h5ad / .zarr) holding several sections, as squidpy keeps them: each value of "
+                          "that obs column is a section, and obs columns constant within every section become "
+                          "section metadata.")
+    p.add_argument("manifest", help="CSV / TSV manifest (or, with --library-key, one multi-section AnnData)")
     p.add_argument("out_dir", help="cohort folder (created, or completed)")
+    p.add_argument("--library-key", default=None, metavar="COLUMN",
+                   help="obs column naming each spot's section in one multi-section AnnData (squidpy's "
+                        "library_key, e.g. library_id)")
     _add_ingest_options(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (or 'threads')")
@@ -421,8 +427,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "cohort":
         from spatialscale.cohort import ingest_cohort
 
-        cohort = ingest_cohort(args.manifest, args.out_dir, scheduler=args.scheduler, workers=args.workers,
-                               progress=not args.no_progress, **_ingest_kwargs(args))
+        cohort = ingest_cohort(args.manifest, args.out_dir, library_key=args.library_key, scheduler=args.scheduler,
+                               workers=args.workers, progress=not args.no_progress, **_ingest_kwargs(args))
         print(f"cohort of {len(cohort.section_ids)} section(s) in {cohort.path}: {', '.join(cohort.section_ids)}")
         return 0
     if args.command in COMMANDS:

@@ -59,6 +59,12 @@ def test_a_bad_section_is_named_the_others_kept_and_a_rerun_ingests_only_it(inpu
     assert cohort.section_ids == ["A1", "A2", "B1"]
     assert {s: os.stat(tmp_path / "co" / "sections" / f"{s}.zarr" / "zarr.json").st_mtime_ns
             for s in ("A1", "B1")} == stamp  # untouched
+    # metadata changed in the manifest (inputs unchanged): recorded, nothing ingested again
+    man = _manifest(inputs, [("A1", "s0.h5ad", "d9"), ("A2", "s1.h5ad", "d1"), ("B1", "s2.h5ad", "d2")])
+    cohort = spatialscale.ingest_cohort(man, tmp_path / "co", scheduler="threads", progress=False)
+    assert list(cohort.sections["donor"]) == ["d9", "d1", "d2"]
+    assert {s: os.stat(tmp_path / "co" / "sections" / f"{s}.zarr" / "zarr.json").st_mtime_ns
+            for s in ("A1", "B1")} == stamp
     # a section whose data are bad (too few spots) is named with its problem
     simulate_section(6, 3, n_sv=1).write_h5ad(inputs / "tiny.h5ad")
     man = _manifest(inputs, [("A1", "s0.h5ad", "d1"), ("T", "tiny.h5ad", "d3")])
