@@ -861,7 +861,7 @@ def run_cohort(family: Any, cohort: Cohort | str | os.PathLike, *, method: str |
     def finalize(datasets: dict[str, xr.Dataset], parts: dict[str, list]) -> xr.Dataset:
         first = next(iter(datasets.values()))
         keep = {k: v for k, v in first.attrs.items()  # the run's settings, not one section's store and kernel
-                if not k.startswith("kernel_") and k not in ("store", "n_spots", "n_genes", "created")}
+                if not k.startswith("kernel_") and k not in ("store", "input", "n_spots", "n_genes", "created")}
         per = [datasets[sid].expand_dims(section=[sid]) for sid in ids]
         for d in per:
             d.attrs = {}  # the sections' provenance stays in their stores; variables keep their descriptions
