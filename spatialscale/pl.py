@@ -27,6 +27,7 @@ module import without it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import math
@@ -1087,6 +1088,8 @@ def volcano(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{NEGLOG10} {_pvalue_label(name, ds)}")
     ax.set_ylim(bottom=0.0)
+    with contextlib.suppress(AttributeError):  # small statistics (HSIC ~1e-4): a x10^k offset, not 0.00010
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 4), useMathText=True)
     _clean(ax)
     ax.legend(frameon=False, fontsize="small", loc="best" if ok.sum() <= 2000 else "upper left",
               handletextpad=0.2, markerscale=1.5)
