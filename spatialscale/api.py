@@ -234,6 +234,7 @@ def du_test(
     model: str | None = None,
     fit: str | None = None,
     glmm: dict[str, Any] | None = None,
+    per_level: bool | None = None,
     with_summary: bool = False,
     combine: str | None = None,
     group_by: str | None = None,
@@ -248,10 +249,14 @@ def du_test(
         An opened store or its path, or an AnnData input (ingested first, see
         ``ingest``).
     covariates
-        obs column name(s) (a list, or ``"a,b"``; categorical columns are
-        one-hot with every level kept), or an array / DataFrame with one row
-        per spot (a DataFrame indexed by spot names is aligned to the store).
-        NaN values are an error (drop or impute those spots first).
+        obs column name(s) (a list, or ``"a,b"``), or an array / DataFrame
+        with one row per spot (a DataFrame indexed by spot names is aligned
+        to the store; one test per column). A binary or boolean obs column is
+        one test (one indicator; the first level, or ``False``, is the
+        reference); a categorical of ``k >= 3`` levels is one joint test of
+        its levels, or ``k`` tests of each level against the rest with
+        ``per_level=True``. NaN values are an error (drop or impute those
+        spots first).
     method
         Kernel and t-tests on the isoform ratios:
 
@@ -310,6 +315,11 @@ def du_test(
         and is conservative for GLMM fits) or ``adjusted`` (``Var(s) = Z' P Z``
         of the linearised GLMM with the intercepts and the random effect
         accounted for, GMMAT-style).
+    per_level
+        Categorical covariates (two-level ones included): test each level
+        against the rest, one test per level named ``<column>_<level>``
+        (SPLISOSM's one-hot layout), instead of one test per covariate; the
+        two-group t-tests need it for ``k >= 3`` levels.
     with_summary, combine, group_by
         As in :func:`sv_test` (``store`` may be a cohort too).
     {execution}
@@ -322,7 +332,7 @@ def du_test(
         ``n_spots_used`` for the kernel / t-tests).
     """
     given = {"transformation": transformation, "nan_filling": nan_filling, "residualize": residualize, "null": null,
-             "gp": gp, "model": model, "fit": fit, "glmm": glmm, **extra}
+             "gp": gp, "model": model, "fit": fit, "glmm": glmm, "per_level": per_level, **extra}
     return run_family("du", store, method=method, options=given, execution=execution, covariates=covariates,
                       with_summary=with_summary, combine=combine, group_by=group_by)
 

@@ -180,7 +180,8 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
     cov = {f.covariates for f in families} - {"none"}
     if cov:
         p.add_argument("--covariates", required="required" in cov,
-                       help="obs columns, comma separated (categorical: one-hot, every level kept)")
+                       help="obs columns, comma separated (binary: one test; k >= 3 levels: one joint test, or one per "
+                            "level with --per-level)")
     methods = methods_of(command)
     if methods:
         default = inspect.signature(api_function(command)).parameters["method"].default
@@ -296,7 +297,7 @@ def _report(command: str, args: argparse.Namespace, ds) -> None:
         print(f"{ds.sizes['gene']} genes x {ds.sizes['covariate']} covariates tested ({ds.attrs['method']}); "
               f"{n_sig} pairs with BH-adjusted p < 0.05; results in {args.out}")
         if args.top:
-            table = ds[["du_statistic", "du_pvalue", "du_pvalue_adj"]].to_dataframe()
+            table = ds[["du_statistic", "du_pvalue", "du_pvalue_adj"]].reset_coords(drop=True).to_dataframe()
             print(table.nsmallest(args.top, "du_pvalue").to_string())
     elif command == "glmm":
         print(f"fitted {ds.attrs['model']} for {ds.sizes['gene']} genes; {int(ds['converged'].sum())} converged; "

@@ -181,8 +181,10 @@ def gene_table(ds: xr.Dataset) -> Any:
     if not long:
         return pd.DataFrame({c: columns[c] for c in order}, index=pd.Index(genes, name="gene"))
     covs = ds["covariate"].values.astype(str)
+    described = {str(c): np.repeat(ds[c].values.astype(str), len(genes)) for c in ds.coords
+                 if c != "covariate" and ds[c].dims == ("covariate",)}  # covariate_reference, covariate_encoding
     frame = pd.DataFrame({"gene": np.tile(genes, len(covs)), "covariate": np.repeat(covs, len(genes)),
-                          **{c: columns[c] for c in order}})
+                          **described, **{c: columns[c] for c in order}})
     frame.index = pd.Index(frame["gene"] + ":" + frame["covariate"], name="test")
     return frame
 
@@ -365,8 +367,11 @@ def dataset_from_anndata(adata: Any, key: str | None = None) -> xr.Dataset:
     if {"gene", "covariate"} <= set(table.columns):
         genes = pd.unique(table["gene"].astype(str))
         covs = pd.unique(table["covariate"].astype(str))
-        wide = table.set_index(["gene", "covariate"])
-        coords = {"gene": genes, "covariate": covs}
+        described = [c for c in table.columns if str(c).startswith("covariate_")]
+        first = table.drop_duplicates("covariate").set_index("covariate")
+        coords = {"gene": genes, "covariate": covs,
+                  **{c: ("covariate", first.loc[covs, c].astype(str).to_numpy()) for c in described}}
+        wide = table.drop(columns=described).set_index(["gene", "covariate"])
         data = {}
         for col in wide.columns:
             grid = wide[col].unstack("covariate").reindex(index=genes, columns=covs)

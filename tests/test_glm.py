@@ -68,7 +68,7 @@ def test_score_test_matches_splisosm_glm(tmp_path):
     ref_names = [str(g) for g in ref.gene_names]
     store = spatialscale.ingest(adata, tmp_path / "glm.zarr")
     ds = spatialscale.du_test(store, ["celltype", "rbp"], method="glmm-score", glmm={"variance": "model"},
-                              scheduler="threads", progress=False)
+                              per_level=True, scheduler="threads", progress=False)  # SPLISOSM's one-hot layout
     assert list(ds["covariate"].values) == ["celltype_ct0", "celltype_ct1", "celltype_ct2", "rbp"]
     ours = ds["du_statistic"].to_pandas().loc[ref_names].to_numpy()
     theirs = res["statistic"].numpy()
