@@ -72,6 +72,22 @@ NEGLOG10 = r"$-\log_{10}$"
 
 
 # --------------------------------------------------------------------------- helpers
+#: the display keywords every plot shares, in its docstring as ``{display}``
+_DISPLAY_DOC = """ax
+        Axes to draw on (default: a new figure).
+    show
+        Show the figure; default: only a new figure, when matplotlib is
+        interactive.
+    save
+        Write the figure to this path (format from the suffix)."""
+
+
+def _display_doc(fn: Any) -> Any:
+    """Put the shared ``ax`` / ``show`` / ``save`` entries into ``fn``'s docstring."""
+    fn.__doc__ = (fn.__doc__ or "").replace("{display}", _DISPLAY_DOC)
+    return fn
+
+
 def _pyplot() -> Any:
     """``matplotlib.pyplot``, or an ImportError that says how to install it."""
     try:
@@ -805,6 +821,7 @@ def _lambda_text(lam: float) -> str:
     return rf"$\lambda_{{GC}}$ = {lam:.3f}"
 
 
+@_display_doc
 def qq(
     data: Any,
     *,
@@ -847,13 +864,7 @@ def qq(
         Draw only these covariates / sections (a label or a list).
     band
         Coverage of the confidence band (``None``: no band).
-    ax
-        Axes to draw on (default: a new figure).
-    show
-        Show the figure; default: only a new figure, when matplotlib is
-        interactive.
-    save
-        Write the figure to this path (format from the suffix).
+    {display}
     **plot_kw
         Passed to ``Axes.plot`` for the points (e.g. ``markersize``, ``alpha``).
 
@@ -981,6 +992,7 @@ def _volcano_data(ds: xr.Dataset, *, covariate: Any, section: Any, x: str | None
     return name, covariate, p, _significance(ds, name, p, **labels), xs, xlabel, x
 
 
+@_display_doc
 def volcano(
     data: Any,
     *,
@@ -1041,13 +1053,7 @@ def volcano(
         are significant.
     label_top
         Label this many significant genes, smallest p-value first.
-    ax
-        Axes to draw on (default: a new figure).
-    show
-        Show the figure; default: only a new figure, when matplotlib is
-        interactive.
-    save
-        Write the figure to this path (format from the suffix).
+    {display}
     **scatter_kw
         Passed to ``Axes.scatter`` (e.g. ``s``; ``alpha`` is the points'
         opacity).
@@ -1144,6 +1150,7 @@ def _combined_adjusted(ds: xr.Dataset, comb: np.ndarray, covariate: Any, group: 
     return adj.transpose("gene").values.astype(np.float64)
 
 
+@_display_doc
 def sections(
     data: Any,
     *,
@@ -1187,13 +1194,7 @@ def sections(
         Legend entry of the highlighted genes.
     fdr
         False-discovery-rate level of the default highlight.
-    ax
-        Axes to draw on (default: a new figure).
-    show
-        Show the figure; default: only a new figure, when matplotlib is
-        interactive.
-    save
-        Write the figure to this path (format from the suffix).
+    {display}
     **scatter_kw
         Passed to ``Axes.scatter`` (e.g. ``s``; ``alpha`` is the points'
         opacity).
@@ -1242,6 +1243,7 @@ def sections(
     return _finish(ax, ax.figure, own=own, show=show, save=save)
 
 
+@_display_doc
 def section_counts(
     data: Any,
     *,
@@ -1278,13 +1280,7 @@ def section_counts(
         False-discovery-rate level.
     groups
         Add a bar per group (``group_combined_pvalue_adj``).
-    ax
-        Axes to draw on (default: a new figure).
-    show
-        Show the figure; default: only a new figure, when matplotlib is
-        interactive.
-    save
-        Write the figure to this path (format from the suffix).
+    {display}
     **bar_kw
         Passed to ``Axes.bar`` (e.g. ``width``; ``alpha`` is the bars'
         opacity).

@@ -183,15 +183,12 @@ def test_du_kernel_tests_match_splisosm_on_fractional_counts(section):
 
 
 def test_feature_summary_matches_splisosm_on_fractional_counts(section):
+    from test_summary import splisosm_summaries
+
     from spatialscale.stats.summary import GENE_SUMMARIES, ISOFORM_SUMMARIES
 
     adata, store = section
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = splisosm.SplisosmNP()
-        model.setup_data(adata, layer="counts", group_iso_by="gene_symbol")
-        gene = model.extract_feature_summary(level="gene", print_progress=False)
-        iso = model.extract_feature_summary(level="isoform", print_progress=False)
+    gene, iso = splisosm_summaries(adata)
     ds = spatialscale.feature_summary(store, scheduler="threads", progress=False)
     g = ds[[f"gene_{c}" for c in GENE_SUMMARIES]].to_dataframe().loc[gene.index.astype(str)]
     for col in GENE_SUMMARIES:
@@ -206,21 +203,16 @@ def test_feature_summary_matches_splisosm_on_fractional_counts(section):
 
 
 # --------------------------------------------------------------------------- raster (kernel="fft")
-def frac_raster(ny: int = 23, nx: int = 31, n_genes: int = 10, missing: float = 0.2, seed: int = 1):
-    """Binned fractional counts (some bins without tissue; even genes' first isoform rises along rows)."""
+def frac_raster(n_genes: int = 10, seed: int = 1):
+    """test_raster's binned counts made fractional, with a smooth and a two-group covariate."""
+    from test_raster import binned_adata
+
+    adata, counts = binned_adata(n_genes=n_genes, seed=seed)
+    counts = fractional(counts, seed)
+    rr, cc = adata.obs["array_row"].to_numpy() - 5, adata.obs["array_col"].to_numpy() - 7
     rng = np.random.default_rng(seed)
-    rr, cc = (v.ravel() for v in np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij"))
-    keep = rng.random(ny * nx) >= missing
-    rr, cc = rr[keep], cc[keep]
-    iso = [(f"g{i}", j) for i in range(n_genes) for j in range(int(rng.integers(2, 4)))]
-    trend = 1.0 + 4.0 * np.array([j == 0 and int(g[1:]) % 2 == 0 for g, j in iso])[None, :] * (rr[:, None] / ny)
-    counts = fractional(rng.poisson(rng.gamma(4.0, 0.75, size=(len(rr), len(iso))) * trend), seed)
-    counts[rng.random(counts.shape) < 0.1] = 0.0
-    var = pd.DataFrame({"gene_symbol": [g for g, _ in iso]}, index=[f"{g}-{j}" for g, j in iso])
-    obs = pd.DataFrame({"array_row": rr + 5, "array_col": cc + 7,
-                        "smooth": np.sin(rr / 4.0) + rng.normal(0, 0.3, rr.size),
-                        "group": (cc > cc.mean()).astype(float) + 1.0}, index=[f"b{i}" for i in range(len(rr))])
-    adata = ad.AnnData(obs=obs, var=var)
+    adata.obs["smooth"] = np.sin(rr / 4.0) + rng.normal(0, 0.3, rr.size)
+    adata.obs["group"] = (cc > cc.mean()).astype(float) + 1.0
     adata.layers["counts"] = sp.csr_matrix(counts)
     return adata, counts
 
