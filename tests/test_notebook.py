@@ -77,6 +77,15 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert recovered >= 20, summary  # of 30 simulated SV genes
     assert any("image/png" in out.get("data", {}) for c in code for out in c.outputs)
     assert "sv_pvalue_adj" in _text(next(c for c in code if "xr.open_zarr" in c.source))
+    # results in the AnnData, the scverse way: the gene table in uns[key_added]
+    assert "pvalue_adj" in _text(next(c for c in code if 'adata.uns["sv"]' in c.source))
+    # DU: each covariate one test (celltype jointly), and the simulated DU genes found
+    encoding = _text(next(c for c in code if "covariate_encoding" in c.source or "how each covariate" in c.source))
+    assert "joint" in encoding and "binary" in encoding and "numeric" in encoding, encoding
+    du = _text(next(c for c in code if "simulated DU genes found" in c.source))
+    found, simulated = (int(w) for w in du.split("celltype: ")[1].split(" simulated")[0].split(" of "))
+    assert simulated == 15 and found >= 10, du  # hsic-gp finds most of them
+    assert "celltype_ct1" in _text(next(c for c in code if "per_level=True" in c.source))
     assert list(workdir.iterdir()) == [], "the notebook must not write into its working directory"
 
 
