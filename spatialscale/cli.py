@@ -419,11 +419,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "ingest":
+        from pathlib import Path
+
         from spatialscale.store import ingest
 
+        existed = Path(args.store).exists() and not args.overwrite  # then ingest reuses it or refuses
         store = ingest(args.input, args.store, **_ingest_kwargs(args), overwrite=args.overwrite,
                        progress=not args.no_progress)
-        print(f"wrote {store!r}")
+        print(f"{'reused' if existed else 'wrote'} {store!r}" + (" (same input and ingest options)" if existed else ""))
         return 0
     if args.command == "cohort":
         from spatialscale.cohort import ingest_cohort

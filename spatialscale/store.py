@@ -211,9 +211,10 @@ def ingest(
         On missing keys, bad coordinates or counts, or nothing left after
         filtering; nothing is written in that case.
     """
+    # the options as given (the arguments only: the first statement, before any other local name exists)
+    settings = ingest_settings(**{k: v for k, v in locals().items() if k not in ("source", "store_path")})
     from spatialscale.output import FileLock, remove_empty_folders
 
-    settings = ingest_settings(**{k: v for k, v in locals().items() if k not in ("source", "store_path")})
     store_path = Path(os.path.abspath(store_path))
     params = check_ingest_options(min_counts=min_counts, min_bin_pct=min_bin_pct,
                                   min_component_size=min_component_size, k_neighbors=k_neighbors, rho=rho,
@@ -265,9 +266,10 @@ def ingest_settings(**options: Any) -> dict[str, Any]:
     """Every option that shapes an ingested store: ``options`` over :func:`ingest`'s defaults (JSON-ready)."""
     import inspect
 
-    out = {k: p.default for k, p in inspect.signature(ingest).parameters.items()
+    params = inspect.signature(ingest).parameters
+    out = {k: p.default for k, p in params.items()
            if p.default is not inspect.Parameter.empty and k not in _NOT_CONTENT}
-    out.update({k: v for k, v in options.items() if k not in _NOT_CONTENT})
+    out.update({k: v for k, v in options.items() if k in out})
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 

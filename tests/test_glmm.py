@@ -57,7 +57,8 @@ def test_du_score_matches_splisosm(section):
     from scipy.stats import spearmanr
 
     ds = spatialscale.du_test(store, ["celltype", "rbp"], method="glmm-score", model="glmm-full", fit="joint_gd",
-                              glmm={"variance": "model"}, scheduler="threads", progress=False)
+                              glmm={"variance": "model"}, per_level=True,  # SPLISOSM's one-hot layout
+                              scheduler="threads", progress=False)
     names = [str(g) for g in ref.gene_names]
     ours = ds["du_pvalue"].to_pandas().loc[names].to_numpy().ravel()
     theirs = np.maximum(ref._du_test_results["pvalue"].numpy().ravel(), 1e-300)

@@ -114,9 +114,15 @@ def test_store_in_a_new_folder(tmp_path, small_adata):
 def test_existing_store_is_not_overwritten(tmp_path, small_adata):
     first = spatialscale.ingest(small_adata, tmp_path / "s.zarr")
     before = (tmp_path / "s.zarr" / "zarr.json").read_bytes()
-    # the same content with the same options: the store is reused as it is
+    # the same content with the same options: the store is reused as it is, from this process or another
     again = spatialscale.ingest(small_adata.copy(), tmp_path / "s.zarr")
     assert again.content_token == first.content_token
+    small_adata.write_h5ad(tmp_path / "in.h5ad")
+    code = ("import sys, spatialscale; s = spatialscale.ingest(sys.argv[1], sys.argv[2]); "
+            "print(s.meta['source_fingerprint'], s.content_token)")
+    runs = [subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.h5ad"), str(tmp_path / "f.zarr")],
+                           capture_output=True, text=True, check=True).stdout.split() for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0][0] == spatialscale.store.ingest_fingerprint(tmp_path / "in.h5ad")
     assert (tmp_path / "s.zarr" / "zarr.json").read_bytes() == before
     changed = small_adata.copy()
     changed.layers["counts"][3, 3] += 1  # one count more: another input
