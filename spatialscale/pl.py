@@ -649,8 +649,8 @@ def isoform_ratios(
     ----------
     store
         An isoform store or its path, or an AnnData input (object, ``.h5ad``
-        or zarr), ingested first into a temporary store with the ``ingest``
-        keywords.
+        or zarr), ingested with the ``ingest`` keywords once per process (the
+        store of an earlier call on the same data and options is reused).
     gene
         The gene (a name in ``store.genes``).
     isoforms
