@@ -73,8 +73,11 @@ def test_errors_are_named_with_exit_code_2(tmp_path):
     assert "layer 'raw' not found" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "s.zarr").exists()
     cli("ingest", str(tmp_path / "a.h5ad"), str(tmp_path / "s.zarr"), "--no-progress")
-    r = cli("ingest", str(tmp_path / "a.h5ad"), str(tmp_path / "s.zarr"))
-    assert r.returncode == 2 and "--overwrite" in r.stderr
+    r = cli("ingest", str(tmp_path / "a.h5ad"), str(tmp_path / "s.zarr"), "--no-progress")  # same input: reused
+    assert r.returncode == 0 and r.stdout.startswith("reused IsoformStore(")
+    r = cli("ingest", str(tmp_path / "a.h5ad"), str(tmp_path / "s.zarr"), "--k-neighbors", "6")
+    assert r.returncode == 2 and "holds an isoform store of another input or other ingest options" in r.stderr
+    assert "--overwrite" in r.stderr and "Traceback" not in r.stderr
     r = cli("sv", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o.zarr"), "--method", "nope")
     assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
     assert not (tmp_path / "o.zarr").exists()
