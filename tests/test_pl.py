@@ -670,16 +670,10 @@ def test_key_picks_results_of_an_anndata(monkeypatch):
 
 def _annotated(adata, ds, key):
     """``adata`` annotated with ``ds`` under ``key`` by spatialscale.to_anndata."""
-    import inspect
-
-    if "key_added" not in inspect.signature(spatialscale.to_anndata).parameters:
-        pytest.skip("spatialscale.to_anndata has no key_added yet")
     return spatialscale.to_anndata(ds, adata, key_added=key)
 
 
 def test_plots_of_an_annotated_anndata_equal_those_of_its_results():
-    if not hasattr(spatialscale.results, "dataset_from_anndata"):
-        pytest.skip("spatialscale.results.dataset_from_anndata is not there yet")
     adata = make_adata(n=30, n_genes=12, seed=5)
     genes = list(dict.fromkeys(adata.var["gene_symbol"]))
     rng = np.random.default_rng(4)
