@@ -188,7 +188,8 @@ def pinned(store_path: str | os.PathLike, token: str) -> Iterator[None]:
             pins[key] = before
 
 
-def _expected_token(store_path: str) -> str | None:
+def pinned_token(store_path: str) -> str | None:
+    """The content token this thread's task is pinned to for ``store_path`` (absolute), or None outside a pin."""
     return getattr(_pins, "map", {}).get(store_path)
 
 
@@ -198,10 +199,15 @@ _verified_lock = threading.Lock()
 
 
 def _check_token(store: str, manifest: dict[str, Any]) -> None:
-    expected = _expected_token(store)
-    if expected is not None and manifest["token"] != expected:
+    check_pinned(store, manifest["token"])
+
+
+def check_pinned(store: str, token: str) -> None:
+    """Inside a pinned task, raise :class:`StoreChangedError` if ``store`` holds content ``token``, not the pinned."""
+    expected = pinned_token(store)
+    if expected is not None and token != expected:
         raise StoreChangedError(f"isoform store {store} changed while this run was reading it (re-ingested: content "
-                                f"{manifest['token'][:12]}, the run started on {expected[:12]}); nothing was "
+                                f"{token[:12]}, the run started on {expected[:12]}); nothing was "
                                 "written; run it again.")
 
 
@@ -232,6 +238,33 @@ def verify(store_path: str | os.PathLike, relpaths: Iterable[str]) -> None:
     pinned for the running task is a :class:`StoreChangedError`.
     """
     store = os.path.abspath(store_path)
+    try:
+        _verify(store, relpaths)
+    except StoreDamagedError:
+        raise_if_replaced(store)
+        raise
+
+
+def raise_if_replaced(store: str) -> None:
+    """Inside a pinned task, raise :class:`StoreChangedError` if ``store`` no longer holds the pinned content.
+
+    A store removed or re-ingested under a run looks damaged or missing to the
+    task reading it; this names what happened instead.
+    """
+    expected = pinned_token(store)
+    if expected is None:
+        return
+    try:
+        token = read_manifest(store)["token"]
+    except StoreDamagedError:
+        token = None
+    if token != expected:
+        raise StoreChangedError(f"isoform store {store} changed while this run was reading it (it is gone or was "
+                                f"rewritten; the run started on content {expected[:12]}); nothing was written; run "
+                                "it again.")
+
+
+def _verify(store: str, relpaths: Iterable[str]) -> None:
     manifest = read_manifest(store)
     _check_token(store, manifest)
     key = (store, manifest["token"])
@@ -258,6 +291,14 @@ def verify(store_path: str | os.PathLike, relpaths: Iterable[str]) -> None:
 def verify_prefix(store_path: str | os.PathLike, prefix: str) -> None:
     """Verify every recorded file under ``prefix`` (an element such as ``var`` or ``obsp/...``), once per process."""
     store = os.path.abspath(store_path)
+    try:
+        _verify_prefix(store, prefix)
+    except StoreDamagedError:
+        raise_if_replaced(store)
+        raise
+
+
+def _verify_prefix(store: str, prefix: str) -> None:
     manifest = read_manifest(store)
     head = prefix.rstrip("/") + "/"
     rels = [r for r in manifest["files"] if r.startswith(head)]
@@ -268,7 +309,7 @@ def verify_prefix(store_path: str | os.PathLike, prefix: str) -> None:
             raise StoreDamagedError(f"isoform store {store} is damaged: {prefix} has no recorded checksums; "
                                     f"{_REINGEST}")
         rels = [f"{prefix}/{r}" for r in _array_manifest(str(mpath), mpath.stat().st_mtime_ns)]
-    verify(store, rels)
+    _verify(store, rels)
 
 
 # --------------------------------------------------------------------------- the content of an ingest's input

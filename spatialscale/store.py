@@ -52,7 +52,9 @@ import scipy.sparse.csgraph
 from spatialscale._version import __version__
 from spatialscale.checksums import (
     check_content_token,
+    check_pinned,
     input_fingerprint,
+    raise_if_replaced,
     verify,
     verify_prefix,
     write_array_manifest,
@@ -871,9 +873,19 @@ def open_store(path: str | os.PathLike) -> IsoformStore:
         store format, or its checksums do not match
         (:class:`~spatialscale.checksums.StoreDamagedError`).
     """
+    path = Path(os.path.abspath(path))
+    try:
+        store = _open_store(path)
+    except InputError:
+        raise_if_replaced(str(path))  # a task pinned to this store finds it gone or rewritten under the run
+        raise
+    check_pinned(str(path), store.content_token)
+    return store
+
+
+def _open_store(path: Path) -> IsoformStore:
     from spatialscale.output import group_attributes
 
-    path = Path(os.path.abspath(path))
     if not path.exists():
         raise InputError(f"no isoform store at {path}; create one with `spatialscale ingest`.")
     if not (path / "zarr.json").is_file():

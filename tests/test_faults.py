@@ -129,6 +129,7 @@ def test_a_store_replaced_under_a_running_task_stops_the_run(files, tmp_path, mo
         if not swapped:
             swapped.append(1)
             os.rename(store, tmp_path / "aside.zarr")
+            time.sleep(0.05)  # a window with no store at the path: other tasks must say "changed", not "missing"
             os.rename(other, store)
         return real(*args)
 
@@ -137,6 +138,33 @@ def test_a_store_replaced_under_a_running_task_stops_the_run(files, tmp_path, mo
         spatialscale.sv_test(a, out=out, scheduler="threads", progress=False, batch_size=2)
     monkeypatch.undo()
     assert not spatialscale.output.group_attributes(out).get("spatialscale_results")  # nothing final
+
+
+def test_a_task_that_finds_its_store_gone_or_half_replaced_says_it_changed(files, tmp_path):
+    """The window of a replacement: a pinned task sees the store missing, then another store's files."""
+    from spatialscale.checksums import pinned, verify_prefix
+
+    store = spatialscale.ingest(files / "a.h5ad", tmp_path / "s.zarr")
+    spatialscale.ingest(files / "b.h5ad", tmp_path / "o.zarr")
+    os.rename(store.path, tmp_path / "aside.zarr")
+    with pinned(store.path, store.content_token):
+        with pytest.raises(StoreChangedError, match="gone or was rewritten"):
+            spatialscale.open_store(store.path)
+        with pytest.raises(StoreChangedError, match="gone or was rewritten"):
+            verify_prefix(store.path, "var")
+    with pytest.raises(InputError, match="no isoform store") as err:  # outside a run: plainly missing
+        spatialscale.open_store(store.path)
+    assert not isinstance(err.value, StoreChangedError)
+    os.rename(tmp_path / "o.zarr", store.path)
+    with pinned(store.path, store.content_token), pytest.raises(StoreChangedError):
+        spatialscale.open_store(store.path)
+    shutil.rmtree(store.path / "var")  # the pinned content itself damaged: that is damage, not a change
+    os.rename(store.path, tmp_path / "b.zarr")
+    os.rename(tmp_path / "aside.zarr", store.path)
+    shutil.rmtree(store.path / "var")
+    with pinned(store.path, store.content_token), pytest.raises(StoreDamagedError) as err:
+        verify_prefix(store.path, "var")
+    assert not isinstance(err.value, StoreChangedError)
 
 
 def test_moved_batches_are_rejected_and_recomputed(files, tmp_path, monkeypatch, caplog):
