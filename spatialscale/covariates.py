@@ -190,9 +190,12 @@ def encode_covariates(obs: pd.DataFrame, covariates: Any, *, per_level: bool = F
     if isinstance(covariates, pd.Series):
         covariates = covariates.to_frame()
     if isinstance(covariates, Sequence) and not isinstance(covariates, np.ndarray):
+        covariates = expand_covariate_sets(obs, covariates)
         missing = [c for c in covariates if c not in obs.columns]
         if missing:
-            raise InputError(f"covariate column(s) {missing} not found in obs (available: {list(obs.columns)}).")
+            sets = sorted(obs.attrs.get("covariate_sets") or {})
+            raise InputError(f"covariate column(s) {missing} not found in obs (available: {list(obs.columns)}"
+                             + (f"; covariate sets: {sets}" if sets else "") + ").")
         if not covariates:
             raise InputError("no covariates given.")
         dup = sorted({c for c in covariates if list(covariates).count(c) > 1})
@@ -215,6 +218,23 @@ def encode_covariates(obs: pd.DataFrame, covariates: Any, *, per_level: bool = F
     return CovariateDesign(z=z, columns=columns, tests=[t[0] for t in tests],
                            groups=tuple(tuple(range(a, b)) for a, b in zip(sizes[:-1], sizes[1:])),
                            reference=[t[3] for t in tests], encoding=[t[4] for t in tests])
+
+
+def expand_covariate_sets(obs: pd.DataFrame, names: Sequence[Any]) -> list[Any]:
+    """Replace the name of a covariate set written into the store (``"latent"``, ``"props"``) by its columns.
+
+    The sets are those of ``obs.attrs["covariate_sets"]`` (see
+    :meth:`spatialscale.store.IsoformStore.obs`); an ``obs`` column of the same
+    name wins (a set may not take an existing column's name).
+    """
+    sets = obs.attrs.get("covariate_sets") or {}
+    out: list[Any] = []
+    for c in names:
+        if isinstance(c, str) and c not in obs.columns and c in sets:
+            out += list(sets[c])
+        else:
+            out.append(c)
+    return out
 
 
 def _numeric_frame(obs: pd.DataFrame, covariates: Any) -> pd.DataFrame:

@@ -83,6 +83,10 @@ PRECISION_KEY = "spatialscale_precision"
 #: ``obs`` column of a raster store: each observed bin's row-major index in the bounding grid
 GRID_INDEX = "spatialscale_grid_index"
 ADJACENCY_KEY = "spatialscale_adjacency"
+#: where covariate sets learnt from expression live (one group per set, :meth:`IsoformStore.write_covariate_set`)
+COVARIATES_KEY = "uns/spatialscale_covariates"
+#: the attribute marking a covariate set spatialscale wrote
+COVARIATE_MARK = "spatialscale_covariate_set"
 
 
 # --------------------------------------------------------------------------- ingest
@@ -784,9 +788,121 @@ class IsoformStore:
             return None
         return np.asarray(self._read_elem("obsm/spatial"))
 
-    def obs(self) -> pd.DataFrame:
-        """Spot annotations (covariates); for a raster store, the observed bins only."""
-        return self._read_elem("obs")
+    def obs(self, *, covariate_sets: bool = True) -> pd.DataFrame:
+        """Spot annotations (covariates); for a raster store, the observed bins only.
+
+        With ``covariate_sets`` (default), the columns of the covariate sets
+        written into the store (:meth:`write_covariate_set`: cell-type
+        proportions, latent factors) follow the ingested columns, and
+        ``obs.attrs["covariate_sets"]`` maps each set's name to its columns, so
+        a covariate-taking call accepts the set's name for all of them.
+        """
+        obs = self._read_elem("obs")
+        if not covariate_sets:
+            return obs
+        sets = {}
+        for name in self.covariate_sets():
+            values = self.covariate_set(name)[0]
+            obs = pd.concat([obs, values.set_axis(obs.index)], axis=1)
+            sets[name] = list(values.columns)
+        obs.attrs["covariate_sets"] = sets
+        return obs
+
+    # -------------------------------------------------------------------- covariate sets (from expression)
+    def covariate_sets(self) -> dict[str, dict[str, Any]]:
+        """The covariate sets written into the store: name -> ``{"columns": [...], "provenance": {...}}``."""
+        folder = self.path / COVARIATES_KEY
+        if not folder.is_dir():
+            return {}
+        out = {}
+        for child in sorted(folder.iterdir()):
+            if child.name.startswith(".") or not (child / "zarr.json").is_file():
+                continue
+            verify_prefix(self.path, f"{COVARIATES_KEY}/{child.name}")
+            mark = json.loads((child / "zarr.json").read_text()).get("attributes", {}).get(COVARIATE_MARK)
+            if isinstance(mark, dict):
+                out[child.name] = {"columns": list(mark["columns"]), "provenance": dict(mark["provenance"])}
+        return out
+
+    def covariate_set(self, name: str) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, Any]]:
+        """One covariate set: its values (spots x columns, indexed by spot), the model's other outputs, provenance.
+
+        Raises
+        ------
+        InputError
+            If the store holds no set of that name.
+        """
+        import zarr
+
+        sets = self.covariate_sets()
+        if name not in sets:
+            raise InputError(f"{self.path} holds no covariate set {name!r} (it has: {sorted(sets) or 'none'}).")
+        folder = self.path / COVARIATES_KEY / name
+        group = zarr.open_group(str(folder), mode="r", use_consolidated=False)
+        keys = sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())  # not group listing: it
+        arrays = {k: np.asarray(group[k][...]) for k in keys}  # warns of the checksum file
+        index = self._read_elem("obs").index
+        values = pd.DataFrame(arrays.pop("values"), index=index, columns=sets[name]["columns"])
+        return values, arrays, sets[name]["provenance"]
+
+    def write_covariate_set(self, name: str, values: pd.DataFrame | np.ndarray, *, columns: list[str] | None = None,
+                            extras: dict[str, np.ndarray] | None = None, provenance: dict[str, Any] | None = None,
+                            overwrite: bool = False) -> None:
+        """Keep named covariates (one row per spot) in the store, with the model's other outputs and provenance.
+
+        The set is written beside any older one of the same name and swapped in
+        when complete (checksummed like the store's own files); a set of that
+        name is replaced only with ``overwrite``.  Its columns then appear in
+        :meth:`obs`, and ``name`` stands for all of them wherever covariates
+        are taken.
+
+        Parameters
+        ----------
+        name
+            The set's name (``props``, ``latent``...): letters, digits and
+            ``_``, starting with a letter; not an ``obs`` column.
+        values
+            ``(n_observed, k)`` finite values in ``obs`` order.
+        columns
+            Column names (default: ``values``' columns, or ``<name>_1``...).
+        extras
+            Other arrays of the model (variances, loadings...), kept as they are.
+        provenance
+            JSON-serialisable description (model, options, seed, epochs, loss).
+        overwrite
+            Replace a set of that name.
+
+        Raises
+        ------
+        InputError
+            A bad name or shape, non-finite values, a column that exists in
+            ``obs``, or an existing set without ``overwrite``.
+        """
+        from spatialscale.output import FileLock
+
+        values, columns = _checked_covariate_set(self, name, values, columns)
+        extras = {k: np.asarray(v) for k, v in (extras or {}).items()}
+        if "values" in extras:
+            raise InputError("extras cannot be called 'values' (that name holds the covariates).")
+        mark = {"columns": columns, "provenance": json.loads(json.dumps(provenance or {}, default=_plain))}
+        parent = self.path / COVARIATES_KEY
+        with FileLock(parent, hint="another process is writing covariates into this store; wait for it"):
+            final = parent / name
+            if final.exists() and not overwrite:
+                raise InputError(f"{self.path} already holds covariate set {name!r}; pass overwrite=True to replace "
+                                 "it, or choose another name (key_added=).")
+            _write_covariate_folder(self.path, final, values, extras, mark)
+
+    def remove_covariate_set(self, name: str) -> None:
+        """Remove a covariate set spatialscale wrote (never anything else)."""
+        from spatialscale.output import FileLock
+
+        if name not in self.covariate_sets():
+            raise InputError(f"{self.path} holds no covariate set {name!r}.")
+        with FileLock(self.path / COVARIATES_KEY, hint="another process is writing covariates; wait for it"):
+            aside = self.path / COVARIATES_KEY / f".{name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.path / COVARIATES_KEY / name, aside)
+            shutil.rmtree(aside)
 
     def _eigen_keys(self, rank: int | None) -> tuple[int, str, str]:
         from spatialscale.kernel import glmm_rank
@@ -963,6 +1079,51 @@ def read_count_columns(store_path: str | os.PathLike, start: int, stop: int, *, 
     return out
 
 
+def read_gene_expression(store_path: str | os.PathLike, genes: Any = None, *,
+                         block_columns: int = 4096) -> tuple[np.ndarray, list[str]]:
+    """Gene-level counts (the sum of each gene's isoforms), ``(n_observed, n_genes)`` float64, and the genes.
+
+    Read in blocks of whole genes' columns (at most ``block_columns``
+    isoforms, or one gene), so a worker never holds more than the result and
+    one block.  The rows are the store's ``obs`` (a raster store's observed
+    bins).
+
+    Parameters
+    ----------
+    store_path
+        An isoform store.
+    genes
+        Gene names to keep, in the order given (``None``: every gene, in store order).
+
+    Raises
+    ------
+    InputError
+        Genes the store does not hold, or none at all.
+    """
+    store = open_store(store_path)
+    table = store.genes
+    if genes is not None:
+        genes = [str(g) for g in genes]
+        missing = [g for g in genes if g not in table.index]
+        if missing:
+            raise InputError(f"{len(missing)} gene(s) are not in {store.path} (e.g. {missing[:3]}).")
+        table = table.loc[genes]
+    if not len(table):
+        raise InputError(f"no genes to read from {store.path}.")
+    order = np.argsort(table["start"].to_numpy(), kind="stable")
+    starts, stops = table["start"].to_numpy()[order], table["stop"].to_numpy()[order]
+    out = np.zeros((store.n_observed, len(table)))
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and stops[j - 1] == starts[j] and stops[j] - starts[i] <= block_columns:
+            j += 1  # contiguous genes up to the block size
+        block = read_count_columns(store.path, int(starts[i]), int(stops[j - 1]), grid=False)
+        out[:, order[i:j]] = np.add.reduceat(block, starts[i:j] - starts[i], axis=1)
+        i = j
+    return out, [str(g) for g in table.index]
+
+
 def read_sparse_columns(store_path: str | os.PathLike, start: int,
                         stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A raster store's isoform columns ``start:stop`` as CSC: counts (float64), observed-bin rows, pointers.
@@ -1051,3 +1212,61 @@ def _write_array_atomic(store_path: Path, key: str, values: np.ndarray) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # another worker got there first
         return
     os.replace(tmp, final)
+
+
+def _checked_covariate_set(store: IsoformStore, name: str, values: Any, columns: list[str] | None,
+                           ) -> tuple[np.ndarray, list[str]]:
+    """Validate a covariate set against the store (before anything is written)."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+        raise InputError(f"covariate set name {name!r} must be letters, digits and _, starting with a letter.")
+    if isinstance(values, pd.DataFrame):
+        columns = list(map(str, values.columns)) if columns is None else columns
+        values = values.to_numpy()
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[:, None] if arr.ndim == 1 else arr
+    if arr.ndim != 2 or arr.shape[0] != store.n_observed:
+        raise InputError(f"covariate set {name!r} has shape {arr.shape}; the store has {store.n_observed} spots.")
+    columns = [f"{name}_{i + 1}" for i in range(arr.shape[1])] if columns is None else [str(c) for c in columns]
+    if len(columns) != arr.shape[1] or len(set(columns)) != len(columns):
+        raise InputError(f"covariate set {name!r} needs {arr.shape[1]} distinct column names (got {columns}).")
+    if not np.isfinite(arr).all():
+        raise InputError(f"covariate set {name!r} has NaN or infinite values.")
+    obs = store.obs(covariate_sets=False)
+    others = {c for n, info in store.covariate_sets().items() if n != name for c in info["columns"]}
+    clash = sorted((set(columns) | {name}) & (set(map(str, obs.columns)) | others))
+    if clash:
+        raise InputError(f"covariate set {name!r}: {clash} already name obs columns or another set's columns; "
+                         "choose another name (key_added=).")
+    return arr, columns
+
+
+def _write_covariate_folder(store_path: Path, final: Path, values: np.ndarray, extras: dict[str, np.ndarray],
+                            mark: dict[str, Any]) -> None:
+    """Write a covariate set beside ``final``, checksum it, swap it in, remove the old one."""
+    import zarr
+
+    parent = final.parent
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = zarr.open_group(str(store_path), mode="a", use_consolidated=False)
+        if COVARIATES_KEY not in root:
+            group = root.create_group(COVARIATES_KEY)
+            group.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        tmp = parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            group = root.create_group(str(tmp.relative_to(store_path)))
+            group.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0", COVARIATE_MARK: mark})
+            for key, arr in {"values": values, **extras}.items():
+                _put_array(group, key, np.ascontiguousarray(arr))
+            write_array_manifest(store_path, tmp)
+            aside = parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            if final.exists():
+                os.replace(final, aside)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+        zarr.consolidate_metadata(str(store_path))
