@@ -5,6 +5,11 @@ Poisson noise: no per-spot total is shared across genes), then isoform
 counts from a multinomial with logits ``base_g + effect * f_g(x) * b_g`` for
 spatially variable (SV) genes, where ``f_g`` is a smooth standardised
 spatial pattern (gradient, blob or stripes), and ``base_g`` for null genes.
+
+:func:`simulate_mixture` simulates spots that are mixtures of cell types
+instead (known proportions, a single-cell-like reference of the types'
+expression, and genes whose isoform usage differs by type), for deconvolution
+and cell-type-aware DU tests.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse
 
-__all__ = ["grid_coords", "spatial_pattern", "simulate_section", "simulate_raster", "null_section", "truth"]
+__all__ = ["grid_coords", "spatial_pattern", "simulate_section", "simulate_raster", "null_section", "truth",
+           "smooth_fields", "simulate_mixture"]
 
 
 def grid_coords(n_spots: int, geometry: str = "grid", seed: int = 0) -> np.ndarray:
@@ -326,6 +332,182 @@ def simulate_cohort(
     return manifest, truth_table
 
 
+def smooth_fields(xy: np.ndarray, n_fields: int, length_scale: float, rng: np.random.Generator,
+                  n_features: int = 256) -> np.ndarray:
+    """``(n, n_fields)`` smooth random fields over the spots, each standardised to mean 0 and sd 1.
+
+    Each field is a draw of a Gaussian process with a squared-exponential
+    kernel, approximated by ``n_features`` random Fourier features; the
+    coordinates are scaled to the unit square first, so ``length_scale`` is a
+    fraction of the section's largest extent (small: patchy, large: gradients).
+    """
+    if length_scale <= 0:
+        raise ValueError(f"the length scale must be positive, got {length_scale}.")
+    span = np.ptp(xy, axis=0).max() + 1e-9
+    z = (xy - xy.min(axis=0)) / span
+    freq = rng.normal(0.0, 1.0 / length_scale, (n_fields, n_features, 2))
+    phase = rng.uniform(0.0, 2 * np.pi, (n_fields, 1, n_features))
+    amp = rng.normal(0.0, 1.0, (n_fields, n_features, 1))
+    f = (np.cos(np.einsum("nd,tmd->tnm", z, freq) + phase) @ amp)[..., 0].T  # n x n_fields
+    return (f - f.mean(axis=0)) / (f.std(axis=0) + 1e-12)
+
+
+def _type_profiles(n_types: int, n_genes: int, rng: np.random.Generator, marker_frac: float = 0.4) -> np.ndarray:
+    """``(n_types, n_genes)`` relative expression, each row with mean 1 (the same total for every type).
+
+    A shared log-normal baseline, type-specific log-normal variation, and a
+    disjoint set of marker genes per type (``marker_frac`` of all genes split
+    among the types) raised several-fold in that type.
+    """
+    log_mu = rng.normal(0.0, 1.0, n_genes)[None, :] + rng.normal(0.0, 0.3, (n_types, n_genes))
+    n_markers = max(1, int(marker_frac * n_genes) // n_types)
+    genes = rng.permutation(n_genes)
+    for t in range(n_types):
+        marked = genes[t * n_markers:(t + 1) * n_markers]
+        log_mu[t, marked] += rng.normal(1.5, 0.3, len(marked))
+    prof = np.exp(log_mu)
+    return prof / prof.mean(axis=1, keepdims=True)
+
+
+def _gene_totals(mean: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """Poisson (``noise == 0``) or negative binomial counts with variance ``mean + noise * mean**2``."""
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}.")
+    if noise == 0:
+        return rng.poisson(mean)
+    return rng.poisson(mean * rng.gamma(1.0 / noise, noise, mean.shape))
+
+
+def simulate_mixture(
+    n_spots: int = 2000,
+    n_genes: int = 300,
+    n_types: int = 4,
+    *,
+    isoforms: tuple[int, int] = (2, 4),
+    du_fraction: float = 0.2,
+    smoothness: float = 0.2,
+    noise: float = 0.1,
+    depth: float = 10.0,
+    du_effect: float = 1.5,
+    sharpness: float = 2.0,
+    seed: int = 0,
+    geometry: str = "grid",
+):
+    """Simulate spots that are mixtures of cell types, with type-specific isoform usage.
+
+    Every cell type has a gene-expression profile and an isoform usage per
+    gene; a spot holds a spatially smooth mixture of the types. Its expected
+    gene count is ``depth * size_s * sum_t p_st * profile_tg``, its counts are
+    Poisson / negative binomial around that, and each gene's count is split
+    into isoforms by a multinomial with the spot's usage, the
+    expression-weighted mixture of the types' usages::
+
+        u_sgk = sum_t p_st profile_tg u_tgk / sum_t p_st profile_tg
+
+    For the DU genes (``du_fraction`` of them) ``u_tgk`` differs by type, so
+    the spot's usage follows its composition; for the other (null) genes it
+    is the same in every type and the spot's usage is that one usage.
+
+    Parameters
+    ----------
+    n_spots, n_genes, n_types
+        Section size and number of cell types (named ``type_1`` ...).
+    isoforms
+        Inclusive range of isoforms per gene.
+    du_fraction
+        Fraction of genes whose isoform usage depends on the cell type.
+    smoothness
+        Length scale of the random fields behind the proportions, as a
+        fraction of the section's largest extent (larger: smoother).
+    noise
+        Overdispersion of the gene counts (variance ``mu + noise * mu**2``);
+        0 gives Poisson counts.
+    depth
+        Mean count per gene per spot (before the per-spot size factor, a
+        log-normal with sd 0.2 kept in ``obs["size_factor"]``).
+    du_effect
+        SD of the type-specific shifts of the isoform logits of DU genes.
+    sharpness
+        Proportions are ``softmax(sharpness * f_t)`` of standardised smooth
+        fields ``f_t``: larger values give purer spots.
+    seed
+        Random seed; the same arguments give the same data.
+    geometry
+        ``grid``, ``hex`` or ``random`` (see :func:`grid_coords`).
+
+    Returns
+    -------
+    adata, reference
+        ``adata`` (spots x isoforms): integer ``layers["counts"]`` (CSR,
+        int32; ``X`` a float32 copy), ``obsm["spatial"]``,
+        ``obsm["proportions"]`` (DataFrame, one column per type, rows sum to
+        1), ``obs["celltype"]`` (the dominant type, categorical),
+        ``obs["size_factor"]``, ``var["gene_symbol"]``, ``var["du_truth"]``
+        (the isoform's gene has type-dependent usage),
+        ``varm["type_usage"]`` (DataFrame: each isoform's share of its gene in
+        each type), ``uns["cell_types"]`` and ``uns["simulation"]`` (the
+        parameters). ``reference`` (types x genes): each type's mean
+        gene-level expression per cell, as averaged from 50 simulated cells
+        of that type (so not exact), on the scale of ``depth``.
+    """
+    import anndata as ad
+
+    if n_types < 2:
+        raise ValueError(f"a mixture needs at least 2 cell types, got {n_types}.")
+    if not 0.0 <= du_fraction <= 1.0:
+        raise ValueError(f"du_fraction must be in [0, 1], got {du_fraction}.")
+    if depth <= 0:
+        raise ValueError(f"depth must be positive, got {depth}.")
+    if isoforms[0] < 1 or isoforms[1] < isoforms[0]:
+        raise ValueError(f"isoforms must be a range (low, high) with 1 <= low <= high, got {isoforms}.")
+    rng = np.random.default_rng(seed)
+    xy = grid_coords(n_spots, geometry, seed)
+    n = len(xy)
+    types = [f"type_{t + 1}" for t in range(n_types)]
+    props = _softmax(sharpness * smooth_fields(xy, n_types, smoothness, rng))  # n x T
+    profiles = _type_profiles(n_types, n_genes, rng)  # T x G, rows with mean 1
+    size = rng.lognormal(0.0, 0.2, n)
+    p_of = rng.integers(isoforms[0], isoforms[1] + 1, n_genes)
+    is_du = np.zeros(n_genes, bool)
+    is_du[rng.permutation(n_genes)[: int(round(du_fraction * n_genes))]] = True
+    gene_mean = depth * size[:, None] * (props @ profiles)  # n x G
+    totals = _gene_totals(gene_mean, noise, rng)
+    blocks, usages = [], []
+    for g in range(n_genes):
+        p = int(p_of[g])
+        eta = np.broadcast_to(rng.normal(0.0, 0.5, p), (n_types, p))
+        if is_du[g]:
+            eta = eta + du_effect * rng.normal(0.0, 1.0, (n_types, p))
+        usage = _softmax(eta)  # T x p
+        weight = props * profiles[:, g]  # n x T: each type's share of the gene's expression in the spot
+        spot_usage = (weight @ usage) / weight.sum(axis=1, keepdims=True)
+        blocks.append(rng.multinomial(totals[:, g], spot_usage))
+        usages.append(usage.T)
+    counts = scipy.sparse.csr_matrix(np.concatenate(blocks, axis=1).astype(np.int32))
+    names = [f"gene{g:04d}" for g in range(n_genes)]
+    iso_names = [f"{g}-iso{k}" for g, p in zip(names, p_of) for k in range(p)]
+    var = pd.DataFrame({"gene_symbol": np.repeat(names, p_of), "du_truth": np.repeat(is_du, p_of)}, index=iso_names)
+    obs_names = [f"spot{i:05d}" for i in range(n)]
+    obs = pd.DataFrame({"celltype": pd.Categorical(np.array(types)[props.argmax(axis=1)], categories=types),
+                        "size_factor": size}, index=obs_names)
+    adata = ad.AnnData(X=counts.astype(np.float32), obs=obs, var=var)
+    adata.layers["counts"] = counts
+    adata.obsm["spatial"] = xy
+    adata.obsm["proportions"] = pd.DataFrame(props, index=obs_names, columns=types)
+    adata.varm["type_usage"] = pd.DataFrame(np.concatenate(usages, axis=0), index=iso_names, columns=types)
+    adata.uns["cell_types"] = list(types)
+    adata.uns["simulation"] = {"n_spots": int(n), "n_genes": int(n_genes), "n_types": int(n_types),
+                               "isoforms": [int(v) for v in isoforms], "du_fraction": float(du_fraction),
+                               "smoothness": float(smoothness), "noise": float(noise), "depth": float(depth),
+                               "du_effect": float(du_effect), "sharpness": float(sharpness), "seed": int(seed),
+                               "geometry": geometry}
+    n_cells = 50
+    signature = rng.poisson(depth * profiles * rng.lognormal(0.0, 0.05, profiles.shape) * n_cells) / n_cells
+    reference = ad.AnnData(X=signature.astype(np.float64), obs=pd.DataFrame({"n_cells": n_cells}, index=types),
+                           var=pd.DataFrame(index=names))
+    return adata, reference
+
+
 def write_example(path: str | os.PathLike, kind: str = "section", *, n_spots: int = 900, n_genes: int = 100,
                   n_sections: int = 3, seed: int = 0) -> Path:
     """Write a simulated example input: what ``spatialscale simulate`` writes.
@@ -336,23 +518,28 @@ def write_example(path: str | os.PathLike, kind: str = "section", *, n_spots: in
         ``section`` and ``raster``: the ``.h5ad`` to write; ``cohort``: a folder
         (section files and ``manifest.csv``); ``sections``: one ``.h5ad`` of
         several sections, ``obs["library_id"]`` naming each spot's section and
-        ``obs["condition"]`` constant within a section (as squidpy keeps them).
+        ``obs["condition"]`` constant within a section (as squidpy keeps them);
+        ``mixture``: the ``.h5ad`` of the spots, with the cell-type reference
+        written next to it as ``<stem>.reference.h5ad``.
     kind
         ``section`` (obs ``region``, ``celltype``, ``rbp``; SV genes and genes
         whose usage depends on ``celltype``), ``raster`` (bins of a square grid
         of about ``n_spots`` bins, obs ``array_row``, ``array_col``,
-        ``celltype``), ``cohort`` or ``sections``.
+        ``celltype``), ``cohort``, ``sections`` or ``mixture`` (spots that
+        mix four cell types, :func:`simulate_mixture`).
     n_spots, n_genes, n_sections, seed
         Size and seed.
 
     Returns
     -------
     Path
-        What was written (the manifest for ``cohort``).
+        What was written (the manifest for ``cohort``, the spots' ``.h5ad``
+        for ``mixture``).
     """
     import anndata as ad
 
     out = Path(path)
+    reference = None
     if kind == "section":
         adata = simulate_section(n_spots, n_genes, n_sv=max(1, n_genes // 5), n_du=max(1, n_genes // 10), seed=seed)
     elif kind == "raster":
@@ -374,10 +561,14 @@ def write_example(path: str | os.PathLike, kind: str = "section", *, n_spots: in
         adata = ad.concat(parts, label="library_id", merge="same")
         adata.obs["library_id"] = adata.obs["library_id"].astype("category")
         adata.obs["condition"] = adata.obs["condition"].astype("category")
+    elif kind == "mixture":
+        adata, reference = simulate_mixture(n_spots, n_genes, seed=seed)
     else:
-        raise ValueError(f"unknown example kind {kind!r}; choose section, raster, cohort or sections.")
+        raise ValueError(f"unknown example kind {kind!r}; choose section, raster, cohort, sections or mixture.")
     if out.suffix != ".h5ad":
         raise ValueError(f"write the {kind} example to an .h5ad file, got {out}.")
     out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)
+    if reference is not None:
+        reference.write_h5ad(out.with_suffix(".reference.h5ad"))
     return out
