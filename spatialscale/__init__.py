@@ -18,20 +18,45 @@ import importlib
 from typing import Any
 
 from spatialscale._version import __version__
-from spatialscale.api import du_test, feature_summary, fitted_ratios, glmm_fit, merge_summary, sv_test
+from spatialscale.api import (
+    deconvolve,
+    du_test,
+    feature_summary,
+    fitted_ratios,
+    glmm_fit,
+    latent_factors,
+    merge_summary,
+    sv_test,
+)
 from spatialscale.cohort import Cohort, ingest_cohort, open_cohort
 from spatialscale.errors import InputError
 from spatialscale.results import input_order, open_results, to_anndata
 from spatialscale.store import IsoformStore, ingest, open_store
 
 __all__ = [
-    "__version__", "Cohort", "InputError", "IsoformStore", "du_test", "feature_summary", "fitted_ratios",
-    "glmm_fit", "ingest", "ingest_cohort", "input_order", "merge_summary", "open_cohort", "open_results", "open_store",
-    "sv_test", "to_anndata",
+    "__version__",
+    "Cohort",
+    "InputError",
+    "IsoformStore",
+    "deconvolve",
+    "du_test",
+    "feature_summary",
+    "fitted_ratios",
+    "glmm_fit",
+    "ingest",
+    "ingest_cohort",
+    "input_order",
+    "latent_factors",
+    "merge_summary",
+    "open_cohort",
+    "open_results",
+    "open_store",
+    "sv_test",
+    "to_anndata",
 ]
 
 #: submodules imported on first use (they need optional packages, such as matplotlib)
-_LAZY = ("pl", "compat")
+_LAZY = ("pl", "compat", "losses")
 
 
 def __getattr__(name: str) -> Any:

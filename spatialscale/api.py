@@ -30,8 +30,8 @@ from spatialscale.options import ExecutionOptions
 from spatialscale.store import IsoformStore
 from spatialscale.store import ingest as ingest_function
 
-__all__ = ["MIN_BATCHES", "MIN_BATCHES_GLMM", "du_test", "feature_summary", "fitted_ratios", "glmm_fit",
-           "merge_summary", "parse_bytes", "sv_test"]
+__all__ = ["MIN_BATCHES", "MIN_BATCHES_GLMM", "deconvolve", "du_test", "feature_summary", "fitted_ratios",
+           "glmm_fit", "latent_factors", "merge_summary", "parse_bytes", "sv_test"]
 
 _EXECUTION_DOC = """client, scheduler, workers
         Where to run: a ``distributed.Client``; a scheduler address
@@ -418,3 +418,201 @@ def feature_summary(
     return run_family("summary", store, method=None, options=dict(extra), execution=execution)
 
 
+
+
+# --------------------------------------------------------------------------- covariates from expression
+_SPATIAL_DOC = """spatial_loss
+        Add a spatial loss on the spots' outputs (:mod:`spatialscale.losses`),
+        built on the store's own spot graph (a cohort: block diagonal, no
+        edges across sections): a prior name (``icar``, ``car``, ``sar``,
+        ``isar``, ``sma``, ``splisosm``), ``kl`` or ``contrastive``; ``None``
+        (default) adds none.
+    lambda_spatial
+        Its weight in the loss (default 1).
+    spatial_rho, spatial_standardize
+        The prior's ``rho`` (default: the loss's own) and whether its
+        covariance is standardised to unit variance (default ``False``).
+    seed
+        Seed of the initialisation and of everything random in training: the
+        same seed reproduces the result."""
+
+_MODEL_EXECUTION_NOTE = """Training is one Dask task (a section, or a cohort with the sections as
+    batches), run where the execution keywords say (a GPU worker's device
+    with ``device="cuda"`` / ``"auto"``); the worker reads the store's
+    counts itself.  ``out``, ``batch_memory`` and ``batch_size`` do not
+    apply: the result is written into the store(s) as covariate set
+    ``key_added`` (its name then stands for its columns wherever
+    covariates are taken, e.g. ``du_test(store, "latent")``), with
+    provenance; a set of that name from the same data, options and seed
+    is reused, and another one is replaced only with ``overwrite``."""
+
+
+def _model_execution(execution: ExecutionOptions) -> ExecutionOptions:
+    if execution.out is not None:
+        raise InputError("out does not apply here: the covariates are written into the store (key_added); read "
+                         "them back with store.covariate_set(key) or use the returned Dataset.")
+    return execution
+
+
+@_with_execution
+def deconvolve(
+    store: IsoformStore | str | os.PathLike,
+    reference: Any,
+    *,
+    method: str = "nnls",
+    celltype_key: str | None = None,
+    key_added: str = "props",
+    genes: Any = None,
+    spatial_loss: str | None = None,
+    lambda_spatial: float | None = None,
+    spatial_rho: float | None = None,
+    spatial_standardize: bool | None = None,
+    max_epochs: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    execution: ExecutionOptions,
+) -> xr.Dataset:
+    """Cell-type proportions of every spot from a reference, optionally spatially regularised.
+
+    Non-negative least squares of each spot's gene expression (the sum of
+    each gene's isoform counts) on the reference's cell-type signatures,
+    plus ``lambda_spatial`` times a spatial loss on the spots' coefficients;
+    the proportions are the coefficients scaled to sum to 1 per spot.  See
+    ``docs/latent.md``.
+
+    Parameters
+    ----------
+    store
+        An isoform store, a cohort (each section deconvolved, in one task),
+        or an AnnData input (ingested first, see ``ingest``).
+    reference
+        Cell types x genes signatures: an AnnData (obs = cell types), a
+        DataFrame, or a path to an ``.h5ad`` / AnnData ``.zarr``; or single
+        cells x genes with ``celltype_key``.  Genes are matched to the
+        store's by name.
+    method
+        ``nnls``.
+    celltype_key
+        The reference is single cells: ``obs`` column of their cell type
+        (each type's signature is its cells' mean).
+    key_added
+        Name of the covariate set written into the store (columns
+        ``<key_added>_<cell type>``).
+    genes
+        Genes to use (default: those shared by the store and the reference).
+    {spatial}
+    max_epochs, lr
+        Optimisation budget and step size (default 1000 and 0.01).
+    {execution}
+
+    Returns
+    -------
+    xarray.Dataset
+        ``<key_added>`` (spot x column), the unnormalised ``coefficients``,
+        provenance in ``attrs``.
+    """
+    from spatialscale.families.models import fit_model
+
+    if method != "nnls":
+        raise InputError(f"unknown deconvolution method {method!r}; choose nnls.")
+    options = {"spatial_loss": spatial_loss, "lambda_spatial": lambda_spatial, "spatial_rho": spatial_rho,
+               "spatial_standardize": spatial_standardize, "max_epochs": max_epochs, "lr": lr, "seed": seed}
+    return fit_model(store, "nnls", options, _model_execution(execution), key_added=key_added, reference=reference,
+                     celltype_key=celltype_key, genes=genes)
+
+
+@_with_execution
+def latent_factors(
+    store: IsoformStore | str | os.PathLike,
+    *,
+    model: str = "vae",
+    n_latent: int | None = None,
+    key_added: str = "latent",
+    genes: Any = None,
+    batch_key: str | None = None,
+    gene_likelihood: str | None = None,
+    dispersion: str | None = None,
+    latent_distribution: str | None = None,
+    n_hidden: int | None = None,
+    n_layers: int | None = None,
+    dropout_rate: float | None = None,
+    use_observed_lib_size: bool | None = None,
+    spatial_loss: str | None = None,
+    lambda_spatial: float | None = None,
+    spatial_rho: float | None = None,
+    spatial_standardize: bool | None = None,
+    sp_loss_as_kl: bool | None = None,
+    max_epochs: int | None = None,
+    lr: float | None = None,
+    minibatch_size: int | None = None,
+    validation_fraction: float | None = None,
+    early_stopping: bool | None = None,
+    kl_warmup_epochs: int | None = None,
+    seed: int | None = None,
+    execution: ExecutionOptions,
+) -> xr.Dataset:
+    """Latent factors of every spot's expression: SpatialPCA, an scVI-style VAE or an LDVAE.
+
+    Parameters
+    ----------
+    store
+        An isoform store; a cohort (one model over all sections, the section
+        as the batch, latents written back into each section's store, so
+        they mean the same thing in every section); or an AnnData input.
+    model
+        ``vae`` (default), ``ldvae`` (linear decoder: ``loadings`` kept) or
+        ``pca`` (SpatialPCA of log-normalised expression).
+    n_latent
+        Number of factors (default 10).
+    key_added
+        Name of the covariate set written into the store (columns
+        ``<key_added>_1``...).
+    genes
+        Genes to use (default: every gene of the store; a cohort's shared genes).
+    batch_key
+        ``obs`` column of batches (injected into the VAE's encoder and
+        decoder); a cohort's sections are the batches by default.
+    gene_likelihood, dispersion, latent_distribution
+        VAE / LDVAE: ``zinb`` (default), ``nb`` or ``poisson``; ``gene``
+        (default), ``gene-batch`` or ``gene-cell``; ``normal`` (default) or
+        ``ln`` (logistic normal).
+    n_hidden, n_layers, dropout_rate, use_observed_lib_size
+        VAE / LDVAE network: 128 hidden units, 1 layer, dropout 0.1, the
+        observed library size (else a learnt one).
+    {spatial}
+    sp_loss_as_kl
+        VAE / LDVAE: the spatial loss as the KL of the posterior against the
+        spatial prior, instead of a penalty on the posterior means.
+    max_epochs, lr, minibatch_size, validation_fraction, early_stopping, kl_warmup_epochs
+        Training: epochs (VAE 400, PCA 1000), Adam step size, spots per
+        minibatch (``None``: full batch, as a spatial loss coupling all spots
+        needs; minibatches use each batch's conditional precision),
+        held-out fraction of spots for early stopping (0.1), whether to stop
+        early, KL warm-up epochs (100).
+    {execution}
+
+    Returns
+    -------
+    xarray.Dataset
+        ``<key_added>`` (the latent means, spot x column) and the model's
+        other outputs (``latent_var``, ``library``, ``dispersion``,
+        ``loadings``), provenance in ``attrs``.
+    """
+    from spatialscale.families.models import MODELS, fit_model
+
+    if model not in MODELS or model == "nnls":
+        raise InputError(f"unknown latent model {model!r}; choose pca, vae or ldvae.")
+    given = {"n_latent": n_latent, "gene_likelihood": gene_likelihood, "dispersion": dispersion,
+             "latent_distribution": latent_distribution, "n_hidden": n_hidden, "n_layers": n_layers,
+             "dropout_rate": dropout_rate, "use_observed_lib_size": use_observed_lib_size,
+             "spatial_loss": spatial_loss, "lambda_spatial": lambda_spatial, "spatial_rho": spatial_rho,
+             "spatial_standardize": spatial_standardize, "sp_loss_as_kl": sp_loss_as_kl, "max_epochs": max_epochs,
+             "lr": lr, "minibatch_size": minibatch_size, "validation_fraction": validation_fraction,
+             "early_stopping": early_stopping, "kl_warmup_epochs": kl_warmup_epochs, "seed": seed}
+    given = {k: v for k, v in given.items() if v is not None}
+    return fit_model(store, model, given, _model_execution(execution), key_added=key_added, genes=genes,
+                     batch_key=batch_key)
+
+
+deconvolve.__doc__ = (deconvolve.__doc__ or "").replace("{spatial}", _SPATIAL_DOC)
+latent_factors.__doc__ = (latent_factors.__doc__ or "").replace("{spatial}", _SPATIAL_DOC)
