@@ -270,9 +270,11 @@ def _verify(store: str, relpaths: Iterable[str]) -> None:
     key = (store, manifest["token"])
     with _verified_lock:
         done = _verified.setdefault(key, set())
-        todo = [r for r in relpaths if r not in done]
-    for rel in todo:
-        recorded, digest = _expected_digest(store, manifest, rel)
+    # a file is verified once per process for its recorded digest: an added array replaced since (a covariate
+    # set written again) records another digest, so its new bytes are verified too
+    todo = [(rel, *_expected_digest(store, manifest, rel)) for rel in relpaths]
+    todo = [t for t in todo if (t[0], t[2]) not in done]
+    for rel, recorded, digest in todo:
         full = Path(store, rel)
         exists = full.is_file()
         if not recorded:
@@ -285,7 +287,7 @@ def _verify(store: str, relpaths: Iterable[str]) -> None:
             raise StoreDamagedError(f"isoform store {store} is damaged: {rel} does not match its checksum; "
                                     f"{_REINGEST}")
         with _verified_lock:
-            done.add(rel)
+            done.add((rel, digest))
 
 
 def verify_prefix(store_path: str | os.PathLike, prefix: str) -> None:

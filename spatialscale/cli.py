@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -217,6 +218,107 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
     _add_execution(p)
 
 
+#: help of the model options (the flags are generated from spatialscale.families.models.MODELS)
+_MODEL_HELP = {
+    "n_latent": "number of latent factors", "n_hidden": "hidden units per layer", "n_layers": "hidden layers",
+    "dropout_rate": "dropout", "gene_likelihood": "count likelihood", "dispersion": "dispersion of the counts",
+    "latent_distribution": "normal or ln (logistic normal)", "use_observed_lib_size": "observed library size "
+    "(--no-use-observed-lib-size learns it)", "max_epochs": "training epochs", "lr": "Adam step size",
+    "minibatch_size": "spots per minibatch (default: full batch)", "validation_fraction": "held-out spots for "
+    "early stopping", "early_stopping": "stop when the held-out loss stops improving", "kl_warmup_epochs":
+    "KL warm-up epochs", "sp_loss_as_kl": "the spatial loss in its KL form", "spatial_loss": "add a spatial loss "
+    "on the store's graph (a prior name, kl or contrastive)", "lambda_spatial": "weight of the spatial loss",
+    "spatial_rho": "rho of the spatial prior", "spatial_standardize": "standardise the prior's covariance",
+    "seed": "seed of initialisation and training (the same seed reproduces the result)",
+}
+
+
+def _add_model_command(sub: argparse._SubParsersAction, command: str) -> None:
+    """``deconvolve`` / ``latent``: flags generated from the model registry (the API's keywords)."""
+    from spatialscale.families import models as M
+
+    names = ["nnls"] if command == "deconvolve" else ["pca", "vae", "ldvae"]
+    if command == "deconvolve":
+        p = sub.add_parser("deconvolve", help="cell-type proportions of every spot from a reference (NNLS)",
+                           description="Deconvolve every spot's gene expression into cell-type proportions by "
+                           "(spatially regularised) non-negative least squares on a reference's signatures; the "
+                           "proportions are written into the store as covariate set --key-added (default props), "
+                           "usable by name: spatialscale du STORE --covariates props.")
+        p.add_argument("store", help="isoform store, cohort folder, or AnnData input (ingested first)")
+        p.add_argument("reference", help="reference AnnData (.h5ad / .zarr): cell types x genes, or cells x genes "
+                       "with --celltype-key")
+        p.add_argument("--celltype-key", default=None, help="the reference is single cells: obs column of their type")
+        p.add_argument("--key-added", default="props", help="name of the covariate set (props)")
+    else:
+        p = sub.add_parser("latent", help="latent factors of every spot: SpatialPCA, VAE or LDVAE",
+                           description="Learn latent factors of every spot's expression (SpatialPCA, an scVI-style "
+                           "VAE or an LDVAE, optionally with a spatial loss) and write them into the store as "
+                           "covariate set --key-added (default latent), usable by name: spatialscale du STORE "
+                           "--covariates latent. On a cohort folder, one model over all sections (the section as "
+                           "the batch).")
+        p.add_argument("store", help="isoform store, cohort folder, or AnnData input (ingested first)")
+        p.add_argument("--model", default="vae", choices=names, help="vae (default), ldvae or pca")
+        p.add_argument("--key-added", default="latent", help="name of the covariate set (latent)")
+        p.add_argument("--batch-key", default=None, help="obs column of batches (a cohort: its sections)")
+    p.add_argument("--genes", default=None, help="comma-separated genes to use (default: all shared)")
+    g = p.add_argument_group("model options (defaults: the model's)")
+    seen: set[str] = set()
+    for name in names:
+        for opt, default in M.MODELS[name].defaults.items():
+            if opt in seen:
+                continue
+            seen.add(opt)
+            flag = "--" + opt.replace("_", "-")
+            where = [m for m in names if opt in M.MODELS[m].defaults]
+            text = _MODEL_HELP.get(opt, opt) + (f" [{', '.join(where)}]" if len(where) < len(names) else "")
+            choices = {"gene_likelihood": M.LIKELIHOODS, "dispersion": M.DISPERSIONS,
+                       "latent_distribution": M.LATENT_DISTRIBUTIONS, "spatial_loss": M.SPATIAL_LOSSES}.get(opt)
+            if isinstance(default, bool):
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            elif opt in ("minibatch_size", "n_latent", "max_epochs", "seed", "n_hidden", "n_layers",
+                         "kl_warmup_epochs") or isinstance(default, int):
+                g.add_argument(flag, type=int, default=None, help=text)
+            elif isinstance(default, float) or opt in ("spatial_rho", "lambda_spatial"):
+                g.add_argument(flag, type=float, default=None, help=text)
+            else:
+                g.add_argument(flag, default=None, choices=choices, help=text)
+    p.add_argument("--overwrite", action="store_true", help="replace a covariate set of that name (spatialscale's)")
+    _add_ingest_options(p, anndata_input=True)
+    where = p.add_argument_group("execution").add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="address of an existing Dask scheduler")
+    where.add_argument("--workers", type=int, metavar="N", help="start a LocalCluster with N worker processes")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="torch device of the training")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_model_command(args: argparse.Namespace) -> int:
+    import spatialscale
+    from spatialscale.families import models as M
+
+    names = ["nnls"] if args.command == "deconvolve" else ["pca", "vae", "ldvae"]
+    opts = {k: getattr(args, k) for n in names for k in M.MODELS[n].defaults if getattr(args, k, None) is not None}
+    common = {"key_added": args.key_added, "scheduler": args.scheduler, "workers": args.workers,
+              "device": args.device, "overwrite": args.overwrite, "progress": not args.no_progress,
+              "ingest": _ingest_kwargs(args) or None, "ingest_to": args.ingest_to,
+              "genes": None if args.genes is None else [g.strip() for g in args.genes.split(",") if g.strip()]}
+    if args.command == "deconvolve":
+        ds = spatialscale.deconvolve(args.store, args.reference, celltype_key=args.celltype_key, **opts, **common)
+    else:
+        wrong = sorted(set(opts) - set(M.MODELS[args.model].defaults))
+        if wrong:
+            from spatialscale.errors import InputError
+
+            raise InputError(f"--{wrong[0].replace('_', '-')} does not apply to --model {args.model}.")
+        ds = spatialscale.latent_factors(args.store, model=args.model, batch_key=args.batch_key, **opts, **common)
+    prov = json.loads(ds.attrs["provenance"])
+    done = "reused" if ds.attrs.get("reused") else "wrote"
+    loss = prov.get("final_loss")
+    print(f"{done} covariate set {args.key_added!r} ({ds.sizes['column']} columns x {ds.sizes['spot']} spots; "
+          f"{prov['model']}" + (f", {prov.get('epochs')} epochs, final loss {loss:.6g}" if loss is not None else "")
+          + f") into {', '.join(json.loads(ds.attrs['stores']))}")
+    return 0
+
+
 def _run_family_command(args: argparse.Namespace) -> int:
     command = args.command
     kwargs: dict = {}
@@ -350,6 +452,8 @@ def _parser() -> argparse.ArgumentParser:
 
     for command in COMMANDS:
         _add_family_command(sub, command)
+    for command in ("deconvolve", "latent"):
+        _add_model_command(sub, command)
 
     p = sub.add_parser("simulate", help="write simulated example data (sample.h5ad, a raster, a cohort)",
                        description="Write simulated isoform counts to try spatialscale on: a section (obs region, "
@@ -357,9 +461,11 @@ def _parser() -> argparse.ArgumentParser:
                        "raster of bins, a cohort folder with a manifest, or one AnnData of several sections "
                        "(obs library_id).")
     p.add_argument("out", help="the .h5ad to write (--kind cohort: a folder)")
-    p.add_argument("--kind", default="section", choices=("section", "raster", "cohort", "sections"),
-                   help="section (default), raster, cohort (a folder of sections and manifest.csv) or sections "
-                        "(one .h5ad of several sections, obs library_id and condition)")
+    p.add_argument("--kind", default="section", choices=("section", "raster", "cohort", "sections", "mixture"),
+                   help="section (default), raster, cohort (a folder of sections and manifest.csv), sections "
+                        "(one .h5ad of several sections, obs library_id and condition) or mixture (spots as "
+                        "mixtures of cell types with their own expression and isoform usage; the cell types' "
+                        "signatures beside it as <name>.reference.h5ad)")
     p.add_argument("--spots", type=int, default=900, help="spots per section, or bins of the raster (900)")
     p.add_argument("--genes", type=int, default=100, help="genes (100)")
     p.add_argument("--sections", type=int, default=3, help="cohort / sections: how many (3)")
@@ -437,6 +543,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command in COMMANDS:
         return _run_family_command(args)
+    if args.command in ("deconvolve", "latent"):
+        return _run_model_command(args)
     if args.command == "simulate":
         from pathlib import Path
 

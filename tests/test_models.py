@@ -1,0 +1,158 @@
+"""Covariates from expression on the engine: covariate sets in the store, deconvolve / latent_factors end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import spatialscale
+from spatialscale import InputError
+from spatialscale.simulate import simulate_mixture
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory):
+    """A 900-spot section of four cell types (a fifth of the genes with type-dependent usage), its reference."""
+    adata, reference = simulate_mixture(n_spots=900, n_genes=80, n_types=4, noise=0.3, seed=3)
+    folder = tmp_path_factory.mktemp("mixture")
+    adata.write_h5ad(folder / "mix.h5ad")
+    reference.write_h5ad(folder / "mix.reference.h5ad")
+    return folder, adata, reference
+
+
+def _store(mixture, tmp_path, name="s.zarr"):
+    folder, adata, _ = mixture
+    return spatialscale.ingest(folder / "mix.h5ad", tmp_path / name, progress=False)
+
+
+def _truth(adata, store) -> np.ndarray:
+    return adata.obsm["proportions"].loc[store.obs().index].to_numpy()
+
+
+# --------------------------------------------------------------------------- covariate sets in the store
+def test_a_covariate_set_is_kept_checksummed_and_taken_by_name(mixture, tmp_path):
+    store = _store(mixture, tmp_path)
+    z = np.random.default_rng(0).normal(size=(store.n_observed, 3))
+    store.write_covariate_set("latent", z, extras={"latent_var": z ** 2}, provenance={"model": "test", "seed": 1})
+    assert store.covariate_sets() == {"latent": {"columns": ["latent_1", "latent_2", "latent_3"],
+                                                 "provenance": {"model": "test", "seed": 1}}}
+    values, extras, _ = spatialscale.open_store(store.path).covariate_set("latent")
+    np.testing.assert_array_equal(values.to_numpy(), z)
+    np.testing.assert_array_equal(extras["latent_var"], z ** 2)
+    obs = store.obs()
+    assert list(obs.columns[-3:]) == ["latent_1", "latent_2", "latent_3"]
+    # the name stands for its columns: the same statistics as the columns given as a DataFrame
+    by_name = spatialscale.du_test(store, "latent", method="hsic", progress=False)
+    by_frame = spatialscale.du_test(store, pd.DataFrame(z, index=obs.index, columns=values.columns), method="hsic",
+                                    progress=False)
+    assert list(by_name.covariate.values) == ["latent_1", "latent_2", "latent_3"]
+    np.testing.assert_array_equal(by_name.du_statistic.values, by_frame.du_statistic.values)
+    # a second set of that name is refused unless overwrite; bad sets are refused before anything is written
+    with pytest.raises(InputError, match="already holds covariate set 'latent'"):
+        store.write_covariate_set("latent", z)
+    for bad, match in [(("celltype", z), "already name obs columns"), (("x y", z), "letters, digits"),
+                       (("w", z[:10]), "has shape"), (("w", np.full_like(z, np.nan)), "NaN")]:
+        with pytest.raises(InputError, match=match):
+            store.write_covariate_set(*bad)
+    store.write_covariate_set("latent", 2 * z, overwrite=True)
+    np.testing.assert_array_equal(store.covariate_set("latent")[0].to_numpy(), 2 * z)
+    assert sorted(p.name for p in (store.path / "uns" / "spatialscale_covariates").iterdir()) == ["latent",
+                                                                                                   "zarr.json"]
+    # the store is still an AnnData zarr, and a damaged set is named
+    import anndata
+
+    assert "spatialscale_covariates" in anndata.read_zarr(store.path).uns
+    # a damaged set is named (files are verified when first read in a process, for their recorded digest)
+    store.write_covariate_set("other", z[:, :1], overwrite=True)
+    values_file = next(f for f in (store.path / "uns" / "spatialscale_covariates" / "other" / "values" / "c").rglob("*")
+                       if f.is_file())
+    values_file.write_bytes(values_file.read_bytes()[:-1] + b"\0")
+    with pytest.raises(InputError, match="does not match its checksum"):
+        spatialscale.open_store(store.path).obs()
+
+
+# --------------------------------------------------------------------------- deconvolution end to end
+def test_deconvolve_recovers_proportions_reuses_and_replaces_only_when_asked(mixture, tmp_path):
+    folder, adata, reference = mixture
+    store = _store(mixture, tmp_path)
+    ds = spatialscale.deconvolve(store, reference, progress=False)
+    props = ds["props"].to_numpy()
+    assert props.shape == (store.n_observed, 4) and (props >= 0).all()
+    np.testing.assert_allclose(props.sum(axis=1), 1.0, atol=1e-9)
+    rmse = float(np.sqrt(((props - _truth(adata, store)) ** 2).mean()))
+    assert rmse < 0.08, rmse
+    assert list(ds.column.values) == [f"props_type_{i}" for i in range(1, 5)]
+    prov = json.loads(ds.attrs["provenance"])
+    assert prov["model"] == "nnls" and prov["seed"] == 0 and prov["epochs"] >= 1 and np.isfinite(prov["final_loss"])
+    # the same content and options: reused, not retrained (the stored bytes are returned)
+    again = spatialscale.deconvolve(spatialscale.open_store(store.path), reference, progress=False)
+    assert again.attrs["reused"] == 1
+    np.testing.assert_array_equal(again["props"].to_numpy(), props)
+    # other options: refused without overwrite, nothing written
+    with pytest.raises(InputError, match="already holds covariate set 'props'"):
+        spatialscale.deconvolve(store, reference, spatial_loss="icar", progress=False)
+    np.testing.assert_array_equal(store.covariate_set("props")[0].to_numpy(), props)
+    # the spatial loss lowers the error on these noisy, smooth mixtures
+    smooth = spatialscale.deconvolve(store, reference, spatial_loss="icar", lambda_spatial=1.0, overwrite=True,
+                                     progress=False)
+    rmse_sp = float(np.sqrt(((smooth["props"].to_numpy() - _truth(adata, store)) ** 2).mean()))
+    assert rmse_sp < rmse, (rmse_sp, rmse)
+    # a reference file, single cells with celltype_key
+    from_file = spatialscale.deconvolve(store, folder / "mix.reference.h5ad", key_added="props2", progress=False)
+    np.testing.assert_allclose(from_file["props2"].to_numpy(), props, atol=1e-10)
+
+
+def test_deconvolve_on_a_local_cluster_equals_local_threads(mixture, tmp_path, client):
+    _, _, reference = mixture
+    store = _store(mixture, tmp_path)
+    threads = spatialscale.deconvolve(store, reference, key_added="a", scheduler="threads", progress=False)
+    dask = spatialscale.deconvolve(store, reference, key_added="b", client=client, progress=False)
+    np.testing.assert_allclose(dask["b"].to_numpy(), threads["a"].to_numpy(), rtol=0, atol=1e-9)
+
+
+def test_bad_model_input_is_one_line_and_writes_nothing(mixture, tmp_path):
+    _, adata, reference = mixture
+    store = _store(mixture, tmp_path)
+    other = reference.copy()
+    other.var_names = [f"x{g}" for g in other.var_names]
+    nan = reference.copy()
+    nan.X = np.asarray(nan.X, dtype=float)
+    nan.X[0, 0] = np.nan
+    cases = [
+        (lambda: spatialscale.deconvolve(store, other), "no genes in common"),
+        (lambda: spatialscale.deconvolve(store, nan), "NaN"),
+        (lambda: spatialscale.deconvolve(store, reference[:1]), "at least 2"),
+        (lambda: spatialscale.deconvolve(store, reference, lambda_spatial=-1), "lambda_spatial"),
+        (lambda: spatialscale.deconvolve(store, reference, spatial_loss="nope"), "unknown spatial_loss"),
+        (lambda: spatialscale.deconvolve(store, reference, out=tmp_path / "o.zarr"), "out does not apply"),
+        (lambda: spatialscale.latent_factors(store, n_latent=0), "n_latent must be an integer >= 1"),
+        (lambda: spatialscale.latent_factors(store, gene_likelihood="gauss"), "unknown gene_likelihood"),
+        (lambda: spatialscale.latent_factors(store, dispersion="gene-spot"), "unknown dispersion"),
+        (lambda: spatialscale.latent_factors(store, model="umap"), "unknown latent model"),
+        (lambda: spatialscale.latent_factors(store, batch_key="celltype_one"), "not an obs column"),
+        (lambda: spatialscale.latent_factors(store, dispersion="gene-batch"), "needs batches"),
+        (lambda: spatialscale.latent_factors(store, key_added="celltype"), "obs column"),
+    ]
+    for call, match in cases:
+        with pytest.raises(InputError, match=match):
+            call()
+    assert store.covariate_sets() == {}
+    # a batch key with one level
+    import anndata
+
+    one = anndata.read_h5ad(mixture[0] / "mix.h5ad")
+    one.obs["batch"] = "a"
+    st1 = spatialscale.ingest(one, tmp_path / "one.zarr", progress=False)
+    with pytest.raises(InputError, match="one level"):
+        spatialscale.latent_factors(st1, batch_key="batch")
+    assert st1.covariate_sets() == {}
+    # the CLI: exit 2, one line, nothing written
+    run = subprocess.run([sys.executable, "-m", "spatialscale.cli", "latent", str(store.path), "--n-latent", "0"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "n_latent" in run.stderr, run.stderr
+    assert store.covariate_sets() == {}
