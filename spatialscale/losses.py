@@ -329,7 +329,13 @@ def _one_section(item: Any, params: Any) -> scipy.sparse.csr_matrix:
         item = t.double().numpy()
     if scipy.sparse.issparse(item):
         return _section_weights(item)
-    a = np.asarray(item)
+    a = np.asarray(item) if isinstance(item, np.ndarray) or hasattr(item, "__array__") or \
+        isinstance(item, (list, tuple)) else None
+    if a is None or a.dtype == object:
+        hint = " (a Smoother SpatialWeightMatrix: pass its coordinates, or its weights as a matrix)" \
+            if hasattr(item, "swm_scaled") else ""
+        raise ValueError("weights must be a weight matrix, an isoform store or its path, coordinates, or a list of "
+                         f"these; got {type(item).__name__}{hint}.")
     if _is_coords(a):
         return _coords_weights(a, params)
     return _section_weights(a)
@@ -650,8 +656,11 @@ class SpatialLoss(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the losses (the confidences' dtype; follows ``.to(dtype)``)."""
-        return self.confidences.dtype
+        """The dtype of the losses: the precision's (kl: the weights'; follows ``.to(dtype)``)."""
+        for t in (self.precision, self.kl_weights, self.confidences):
+            if t is not None:
+                return t.dtype
+        return torch.float64  # unreachable: confidences always exist
 
     def _prepare(self, coefs: torch.Tensor, index: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not torch.is_tensor(coefs):

@@ -502,6 +502,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
          r"prior='sma' has a dense precision \(80 x 80\); it is allowed up to max_dense_spots=50"),
         ({"weights": w, "use_sparse": False, "max_dense_spots": 50}, "use_sparse=False keeps a dense"),
         ({"weights": [], "prior": "icar"}, "the list of sections is empty"),
+        ({"weights": {"a": 1}}, "weights must be a weight matrix, an isoform store or its path, coordinates"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message) as err:
