@@ -428,7 +428,7 @@ _SPATIAL_DOC = """spatial_loss
         ``isar``, ``sma``, ``splisosm``), ``kl`` or ``contrastive``; ``None``
         (default) adds none.
     lambda_spatial
-        Its weight in the loss (default 1).
+        Its weight in the loss (default 1; SpatialPCA 0.1).
     spatial_rho, spatial_standardize
         The prior's ``rho`` (default: the loss's own) and whether its
         covariance is standardised to unit variance (default ``False``).
@@ -502,7 +502,9 @@ def deconvolve(
         Genes to use (default: those shared by the store and the reference).
     {spatial}
     max_epochs, lr
-        Optimisation budget and step size (default 1000 and 0.01).
+        With a spatial loss: the iterations of the projected-gradient solver
+        (default 2000) and its step (default: from a backtracking line
+        search).  Without one, each spot is solved exactly.
     {execution}
 
     Returns

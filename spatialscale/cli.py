@@ -552,8 +552,9 @@ def _run(args: argparse.Namespace) -> int:
         from spatialscale.simulate import write_example
 
         out = Path(args.out)
-        if out.exists():
-            raise InputError(f"{out} already exists; simulate writes a new file or folder.")
+        for path in [out] + ([out.with_suffix(".reference.h5ad")] if args.kind == "mixture" else []):
+            if path.exists():
+                raise InputError(f"{path} already exists; simulate writes a new file or folder.")
         if args.kind != "cohort" and out.suffix != ".h5ad":
             raise InputError(f"name the file *.h5ad (got {out.name}).")
         for name in ("spots", "genes", "sections"):

@@ -136,6 +136,8 @@ def _fraction(opts: dict[str, Any], name: str) -> None:
 
 def _positive(opts: dict[str, Any], name: str) -> None:
     v = opts[name]
+    if v is None:
+        return
     if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
         raise InputError(f"{name} must be a number > 0 (got {v!r}).")
 
@@ -242,9 +244,10 @@ _VAE_DEFAULTS = {"n_latent": 10, "n_hidden": 128, "n_layers": 1, "dropout_rate":
 
 #: the registry: every model that writes covariates into a store
 MODELS: dict[str, Model] = {
-    "nnls": Model("nnls", "props", {"max_epochs": 1000, "lr": 0.01, **COMMON}, _check_nnls, _fit_nnls,
+    "nnls": Model("nnls", "props", {"max_epochs": 2000, "lr": None, **COMMON}, _check_nnls, _fit_nnls,
                   "cell-type proportions by (spatially regularised) non-negative least squares on a reference"),
-    "pca": Model("pca", "latent", {"n_latent": 10, "max_epochs": 1000, "lr": 0.01, **COMMON}, _check_latent,
+    "pca": Model("pca", "latent", {"n_latent": 10, "max_epochs": 1000, "lr": None, **COMMON,
+                                   "lambda_spatial": 0.1}, _check_latent,
                  _fit_pca, "SpatialPCA: principal components of log-normalised expression, spatially smoothed"),
     "vae": Model("vae", "latent", _VAE_DEFAULTS, _check_vae, lambda c, x, o: _fit_vae(c, x, o, False),
                  "scVI-style VAE: latent factors of the counts"),
@@ -338,18 +341,31 @@ def reference_matrix(reference: Any, genes: list[str], celltype_key: str | None 
 
 
 # --------------------------------------------------------------------------- the task
+#: rho of a spatial loss when none is given: the Laplacian (icar / isar, Smoother's default), the kernel's
+#: default (splisosm), or 0.9 of the largest admissible value (car, sar, sma: it depends on the graph)
+DEFAULT_RHO = {"icar": 1.0, "isar": 1.0, "splisosm": 0.99, "contrastive": 1.0}
+
+
 def _spatial_loss(paths: list[str], opts: dict[str, Any], device: str) -> Any:
+    """The model's spatial loss on the stores' graphs (block diagonal for several), built on the worker."""
     if opts["spatial_loss"] is None or opts["lambda_spatial"] == 0:
         return None
-    from spatialscale.losses import ContrastiveSpatialLoss, SpatialLoss
+    from spatialscale.losses import ContrastiveSpatialLoss, SpatialLoss, loss_weights
+    from spatialscale.priors import rho_range
 
-    weights = paths[0] if len(paths) == 1 else list(paths)
-    kwargs: dict[str, Any] = {"standardize_cov": bool(opts["spatial_standardize"]), "device": device}
-    if opts["spatial_rho"] is not None:
-        kwargs["rho"] = float(opts["spatial_rho"])
-    if opts["spatial_loss"] == "contrastive":
-        return ContrastiveSpatialLoss(weights=weights, seed=opts["seed"], **kwargs)
-    return SpatialLoss(opts["spatial_loss"], weights, **kwargs)
+    prior = opts["spatial_loss"]
+    try:
+        graph, _ = loss_weights(paths[0] if len(paths) == 1 else list(paths))
+        rho = opts["spatial_rho"]
+        if rho is None and prior in ("car", "sar", "sma"):
+            rho = 0.9 * rho_range(graph, prior)[1]
+        kwargs: dict[str, Any] = {"standardize_cov": bool(opts["spatial_standardize"]), "device": device,
+                                  "rho": float(DEFAULT_RHO.get(prior, 1.0) if rho is None else rho)}
+        if prior == "contrastive":
+            return ContrastiveSpatialLoss(weights=graph, seed=opts["seed"], **kwargs)
+        return SpatialLoss(prior, graph, **kwargs)
+    except ValueError as exc:  # e.g. a rho outside the prior's range on this graph: one line
+        raise InputError(f"spatial_loss={prior!r}: {exc}") from None
 
 
 def fit_task(model: str, paths: list[str], tokens: list[str], genes: list[str], opts: dict[str, Any],
