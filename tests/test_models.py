@@ -156,3 +156,22 @@ def test_bad_model_input_is_one_line_and_writes_nothing(mixture, tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "n_latent" in run.stderr, run.stderr
     assert store.covariate_sets() == {}
+
+
+def test_du_on_deconvolved_proportions_is_calibrated_on_null_genes_and_finds_du_genes(mixture, tmp_path):
+    """Genes whose usage is the same in every cell type (null) against the learnt proportions: uniform p-values;
+    genes whose usage differs by type: found."""
+    _, adata, reference = mixture
+    store = _store(mixture, tmp_path)
+    spatialscale.deconvolve(store, reference, progress=False)
+    ds = spatialscale.du_test(store, "props", method="hsic", progress=False)
+    du_gene = adata.var.groupby("gene_symbol", observed=True)["du_truth"].first()
+    is_du = du_gene.reindex(ds.gene.values).to_numpy(dtype=bool)
+    p = ds["du_pvalue"].to_numpy()  # gene x covariate (the four proportions)
+    null = p[~is_du].ravel()
+    assert (~is_du).sum() >= 50 and is_du.sum() >= 10
+    # calibration: the fraction below 0.05 within binomial noise (columns are correlated: a generous bound)
+    assert 0.0 <= (null < 0.05).mean() <= 0.10, np.sort(null)[:10]
+    assert 0.4 < np.mean(null) < 0.6
+    power = (ds["du_pvalue_adj"].to_numpy()[is_du].min(axis=1) < 0.05).mean()
+    assert power >= 0.8, power
