@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["run_bench", "run_cohort_bench", "run_compat_bench", "compare", "task_stream_stats"]
+__all__ = ["run_bench", "run_cohort_bench", "run_compat_bench", "run_latent_bench", "compare", "task_stream_stats"]
 
 
 def compare(ref: pd.DataFrame, ours: pd.DataFrame) -> dict[str, float]:
@@ -1084,3 +1084,165 @@ def run_compat_bench(spots: list[int], genes: list[int], *, model: str = "np", w
     print(f"\n{what}: SPLISOSM 1.2.0 vs spatialscale.compat on {workers} workers, the same calls")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return table
+
+
+# --------------------------------------------------------------------------- covariates from expression
+class _PeakRSS:
+    """Peak resident memory above the start of the block (MB), sampled every 20 ms in a thread; on CUDA the
+    peak of torch's allocator instead."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak_mb = float("nan")
+
+    def __enter__(self) -> _PeakRSS:
+        import threading
+
+        import psutil
+
+        self._proc = psutil.Process()
+        self._base = self._proc.memory_info().rss
+        self._max = self._base
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.02):
+                self._max = max(self._max, self._proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._max = max(self._max, self._proc.memory_info().rss)
+        if self.device.startswith("cuda"):
+            import torch
+
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.peak_mb = (self._max - self._base) / 2**20
+
+
+def _mixture_counts(n: int, genes: int, types: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                          np.ndarray]:
+    """Gene-level counts of spots that mix ``types`` cell types (the simulator's model, without isoforms)."""
+    from spatialscale.simulate import grid_coords, smooth_fields
+
+    rng = np.random.default_rng(seed)
+    xy = grid_coords(n, "grid", seed)
+    f = smooth_fields(xy, types, 0.15, rng)
+    props = np.exp(2.0 * f)
+    props /= props.sum(axis=1, keepdims=True)
+    profile = rng.lognormal(0.0, 1.0, (types, genes))
+    profile[np.arange(types), rng.choice(genes, types, replace=False)] *= 20.0
+    profile /= profile.sum(axis=1, keepdims=True) / genes
+    mu = 2.0 * props @ profile
+    counts = rng.negative_binomial(5.0, 5.0 / (5.0 + mu)).astype(np.float64)
+    reference = profile * (1.0 + 0.05 * rng.standard_normal(profile.shape)).clip(0.5)
+    return counts, props, reference, xy
+
+
+def _time_to(history: list[float], walls: list[float], target: float) -> float:
+    """Seconds until the training loss first reached ``target`` (NaN if never)."""
+    for loss, wall in zip(history, walls):
+        if loss <= target:
+            return wall
+    return float("nan")
+
+
+def run_latent_bench(spots: list[int], genes: int = 500, *, types: int = 10, vae_epochs: int = 20,
+                     minibatch: int = 1024, device: str = "cpu", seed: int = 0,
+                     smoother: bool = True) -> pd.DataFrame:
+    """Covariates from expression at scale: the VAE's training speed and memory, NNLS deconvolution.
+
+    For each size: spatialscale's VAE (gene counts of simulated mixtures, ``zinb``, 10 latents) for
+    ``vae_epochs`` epochs on minibatches and full batch with the ``icar`` spatial loss (epochs per second,
+    peak memory, seconds to within 1% of the last epoch's loss); NNLS deconvolution into ``types`` cell
+    types without and with the ``icar`` spatial loss, and Smoother 1.1.0's NNLS (``smoother.models.deconv``,
+    Adam, its own SpatialLoss on the same kNN graph) on the same library-normalised inputs, in the same run
+    (its time, and the largest difference between the two proportion matrices).  Smoother's SpatialVAE
+    builds on scvi-tools, which is not installed (nor a dependency): it is reported as not run.
+    """
+    import torch
+
+    from spatialscale.expression.nnls import nnls_deconvolve, normalize_expression
+    from spatialscale.expression.training import fit_vae
+    from spatialscale.kernel import knn_adjacency
+    from spatialscale.losses import SpatialLoss
+
+    warnings.filterwarnings("ignore")
+    rows = []
+    for n in spots:
+        counts, props, reference, xy = _mixture_counts(n, genes, types, seed)
+        graph = knn_adjacency(xy, 4)
+        for mode in ("minibatch", "full+icar"):
+            loss = SpatialLoss("icar", graph, device=device) if mode == "full+icar" else None
+            t0 = time.perf_counter()
+            with _PeakRSS(device) as mem:
+                res = fit_vae(counts, model="vae", n_latent=10, gene_likelihood="zinb", max_epochs=vae_epochs,
+                              batch_size=minibatch if mode == "minibatch" else None, spatial_loss=loss,
+                              early_stopping=False, validation_fraction=0.0, seed=seed, device=device,
+                              progress=False)
+            wall = time.perf_counter() - t0
+            train = list(res.history["train"])
+            walls = list(np.linspace(wall / len(train), wall, len(train)))
+            rows.append({"what": f"vae {mode}", "spots": n, "genes": genes, "device": device, "epochs": res.epochs,
+                         "seconds": wall, "epochs_per_s": res.epochs / wall, "peak_mb": mem.peak_mb,
+                         "final_loss": res.final_loss,
+                         "s_to_1pct_of_final": _time_to(train, walls, res.final_loss * 1.01)})
+            print(pd.DataFrame([rows[-1]]).to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+        y = normalize_expression(counts, "library")
+        x = normalize_expression(reference, "library")
+        for lam in (0.0, 1.0):
+            loss = SpatialLoss("icar", graph, device=device) if lam else None
+            t0 = time.perf_counter()
+            with _PeakRSS(device) as mem:
+                res = nnls_deconvolve(y, x, spatial_loss=loss, lambda_spatial=lam, normalize="none", seed=seed,
+                                      device=device, progress=False)
+            wall = time.perf_counter() - t0
+            row = {"what": f"nnls lambda={lam:g}", "spots": n, "genes": genes, "device": device,
+                   "epochs": res.epochs, "seconds": wall, "peak_mb": mem.peak_mb, "final_loss": res.final_loss,
+                   "rmse_vs_truth": float(np.sqrt(((res.proportions - props) ** 2).mean()))}
+            if smoother and lam:
+                row.update(_smoother_nnls(y, x, graph, lam, res.proportions, props))
+                row["speedup_vs_smoother"] = row["smoother_s"] / wall
+            rows.append(row)
+            print(pd.DataFrame([rows[-1]]).to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+        del counts
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    table = pd.DataFrame(rows)
+    print("\nSmoother 1.1.0's SpatialVAE: not run (it builds on scvi-tools, which is not installed; see "
+          "docs/latent.md)")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return table
+
+
+def _smoother_nnls(y: np.ndarray, x: np.ndarray, graph: Any, lam: float, ours: np.ndarray,
+                   truth: np.ndarray) -> dict[str, float]:
+    """Smoother 1.1.0's NNLS (Adam, its default schedule) with its icar SpatialLoss on the same graph."""
+    try:
+        import torch
+        from smoother.losses import SpatialLoss as SmootherLoss
+        from smoother.models.deconv import NNLS
+        from smoother.weights import SpatialWeightMatrix
+    except ImportError:
+        return {"smoother_s": float("nan")}
+    swm = SpatialWeightMatrix()
+    swm.swm = torch.sparse_coo_tensor(np.vstack(graph.nonzero()), graph.data, graph.shape).float().coalesce()
+    swm.swm_scaled = swm.swm
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        loss = SmootherLoss("icar", swm, rho=1.0, use_sparse=True, standardize_cov=False)
+        model = NNLS(bias=False)
+        model.deconv(x.T, y.T, spatial_loss=loss, lambda_spatial_loss=lam, quiet=True)
+    wall = time.perf_counter() - t0
+    theirs = model.get_props().detach().double().numpy()  # (spots, types), rows scaled to sum 1
+    return {"smoother_s": wall, "smoother_rmse_vs_truth": float(np.sqrt(((theirs - truth) ** 2).mean())),
+            "max_abs_diff_vs_smoother": float(np.abs(theirs - ours).max())}

@@ -492,13 +492,17 @@ def _parser() -> argparse.ArgumentParser:
                    "or glmm-llr")
     p.add_argument("--null", default="liu", help="null (liu)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for spatialscale (2)")
-    p.add_argument("--test", default="sv", choices=("sv", "glmm", "du", "kernel", "raster", "compat"),
+    p.add_argument("--test", default="sv", choices=("sv", "glmm", "du", "kernel", "raster", "compat", "latent"),
                    help="sv: HSIC SV tests; glmm: glmm-full fit + DU score test (genes of 3 isoforms); "
                    "du: hsic and hsic-gp DU tests of every gene x covariate; kernel: kernel build of large sections "
                    "(graph, standardisation, power sums, peak memory) at each --spots and --geometry; "
                    "raster: sv on square grids of --spots bins (kernel='fft', ~70%% under tissue) against SplisosmFFT; "
                    "compat: SPLISOSM's classes against spatialscale.compat, the same calls (--method hsic-ir: "
-                   "SplisosmNP; glmm-score: SplisosmGLMM)")
+                   "SplisosmNP; glmm-score: SplisosmGLMM); latent: VAE training (epochs/s, peak memory, time to "
+                   "the final loss) and NNLS deconvolution into 10 cell types against Smoother's NNLS, at --spots "
+                   "(10000 100000) x --genes (500)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="latent: torch device (cpu)")
+    p.add_argument("--epochs", type=int, default=20, help="latent: VAE epochs per run (20)")
     p.add_argument("--geometry", nargs="+", default=["hex", "random", "grid"], choices=("hex", "random", "grid"),
                    help="kernel: spot layouts (hex random grid)")
     p.add_argument("--covariates", type=int, default=50, help="du: covariates (50)")
@@ -626,6 +630,19 @@ def _run(args: argparse.Namespace) -> int:
             run_compat_bench(spots=args.spots, genes=args.genes, model="np" if args.method == "hsic-ir" else "glmm",
                              workers=args.workers, seed=args.seed)
             return 0
+        if args.test == "latent":
+            from spatialscale.bench import run_latent_bench
+
+            spots = [10_000, 100_000] if args.spots == [10_000] else args.spots
+            genes = 500 if args.genes == [300] else args.genes[0]
+            run_latent_bench(spots, genes, vae_epochs=args.epochs, device=args.device, seed=args.seed,
+                             smoother=not args.no_splisosm)
+            return 0
+        if args.device != "cpu":
+            from spatialscale.errors import InputError
+
+            raise InputError("bench --device applies to --test latent (the other tests take their device from "
+                             "their workers).")
         if args.test == "glmm":
             method = "glmm-score" if args.method == "hsic-ir" else args.method
             run_glmm_bench(spots=args.spots, genes=args.genes, method=method, workers=args.workers, seed=args.seed)
