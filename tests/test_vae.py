@@ -10,6 +10,7 @@ from scipy.ndimage import gaussian_filter
 
 from spatialscale.expression.training import TrainResult, fit_vae, train_model
 from spatialscale.expression.vae import LDVAE, VAE, precision_diagonal
+from spatialscale.losses import SpatialLoss
 from spatialscale.priors import knn_weights
 
 
@@ -97,7 +98,7 @@ def test_seed_reproduces_bit_for_bit(small):
 @pytest.mark.parametrize("model", ["vae", "ldvae"])
 def test_latents_recover_cell_type_proportions(model):
     counts, props, _ = simulate(side=32, n_genes=300, seed=0)
-    result = fit_vae(counts, model=model, n_latent=5, max_epochs=20, lr=3e-3, batch_size=128, progress=False)
+    result = fit_vae(counts, model=model, n_latent=5, max_epochs=20, lr=1e-2, batch_size=128, progress=False)
     cc = canonical_correlations(result.latent_mean, props[:, :3])
     assert cc[:3].min() >= 0.9, cc
     assert result.latent_mean.shape == (1024, 5) and result.epochs == 20
@@ -114,7 +115,8 @@ def test_spatial_loss_smooths_latents():
     lap = laplacian(xy)
     options = {"n_latent": 5, "max_epochs": 100, "lr": 1e-2, "validation_fraction": 0.0, "progress": False}
     plain = fit_vae(counts, **options)
-    spatial = fit_vae(counts, spatial_loss=DenseQuadraticLoss(lap), lambda_spatial=3.0, **options)
+    icar = SpatialLoss("icar", weights=knn_weights(xy, 4))  # the graph Laplacian D - W of the same graph
+    spatial = fit_vae(counts, spatial_loss=icar, lambda_spatial=3.0, **options)
     r_plain, r_spatial = roughness(plain.latent_mean, lap), roughness(spatial.latent_mean, lap)
     assert r_spatial < 0.6 * r_plain, (r_plain, r_spatial)
     assert canonical_correlations(spatial.latent_mean, props[:, :3])[:3].min() >= 0.9
@@ -153,6 +155,15 @@ def test_kl_form_equals_closed_form():
             return torch.diagonal(self.q) * 2.0
 
     np.testing.assert_allclose(precision_diagonal(WithDiagonal(q), n, k).numpy(), np.tile(2 * np.diag(q), (k, 1)))
+    # spatialscale.losses.SpatialLoss: from its sparse precision and confidences, as probing its forward gives
+    xy = np.random.default_rng(2).uniform(0, 3, (n, 2))
+    car = SpatialLoss("car", weights=knn_weights(xy, 3), rho=0.2)
+    car.confidences = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    probed = precision_diagonal(lambda b, normalize=True: car(b, normalize=normalize), n, k)
+    np.testing.assert_allclose(precision_diagonal(car, n, k).numpy(), probed.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(probed[1].numpy(), 2 * np.diag(car.precision.to_dense().numpy()), rtol=1e-12)
+    with pytest.raises(ValueError, match="quadratic"):
+        precision_diagonal(SpatialLoss("kl", weights=knn_weights(xy, 3)), n, k)
 
 
 def test_kl_form_trains_and_enters_the_loss(small):

@@ -256,7 +256,8 @@ def train_model(
     spatial_loss, lambda_spatial, sp_loss_as_kl
         When ``spatial_loss`` is given, set on the model (:meth:`VAE.set_spatial_loss`) with these
         weight and form; otherwise the model's own spatial loss (if any) is used as it is.  A loss
-        with tensors should already be on ``device``.
+        that is a torch module is moved to ``device`` (``.to(device)``, in place); another callable
+        must work on tensors on ``device``.
     max_epochs
         Epochs at most; default scVI's ``min(400, round(400 * 20000 / n_spots))``, at least 1.
     lr, weight_decay
@@ -327,6 +328,8 @@ def train_model(
 
     device = torch.device(device)
     model.to(device)
+    if isinstance(model.spatial_loss, nn.Module):
+        model.spatial_loss.to(device)
     x = torch.as_tensor(x_np, dtype=torch.float32, device=device)
 
     def per_spot(values: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:

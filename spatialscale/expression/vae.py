@@ -56,8 +56,9 @@ given the other spots at their prior mean, ``N(0, (lambda Q_BB)^-1)``, whose dia
 ``lambda = 1`` the prior has the same per-spot marginals as scVI's ``N(0, I)``.
 
 The diagonal of ``Q`` is taken from ``spatial_loss.precision_diagonal()`` when the loss has that
-method (a ``(num_spot,)`` or ``(num_group, num_spot)`` tensor or array), else from a Smoother-style
-``inv_cov`` attribute (times ``confidences`` where present), else it is probed from the loss
+method (a ``(num_spot,)`` or ``(num_group, num_spot)`` tensor or array), else from its ``precision``
+(:class:`spatialscale.losses.SpatialLoss`) or Smoother-style ``inv_cov`` tensor (times
+``confidences`` where present), else it is probed from the loss
 itself: the gradient of ``L`` at a one-hot ``B`` is ``2 Q_k e_i``, one call per spot, computed
 once and cached.
 """
@@ -178,8 +179,9 @@ class Encoder(nn.Module):
 def precision_diagonal(spatial_loss: Callable[..., torch.Tensor], n_spots: int, n_groups: int) -> torch.Tensor:
     """The diagonal of a quadratic spatial loss's precision, ``(n_groups, n_spots)`` float64.
 
-    ``spatial_loss.precision_diagonal()`` where the loss has it; else a Smoother-style ``inv_cov``
-    ``(1 or n_groups, n, n)`` tensor (dense or sparse, times ``confidences``); else probed: the
+    ``spatial_loss.precision_diagonal()`` where the loss has it; else its ``precision``
+    (:class:`spatialscale.losses.SpatialLoss`: ``(n, n)``) or Smoother-style ``inv_cov``
+    (``(1 or n_groups, n, n)``) tensor, dense or sparse, times ``confidences``; else probed: the
     gradient of ``L(B) = sum_k b_k' Q_k b_k`` at ``B = [e_i, ..., e_i]`` is ``2 Q_k e_i`` (``n_spots``
     calls of the loss with ``normalize=False``).
 
@@ -197,13 +199,16 @@ def precision_diagonal(spatial_loss: Callable[..., torch.Tensor], n_spots: int, 
     torch.Tensor
         ``(n_groups, n_spots)``, on the CPU.
     """
+    if getattr(spatial_loss, "prior", None) == "kl":
+        raise ValueError("sp_loss_as_kl needs a quadratic spatial loss; prior='kl' is a pairwise KL, not a precision.")
     method = getattr(spatial_loss, "precision_diagonal", None)
+    stored = next((m for m in (getattr(spatial_loss, "precision", None), getattr(spatial_loss, "inv_cov", None))
+                   if isinstance(m, torch.Tensor)), None)
     if callable(method):
         diag = torch.as_tensor(np.asarray(_to_numpy(method())), dtype=torch.float64)
-    elif isinstance(getattr(spatial_loss, "inv_cov", None), torch.Tensor):
-        inv_cov = spatial_loss.inv_cov
-        mats = [inv_cov[g].to_dense() if inv_cov.is_sparse else inv_cov[g] for g in range(inv_cov.shape[0])]
-        diag = torch.stack([torch.diagonal(m).detach().cpu().to(torch.float64) for m in mats])
+    elif stored is not None:
+        mats = [stored] if stored.ndim == 2 else [stored[g] for g in range(stored.shape[0])]
+        diag = torch.stack([_matrix_diagonal(m) for m in mats])
         conf = getattr(spatial_loss, "confidences", None)
         if isinstance(conf, torch.Tensor):
             diag = diag * conf.detach().cpu().to(torch.float64).reshape(-1, 1)
@@ -222,6 +227,19 @@ def precision_diagonal(spatial_loss: Callable[..., torch.Tensor], n_spots: int, 
         raise ValueError(f"the spatial loss's precision diagonal has shape {tuple(diag.shape)}, expected "
                          f"({n_spots},) or ({n_groups}, {n_spots}); does the loss cover the {n_spots} spots?")
     return diag.expand(n_groups, n_spots).clone()
+
+
+def _matrix_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """Diagonal of a dense or sparse COO square matrix, float64 on the CPU."""
+    m = m.detach()
+    if m.layout == torch.strided:
+        return torch.diagonal(m).cpu().to(torch.float64)
+    m = m.coalesce().cpu()
+    rows, cols = m.indices()
+    on = rows == cols
+    diag = torch.zeros(m.shape[0], dtype=torch.float64)
+    diag[rows[on]] = m.values()[on].to(torch.float64)
+    return diag
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -421,7 +439,8 @@ class VAE(nn.Module):
         self.library_log_vars.copy_(variances.to(self.library_log_vars))
 
     # ------------------------------------------------------------------ covariates
-    def _one_hot(self, codes: torch.Tensor | None, n: int, rows: int, like: torch.Tensor) -> list[torch.Tensor]:
+    @staticmethod
+    def _one_hot(codes: torch.Tensor | None, n: int, like: torch.Tensor) -> list[torch.Tensor]:
         if n <= 1:
             return []
         if codes is None:
@@ -431,10 +450,10 @@ class VAE(nn.Module):
     def _covariates(self, x: torch.Tensor, batch_index: torch.Tensor | None, cat_covs: torch.Tensor | None,
                     cont_covs: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         rows = x.shape[0]
-        enc = self._one_hot(batch_index, self.n_batch, rows, x)
+        enc = self._one_hot(batch_index, self.n_batch, x)
         dec = list(enc)
         for j, n in enumerate(self.n_cats_per_cov):
-            dec += self._one_hot(None if cat_covs is None else cat_covs[:, j], n, rows, x)
+            dec += self._one_hot(None if cat_covs is None else cat_covs[:, j], n, x)
         if self.n_continuous_cov:
             if cont_covs is None:
                 raise ValueError(f"the model has {self.n_continuous_cov} continuous covariates, but none were given.")
@@ -574,7 +593,10 @@ class VAE(nn.Module):
         """
         lam = self.lambda_spatial
         m, k = qz_m.shape
-        diag = self.precision_diagonal(n_spots or m).to(device=qz_m.device, dtype=qz_m.dtype)
+        diag = self.precision_diagonal(n_spots or m)
+        if diag.device != qz_m.device or diag.dtype != qz_m.dtype:
+            diag = diag.to(device=qz_m.device, dtype=qz_m.dtype)
+            object.__setattr__(self, "_precision_diag", diag)  # cached where it is used
         if index is not None:
             diag = diag[:, index.to(diag.device)]
         quad = call_spatial_loss(self.spatial_loss, qz_m.T, index)
