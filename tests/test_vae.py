@@ -245,6 +245,22 @@ def test_learnt_library_ln_latent_and_covariates(small):
         VAE(30).get_loadings()
 
 
+@pytest.mark.parametrize("observed", [True, False])
+def test_empty_spots_and_genes(small, observed):
+    counts = small[0].copy()
+    counts[[0, 7]] = 0.0
+    counts[:, 5] = 0.0
+    result = fit_vae(counts, model="ldvae", gene_likelihood="zinb", dispersion="gene-cell",
+                     use_observed_lib_size=observed, **FAST)
+    assert np.isfinite(result.latent_mean).all() and np.isfinite(result.history["train"]).all()
+    assert result.dispersion.shape == counts.shape and np.isfinite(result.dispersion).all()
+    if observed:
+        assert result.library[0] == result.library[7] == 1.0  # an empty spot's library is 1
+    else:
+        logs = np.log(counts.sum(1)[counts.sum(1) > 0])
+        assert float(result.model.library_log_means[0]) == pytest.approx(logs.mean(), rel=1e-5)
+
+
 def test_train_model_inputs_and_progress(small, capsys):
     counts = small[0]
     model = VAE(30, n_hidden=16, n_latent=2)
