@@ -428,7 +428,7 @@ _SPATIAL_DOC = """spatial_loss
         ``isar``, ``sma``, ``splisosm``), ``kl`` or ``contrastive``; ``None``
         (default) adds none.
     lambda_spatial
-        Its weight in the loss (default 1; SpatialPCA 0.1).
+        Its weight in the loss (default 1; SpatialPCA and VAE 0.1).
     spatial_rho, spatial_standardize
         The prior's ``rho`` (default: the loss's own) and whether its
         covariance is standardised to unit variance (default ``False``).
@@ -575,7 +575,7 @@ def latent_factors(
         ``obs`` column of batches (injected into the VAE's encoder and
         decoder); a cohort's sections are the batches by default.
     gene_likelihood, dispersion, latent_distribution
-        VAE / LDVAE: ``zinb`` (default), ``nb`` or ``poisson``; ``gene``
+        VAE / LDVAE: ``nb`` (default), ``zinb`` or ``poisson``; ``gene``
         (default), ``gene-batch`` or ``gene-cell``; ``normal`` (default) or
         ``ln`` (logistic normal).
     n_hidden, n_layers, dropout_rate, use_observed_lib_size
@@ -586,11 +586,13 @@ def latent_factors(
         VAE / LDVAE: the spatial loss as the KL of the posterior against the
         spatial prior, instead of a penalty on the posterior means.
     max_epochs, lr, minibatch_size, validation_fraction, early_stopping, kl_warmup_epochs
-        Training: epochs (VAE 400, PCA 1000), Adam step size, spots per
-        minibatch (``None``: full batch, as a spatial loss coupling all spots
-        needs; minibatches use each batch's conditional precision),
-        held-out fraction of spots for early stopping (0.1), whether to stop
-        early, KL warm-up epochs (100).
+        Training: epochs (VAE: scVI's rule, ``min(400, 400 * 20000 / n)``
+        rounded; PCA 1000), Adam step size (VAE 1e-3; PCA: a line search),
+        spots per minibatch (``None``: full batch, what a spatial loss
+        coupling all spots needs; minibatches use each batch's conditional
+        precision, which is weak for small batches), held-out fraction of
+        spots for early stopping (0.1), whether to stop early, KL warm-up
+        epochs (default ``min(400, max_epochs)``).
     {execution}
 
     Returns

@@ -237,10 +237,11 @@ def _fit_vae(counts: np.ndarray, ctx: Context, opts: dict[str, Any], linear: boo
                   summary=_training_summary(res))
 
 
-_VAE_DEFAULTS = {"n_latent": 10, "n_hidden": 128, "n_layers": 1, "dropout_rate": 0.1, "gene_likelihood": "zinb",
+_VAE_DEFAULTS = {"n_latent": 10, "n_hidden": 128, "n_layers": 1, "dropout_rate": 0.1, "gene_likelihood": "nb",
                  "dispersion": "gene", "latent_distribution": "normal", "use_observed_lib_size": True,
-                 "max_epochs": 400, "lr": 1e-3, "minibatch_size": None, "validation_fraction": 0.1,
-                 "early_stopping": True, "kl_warmup_epochs": 100, "sp_loss_as_kl": False, **COMMON}
+                 "max_epochs": None, "lr": 1e-3, "minibatch_size": None, "validation_fraction": 0.1,
+                 "early_stopping": True, "kl_warmup_epochs": None, "sp_loss_as_kl": False, **COMMON,
+                 "lambda_spatial": 0.1}
 
 #: the registry: every model that writes covariates into a store
 MODELS: dict[str, Model] = {
