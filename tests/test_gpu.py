@@ -95,3 +95,30 @@ def test_raster_kernel_on_cuda_matches_cpu():
     y -= y.mean(0)
     np.testing.assert_allclose(FFTKernelOperator(params, device="cuda:0").quadratic_columns(y),
                                FFTKernelOperator(params).quadratic_columns(y), rtol=1e-10)
+
+
+def test_models_on_cuda_match_cpu(tmp_path):
+    """Covariates from expression on cuda:0: the spatial losses, NNLS deconvolution (float64: the same
+    proportions) and a VAE (float32 training: not bit-identical, the same layout recovered)."""
+    import spatialscale
+    from spatialscale.losses import SpatialLoss
+    from spatialscale.simulate import simulate_mixture
+
+    adata, reference = simulate_mixture(n_spots=900, n_genes=80, n_types=4, noise=0.3, seed=3)
+    store = spatialscale.ingest(adata, tmp_path / "s.zarr", progress=False)
+    beta = torch.randn(4, store.n_observed, dtype=torch.float64)
+    for prior in ("icar", "car", "sar", "sma", "kl"):
+        kw = {"rho": 0.2} if prior in ("car", "sar", "sma") else {}
+        cpu = SpatialLoss(prior, store, **kw)(beta)
+        gpu = SpatialLoss(prior, store, device="cuda", **kw)(beta.cuda())
+        np.testing.assert_allclose(gpu.item(), cpu.item(), rtol=1e-10)
+    kw = {"spatial_loss": "icar", "progress": False, "scheduler": "threads"}
+    cpu = spatialscale.deconvolve(store, reference, key_added="cpu", **kw)
+    gpu = spatialscale.deconvolve(store, reference, key_added="gpu", device="cuda", **kw)
+    np.testing.assert_allclose(gpu["gpu"].values, cpu["cpu"].values, rtol=0, atol=1e-6)
+    truth = adata.obsm["proportions"].loc[store.obs().index].to_numpy()
+    vae = spatialscale.latent_factors(store, model="vae", n_latent=4, max_epochs=100, device="cuda", progress=False)
+    z = vae["latent"].values
+    q1, _ = np.linalg.qr(z - z.mean(0))
+    q2, _ = np.linalg.qr(truth[:, 1:] - truth[:, 1:].mean(0))
+    assert np.linalg.svd(q1.T @ q2, compute_uv=False).min() > 0.8
