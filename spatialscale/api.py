@@ -532,6 +532,7 @@ def latent_factors(
     key_added: str = "latent",
     genes: Any = None,
     batch_key: str | None = None,
+    labels_key: str | None = None,
     gene_likelihood: str | None = None,
     dispersion: str | None = None,
     latent_distribution: str | None = None,
@@ -574,9 +575,12 @@ def latent_factors(
     batch_key
         ``obs`` column of batches (injected into the VAE's encoder and
         decoder); a cohort's sections are the batches by default.
+    labels_key
+        ``obs`` column of spot labels (e.g. an annotation) for
+        ``dispersion="gene-label"``.
     gene_likelihood, dispersion, latent_distribution
         VAE / LDVAE: ``nb`` (default), ``zinb`` or ``poisson``; ``gene``
-        (default), ``gene-batch`` or ``gene-cell``; ``normal`` (default) or
+        (default), ``gene-batch``, ``gene-label`` or ``gene-cell``; ``normal`` (default) or
         ``ln`` (logistic normal).
     n_hidden, n_layers, dropout_rate, use_observed_lib_size
         VAE / LDVAE network: 128 hidden units, 1 layer, dropout 0.1, the
@@ -615,7 +619,7 @@ def latent_factors(
              "early_stopping": early_stopping, "kl_warmup_epochs": kl_warmup_epochs, "seed": seed}
     given = {k: v for k, v in given.items() if v is not None}
     return fit_model(store, model, given, _model_execution(execution), key_added=key_added, genes=genes,
-                     batch_key=batch_key)
+                     batch_key=batch_key, labels_key=labels_key)
 
 
 deconvolve.__doc__ = (deconvolve.__doc__ or "").replace("{spatial}", _SPATIAL_DOC)

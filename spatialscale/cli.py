@@ -260,6 +260,7 @@ def _add_model_command(sub: argparse._SubParsersAction, command: str) -> None:
         p.add_argument("--model", default="vae", choices=names, help="vae (default), ldvae or pca")
         p.add_argument("--key-added", default="latent", help="name of the covariate set (latent)")
         p.add_argument("--batch-key", default=None, help="obs column of batches (a cohort: its sections)")
+        p.add_argument("--labels-key", default=None, help="obs column of spot labels (--dispersion gene-label)")
     p.add_argument("--genes", default=None, help="comma-separated genes to use (default: all shared)")
     g = p.add_argument_group("model options (defaults: the model's)")
     seen: set[str] = set()
@@ -309,7 +310,8 @@ def _run_model_command(args: argparse.Namespace) -> int:
             from spatialscale.errors import InputError
 
             raise InputError(f"--{wrong[0].replace('_', '-')} does not apply to --model {args.model}.")
-        ds = spatialscale.latent_factors(args.store, model=args.model, batch_key=args.batch_key, **opts, **common)
+        ds = spatialscale.latent_factors(args.store, model=args.model, batch_key=args.batch_key,
+                                         labels_key=args.labels_key, **opts, **common)
     prov = json.loads(ds.attrs["provenance"])
     done = "reused" if ds.attrs.get("reused") else "wrote"
     loss = prov.get("final_loss")

@@ -158,7 +158,15 @@ def test_bad_model_input_is_one_line_and_writes_nothing(mixture, tmp_path):
     st1 = spatialscale.ingest(one, tmp_path / "one.zarr", progress=False)
     with pytest.raises(InputError, match="one level"):
         spatialscale.latent_factors(st1, batch_key="batch")
+    with pytest.raises(InputError, match="needs labels"):
+        spatialscale.latent_factors(st1, dispersion="gene-label")
+    with pytest.raises(InputError, match="takes no batch_key"):
+        spatialscale.latent_factors(st1, model="pca", batch_key="celltype")
     assert st1.covariate_sets() == {}
+    # gene-label dispersion with labels from obs: one dispersion per label and gene
+    ds = spatialscale.latent_factors(st1, n_latent=2, max_epochs=5, dispersion="gene-label", labels_key="celltype",
+                                     progress=False)
+    assert ds["dispersion"].shape == (4, st1.n_genes)
     # the CLI: exit 2, one line, nothing written
     run = subprocess.run([sys.executable, "-m", "spatialscale.cli", "latent", str(store.path), "--n-latent", "0"],
                          capture_output=True, text=True)

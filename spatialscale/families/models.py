@@ -93,6 +93,7 @@ class Context:
     genes: list[str]
     spatial_loss: Any
     batch: np.ndarray | None
+    labels: np.ndarray | None
     reference: np.ndarray | None
     reference_names: list[str] | None
     device: str
@@ -200,9 +201,6 @@ def _check_vae(opts: dict[str, Any], n_genes: int, n_sections: int) -> None:
     _choice(opts, "gene_likelihood", LIKELIHOODS)
     _choice(opts, "dispersion", DISPERSIONS)
     _choice(opts, "latent_distribution", LATENT_DISTRIBUTIONS)
-    if opts["dispersion"] == "gene-label":
-        raise InputError("dispersion='gene-label' needs cell labels, which latent_factors does not take; use gene, "
-                         "gene-batch or gene-cell.")
     if opts["minibatch_size"] is not None and opts["spatial_loss"] is not None:
         log.info("minibatches with a spatial loss: each batch uses its spots' conditional precision")
 
@@ -226,7 +224,7 @@ def _fit_vae(counts: np.ndarray, ctx: Context, opts: dict[str, Any], linear: boo
             "validation_fraction", "early_stopping", "kl_warmup_epochs", "sp_loss_as_kl")
     kwargs = {k: opts[k] for k in keys}
     kwargs["batch_size"] = opts["minibatch_size"]
-    res = fit_vae(counts, model="ldvae" if linear else "vae", batch_index=ctx.batch,
+    res = fit_vae(counts, model="ldvae" if linear else "vae", batch_index=ctx.batch, labels=ctx.labels,
                   spatial_loss=ctx.spatial_loss, lambda_spatial=opts["lambda_spatial"], seed=opts["seed"],
                   device=ctx.device, progress=ctx.progress, **kwargs)
     extras = {"latent_var": res.latent_var, "library": res.library, "dispersion": res.dispersion}
@@ -370,7 +368,8 @@ def _spatial_loss(paths: list[str], opts: dict[str, Any], device: str) -> Any:
 
 
 def fit_task(model: str, paths: list[str], tokens: list[str], genes: list[str], opts: dict[str, Any],
-             reference: np.ndarray | None, reference_names: list[str] | None, batch: np.ndarray | None,
+             reference: np.ndarray | None, reference_names: list[str] | None,
+             groups: tuple[np.ndarray | None, np.ndarray | None],
              device: str, progress: bool) -> Fitted:
     """The worker's part: read the sections' gene counts, build the spatial loss, train, return host arrays."""
     from spatialscale.checksums import pinned
@@ -383,7 +382,8 @@ def fit_task(model: str, paths: list[str], tokens: list[str], genes: list[str], 
             stack.enter_context(pinned(path, token))
         parts = [read_gene_expression(path, genes)[0] for path in paths]
         counts = np.concatenate(parts, axis=0)
-        ctx = Context(genes=genes, spatial_loss=_spatial_loss(paths, opts, dev), batch=batch, reference=reference,
+        ctx = Context(genes=genes, spatial_loss=_spatial_loss(paths, opts, dev), batch=groups[0], labels=groups[1],
+                      reference=reference,
                       reference_names=reference_names, device=dev, progress=progress)
         try:
             return MODELS[model].fit(counts, ctx, opts)
@@ -429,7 +429,7 @@ def _digest(value: Any) -> str:
 
 def fit_model(target: Any, model: str, options: dict[str, Any], execution: ExecutionOptions, *,
               key_added: str | None = None, reference: Any = None, celltype_key: str | None = None,
-              genes: Any = None, batch_key: str | None = None) -> xr.Dataset:
+              genes: Any = None, batch_key: str | None = None, labels_key: str | None = None) -> xr.Dataset:
     """Train ``model`` on a store (or on every section of a cohort) as one task; write the covariate set.
 
     Everything is validated before the task starts (options, reference, the
@@ -461,15 +461,19 @@ def fit_model(target: Any, model: str, options: dict[str, Any], execution: Execu
         ref, ref_names, gene_list = reference_matrix(reference, gene_list, celltype_key)
     elif reference is not None:
         raise InputError(f"model {model!r} takes no reference.")
-    batch, batch_levels = _batches(stores, sections, batch_key)
-    if batch is not None and model not in ("vae", "ldvae"):
-        raise InputError(f"model {model!r} takes no batches (batch_key, or a cohort's sections); use vae or ldvae, "
-                         "or one section at a time.")
+    if (batch_key is not None or labels_key is not None) and model not in ("vae", "ldvae"):
+        raise InputError(f"model {model!r} takes no batch_key or labels_key; use vae or ldvae.")
+    batch, batch_levels = _batches(stores, sections, batch_key, model)
+    labels, label_levels = (None, None) if labels_key is None else _obs_codes(stores, labels_key, "labels_key")
     if opts.get("dispersion") == "gene-batch" and batch is None:
         raise InputError("dispersion='gene-batch' needs batches: give batch_key (an obs column with at least two "
                          "levels) or train on a cohort (its sections are the batches).")
+    if opts.get("dispersion") == "gene-label" and labels is None:
+        raise InputError("dispersion='gene-label' needs labels: give labels_key (an obs column, e.g. a cell type "
+                         "annotation, with at least two levels).")
     fp = _digest({"model": model, "options": opts, "content": [s.content_token for s in stores], "genes": gene_list,
-                  "batch_key": batch_key, "batch_levels": batch_levels,
+                  "batch_key": batch_key, "batch_levels": batch_levels, "labels_key": labels_key,
+                  "label_levels": label_levels,
                   "reference": None if ref is None else hashlib.sha256(ref.tobytes()).hexdigest(),
                   "reference_names": ref_names})
     existing = [st.covariate_sets().get(key) for st in stores]
@@ -492,7 +496,7 @@ def fit_model(target: Any, model: str, options: dict[str, Any], execution: Execu
         with runner_for(execution.client, scheduler=execution.scheduler, workers=execution.workers,
                         device=execution.device) as runner:
             local = runner.kind == "threads"
-            fut = runner.submit(fit_task, model, paths, tokens, gene_list, opts, ref, ref_names, batch,
+            fut = runner.submit(fit_task, model, paths, tokens, gene_list, opts, ref, ref_names, (batch, labels),
                                 execution.device, execution.progress and local,
                                 key=f"{model}-{uuid.uuid4().hex[:8]}")
             fitted = None
@@ -504,6 +508,7 @@ def fit_model(target: Any, model: str, options: dict[str, Any], execution: Execu
     if model == "nnls":
         columns = [f"{key}_{c}" for c in fitted.columns]
     provenance = {"model": model, "options": opts, "seed": opts["seed"], "fingerprint": fp, "batch_key": batch_key,
+                  "labels_key": labels_key,
                   "n_genes": len(gene_list), "sections": sections if len(stores) > 1 else None,
                   "device": execution.device, "spatialscale_version": __version__, **fitted.summary}
     bounds = np.cumsum([0] + [st.n_observed for st in stores])
@@ -517,28 +522,32 @@ def fit_model(target: Any, model: str, options: dict[str, Any], execution: Execu
     return _dataset(key, [st.covariate_set(key) for st in stores], sections, stores, gene_list, reused=False)
 
 
-def _batches(stores: list[IsoformStore], sections: list[str], batch_key: str | None,
-             ) -> tuple[np.ndarray | None, list[str] | None]:
-    """The batch of every spot: ``batch_key``'s levels, else a cohort's sections, else none."""
-    if batch_key is None:
-        if len(stores) == 1:
-            return None, None
-        return np.repeat(np.arange(len(stores)), [st.n_observed for st in stores]), list(sections)
+def _obs_codes(stores: list[IsoformStore], key: str, what: str) -> tuple[np.ndarray, list[str]]:
+    """Integer codes (sorted levels) of an obs column over the stores' spots, refused with one level."""
     labels = []
     for st in stores:
         obs = st.obs(covariate_sets=False)
-        if batch_key not in obs.columns:
-            raise InputError(f"batch_key {batch_key!r} is not an obs column of {st.path} (it has "
-                             f"{list(obs.columns)}).")
-        col = obs[batch_key]
+        if key not in obs.columns:
+            raise InputError(f"{what} {key!r} is not an obs column of {st.path} (it has {list(obs.columns)}).")
+        col = obs[key]
         if col.isna().any():
-            raise InputError(f"batch_key {batch_key!r} has missing values.")
+            raise InputError(f"{what} {key!r} has missing values.")
         labels.append(col.astype(str).to_numpy())
-    labels = np.concatenate(labels)
-    levels = sorted(set(labels))
+    values = np.concatenate(labels)
+    levels = sorted(set(values))
     if len(levels) < 2:
-        raise InputError(f"batch_key {batch_key!r} has one level ({levels[0]!r}); a batch needs at least two.")
-    return np.searchsorted(levels, labels), levels
+        raise InputError(f"{what} {key!r} has one level ({levels[0]!r}); it needs at least two.")
+    return np.searchsorted(levels, values), levels
+
+
+def _batches(stores: list[IsoformStore], sections: list[str], batch_key: str | None, model: str,
+             ) -> tuple[np.ndarray | None, list[str] | None]:
+    """The batch of every spot: ``batch_key``'s levels, else a cohort's sections (VAE / LDVAE), else none."""
+    if batch_key is not None:
+        return _obs_codes(stores, batch_key, "batch_key")
+    if len(stores) == 1 or model not in ("vae", "ldvae"):
+        return None, None
+    return np.repeat(np.arange(len(stores)), [st.n_observed for st in stores]), list(sections)
 
 
 def _dataset(key: str, parts: list[tuple[pd.DataFrame, dict[str, np.ndarray], dict]], sections: list[str],
