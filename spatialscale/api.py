@@ -593,7 +593,8 @@ def latent_factors(
         Training: epochs (VAE: scVI's rule, ``min(400, 400 * 20000 / n)``
         rounded; PCA 1000), Adam step size (VAE 1e-3; PCA: a line search),
         spots per minibatch (``None``: full batch, what a spatial loss
-        coupling all spots needs; minibatches use each batch's conditional
+        coupling all spots needs; without a spatial loss, above 50,000 spots,
+        minibatches of 1,024; minibatches use each batch's conditional
         precision, which is weak for small batches), held-out fraction of
         spots for early stopping (0.1), whether to stop early, KL warm-up
         epochs (default ``min(400, max_epochs)``).

@@ -224,6 +224,8 @@ def _fit_vae(counts: np.ndarray, ctx: Context, opts: dict[str, Any], linear: boo
             "validation_fraction", "early_stopping", "kl_warmup_epochs", "sp_loss_as_kl")
     kwargs = {k: opts[k] for k in keys}
     kwargs["batch_size"] = opts["minibatch_size"]
+    if kwargs["batch_size"] is None and ctx.spatial_loss is None and counts.shape[0] > FULL_BATCH_MAX_SPOTS:
+        kwargs["batch_size"] = AUTO_MINIBATCH  # full batch would hold every spot's activations at once
     res = fit_vae(counts, model="ldvae" if linear else "vae", batch_index=ctx.batch, labels=ctx.labels,
                   spatial_loss=ctx.spatial_loss, lambda_spatial=opts["lambda_spatial"], seed=opts["seed"],
                   device=ctx.device, progress=ctx.progress, **kwargs)
@@ -232,8 +234,13 @@ def _fit_vae(counts: np.ndarray, ctx: Context, opts: dict[str, Any], linear: boo
         extras["loadings"] = res.loadings
     extras = {k: np.asarray(v, dtype=np.float64) for k, v in extras.items() if v is not None}
     return Fitted(values=np.asarray(res.latent_mean, dtype=np.float64), columns=[], extras=extras,
-                  summary=_training_summary(res))
+                  summary={**_training_summary(res), "minibatch_size": kwargs["batch_size"]})
 
+
+#: VAE / LDVAE without a spatial loss: above this many spots ``minibatch_size=None`` trains on minibatches of
+#: ``AUTO_MINIBATCH`` spots (full batch at 10^5 spots x 500 genes peaks at ~6 GB on CPU, ``bench --test latent``)
+FULL_BATCH_MAX_SPOTS = 50_000
+AUTO_MINIBATCH = 1024
 
 _VAE_DEFAULTS = {"n_latent": 10, "n_hidden": 128, "n_layers": 1, "dropout_rate": 0.1, "gene_likelihood": "nb",
                  "dispersion": "gene", "latent_distribution": "normal", "use_observed_lib_size": True,
