@@ -2,7 +2,8 @@
 
 A prior turns symmetric non-negative spatial weights ``W`` (``D = diag(W 1)``) and an
 autocorrelation ``rho`` into the precision ``Q`` of a Gaussian spatial process; the kernel is
-``K = Q^-1`` (standardised to unit diagonal where asked, :mod:`spatialscale.kernel`).
+``K = Q^-1`` (standardised to unit diagonal where asked, :mod:`spatialscale.kernel`); the graphs and weights
+they start from are :mod:`spatialscale.graph`'s.
 
 =========  ===========================================  =====================================
 prior      precision ``Q``                              ``rho`` with ``Q`` positive definite
@@ -32,6 +33,8 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse
 import scipy.sparse.linalg
+
+from spatialscale.graph import car_precision, finish_adjacency, knn_adjacency, square_weights
 
 __all__ = [
     "PRIORS",
@@ -75,7 +78,7 @@ def knn_weights(coords: np.ndarray, k_neighbors: int = 4) -> scipy.sparse.csr_ma
 
     Spots ``i`` and ``j`` are joined (weight 1) when each is among the other's ``k_neighbors``
     nearest; a spot left without an edge gets a self loop of weight 1.  This is
-    :func:`spatialscale.kernel.knn_adjacency`: neighbours are searched on coordinates rounded to
+    :func:`spatialscale.graph.knn_adjacency`: neighbours are searched on coordinates rounded to
     float32, so exact distance ties (lattices) are broken as in SPLISOSM; Smoother searches the
     unrounded coordinates, which gives the same graph wherever no two candidate distances tie.
 
@@ -91,8 +94,6 @@ def knn_weights(coords: np.ndarray, k_neighbors: int = 4) -> scipy.sparse.csr_ma
     scipy.sparse.csr_matrix
         Symmetric binary ``(n, n)`` weights.
     """
-    from spatialscale.kernel import knn_adjacency
-
     return knn_adjacency(coords, k_neighbors)
 
 
@@ -133,8 +134,6 @@ def distance_weights(coords: np.ndarray, radius: float, bandwidth: float = DEFAU
     """
     from scipy.spatial import cKDTree
     from sklearn.neighbors import NearestNeighbors
-
-    from spatialscale.kernel import finish_adjacency
 
     radius, bandwidth = float(radius), float(bandwidth)
     if not (math.isfinite(radius) and radius > 0):
@@ -179,8 +178,6 @@ def row_scale_weights(w: scipy.sparse.spmatrix) -> scipy.sparse.csr_matrix:
 
 def _checked_weights(w: scipy.sparse.spmatrix | np.ndarray) -> scipy.sparse.csr_matrix:
     """``w`` as float64 CSR, after checking it is square, finite, non-negative and symmetric."""
-    from spatialscale.kernel import square_weights
-
     w = square_weights(w)
     diff = abs(w - w.T)
     if diff.nnz and diff.max() > 1e-12 * max(abs(w).max(), 1.0):
@@ -402,8 +399,6 @@ def prior_precision(w: scipy.sparse.spmatrix | np.ndarray, prior: str, rho: floa
     n = w.shape[0]
     eye = scipy.sparse.identity(n, format="csr")
     if prior == "splisosm":
-        from spatialscale.kernel import car_precision
-
         return car_precision(w, rho)
     if prior == "car":
         return (eye - rho * w).tocsr()
