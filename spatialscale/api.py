@@ -137,6 +137,7 @@ def sv_test(
     perm_seed: int | None = None,
     fit: str | None = None,
     glmm: dict[str, Any] | None = None,
+    covariates: Any = None,
     with_summary: bool = False,
     combine: str | None = None,
     group_by: str | None = None,
@@ -191,6 +192,16 @@ def sv_test(
         ``marginal_gd``, ``marginal_newton``).
     glmm
         glmm-llr: GLMM settings (see :func:`du_test`).
+    covariates
+        Adjust the test for covariates (obs column names, a list or
+        ``"a,b"``, covariate sets such as ``"latent"``, an array or a
+        DataFrame; categorical columns one-hot encoded): spatial variability
+        of usage beyond what they explain.  HSIC: each gene's centred
+        response is projected off the covariates (with an intercept) and the
+        null uses the power sums of the projected kernel ``M K_c M``
+        (``nan_filling="mean"``; null ``liu``, ``welch`` or ``perm``; CAR
+        stores); ``glmm-llr``: fixed effects of both models.  Results record
+        the design columns in ``attrs["covariates"]``.
     with_summary
         Also return the gene-level feature summaries (``gene_perplexity``,
         ``gene_count_avg``...; see :func:`feature_summary`), computed by the
@@ -216,8 +227,8 @@ def sv_test(
     """
     given = {"null": null, "transformation": transformation, "nan_filling": nan_filling, "n_perms": n_perms,
              "perm_seed": perm_seed, "fit": fit, "glmm": glmm, **extra}
-    return run_family("sv", store, method=method, options=given, execution=execution, with_summary=with_summary,
-                      combine=combine, group_by=group_by)
+    return run_family("sv", store, method=method, options=given, execution=execution, covariates=covariates,
+                      with_summary=with_summary, combine=combine, group_by=group_by)
 
 
 @_with_execution

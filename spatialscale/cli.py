@@ -182,7 +182,10 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
     if cov:
         p.add_argument("--covariates", required="required" in cov,
                        help="obs columns, comma separated (binary: one test; k >= 3 levels: one joint test, or one per "
-                            "level with --per-level)")
+                            "level with --per-level)" if command == "du" else
+                       "obs columns (or covariate sets such as latent), comma separated: "
+                       + ("adjust the test for them (spatial variability beyond the covariates; categorical columns "
+                          "one-hot encoded)" if command == "sv" else "fixed effects of the fit"))
     methods = methods_of(command)
     if methods:
         default = inspect.signature(api_function(command)).parameters["method"].default

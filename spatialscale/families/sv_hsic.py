@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
+from spatialscale.covariates import CovariateDesign, encode_covariates
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
 from spatialscale.families.base import Family, Option, Prepared
 from spatialscale.families.common import batch_counts, provenance, summary_variables
+from spatialscale.families.du_kernel import design_fingerprint
 from spatialscale.results import make_dataset
+from spatialscale.stats.adjust import covariate_basis, projected_kernel_sums
 from spatialscale.stats.multitest import bh_adjust
 from spatialscale.stats.nulls import NULLS
 from spatialscale.stats.responses import TRANSFORMS, response_width
@@ -23,9 +27,17 @@ from spatialscale.worker import kernel_diag_sq, kernel_operator
 __all__ = ["FAMILY"]
 
 
-def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], batch: Batch) -> dict[str, np.ndarray]:
-    """One Dask task: test the genes of ``batch`` (runs on a worker)."""
+def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], batch: Batch,
+             adjust: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """One Dask task: test the genes of ``batch`` (runs on a worker).
+
+    ``adjust`` (covariate-adjusted runs, computed once on the client): the
+    covariates' orthonormal ``basis`` and the projected kernel's power ``sums``.
+    """
     op, sums = kernel_operator(store_path, token, device)
+    if adjust is not None:
+        counts = batch_counts(store_path, batch)
+        return sv_batch(counts, op, adjust["sums"], covariate_basis=adjust["basis"], **params)
     if _sparse_ratios(op, params, batch):
         from spatialscale.store import _grid_index, read_sparse_columns
 
@@ -69,14 +81,19 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
              "nan_filling": opts["nan_filling"],
              **({"n_perms": int(n_perms), "perm_seed": int(opts["perm_seed"])} if null == "perm" else {})}
 
-    sparse = store.kernel_kind == "fft" and _sparse_options(params)
+    adjust, fingerprint_extra = None, None
+    if covariates is not None:
+        adjust, design = _covariate_adjustment(store, covariates, opts, null)
+        attrs["covariates"] = design.columns
+        fingerprint_extra = design_fingerprint(design)
+    sparse = store.kernel_kind == "fft" and _sparse_options(params) and adjust is None
 
     def bytes_per_gene(p: int) -> float:
         if sparse and p >= 2:  # the raster fast path: p - 1 grid columns and their half spectra
             return 8.0 * n * (2 * (p - 1) + 1)
         d = response_width(method, p, transformation)
         perm = 2 * 32 * d if null == "perm" else 0
-        return 8.0 * n * (p + 5 * d + perm)
+        return 8.0 * n * (p + 5 * d + perm + (d if adjust is not None else 0))
 
     def assemble(run: Any) -> xr.Dataset:
         data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
@@ -90,7 +107,40 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
 
     task = functools.partial(_sv_task, str(store.path.resolve()), store.kernel_token, device, params)
     return Prepared(kind="sv", params=params, task=task, bytes_per_gene=bytes_per_gene, label=f"sv {method}",
-                    assemble=assemble)
+                    assemble=assemble, shared=adjust, fingerprint_extra=fingerprint_extra)
+
+
+def _covariate_adjustment(store: IsoformStore, covariates: Any, opts: dict[str, Any],
+                          null: str) -> tuple[Callable[[], dict[str, np.ndarray]], CovariateDesign]:
+    """Validate the covariates of an adjusted HSIC run; the (lazy) basis and projected power sums, and the design.
+
+    The power sums of ``M K_c M`` are computed once, on the client, from
+    ``2u`` products with the section's kernel operator
+    (:func:`spatialscale.stats.adjust.projected_kernel_sums`), only when some
+    batch is left to run.
+    """
+    if store.kernel_kind == "fft":
+        raise InputError("covariate-adjusted sv does not run on raster (fft) stores yet; use a store ingested with "
+                         "kernel='car'.")
+    if opts["nan_filling"] != "mean":
+        raise InputError("covariate-adjusted sv needs nan_filling='mean' (every spot in the projection).")
+    if null == "liu-perm":
+        raise InputError("covariate-adjusted sv takes null='liu', 'welch' or 'perm', not 'liu-perm'.")
+    design = encode_covariates(store.obs(), covariates, drop_reference=True)
+    basis = covariate_basis(design.z)
+    n = store.n_spots
+    if basis.shape[1] == 0:
+        raise InputError(f"covariates {design.columns} are constant across spots: nothing to adjust for.")
+    if basis.shape[1] > n - 4:
+        raise InputError(f"covariates {design.columns} span {basis.shape[1]} directions on {n} spots: too few "
+                         "spots left for the test.")
+    store_path, token = str(store.path.resolve()), store.kernel_token
+
+    def compute() -> dict[str, np.ndarray]:
+        op, sums = kernel_operator(store_path, token, "cpu")
+        return {"basis": basis, "sums": projected_kernel_sums(op, sums, basis)}
+
+    return compute, design
 
 
 FAMILY = Family(
@@ -110,5 +160,6 @@ FAMILY = Family(
     ),
     prepare=_prepare,
     variables=("sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms", "n_spots_used"),
+    covariates="optional",
     kernels=("car", "fft"),
 )

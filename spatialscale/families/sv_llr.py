@@ -9,13 +9,16 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from spatialscale.covariates import encode_covariates
 from spatialscale.engine import Batch
 from spatialscale.errors import InputError
 from spatialscale.families.base import MIN_BATCHES_GLMM, Family, Option, Prepared
 from spatialscale.families.common import batch_counts, provenance, summary_variables
+from spatialscale.families.du_kernel import design_fingerprint
 from spatialscale.families.fit import FIT_METHODS, glmm_config, glmm_settings
 from spatialscale.glmm.llr import llr_permutation_pvalues
 from spatialscale.results import make_dataset
+from spatialscale.stats.adjust import covariate_basis
 from spatialscale.stats.multitest import bh_adjust
 from spatialscale.store import IsoformStore
 
@@ -26,13 +29,14 @@ LLR_NULLS = ("chi2", "perm", "perm-gene")
 
 
 def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str, n_perms: int, perm_seed: int,
-                 batch: Batch) -> dict[str, np.ndarray]:
+                 batch: Batch, design: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """One Dask task: fit glmm-null and glmm-full, compare their Laplace marginal likelihoods.
 
     The pair is fitted each from the other (:func:`spatialscale.glmm.llr.fit_sv_pair`).
     With ``n_perms > 0`` the pair is refitted on the counts with their spots
     permuted (permutation ``k`` is drawn from ``perm_seed + k``: the same for
-    every gene and every batch).
+    every gene and every batch).  ``design``: covariates, fixed effects of both
+    models (permutations move the counts, not the covariates).
     """
     from spatialscale.glmm import llr_test
     from spatialscale.glmm.llr import sv_log_marginals
@@ -51,14 +55,14 @@ def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str,
     dev = resolve_device(device)
     df = 1 if cfg.share_variance else batch.n_isoforms - 1
     work: dict[str, float] = {}
-    null, full = sv_log_marginals(counts, lam, vec, cfg, device=dev, work=work)
+    null, full = sv_log_marginals(counts, lam, vec, cfg, device=dev, work=work, design=design)
     stat, pval = llr_test(full, null, df)
     out = {"statistic": stat, "pvalue": pval, "n_spots_used": np.full(batch.n_genes, counts.shape[1])}
     if n_perms:
         perm_stats = np.empty((batch.n_genes, n_perms))
         for k in range(n_perms):
             order = np.random.default_rng(perm_seed + k).permutation(counts.shape[1])
-            null_k, full_k = sv_log_marginals(counts[:, order], lam, vec, cfg, device=dev, work=work)
+            null_k, full_k = sv_log_marginals(counts[:, order], lam, vec, cfg, device=dev, work=work, design=design)
             perm_stats[:, k] = 2.0 * (full_k - null_k)
         out["perm_statistic"] = perm_stats
     laplace = work.get("laplace_s", 0.0)  # the test: Laplace log-determinants; the fits: every pair, permuted too
@@ -74,7 +78,12 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
         raise InputError(f"n_perms must be >= 1 for null={null!r}.")
     if null == "chi2" and opts["n_perms"] is not None:
         raise InputError("n_perms applies to null='perm' or 'perm-gene' only.")
-    glmm = glmm_settings(store, "glmm-full", opts["fit"], opts["glmm"])
+    design = None
+    if covariates is not None:
+        design = encode_covariates(store.obs(), covariates, drop_reference=True)
+        if covariate_basis(design.z).shape[1] == 0:
+            raise InputError(f"covariates {design.columns} are constant across spots: nothing to adjust for.")
+    glmm = glmm_settings(store, "glmm-full", opts["fit"], opts["glmm"], design=design is not None)
     n = store.n_spots
     k = 0 if null == "chi2" else n_perms
     perm_seed = int(opts["perm_seed"])
@@ -92,6 +101,7 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
              **summary_variables(run.parts)},
             {"test": "spatial_variability", "method": "glmm-llr", "null": null,
              **({"n_perms": k, "perm_seed": perm_seed} if k else {}),
+             **({"covariates": design.columns} if design is not None else {}),
              **{f"glmm_{key}": v for key, v in glmm.items() if v is not None},
              **provenance(store), "execution": run.kind},
         )
@@ -99,7 +109,9 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
     task = functools.partial(_sv_llr_task, str(store.path.resolve()), store.kernel_token, glmm, device, k, perm_seed)
     params = {"method": "glmm-llr", "glmm": glmm, "null": null, **({"n_perms": k, "perm_seed": perm_seed} if k else {})}
     return Prepared(kind="sv", params=params, task=task, bytes_per_gene=lambda p: 8.0 * (n * (p - 1)) ** 2 * 3,
-                    label="sv glmm-llr", assemble=assemble, min_batches=MIN_BATCHES_GLMM)
+                    label="sv glmm-llr", assemble=assemble, min_batches=MIN_BATCHES_GLMM,
+                    shared=None if design is None else design.z,
+                    fingerprint_extra=None if design is None else design_fingerprint(design))
 
 
 FAMILY = Family(
@@ -120,4 +132,5 @@ FAMILY = Family(
     ),
     prepare=_prepare,
     variables=("sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms", "n_spots_used"),
+    covariates="optional",
 )

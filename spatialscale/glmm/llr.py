@@ -62,7 +62,8 @@ def _better(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.
 
 
 def fit_sv_pair(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, config, *,
-                device: str = "cpu", work: dict | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                device: str = "cpu", work: dict | None = None,
+                design: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Fit glmm-null and glmm-full of every gene of a batch, each from the other (see the module notes).
 
     Parameters
@@ -77,6 +78,9 @@ def fit_sv_pair(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, co
         Torch device.
     work
         If given, ``work["epochs"]`` is increased by the epochs of every fit made (all genes).
+    design
+        ``(n, F)`` fixed-effect covariates of both models (covariate-adjusted
+        test: the LLR then tests the spatial random effect beyond them).
 
     Returns
     -------
@@ -90,7 +94,7 @@ def fit_sv_pair(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, co
     work = {} if work is None else work
 
     def fit(c, lam, vec, cfg, init=None):
-        out = fit_glmm(c, lam, vec, config=cfg, device=device, init=init)
+        out = fit_glmm(c, lam, vec, design=design, config=cfg, device=device, init=init)
         work["epochs"] = work.get("epochs", 0) + int(np.sum(out["epochs"]))
         return out
 
@@ -113,14 +117,17 @@ def fit_sv_pair(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, co
 
 
 def sv_log_marginals(counts: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray, config, *,
-                     device: str = "cpu", work: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     device: str = "cpu", work: dict | None = None,
+                     design: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Laplace log marginal likelihoods ``(l_null, l_full)`` of the pair from :func:`fit_sv_pair` (and its ``work``;
-    ``work["laplace_s"]`` adds the seconds of the two log marginals)."""
+    ``work["laplace_s"]`` adds the seconds of the two log marginals; ``design``: fixed effects of both models)."""
     work = {} if work is None else work
-    null, full = fit_sv_pair(counts, eigvals, eigvecs, config, device=device, work=work)
+    null, full = fit_sv_pair(counts, eigvals, eigvecs, config, device=device, work=work, design=design)
     t = time.perf_counter()
-    l_null = laplace_log_marginal(null, counts, eigvals, eigvecs, config=dataclasses.replace(config, model="glmm-null"))
-    l_full = laplace_log_marginal(full, counts, eigvals, eigvecs, config=dataclasses.replace(config, model="glmm-full"))
+    l_null = laplace_log_marginal(null, counts, eigvals, eigvecs, design=design,
+                                  config=dataclasses.replace(config, model="glmm-null"))
+    l_full = laplace_log_marginal(full, counts, eigvals, eigvecs, design=design,
+                                  config=dataclasses.replace(config, model="glmm-full"))
     work["laplace_s"] = work.get("laplace_s", 0.0) + time.perf_counter() - t
     return l_null, l_full
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from spatialscale.stats.adjust import residualise
 from spatialscale.stats.hsic import (
     KernelOperator,
     feature_power_sums,
@@ -112,6 +113,7 @@ def sv_batch(
     n_probes: int = 60,
     probe_seed: int = 0,
     kernel_diag_sq: float | None = None,
+    covariate_basis: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """HSIC spatial-variability test of every gene in a batch.
 
@@ -142,6 +144,17 @@ def sv_batch(
         Hutchinson probes for ``nan_filling="none"``.
     kernel_diag_sq
         ``sum_i (K_eff)_ii^2`` of the section's kernel (for ``liu-perm``).
+    covariate_basis
+        ``(n, u)`` orthonormal basis ``U`` of the centred covariates
+        (:func:`spatialscale.stats.adjust.covariate_basis`): the test is
+        adjusted for them.  Each gene's centred response becomes
+        ``M Y = Y - U (U' Y)``, the statistic ``tr(Y' M K_eff M Y)``, and
+        ``kernel_sums`` must then be the power sums of ``M K_eff M``
+        (:func:`spatialscale.stats.adjust.projected_kernel_sums`); the
+        mixture's feature sums are scaled by the residual degrees of freedom
+        ``n - 1 - u``.  Needs ``nan_filling="mean"`` and a ``liu``,
+        ``welch`` or ``perm`` null (permutations of the residuals, projected
+        again).
 
     Returns
     -------
@@ -157,6 +170,9 @@ def sv_batch(
         raise ValueError("null='liu-perm' needs kernel_diag_sq and nan_filling='mean'.")
     if nan_filling not in NAN_FILLINGS:
         raise ValueError(f"Unknown nan_filling {nan_filling!r}; choose from {NAN_FILLINGS}.")
+    adjusted = covariate_basis is not None
+    if adjusted and (nan_filling != "mean" or null == "liu-perm"):
+        raise ValueError("covariate adjustment needs nan_filling='mean' and a liu, welch or perm null.")
     counts = np.asarray(counts, dtype=np.float64)
     b, n, _ = counts.shape
     y, covered = sv_responses(counts, method, transformation)
@@ -164,6 +180,8 @@ def sv_batch(
     if not finite.all():
         finite = np.isfinite(y).all(axis=(1, 2))  # per gene, exactly (a finite gene's sum could overflow)
         y = np.where(finite[:, None, None], y, 0.0)
+    if adjusted:
+        y = residualise(y, covariate_basis)  # rows still sum to zero for ratios / clr (M acts on each column)
     if method == "hsic-ir" and transformation in ("none", "clr") and y.shape[2] > 1:
         q = quadratic_statistic_simplex(op, y)
     else:
@@ -175,12 +193,13 @@ def sv_batch(
         # every gene's kernel sums are estimated alike, full coverage included (as SPLISOSM does)
         n_eff = covered.sum(axis=1).astype(np.float64)
         k = _masked_kernel_sums(op, covered, n_probes, probe_seed)
-    c = mixture_cumulants(k, f, n_eff)
+    # the mixture's feature eigenvalues estimate the response covariance: Y'MY has n - 1 - u degrees of freedom
+    c = mixture_cumulants(k, f, n_eff - covariate_basis.shape[1] if adjusted else n_eff)
     q_null = q  # the statistic on the null mixture's scale
     if null in ("liu", "welch"):
         p = _mixture_pvalue(q, c, null)
     elif null == "perm":
-        p = permutation_pvalue(q, _permutation_statistics(op, y, n_perms, perm_seed, perm_block))
+        p = permutation_pvalue(q, _permutation_statistics(op, y, n_perms, perm_seed, perm_block, covariate_basis))
     elif null == "liu-perm":
         mean, var = permutation_moments(k, kernel_diag_sq, f, (np.einsum("bnd,bnd->bn", y, y) ** 2).sum(1), n_eff)
         q_null = rescale_to_mixture(q, c, mean, var)
@@ -262,8 +281,10 @@ def sv_batch_sparse_ratios(
     return _sv_result(q, q, _mixture_pvalue(q, c, null), c, f, k, n_eff, finite)
 
 
-def _permutation_statistics(op: KernelOperator, y: np.ndarray, n_perms: int, seed: int, block: int) -> np.ndarray:
-    """``(B, n_perms)`` statistics of the batch under the shared permutations."""
+def _permutation_statistics(op: KernelOperator, y: np.ndarray, n_perms: int, seed: int, block: int,
+                            basis: np.ndarray | None = None) -> np.ndarray:
+    """``(B, n_perms)`` statistics of the batch under the shared permutations (with ``basis``: of the permuted
+    residuals projected again, ``M P M Y``)."""
     b, n, d = y.shape
     perms = permutations(n, n_perms, seed)
     out = np.empty((b, len(perms)))
@@ -271,6 +292,8 @@ def _permutation_statistics(op: KernelOperator, y: np.ndarray, n_perms: int, see
         chunk = perms[s : s + block]
         yp = y[:, chunk, :]  # (B, P, n, d)
         stacked = yp.transpose(2, 1, 0, 3).reshape(n, -1)  # columns ordered (P, B, d)
+        if basis is not None and basis.shape[1]:
+            stacked = stacked - basis @ (basis.T @ stacked)
         qc = op.quadratic_columns(np.ascontiguousarray(stacked))
         out[:, s : s + len(chunk)] = qc.reshape(len(chunk), b, d).sum(axis=2).T
     return out
