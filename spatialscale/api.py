@@ -1,6 +1,8 @@
 """The Python API: a store in, an xarray Dataset out.
 
-Each function is a thin front over :func:`spatialscale.families.run_family`:
+Each test function is a thin front over :func:`spatialscale.designs.run_design`
+(one store through :func:`spatialscale.families.run_store`, or a cohort's
+sections through :func:`spatialscale.designs.cohort_run.run_cohort`):
 its keywords are the family options (:mod:`spatialscale.families`, the same
 names as the CLI's flags) and the execution options
 (:class:`~spatialscale.options.ExecutionOptions`).  Options left at ``None``
@@ -20,8 +22,9 @@ from typing import Any
 
 import xarray as xr
 
+from spatialscale.cohort import is_cohort, section_stores
+from spatialscale.designs import run_design
 from spatialscale.errors import InputError
-from spatialscale.families import run_family
 from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM
 from spatialscale.families.common import ingest_option_names, input_store, parse_bytes
 from spatialscale.families.fit import fitted_ratios
@@ -117,7 +120,7 @@ def _with_execution(fn: Callable) -> Callable:
                 raise InputError(f"ingest option(s) {', '.join(twice)} given both as keywords and in ingest=; "
                                  "give each once.")
             ingest = {**(ingest or {}), **top}
-        with input_store(store, ingest, ingest_to) as opened:
+        with input_store(store, ingest, ingest_to, cohort=is_cohort(store)) as opened:
             return fn(opened, *args, execution=execution, **kwargs)
 
     entry.__signature__ = sig.replace(parameters=own + added + rest)  # type: ignore[attr-defined]
@@ -153,7 +156,7 @@ def sv_test(
         ``ingest``), or a cohort (:func:`spatialscale.open_cohort`
         or a cohort folder): then every section is tested in one set of
         tasks and the results gain a ``section`` dimension and per-gene
-        combined p-values (see :func:`spatialscale.cohort.run_cohort`).
+        combined p-values (see :func:`spatialscale.designs.cohort_run.run_cohort`).
     method
         ``hsic-ir`` (isoform ratios), ``hsic-ic`` (isoform counts),
         ``hsic-gc`` (gene counts), or ``glmm-llr``: ``2 (l_full - l_null)``
@@ -227,7 +230,7 @@ def sv_test(
     """
     given = {"null": null, "transformation": transformation, "nan_filling": nan_filling, "n_perms": n_perms,
              "perm_seed": perm_seed, "fit": fit, "glmm": glmm, **extra}
-    return run_family("sv", store, method=method, options=given, execution=execution, covariates=covariates,
+    return run_design("sv", store, method=method, options=given, execution=execution, covariates=covariates,
                       with_summary=with_summary, combine=combine, group_by=group_by)
 
 
@@ -344,7 +347,7 @@ def du_test(
     """
     given = {"transformation": transformation, "nan_filling": nan_filling, "residualize": residualize, "null": null,
              "gp": gp, "model": model, "fit": fit, "glmm": glmm, "per_level": per_level, **extra}
-    return run_family("du", store, method=method, options=given, execution=execution, covariates=covariates,
+    return run_design("du", store, method=method, options=given, execution=execution, covariates=covariates,
                       with_summary=with_summary, combine=combine, group_by=group_by)
 
 
@@ -391,7 +394,7 @@ def glmm_fit(
         :func:`fitted_ratios` to recompute a gene's fitted isoform ratios.
     """
     given = {"model": model, "fit": fit, "glmm": glmm, "return_nu": return_nu, **extra}
-    return run_family("glmm", store, method=None, options=given, execution=execution, covariates=covariates)
+    return run_design("glmm", store, method=None, options=given, execution=execution, covariates=covariates)
 
 
 @_with_execution
@@ -426,7 +429,7 @@ def feature_summary(
     """
     if execution.batch_memory == "auto":  # CPU-only work: the CPU default budget
         execution = dataclasses.replace(execution, batch_memory="256MB")
-    return run_family("summary", store, method=None, options=dict(extra), execution=execution)
+    return run_design("summary", store, method=None, options=dict(extra), execution=execution)
 
 
 
@@ -530,7 +533,8 @@ def deconvolve(
         raise InputError(f"unknown deconvolution method {method!r}; choose nnls.")
     options = {"spatial_loss": spatial_loss, "lambda_spatial": lambda_spatial, "spatial_rho": spatial_rho,
                "spatial_standardize": spatial_standardize, "max_epochs": max_epochs, "lr": lr, "seed": seed}
-    return fit_model(store, "nnls", options, _model_execution(execution), key_added=key_added, reference=reference,
+    execution = _model_execution(execution)
+    return fit_model(*section_stores(store), "nnls", options, execution, key_added=key_added, reference=reference,
                      celltype_key=celltype_key, genes=genes)
 
 
@@ -630,7 +634,8 @@ def latent_factors(
              "lr": lr, "minibatch_size": minibatch_size, "validation_fraction": validation_fraction,
              "early_stopping": early_stopping, "kl_warmup_epochs": kl_warmup_epochs, "seed": seed}
     given = {k: v for k, v in given.items() if v is not None}
-    return fit_model(store, model, given, _model_execution(execution), key_added=key_added, genes=genes,
+    execution = _model_execution(execution)
+    return fit_model(*section_stores(store), model, given, execution, key_added=key_added, genes=genes,
                      batch_key=batch_key, labels_key=labels_key)
 
 

@@ -9,7 +9,7 @@
   results, significant genes highlighted and the top ones labelled;
 - :func:`sections` and :func:`section_counts`: a cohort's per-section
   against combined evidence (results of a cohort run, see
-  :func:`spatialscale.cohort.run_cohort`).
+  :func:`spatialscale.designs.cohort_run.run_cohort`).
 
 Every plot of results takes the results Dataset or an AnnData annotated by
 :func:`spatialscale.to_anndata` (``key=`` picks the results in
@@ -697,10 +697,11 @@ def isoform_ratios(
     _pyplot()  # matplotlib, or how to install it
     from matplotlib.colors import Normalize
 
+    from spatialscale.cohort import is_cohort
     from spatialscale.families.common import input_store
     from spatialscale.store import IsoformStore
 
-    with input_store(store, ingest) as opened:
+    with input_store(store, ingest, cohort=is_cohort(store)) as opened:
         if not isinstance(opened, IsoformStore):
             raise InputError("isoform_ratios draws one section: pass a section's store (cohort.store(section_id)).")
         names = _gene_isoforms(opened, gene)

@@ -39,7 +39,7 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "loss": (("gene",), "best negative log joint likelihood (GLM: negative log likelihood)"),
     "epochs": (("gene",), "optimiser epochs (GLM: Newton iterations) used by the gene"),
     "nu": (("gene", "spot", "contrast"), "fitted random effect (only on request)"),
-    # cohorts (spatialscale.cohort.run_cohort): per gene (and covariate for DU), over the sections that tested it
+    # cohorts (spatialscale.designs.cohort_run): per gene (and covariate for DU), over the sections that tested it
     "combined_pvalue": (("gene",), "p-value combining the sections where the gene was tested (attribute combine)"),
     "combined_pvalue_adj": (("gene",), "Benjamini-Hochberg adjusted combined_pvalue over genes"),
     "n_sections_tested": (("gene",), "sections where the gene was tested"),

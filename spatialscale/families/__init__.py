@@ -6,6 +6,11 @@ the family's options, lets the family prepare its run and hands it to the
 engine.  The public API (:mod:`spatialscale.api`) and the CLI
 (:mod:`spatialscale.cli`) are generic over this registry: adding a family
 is one module here plus its line in :data:`FAMILIES`.
+
+A family runs on one isoform store and knows nothing of cohorts: runs over
+several stores (a cohort's sections, combined per gene) are plans of
+single-store plans (:func:`plan_store`) made above, in
+:mod:`spatialscale.designs`.
 """
 
 from __future__ import annotations
@@ -15,15 +20,15 @@ from typing import Any
 
 import xarray as xr
 
-from spatialscale.cohort import is_cohort, run_cohort
 from spatialscale.errors import InputError
 from spatialscale.families import du_glmm, du_kernel, fit, summary, sv_hsic, sv_llr
 from spatialscale.families.base import Family, Option, Prepared, resolve_options
-from spatialscale.families.common import as_store, execute, run_spec
+from spatialscale.families.common import RunSpec, as_store, execute, run_spec
 from spatialscale.options import ExecutionOptions
 from spatialscale.store import IsoformStore
 
-__all__ = ["FAMILIES", "Family", "Option", "Prepared", "family_for", "methods_of", "run_family"]
+__all__ = ["FAMILIES", "Family", "Option", "Prepared", "family_for", "methods_of", "plan_store", "resolve_family",
+           "run_family", "run_store"]
 
 #: every test family, by name
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (sv_hsic, sv_llr, du_kernel, du_glmm, fit, summary)}
@@ -43,30 +48,14 @@ def family_for(command: str, method: str | None) -> Family:
     return found[0]
 
 
-def run_family(command: str, store: IsoformStore | str | os.PathLike, *, method: str | None,
-               options: dict[str, Any], execution: ExecutionOptions, covariates: Any = None,
-               with_summary: bool = False, combine: str | None = None,
-               group_by: str | None = None) -> xr.Dataset:
-    """Validate everything, then run a family's batches on the engine and return its Dataset.
+def resolve_family(command: str, method: str | None, options: dict[str, Any], *, covariates: Any = None,
+                   with_summary: bool = False) -> tuple[Family, dict[str, Any]]:
+    """The family that runs ``method`` of ``command`` and its options, after the checks every run makes.
 
-    Parameters
-    ----------
-    command, method
-        Select the family (``"sv", "hsic-ir"``; ``"glmm", None``...).
-    options
-        The family's options as given (``None``: not given).
-    execution
-        Where and how to run (validated here, before anything else).
-    covariates
-        Covariates of DU tests and GLMM fits.
-    with_summary
-        Add the gene-level feature summaries (computed by the same tasks).
-    combine
-        Cohorts: how sections' p-values are combined per gene (cauchy by default).
-    group_by
-        Cohorts: a metadata column; sections are also combined within each of its groups.
+    Options are resolved against the family (choices checked, defaults filled; an option of another
+    method of the command is an error naming the methods it applies to); covariates and
+    ``with_summary`` are checked against what the family takes.
     """
-    execution = execution.validated()
     family = family_for(command, method)
     elsewhere: dict[str, tuple[str, ...]] = {}  # option -> every method of the command that takes it
     for f in FAMILIES.values():
@@ -80,13 +69,53 @@ def run_family(command: str, store: IsoformStore | str | os.PathLike, *, method:
         raise InputError(f"{command} {method or ''} takes no covariates.".replace("  ", " "))
     if with_summary and not family.summaries:
         raise InputError(f"with_summary does not apply to {command}.")
-    if is_cohort(store):
-        return run_cohort(family, store, method=method, opts=opts, execution=execution, covariates=covariates,
-                          with_summary=with_summary, combine=combine or "cauchy", group_by=group_by)
-    if combine is not None or group_by is not None:
-        raise InputError(f"{'combine' if combine is not None else 'group_by'} applies to cohorts (a Cohort or a "
-                         "cohort folder), not to one store.")
+    return family, opts
+
+
+def plan_store(family: Family, store: IsoformStore, *, method: str | None, opts: dict[str, Any], covariates: Any,
+               with_summary: bool, device: str) -> RunSpec:
+    """The plan of a family's run on one store: prepared by the family, its task and fingerprint.
+
+    ``opts`` are resolved (:func:`resolve_family`).  A plan is what
+    :func:`~spatialscale.families.common.execute` runs, alone or beside
+    others (a cohort's sections: :mod:`spatialscale.designs`).
+    """
+    prep = family.prepare_for(store, method, opts, covariates, device)
+    return run_spec(store, prep, with_summary)
+
+
+def run_family(command: str, store: IsoformStore | str | os.PathLike, *, method: str | None,
+               options: dict[str, Any], execution: ExecutionOptions, covariates: Any = None,
+               with_summary: bool = False) -> xr.Dataset:
+    """Validate everything, then run a family's batches on one store and return its Dataset.
+
+    Parameters
+    ----------
+    command, method
+        Select the family (``"sv", "hsic-ir"``; ``"glmm", None``...).
+    store
+        An isoform store or its path (runs over several stores, such as a
+        cohort's sections, are :mod:`spatialscale.designs`' business).
+    options
+        The family's options as given (``None``: not given).
+    execution
+        Where and how to run (validated here, before anything else).
+    covariates
+        Covariates of DU tests and GLMM fits.
+    with_summary
+        Add the gene-level feature summaries (computed by the same tasks).
+    """
+    execution = execution.validated()
+    family, opts = resolve_family(command, method, options, covariates=covariates, with_summary=with_summary)
+    return run_store(family, store, method=method, opts=opts, execution=execution, covariates=covariates,
+                     with_summary=with_summary)
+
+
+def run_store(family: Family, store: IsoformStore | str | os.PathLike, *, method: str | None, opts: dict[str, Any],
+              execution: ExecutionOptions, covariates: Any = None, with_summary: bool = False) -> xr.Dataset:
+    """Run a family on one store, its options resolved (:func:`resolve_family`) and ``execution`` validated."""
     store = as_store(store)
-    prep = family.prepare_for(store, method, opts, covariates, execution.device)
-    spec = run_spec(store, prep, with_summary)
-    return execute({"": spec}, execution, finalize=lambda ds, parts: ds[""], protect=[store.path], label=prep.label)
+    spec = plan_store(family, store, method=method, opts=opts, covariates=covariates, with_summary=with_summary,
+                      device=execution.device)
+    return execute({"": spec}, execution, finalize=lambda ds, parts: ds[""], protect=[store.path],
+                   label=spec.prep.label)

@@ -375,7 +375,7 @@ INGEST_CACHE = IngestCache()
 
 @contextlib.contextmanager
 def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
-                ingest_to: str | os.PathLike | None = None) -> Iterator[IsoformStore]:
+                ingest_to: str | os.PathLike | None = None, *, cohort: bool = False) -> Iterator[IsoformStore]:
     """The isoform store a run reads: ``source`` itself, or an AnnData input ingested once.
 
     Parameters
@@ -384,6 +384,10 @@ def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
         An isoform store (opened or its path), a cohort (passed through), or
         an AnnData / SpatialData input (object or path; see
         :func:`is_anndata_input`).
+    cohort
+        The caller found ``source`` to be a cohort
+        (:func:`spatialscale.cohort.is_cohort`; the families do not know
+        cohorts): it is passed through as it is.
     ingest_options
         Keywords of :func:`~spatialscale.store.ingest` for an AnnData input
         (``layer``, ``gene_key``, ``spatial_key``, ``k_neighbors``...).
@@ -401,7 +405,6 @@ def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
         Ingest options for an input that is already a store, unknown ingest
         options, or anything :func:`~spatialscale.store.ingest` refuses.
     """
-    from spatialscale.cohort import is_cohort
     from spatialscale.store import ingest_fingerprint
 
     if ingest_options is not None and not isinstance(ingest_options, dict):
@@ -410,12 +413,12 @@ def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
     options = dict(ingest_options or {})
     if not is_anndata_input(source):
         if options or ingest_to is not None:
-            what = "a cohort" if is_cohort(source) else "an isoform store"
+            what = "a cohort" if cohort else "an isoform store"
             given = ", ".join(sorted(options)) + (" and " if options and ingest_to is not None else "") + (
                 "ingest_to" if ingest_to is not None else "")
             raise InputError(f"ingest options ({given}) apply to AnnData inputs; {source} is {what} "
                              "(already ingested).")
-        yield source if is_cohort(source) else as_store(source)
+        yield source if cohort else as_store(source)
         return
     allowed = set(ingest_option_names()) | {"overwrite"}
     unknown = sorted(set(options) - allowed)

@@ -399,20 +399,6 @@ def fit_task(model: str, paths: list[str], tokens: list[str], genes: list[str], 
 
 
 # --------------------------------------------------------------------------- the client's part
-def _stores_of(target: Any) -> tuple[list[str], list[IsoformStore]]:
-    from spatialscale.cohort import Cohort, is_cohort, open_cohort
-
-    if isinstance(target, Cohort) or (not isinstance(target, IsoformStore) and is_cohort(target)):
-        cohort = target if isinstance(target, Cohort) else open_cohort(target)
-        ids = cohort.section_ids
-        return ids, [cohort.store(s) for s in ids]
-    if isinstance(target, IsoformStore):
-        return [""], [target]
-    from spatialscale.store import open_store
-
-    return [""], [open_store(target)]
-
-
 def _shared_genes(stores: list[IsoformStore], genes: Any) -> list[str]:
     if genes is not None:
         genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
@@ -434,10 +420,16 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fit_model(target: Any, model: str, options: dict[str, Any], execution: ExecutionOptions, *,
-              key_added: str | None = None, reference: Any = None, celltype_key: str | None = None,
-              genes: Any = None, batch_key: str | None = None, labels_key: str | None = None) -> xr.Dataset:
+def fit_model(sections: list[str], stores: list[IsoformStore], model: str, options: dict[str, Any],
+              execution: ExecutionOptions, *, key_added: str | None = None, reference: Any = None,
+              celltype_key: str | None = None, genes: Any = None, batch_key: str | None = None,
+              labels_key: str | None = None) -> xr.Dataset:
     """Train ``model`` on a store (or on every section of a cohort) as one task; write the covariate set.
+
+    ``sections`` and ``stores``: the section ids and opened stores to train
+    on, ``[""]`` and one store for a single store (a cohort is resolved by
+    the caller, :func:`spatialscale.cohort.section_stores`; the families do
+    not know cohorts).
 
     Everything is validated before the task starts (options, reference, the
     target name in every store); the set is written only once training has
@@ -458,7 +450,8 @@ def fit_model(target: Any, model: str, options: dict[str, Any], execution: Execu
     spec = MODELS.get(model)
     opts = model_options(model, options)
     key = key_added or (spec.key if spec else model)
-    sections, stores = _stores_of(target)
+    if len(sections) != len(stores) or not stores:
+        raise ValueError(f"fit_model needs one section id per store, got {len(sections)} ids and {len(stores)} stores.")
     gene_list = _shared_genes(stores, genes)
     spec.check(opts, len(gene_list), len(stores))
     ref, ref_names = None, None
