@@ -206,3 +206,5 @@ def test_glmm_llr_takes_the_covariates_as_fixed_effects(tiny_store):
     ds = spatialscale.sv_test(store, method="glmm-llr", covariates="celltype", **RUN)
     assert ds.attrs["covariates"] == ["celltype[T1]", "celltype[T2]"]
     assert np.isfinite(ds["sv_statistic"].values).all()
+    with pytest.raises(InputError, match="null='chi2' only"):
+        spatialscale.sv_test(store, method="glmm-llr", covariates="celltype", null="perm", **RUN)

@@ -36,7 +36,7 @@ def _sv_llr_task(store_path: str, token: str, glmm: dict[str, Any], device: str,
     With ``n_perms > 0`` the pair is refitted on the counts with their spots
     permuted (permutation ``k`` is drawn from ``perm_seed + k``: the same for
     every gene and every batch).  ``design``: covariates, fixed effects of both
-    models (permutations move the counts, not the covariates).
+    models (with ``null="chi2"`` only: permuting the counts would break their dependence on the covariates).
     """
     from spatialscale.glmm import llr_test
     from spatialscale.glmm.llr import sv_log_marginals
@@ -79,6 +79,10 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
     if null == "chi2" and opts["n_perms"] is not None:
         raise InputError("n_perms applies to null='perm' or 'perm-gene' only.")
     design = None
+    if covariates is not None and null != "chi2":
+        raise InputError(f"glmm-llr with covariates takes null='chi2' only: null={null!r} permutes the counts, which "
+                         "breaks their dependence on the covariates (the permuted pairs are no null for the "
+                         "adjusted test).")
     if covariates is not None:
         design = encode_covariates(store.obs(), covariates, drop_reference=True)
         if covariate_basis(design.z).shape[1] == 0:
