@@ -73,8 +73,7 @@ def residualise(y: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """
     if basis.shape[1] == 0:
         return y
-    coef = np.einsum("nu,bnd->bud", basis, y)
-    return y - np.einsum("nu,bud->bnd", basis, coef)
+    return y - basis @ (basis.T @ y)  # batched matmuls: (u, n) @ (B, n, d), then (n, u) @ (B, u, d)
 
 
 def projected_gram(op: KernelOperator, basis: np.ndarray) -> np.ndarray:
