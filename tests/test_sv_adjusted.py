@@ -208,3 +208,15 @@ def test_glmm_llr_takes_the_covariates_as_fixed_effects(tiny_store):
     assert np.isfinite(ds["sv_statistic"].values).all()
     with pytest.raises(InputError, match="null='chi2' only"):
         spatialscale.sv_test(store, method="glmm-llr", covariates="celltype", null="perm", **RUN)
+
+
+def test_cohort_sections_are_adjusted_each_by_its_own_covariates(tmp_path):
+    for i in range(2):
+        typed_section(n=100, n_null=6, n_sv=2, seed=20 + i).write_h5ad(tmp_path / f"s{i}.h5ad")
+    (tmp_path / "m.csv").write_text("section,path\nA,s0.h5ad\nB,s1.h5ad\n")
+    cohort = spatialscale.ingest_cohort(tmp_path / "m.csv", tmp_path / "co", **RUN)
+    ds = spatialscale.sv_test(cohort, covariates="celltype", **RUN)
+    assert ds.sizes["section"] == 2 and np.isfinite(ds["combined_pvalue"].values).all()
+    for s in ("A", "B"):
+        one = spatialscale.sv_test(cohort.store(s), covariates="celltype", **RUN)
+        np.testing.assert_allclose(ds["sv_pvalue"].sel(section=s).values, one["sv_pvalue"].values, rtol=1e-6)
