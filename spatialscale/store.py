@@ -801,9 +801,10 @@ class IsoformStore:
         if not covariate_sets:
             return obs
         sets = {}
-        for name in self.covariate_sets():
-            values = self.covariate_set(name)[0]
-            obs = pd.concat([obs, values.set_axis(obs.index)], axis=1)
+        listed = self.covariate_sets()
+        for name, info in listed.items():
+            values = self._covariate_values(name, info["columns"], obs.index, values_only=True)[0]
+            obs = pd.concat([obs, values], axis=1)
             sets[name] = list(values.columns)
         obs.attrs["covariate_sets"] = sets
         return obs
@@ -832,18 +833,23 @@ class IsoformStore:
         InputError
             If the store holds no set of that name.
         """
-        import zarr
-
         sets = self.covariate_sets()
         if name not in sets:
             raise InputError(f"{self.path} holds no covariate set {name!r} (it has: {sorted(sets) or 'none'}).")
+        values, arrays = self._covariate_values(name, sets[name]["columns"], self._read_elem("obs").index)
+        return values, arrays, sets[name]["provenance"]
+
+    def _covariate_values(self, name: str, columns: list[str], index: pd.Index, *, values_only: bool = False,
+                          ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+        """A listed (verified) covariate set's values on ``index`` and (unless ``values_only``) its other arrays."""
+        import zarr
+
         folder = self.path / COVARIATES_KEY / name
         group = zarr.open_group(str(folder), mode="r", use_consolidated=False)
-        keys = sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())  # not group listing: it
-        arrays = {k: np.asarray(group[k][...]) for k in keys}  # warns of the checksum file
-        index = self._read_elem("obs").index
-        values = pd.DataFrame(arrays.pop("values"), index=index, columns=sets[name]["columns"])
-        return values, arrays, sets[name]["provenance"]
+        keys = ["values"] if values_only else sorted(  # not the group's listing: it warns of the checksum file
+            p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
+        arrays = {k: np.asarray(group[k][...]) for k in keys}
+        return pd.DataFrame(arrays.pop("values"), index=index, columns=columns), arrays
 
     def write_covariate_set(self, name: str, values: pd.DataFrame | np.ndarray, *, columns: list[str] | None = None,
                             extras: dict[str, np.ndarray] | None = None, provenance: dict[str, Any] | None = None,
