@@ -894,6 +894,9 @@ class IsoformStore:
         parent = self.path / COVARIATES_KEY
         with FileLock(parent, hint="another process is writing covariates into this store; wait for it"):
             final = parent / name
+            if final.exists() and name not in self.covariate_sets():  # not a set spatialscale wrote: never replaced
+                raise InputError(f"{final} exists but is not a covariate set spatialscale wrote; it is left alone. "
+                                 "Choose another name (key_added=).")
             if final.exists() and not overwrite:
                 raise InputError(f"{self.path} already holds covariate set {name!r}; pass overwrite=True to replace "
                                  "it, or choose another name (key_added=).")

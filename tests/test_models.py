@@ -59,6 +59,16 @@ def test_a_covariate_set_is_kept_checksummed_and_taken_by_name(mixture, tmp_path
                        (("w", z[:10]), "has shape"), (("w", np.full_like(z, np.nan)), "NaN")]:
         with pytest.raises(InputError, match=match):
             store.write_covariate_set(*bad)
+    # a folder there that spatialscale did not write (no mark) is never replaced, even with overwrite
+    foreign = store.path / "uns" / "spatialscale_covariates" / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("user data")
+    with pytest.raises(InputError, match="not a covariate set spatialscale wrote"):
+        store.write_covariate_set("mine", z, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "user data"
+    import shutil
+
+    shutil.rmtree(foreign)  # the test's own folder
     store.write_covariate_set("latent", 2 * z, overwrite=True)
     np.testing.assert_array_equal(store.covariate_set("latent")[0].to_numpy(), 2 * z)
     assert sorted(p.name for p in (store.path / "uns" / "spatialscale_covariates").iterdir()) == ["latent",
