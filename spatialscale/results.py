@@ -25,6 +25,9 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "sv_statistic": (("gene",), "HSIC spatial-variability statistic tr(Y'HKHY)/(n-1)^2"),
     "sv_pvalue": (("gene",), "spatial-variability p-value"),
     "sv_pvalue_adj": (("gene",), "Benjamini-Hochberg adjusted sv_pvalue over genes"),
+    "sv_effect": (("gene",), "effect size ranking genes across sections: HSIC tests, the RV coefficient of the "
+                             "responses and the kernel less its null mean (about 0 without SV, at most 1); "
+                             "glmm-llr, 1 - exp(-LLR / n) (likelihood-ratio R^2)"),
     "n_isoforms": (("gene",), "isoforms of the gene kept after filtering"),
     "n_spots_used": (("gene",), "spots entering the gene's test"),
     "du_statistic": (("gene", "covariate"), "differential-usage statistic"),

@@ -96,12 +96,14 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
         return 8.0 * n * (p + 5 * d + perm + (d if adjust is not None else 0))
 
     def assemble(run: Any) -> xr.Dataset:
-        data = {k: np.concatenate([r[k] for r in run.parts]) for k in ("statistic", "pvalue", "n_spots_used")}
+        data = {k: np.concatenate([r[k] for r in run.parts])
+                for k in ("statistic", "pvalue", "n_spots_used", "effect")}
         return make_dataset(
             store.genes.index.to_numpy(),
             {"sv_statistic": data["statistic"], "sv_pvalue": data["pvalue"],
-             "sv_pvalue_adj": bh_adjust(data["pvalue"]), "n_isoforms": store.genes["n_isoforms"].to_numpy(),
-             "n_spots_used": data["n_spots_used"], **summary_variables(run.parts)},
+             "sv_pvalue_adj": bh_adjust(data["pvalue"]), "sv_effect": data["effect"],
+             "n_isoforms": store.genes["n_isoforms"].to_numpy(), "n_spots_used": data["n_spots_used"],
+             **summary_variables(run.parts)},
             {**attrs, **provenance(store), "execution": run.kind},
         )
 
@@ -159,7 +161,7 @@ FAMILY = Family(
         Option("perm_seed", 0, "seed of the permutations (one set shared by all genes)", kind="int", low=0),
     ),
     prepare=_prepare,
-    variables=("sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms", "n_spots_used"),
+    variables=("sv_statistic", "sv_pvalue", "sv_pvalue_adj", "sv_effect", "n_isoforms", "n_spots_used"),
     covariates="optional",
     kernels=("car", "fft"),
 )

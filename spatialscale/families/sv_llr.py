@@ -101,7 +101,10 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
         return make_dataset(
             store.genes.index.to_numpy(),
             {"sv_statistic": data["statistic"], "sv_pvalue": data["pvalue"],
-             "sv_pvalue_adj": bh_adjust(data["pvalue"]), "n_isoforms": n_iso, "n_spots_used": data["n_spots_used"],
+             "sv_pvalue_adj": bh_adjust(data["pvalue"]),
+             # likelihood-ratio R^2 (Cox-Snell): the share of the null model's deviance the spatial term removes
+             "sv_effect": -np.expm1(-np.clip(data["statistic"], 0.0, None) / data["n_spots_used"]),
+             "n_isoforms": n_iso, "n_spots_used": data["n_spots_used"],
              **summary_variables(run.parts)},
             {"test": "spatial_variability", "method": "glmm-llr", "null": null,
              **({"n_perms": k, "perm_seed": perm_seed} if k else {}),
@@ -135,6 +138,6 @@ FAMILY = Family(
                "tol, patience, max_epochs, dtype, update_nu_every_k, optim, rank", kind="dict"),
     ),
     prepare=_prepare,
-    variables=("sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms", "n_spots_used"),
+    variables=("sv_statistic", "sv_pvalue", "sv_pvalue_adj", "sv_effect", "n_isoforms", "n_spots_used"),
     covariates="optional",
 )

@@ -30,7 +30,8 @@ from spatialscale.stats.responses import (
     ratio_response,
 )
 
-__all__ = ["SV_METHODS", "NAN_FILLINGS", "sv_batch", "sv_batch_sparse_ratios", "sv_responses", "permutations"]
+__all__ = ["SV_METHODS", "NAN_FILLINGS", "sv_batch", "sv_effect", "sv_batch_sparse_ratios", "sv_responses",
+           "permutations"]
 
 SV_METHODS = ("hsic-ir", "hsic-ic", "hsic-gc")
 NAN_FILLINGS = ("mean", "none")
@@ -159,8 +160,8 @@ def sv_batch(
     Returns
     -------
     dict
-        ``statistic`` (``Q / (n_eff - 1)^2``), ``pvalue`` and ``n_spots_used``,
-        each ``(B,)``; ``null_statistic`` (``Q``) and ``null_cumulants``
+        ``statistic`` (``Q / (n_eff - 1)^2``), ``pvalue``, ``n_spots_used`` and
+        ``effect`` (:func:`sv_effect`), each ``(B,)``; ``null_statistic`` (``Q``) and ``null_cumulants``
         ``(B, 4)`` (its null's mixture sums ``c_1..c_4``; NaN where the test is
         degenerate), which pool across independent sections
         (:func:`spatialscale.stats.combine.pooled_liu`); with ``liu-perm`` the
@@ -214,6 +215,38 @@ def _mixture_pvalue(q: np.ndarray, c: np.ndarray, null: str) -> np.ndarray:
     return liu_pvalue(q, c) if null == "liu" else welch_pvalue(q, c)
 
 
+def sv_effect(q: np.ndarray, feature_sums: np.ndarray, kernel_sums: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Effect size of an HSIC SV statistic: the RV coefficient of the responses and the kernel, less its null mean.
+
+    With ``Q = tr(Y' K Y)`` (``Y`` centred, ``K`` the centred kernel),
+    ``RV = Q / sqrt(tr(K^2) tr((Y'Y)^2))`` is the cosine between the
+    responses' Gram matrix ``Y Y'`` and ``K``: in ``[0, 1]`` for a
+    positive semi-definite kernel, 1 when the usage varies only along the
+    kernel's leading direction.  Under no spatial variability its mean is
+    ``tr(K) tr(Y'Y) / ((n - 1) sqrt(tr(K^2) tr((Y'Y)^2)))`` (about
+    ``1 / sqrt(n)`` for a CAR kernel), which depends on the section's size;
+    subtracting it gives an effect near 0 for a non-SV gene in any section
+    and comparable across sections of different sizes (the adjusted RV).
+    Scale-free: the ratios' overall variance and the kernel's scale cancel.
+
+    Parameters
+    ----------
+    q
+        ``(B,)`` statistics ``tr(Y'KY)``.
+    feature_sums, kernel_sums
+        ``(B, 4)`` power sums ``tr((Y'Y)^r)`` and ``tr(K^r)``.
+    n
+        ``(B,)`` spots in each test.
+    """
+    f = np.asarray(feature_sums, dtype=np.float64)
+    k = np.asarray(kernel_sums, dtype=np.float64)
+    scale = np.sqrt(np.clip(f[..., 1] * k[..., 1], 0.0, None))
+    ok = scale > 0
+    safe = np.where(ok, scale, 1.0)
+    null_mean = k[..., 0] * f[..., 0] / np.maximum(np.asarray(n, dtype=np.float64) - 1.0, 1.0)
+    return np.where(ok, (np.asarray(q, dtype=np.float64) - null_mean) / safe, np.nan)
+
+
 def _sv_result(q: np.ndarray, q_null: np.ndarray, p: np.ndarray, c: np.ndarray, f: np.ndarray, k: np.ndarray,
                n_eff: np.ndarray, finite: np.ndarray) -> dict[str, np.ndarray]:
     """A batch's results: statistics, p-values (1 where degenerate or not finite) and the poolable null terms."""
@@ -222,6 +255,7 @@ def _sv_result(q: np.ndarray, q_null: np.ndarray, p: np.ndarray, c: np.ndarray, 
     stat = np.where(finite, q / np.maximum(n_eff - 1.0, 1.0) ** 2, np.nan)
     usable = finite & ~degenerate
     return {"statistic": stat, "pvalue": p, "n_spots_used": n_eff.astype(np.int64),
+            "effect": np.where(usable, sv_effect(q, f, k, n_eff), np.nan),
             "null_statistic": np.where(usable, q_null, np.nan), "null_cumulants": np.where(usable[:, None], c, np.nan)}
 
 
