@@ -497,7 +497,8 @@ def _parser() -> argparse.ArgumentParser:
                    "or glmm-llr")
     p.add_argument("--null", default="liu", help="null (liu)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for spatialscale (2)")
-    p.add_argument("--test", default="sv", choices=("sv", "glmm", "du", "kernel", "raster", "compat", "latent"),
+    p.add_argument("--test", default="sv", choices=("sv", "glmm", "du", "kernel", "raster", "compat", "latent",
+                                                    "sv-adjusted"),
                    help="sv: HSIC SV tests; glmm: glmm-full fit + DU score test (genes of 3 isoforms); "
                    "du: hsic and hsic-gp DU tests of every gene x covariate; kernel: kernel build of large sections "
                    "(graph, standardisation, power sums, peak memory) at each --spots and --geometry; "
@@ -505,7 +506,8 @@ def _parser() -> argparse.ArgumentParser:
                    "compat: SPLISOSM's classes against spatialscale.compat, the same calls (--method hsic-ir: "
                    "SplisosmNP; glmm-score: SplisosmGLMM); latent: VAE training (epochs/s, peak memory, time to "
                    "the final loss) and NNLS deconvolution into 10 cell types against Smoother's NNLS, at --spots "
-                   "(10000 100000) x --genes (500)")
+                   "(10000 100000) x --genes (500); sv-adjusted: sv_test adjusted for celltype + a numeric covariate "
+                   "against unadjusted on the same store, local threads and --workers (--spots 10000 100000)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="latent: torch device (cpu)")
     p.add_argument("--epochs", type=int, default=20, help="latent: VAE epochs per run (20)")
     p.add_argument("--geometry", nargs="+", default=["hex", "random", "grid"], choices=("hex", "random", "grid"),
@@ -642,6 +644,13 @@ def _run(args: argparse.Namespace) -> int:
             genes = 500 if args.genes == [300] else args.genes[0]
             run_latent_bench(spots, genes, vae_epochs=args.epochs, device=args.device, seed=args.seed,
                              smoother=not args.no_splisosm)
+            return 0
+        if args.test == "sv-adjusted":
+            from spatialscale.bench import run_adjusted_bench
+
+            spots = [10_000, 100_000] if args.spots == [10_000] else args.spots
+            run_adjusted_bench(spots, args.genes[0], workers=args.workers, repeats=args.repeats, seed=args.seed,
+                               method=args.method, batch_memory=args.batch_memory)
             return 0
         if args.device != "cpu":
             from spatialscale.errors import InputError

@@ -206,6 +206,10 @@ def test_glmm_llr_takes_the_covariates_as_fixed_effects(tiny_store):
     ds = spatialscale.sv_test(store, method="glmm-llr", covariates="celltype", **RUN)
     assert ds.attrs["covariates"] == ["celltype[T1]", "celltype[T2]"]
     assert np.isfinite(ds["sv_statistic"].values).all()
+    # the effect is the likelihood-ratio R^2 of each gene's statistic
+    stat = np.clip(ds["sv_statistic"].values, 0, None)
+    np.testing.assert_allclose(ds["sv_effect"].values, 1 - np.exp(-stat / store.n_spots), rtol=1e-12)
+    assert ((ds["sv_effect"].values >= 0) & (ds["sv_effect"].values < 1)).all()
     with pytest.raises(InputError, match="null='chi2' only"):
         spatialscale.sv_test(store, method="glmm-llr", covariates="celltype", null="perm", **RUN)
 
