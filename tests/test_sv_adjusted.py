@@ -224,3 +224,23 @@ def test_cohort_sections_are_adjusted_each_by_its_own_covariates(tmp_path):
     for s in ("A", "B"):
         one = spatialscale.sv_test(cohort.store(s), covariates="celltype", **RUN)
         np.testing.assert_allclose(ds["sv_pvalue"].sel(section=s).values, one["sv_pvalue"].values, rtol=1e-6)
+
+
+def test_covariates_learnt_from_expression(tmp_path):
+    """SV adjusted for cell-type proportions from ``deconvolve`` (a covariate set named by its key)."""
+    from spatialscale.simulate import simulate_mixture
+
+    adata, reference = simulate_mixture(400, 60, 3, seed=2)
+    store = spatialscale.ingest(adata, tmp_path / "m.zarr")
+    spatialscale.deconvolve(store, reference, progress=False, scheduler="threads")
+    plain = spatialscale.sv_test(store, **RUN)
+    adj = spatialscale.sv_test(store, covariates="props", **RUN)
+    assert adj.attrs["covariates"] == ["props_type_1", "props_type_2", "props_type_3"]
+    truth = adata.var.groupby("gene_symbol", observed=True)["du_truth"].first().reindex(plain.gene.values).values
+    type_p, adj_type_p = plain["sv_pvalue"].values[truth], adj["sv_pvalue"].values[truth]
+    print(f"type-dependent usage, SV at 5%: plain {np.mean(type_p < 0.05):.2f}, adjusted for the proportions "
+          f"{np.mean(adj_type_p < 0.05):.2f} ({truth.sum()} genes); other genes adjusted "
+          f"{np.mean(adj['sv_pvalue'].values[~truth] < 0.05):.2f}")
+    # the proportions explain part of the type-driven pattern (usage mixes by expression share, not linearly)
+    assert np.median(-np.log10(adj_type_p)) < 0.5 * np.median(-np.log10(type_p))
+    assert np.mean(adj["sv_pvalue"].values[~truth] < 0.05) < 0.15
