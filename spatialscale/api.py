@@ -140,10 +140,17 @@ def sv_test(
     perm_seed: int | None = None,
     fit: str | None = None,
     glmm: dict[str, Any] | None = None,
+    response: str | None = None,
+    weighting: str | None = None,
+    kernels: list[str | dict[str, Any]] | None = None,
     covariates: Any = None,
     with_summary: bool = False,
     combine: str | None = None,
     group_by: str | None = None,
+    compare: str | None = None,
+    compare_levels: list[str] | None = None,
+    block: str | None = None,
+    min_sections: int | None = None,
     execution: ExecutionOptions,
     **extra: Any,
 ) -> xr.Dataset:
@@ -163,7 +170,11 @@ def sv_test(
         of the Laplace marginal likelihoods of glmm-full and glmm-null,
         fitted each from the other as SPLISOSM's ``fit(from_null=True)``
         (see :mod:`spatialscale.glmm.llr`; dense in ``n q``, so for sections
-        of a few thousand spots).
+        of a few thousand spots).  ``moran`` / ``geary``: Moran's I /
+        Geary's C of each gene's responses on the store's spot graph (as
+        squidpy's ``spatial_autocorr``; multivariate for several isoforms),
+        one-sided normal-approximation p-values
+        (:mod:`spatialscale.stats.autocorr`; no covariates, CAR stores).
     null
         HSIC: ``liu`` (default, SPLISOSM's), ``welch``, ``perm``, or
         ``liu-perm``: Liu's approximation with the exact permutation mean
@@ -195,6 +206,26 @@ def sv_test(
         ``marginal_gd``, ``marginal_newton``).
     glmm
         glmm-llr: GLMM settings (see :func:`du_test`).
+    response
+        moran / geary: ``isoform-ratios`` (default; mean-filled at spots
+        without counts, as hsic-ir), ``isoform-counts`` or ``gene-counts``.
+    weighting
+        moran / geary: ``row`` (default; the graph row-standardised, as
+        squidpy's ``transformation=True``) or ``binary`` (1 per edge).
+    kernels
+        HSIC: a kernel ensemble (at least 2): each gene's responses are
+        tested against every kernel (each with its own Liu / Welch null) and
+        the p-values Cauchy-combined into ``sv_pvalue``.  Each kernel is
+        ``"store"`` (the store's own), a compact string
+        ``"PRIOR:KEY=VALUE,..."`` (``"splisosm:rho=0.5"``, ``"sar:rho=0.2"``)
+        or a dict (``{"prior": "icar", "rho": 0.9}``) over the store's graph
+        (keys ``rho``, ``k_neighbors``, ``weights``, ``radius``,
+        ``bandwidth``, ``scale_coords``, ``row_scale``, ``standardize_cov``;
+        the rest from the store's kernel).  Adds ``kernel_statistic``,
+        ``kernel_pvalue``, ``kernel_effect`` over a ``kernel`` dimension and
+        ``sv_kernel``; ``sv_statistic`` / ``sv_effect`` are the smallest
+        p-value's kernel's.  Null ``liu`` / ``welch``, ``nan_filling="mean"``,
+        no covariates, CAR stores (docs/statistics.md).
     covariates
         Adjust the test for covariates (obs column names, a list or
         ``"a,b"``, covariate sets such as ``"latent"``, an array or a
@@ -220,6 +251,30 @@ def sv_test(
         are also combined within each of its groups, as ``group_combined_pvalue``
         (and ``group_combined_pvalue_adj``, ``group_n_sections_tested``,
         ``group_n_sections_significant``) over a ``group`` dimension.
+    compare
+        Cohorts: a column of the manifest (e.g. ``condition``); per gene, does
+        the spatial variability differ between its levels?  Each section's
+        ``sv_effect`` is one replicate; an F test of the levels in a linear
+        model over sections gives ``compare_statistic``, ``compare_pvalue``,
+        ``compare_pvalue_adj`` (BH over genes) and ``compare_effect`` (the
+        levels' mean effects over a ``level`` dimension); attributes
+        ``compare``, ``compare_test``, ``compare_block``.  HSIC methods and
+        ``glmm-llr``; at least 2 residual degrees of freedom (e.g. 2 levels
+        x 2 sections).  See docs/statistics.md.
+    compare_levels
+        The levels of ``compare`` in the order wanted (every level of the
+        cohort, each with sections); default sorted.
+    block
+        A manifest column of donors (e.g. ``donor``) whose sections are not
+        independent: crossed with the levels (a donor in several levels),
+        donor enters the model as a block (``compare_test="blocked"``);
+        nested (each donor in one level), each donor's sections are averaged
+        and the donors compared (``"donor-means"``).
+    min_sections
+        Cohorts: ``r`` adds ``replicated_pvalue`` / ``replicated_pvalue_adj``,
+        the partial-conjunction test that the gene is SV in at least ``r``
+        of the ``k`` sections that tested it (the ``k - r + 1`` largest
+        section p-values combined by ``combine``; NaN where ``k < r``).
     {execution}
 
     Returns
@@ -229,9 +284,11 @@ def sv_test(
         ``n_spots_used`` over ``gene``, with provenance attributes.
     """
     given = {"null": null, "transformation": transformation, "nan_filling": nan_filling, "n_perms": n_perms,
-             "perm_seed": perm_seed, "fit": fit, "glmm": glmm, **extra}
+             "perm_seed": perm_seed, "fit": fit, "glmm": glmm, "response": response, "weighting": weighting,
+             "kernels": kernels, **extra}
     return run_design("sv", store, method=method, options=given, execution=execution, covariates=covariates,
-                      with_summary=with_summary, combine=combine, group_by=group_by)
+                      with_summary=with_summary, combine=combine, group_by=group_by, compare=compare,
+                      compare_levels=compare_levels, block=block, min_sections=min_sections)
 
 
 @_with_execution
@@ -252,6 +309,10 @@ def du_test(
     with_summary: bool = False,
     combine: str | None = None,
     group_by: str | None = None,
+    compare: str | None = None,
+    compare_levels: list[str] | None = None,
+    block: str | None = None,
+    min_sections: int | None = None,
     execution: ExecutionOptions,
     **extra: Any,
 ) -> xr.Dataset:
@@ -334,8 +395,12 @@ def du_test(
         against the rest, one test per level named ``<column>_<level>``
         (SPLISOSM's one-hot layout), instead of one test per covariate; the
         two-group t-tests need it for ``k >= 3`` levels.
-    with_summary, combine, group_by
+    with_summary, combine, group_by, compare_levels, block, min_sections
         As in :func:`sv_test` (``store`` may be a cohort too).
+    compare
+        As in :func:`sv_test`, per gene x covariate on the sections'
+        ``du_effect`` (the RV coefficient of the ratios and the covariate;
+        methods ``hsic`` and ``hsic-gp``).
     {execution}
 
     Returns
@@ -348,7 +413,8 @@ def du_test(
     given = {"transformation": transformation, "nan_filling": nan_filling, "residualize": residualize, "null": null,
              "gp": gp, "model": model, "fit": fit, "glmm": glmm, "per_level": per_level, **extra}
     return run_design("du", store, method=method, options=given, execution=execution, covariates=covariates,
-                      with_summary=with_summary, combine=combine, group_by=group_by)
+                      with_summary=with_summary, combine=combine, group_by=group_by, compare=compare,
+                      compare_levels=compare_levels, block=block, min_sections=min_sections)
 
 
 @_with_execution

@@ -202,6 +202,8 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
                            help=helptext + " (repeat for several)")
         elif opt.kind == "bool":
             g.add_argument(opt.flag, action="store_const", const=True, default=None, help=helptext)
+        elif opt.kind == "list":
+            g.add_argument(opt.flag, nargs="+", metavar="SPEC", default=None, help=helptext)
         else:
             choices = sorted({c for _, o in decl for c in (o.choices or ())}, key=str) or None
             g.add_argument(opt.flag, type=int if opt.kind == "int" else str, choices=choices, default=None,
@@ -215,6 +217,16 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
         p.add_argument("--group-by", default=None, metavar="COLUMN",
                        help="when STORE is a cohort folder: also combine the sections within each group of this "
                             "manifest column (e.g. condition)")
+        p.add_argument("--compare", default=None, metavar="COLUMN",
+                       help="when STORE is a cohort folder: test per gene whether the sections' effect sizes differ "
+                            "between the levels of this manifest column (sections as replicates; F test)")
+        p.add_argument("--compare-levels", default=None, metavar="A,B,...", type=lambda v: v.split(","),
+                       help="with --compare: the levels in this order (default sorted)")
+        p.add_argument("--block", default=None, metavar="COLUMN",
+                       help="with --compare: a donor column; crossed donors are blocks, nested donors averaged")
+        p.add_argument("--min-sections", default=None, type=int, metavar="R",
+                       help="when STORE is a cohort folder: add replicated_pvalue, the gene is SV/DU in at least R "
+                            "of its sections (partial conjunction)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace results of other options at --out (only results spatialscale wrote)")
     _add_ingest_options(p, anndata_input=True)
@@ -332,7 +344,8 @@ def _run_family_command(args: argparse.Namespace) -> int:
         if decl[0][1].kind == "dict" and value is not None:
             value = dict(value)
         kwargs[name] = value
-    for name in ("method", "covariates", "with_summary", "combine", "group_by"):
+    for name in ("method", "covariates", "with_summary", "combine", "group_by", "compare", "compare_levels", "block",
+                 "min_sections"):
         if hasattr(args, name):
             kwargs[name] = getattr(args, name)
     from spatialscale.results import check_anndata_target, write_anndata_copy
@@ -388,6 +401,12 @@ def _report(command: str, args: argparse.Namespace, ds) -> None:
         if args.top:
             table = ds[["combined_pvalue", "combined_pvalue_adj", "n_sections_tested", "n_sections_significant"]]
             print(table.to_dataframe().nsmallest(args.top, "combined_pvalue").to_string())
+        if "compare_pvalue_adj" in ds:
+            print(f"{ds.attrs['compare']} ({', '.join(map(str, ds['level'].values))}; {ds.attrs['compare_test']}): "
+                  f"{int((ds['compare_pvalue_adj'] < 0.05).sum())} with compare BH-adjusted p < 0.05")
+        if "replicated_pvalue_adj" in ds:
+            print(f"replicated in >= {ds.attrs['min_sections']} sections: "
+                  f"{int((ds['replicated_pvalue_adj'] < 0.05).sum())} with BH-adjusted p < 0.05")
         for g in ds["group"].values if "group" in ds.dims else ():
             sig = int((ds["group_combined_pvalue_adj"].sel(group=g) < 0.05).sum())
             print(f"{ds.attrs['group_by']} = {g}: {sig} with combined BH-adjusted p < 0.05 "
@@ -498,7 +517,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--null", default="liu", help="null (liu)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for spatialscale (2)")
     p.add_argument("--test", default="sv", choices=("sv", "glmm", "du", "kernel", "raster", "compat", "latent",
-                                                    "sv-adjusted"),
+                                                    "sv-adjusted", "ensemble"),
                    help="sv: HSIC SV tests; glmm: glmm-full fit + DU score test (genes of 3 isoforms); "
                    "du: hsic and hsic-gp DU tests of every gene x covariate; kernel: kernel build of large sections "
                    "(graph, standardisation, power sums, peak memory) at each --spots and --geometry; "
@@ -507,7 +526,9 @@ def _parser() -> argparse.ArgumentParser:
                    "SplisosmNP; glmm-score: SplisosmGLMM); latent: VAE training (epochs/s, peak memory, time to "
                    "the final loss) and NNLS deconvolution into 10 cell types against Smoother's NNLS, at --spots "
                    "(10000 100000) x --genes (500); sv-adjusted: sv_test adjusted for celltype + a numeric covariate "
-                   "against unadjusted on the same store, local threads and --workers (--spots 10000 100000)")
+                   "against unadjusted on the same store, local threads and --workers (--spots 10000 100000); "
+                   "ensemble: one sv_test(kernels=[store, splisosm:rho=0.9, sar:rho=0.2]) against the 3 single-kernel "
+                   "runs on stores ingested with them, local threads (--spots 1000 10000)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="latent: torch device (cpu)")
     p.add_argument("--epochs", type=int, default=20, help="latent: VAE epochs per run (20)")
     p.add_argument("--geometry", nargs="+", default=["hex", "random", "grid"], choices=("hex", "random", "grid"),
@@ -651,6 +672,13 @@ def _run(args: argparse.Namespace) -> int:
             spots = [10_000, 100_000] if args.spots == [10_000] else args.spots
             run_adjusted_bench(spots, args.genes[0], workers=args.workers, repeats=args.repeats, seed=args.seed,
                                method=args.method, batch_memory=args.batch_memory)
+            return 0
+        if args.test == "ensemble":
+            from spatialscale.bench import run_ensemble_bench
+
+            spots = [1000, 10_000] if args.spots == [10_000] else args.spots
+            run_ensemble_bench(spots, args.genes[0], repeats=args.repeats, seed=args.seed, method=args.method,
+                               batch_memory=args.batch_memory)
             return 0
         if args.device != "cpu":
             from spatialscale.errors import InputError

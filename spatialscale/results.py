@@ -28,11 +28,20 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "sv_effect": (("gene",), "effect size ranking genes across sections: HSIC tests, the RV coefficient of the "
                              "responses and the kernel less its null mean (about 0 without SV, at most 1); "
                              "glmm-llr, 1 - exp(-LLR / n) (likelihood-ratio R^2)"),
+    # kernel ensembles (sv_test(kernels=[...])): per gene and kernel of the ensemble (coordinate kernel: its spec)
+    "sv_kernel": (("gene",), "kernel ensemble: index along kernel of the kernel with the smallest p-value, whose "
+                             "statistic and effect are sv_statistic and sv_effect (sv_pvalue: Cauchy combination)"),
+    "kernel_statistic": (("gene", "kernel"), "kernel ensemble: each kernel's HSIC statistic tr(Y'HK_cHY)/(n-1)^2"),
+    "kernel_pvalue": (("gene", "kernel"), "kernel ensemble: each kernel's p-value (its own null mixture)"),
+    "kernel_effect": (("gene", "kernel"), "kernel ensemble: each kernel's effect (RV coefficient less its null mean)"),
     "n_isoforms": (("gene",), "isoforms of the gene kept after filtering"),
     "n_spots_used": (("gene",), "spots entering the gene's test"),
     "du_statistic": (("gene", "covariate"), "differential-usage statistic"),
     "du_pvalue": (("gene", "covariate"), "differential-usage p-value"),
     "du_pvalue_adj": (("gene", "covariate"), "Benjamini-Hochberg adjusted du_pvalue over genes, per covariate"),
+    "du_effect": (("gene", "covariate"), "effect size of the kernel DU tests (hsic, hsic-gp): the RV coefficient "
+                                         "||Y'Z_c||_F^2 / sqrt(tr((Y'Y)^2) tr((Z_c'Z_c)^2)) of the isoform ratios and "
+                                         "the covariate's columns, in [0, 1]"),
     "intercept": (("gene", "contrast"),
                   "fitted intercept of logit k = log(p_k / p_last); NaN past the gene's isoforms"),
     "beta": (("gene", "covariate", "contrast"), "fitted covariate coefficients on the logits"),
@@ -53,6 +62,17 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "group_n_sections_tested": (("group", "gene"), "sections of the group where the gene was tested"),
     "group_n_sections_significant": (("group", "gene"), "sections of the group where the gene's adjusted p-value "
                                                         "is below 0.05"),
+    # cohorts with compare= (spatialscale.stats.compare): per gene (x covariate), sections as the replicates
+    "compare_statistic": (("gene",), "F statistic of the levels of the manifest column in attribute compare, from a "
+                                     "linear model of the sections' effects (attribute compare_test)"),
+    "compare_pvalue": (("gene",), "p-value of compare_statistic (F test of the level terms)"),
+    "compare_pvalue_adj": (("gene",), "Benjamini-Hochberg adjusted compare_pvalue over genes (per covariate)"),
+    "compare_effect": (("level", "gene"), "mean section effect (sv_effect / du_effect) per level; with donors, the "
+                                          "mean of the donors' means within the level"),
+    # cohorts with min_sections= (spatialscale.stats.combine.partial_conjunction)
+    "replicated_pvalue": (("gene",), "partial-conjunction p-value: the gene has the effect in at least "
+                                     "min_sections of the sections that tested it (NaN if tested in fewer)"),
+    "replicated_pvalue_adj": (("gene",), "Benjamini-Hochberg adjusted replicated_pvalue over genes"),
     # feature summaries (SPLISOSM's extract_feature_summary; spatialscale.stats.summary)
     "gene_n_isos": (("gene",), "isoforms of the gene (SPLISOSM n_isos)"),
     "gene_perplexity": (("gene",), "exp(entropy) of the gene's pooled isoform usage: effective number of isoforms"),

@@ -32,7 +32,8 @@ def test_cli_and_api_match_name_for_name_with_choices(command):
     sub = _subparser(command)
     flags = {a.dest: a for a in sub._actions if a.dest != "help"}
     declared = family_options(command)
-    fixed = EXECUTION | {"store", "method", "covariates", "with_summary", "top", "combine", "group_by"}
+    fixed = EXECUTION | {"store", "method", "covariates", "with_summary", "top", "combine", "group_by", "compare",
+                         "compare_levels", "block", "min_sections"}
     # AnnData inputs: every ingest option is a flag of its Python name and a keyword of the API
     options = set(ingest_option_names()) - {"block_bytes"}
     ingest = options | {"ingest_to", "anndata_out", "key_added"}

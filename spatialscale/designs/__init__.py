@@ -36,7 +36,9 @@ __all__ = ["run_cohort", "run_design"]
 
 def run_design(command: str, target: IsoformStore | Cohort | str | os.PathLike, *, method: str | None,
                options: dict[str, Any], execution: ExecutionOptions, covariates: Any = None,
-               with_summary: bool = False, combine: str | None = None, group_by: str | None = None) -> xr.Dataset:
+               with_summary: bool = False, combine: str | None = None, group_by: str | None = None,
+               compare: str | None = None, compare_levels: Any = None, block: str | None = None,
+               min_sections: int | None = None) -> xr.Dataset:
     """Validate everything, then run a family on one store or on every section of a cohort.
 
     Parameters
@@ -58,14 +60,25 @@ def run_design(command: str, target: IsoformStore | Cohort | str | os.PathLike, 
         Cohorts: how sections' p-values are combined per gene (cauchy by default).
     group_by
         Cohorts: a metadata column; sections are also combined within each of its groups.
+    compare, compare_levels, block
+        Cohorts: compare the sections' effect sizes between the levels of a
+        metadata column (in the order of ``compare_levels``), with donors
+        (``block``) as blocks or replicates (see
+        :func:`~spatialscale.designs.cohort_run.run_cohort`).
+    min_sections
+        Cohorts: add the partial-conjunction p-values of "the gene has the
+        effect in at least this many of its sections".
     """
     execution = execution.validated()
     family, opts = resolve_family(command, method, options, covariates=covariates, with_summary=with_summary)
     if is_cohort(target):
         return run_cohort(family, target, method=method, opts=opts, execution=execution, covariates=covariates,
-                          with_summary=with_summary, combine=combine or "cauchy", group_by=group_by)
-    if combine is not None or group_by is not None:
-        raise InputError(f"{'combine' if combine is not None else 'group_by'} applies to cohorts (a Cohort or a "
-                         "cohort folder), not to one store.")
+                          with_summary=with_summary, combine=combine or "cauchy", group_by=group_by,
+                          compare=compare, compare_levels=compare_levels, block=block, min_sections=min_sections)
+    cohort_only = {"combine": combine, "group_by": group_by, "compare": compare, "compare_levels": compare_levels,
+                   "block": block, "min_sections": min_sections}
+    given = [k for k, v in cohort_only.items() if v is not None]
+    if given:
+        raise InputError(f"{given[0]} applies to cohorts (a Cohort or a cohort folder), not to one store.")
     return run_store(family, target, method=method, opts=opts, execution=execution, covariates=covariates,
                      with_summary=with_summary)

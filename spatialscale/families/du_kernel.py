@@ -31,8 +31,8 @@ from spatialscale.stats.sv import NAN_FILLINGS
 from spatialscale.store import IsoformStore
 from spatialscale.worker import coordinates_token
 
-__all__ = ["FAMILY", "JOINT_METHODS", "PER_LEVEL", "design_fingerprint", "du_dataset", "per_level_option",
-           "refuse_joint"]
+__all__ = ["EFFECT_METHODS", "FAMILY", "JOINT_METHODS", "PER_LEVEL", "design_fingerprint", "du_dataset",
+           "per_level_option", "refuse_joint"]
 
 
 RESIDUALIZE = ("cov_only", "both")
@@ -60,12 +60,13 @@ def _du_np_task(store_path: str, xy_token: str, method: str, transformation: str
     elif gp is not None:  # residualize="both": the isoform ratios lose their spatial trend too
         y = _residualize_responses(store_path, xy_token, counts, transformation, gp, device)
     if isinstance(z, GPNull):
-        stat, pval = hsic_du_gp_null(y, used, z)
+        stat, pval, effect = hsic_du_gp_null(y, used, z, effect=True)
     elif method in ("hsic", "hsic-gp"):
-        stat, pval = hsic_du(y, used, z, groups)
+        stat, pval, effect = hsic_du(y, used, z, groups, effect=True)
     else:
         stat, pval = ttest_du(y, used, z, combine=method.removeprefix("t-"))
-    return {"statistic": stat, "pvalue": pval, "n_spots_used": used.sum(1)}
+        return {"statistic": stat, "pvalue": pval, "n_spots_used": used.sum(1)}
+    return {"statistic": stat, "pvalue": pval, "effect": effect, "n_spots_used": used.sum(1)}
 
 
 def _residualize_responses(store_path: str, xy_token: str, counts: np.ndarray, transformation: str,
@@ -112,6 +113,8 @@ def _check_binary(z: np.ndarray, names: list[str]) -> None:
                          "column is one 0/1 indicator).") from None
 
 
+#: DU methods whose results carry du_effect (the RV coefficient of ratios and covariate)
+EFFECT_METHODS = ("hsic", "hsic-gp")
 #: DU methods that test the levels of a categorical jointly
 JOINT_METHODS = ("hsic", "hsic-gp", "glmm-score", "glmm-wald")
 
@@ -201,6 +204,9 @@ def du_dataset(store: IsoformStore, run: Any, design: CovariateDesign, attrs: di
                 per_gene: tuple[str, ...] = ()) -> xr.Dataset:
     """DU results from a run's batches: statistics, p-values, BH over genes per covariate test, per-gene extras.
 
+    ``du_effect`` is added when every batch carries an ``effect`` (the
+    kernel tests, :data:`EFFECT_METHODS`).
+
     The ``covariate`` coordinate names the tests; ``covariate_reference``
     (the reference level of a categorical's test, ``""`` for numeric and
     per-level tests) and ``covariate_encoding`` (one of
@@ -208,7 +214,10 @@ def du_dataset(store: IsoformStore, run: Any, design: CovariateDesign, attrs: di
     """
     stat = np.concatenate([r["statistic"] for r in run.parts])
     pval = np.concatenate([r["pvalue"] for r in run.parts])
-    data = {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0),
+    # the kernel tests' effect sizes (du_effect, the RV coefficient); the t-tests and GLMM tests have none
+    effect = ({"du_effect": np.concatenate([r["effect"] for r in run.parts])}
+              if run.parts and all("effect" in r for r in run.parts) else {})
+    data = {"du_statistic": stat, "du_pvalue": pval, "du_pvalue_adj": bh_adjust(pval, axis=0), **effect,
             "n_isoforms": store.genes["n_isoforms"].to_numpy(),
             **{k: np.concatenate([r[k] for r in run.parts]) for k in per_gene}, **summary_variables(run.parts)}
     coords = {"covariate_reference": ("covariate", np.asarray(design.reference, dtype=str)),
@@ -340,7 +349,7 @@ FAMILY = Family(
                kind="dict", methods=("hsic-gp",)),
     ),
     prepare=_prepare,
-    variables=("du_statistic", "du_pvalue", "du_pvalue_adj", "n_isoforms", "n_spots_used"),
+    variables=("du_statistic", "du_pvalue", "du_pvalue_adj", "du_effect", "n_isoforms", "n_spots_used"),
     covariates="required",
     kernels=("car", "fft"),
 )

@@ -21,6 +21,9 @@ in no section gets NaN.
   for independent sections the statistics add and so do the ``c_r`` (the
   cumulants are ``2^(r-1) (r-1)! c_r``), so the summed statistic gets Liu's
   p-value with exact first four moments.
+- :func:`partial_conjunction`: replicability, "the gene has the effect in at
+  least ``r`` of the ``k`` sections that tested it" (Benjamini & Heller
+  2008): the ``k - r + 1`` largest p-values combined.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from scipy import stats
 
 from spatialscale.stats.nulls import liu_pvalue
 
-__all__ = ["COMBINATIONS", "cauchy_combine", "combine_pvalues", "fisher_combine", "n_tested", "pooled_liu",
-           "stouffer_combine"]
+__all__ = ["COMBINATIONS", "cauchy_combine", "combine_pvalues", "fisher_combine", "n_tested",
+           "partial_conjunction", "pooled_liu", "stouffer_combine"]
 
 #: combination methods of p-values across sections
 COMBINATIONS = ("cauchy", "fisher", "stouffer")
@@ -119,3 +122,52 @@ def combine_pvalues(p: np.ndarray, method: str = "cauchy", weights: np.ndarray |
     if method == "stouffer":
         return stouffer_combine(p, weights)
     raise ValueError(f"unknown combination {method!r}; choose one of {', '.join(COMBINATIONS)}.")
+
+
+def partial_conjunction(p: np.ndarray, r: int, method: str = "cauchy", weights: np.ndarray | None = None) -> np.ndarray:
+    """Partial-conjunction p-values: the gene has the effect in at least ``r`` of the sections that tested it.
+
+    The null is "at most ``r - 1`` of the gene's ``k`` sections have the
+    effect".  Under it at least ``k - r + 1`` of the ``k`` p-values are
+    null, and the ``k - r + 1`` largest p-values are each at least as large
+    as a distinct null one (the ``j``-th largest of all is at least the
+    ``j``-th largest of the null ones), so combining them by a method that
+    is valid for null p-values and increasing in each gives a valid p-value
+    (Benjamini & Heller 2008).  ``r = 1`` is the ordinary combination of all
+    ``k``; ``r = k`` their maximum for Cauchy (the largest p-value alone).
+    The Cauchy combination keeps its validity under dependence between
+    sections; Fisher and Stouffer assume independent sections.
+
+    Parameters
+    ----------
+    p
+        ``(..., S)`` p-values, sections on the last axis, NaN where a section
+        did not test the gene.
+    r
+        The number of sections (``>= 1``).
+    method
+        One of :data:`COMBINATIONS`.
+    weights
+        ``(S,)`` section weights (Stouffer, Cauchy), following each kept
+        p-value to its section.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(...)``; NaN where a gene was tested in fewer than ``r`` sections.
+    """
+    if isinstance(r, bool) or not isinstance(r, int | np.integer) or r < 1:
+        raise ValueError(f"r must be a whole number >= 1, got {r!r}.")
+    p = np.asarray(p, dtype=np.float64)
+    ok = np.isfinite(p)
+    k = ok.sum(axis=-1)
+    order = np.argsort(np.where(ok, p, np.inf), axis=-1, kind="stable")  # ascending, untested last
+    ranked = np.take_along_axis(p, order, axis=-1)
+    rank = np.arange(p.shape[-1])
+    keep = (rank >= r - 1) & np.isfinite(ranked)  # the k - r + 1 largest of each gene's finite p-values
+    kept = np.where(keep, ranked, np.nan)
+    w = None
+    if weights is not None:
+        w = np.take_along_axis(np.broadcast_to(np.asarray(weights, dtype=np.float64), p.shape), order, axis=-1)
+    out = combine_pvalues(kept, method, w)
+    return np.where(k >= r, out, np.nan)

@@ -15,7 +15,8 @@ products, never from a loop over pairs.
   ``T = tr(Y' H L H Y) = ||Y' Z_c||_F^2``, and ``n T`` is approximately
   ``sum_jk lambda_j mu_k chi2_1`` with ``lambda`` the eigenvalues of
   ``Z_c' Z_c``; the mixture's power sums are the products
-  ``(sum lambda^r) (sum mu^r)``.
+  ``(sum lambda^r) (sum mu^r)``.  Its effect size is the RV coefficient
+  (:func:`du_effect`), comparable between sections.
 * ``t-fisher`` / ``t-tippett``: a two-sample Student t-test (pooled
   variance) per isoform ratio between the two values of a binary covariate,
   the isoforms' p-values combined by Fisher's or Tippett's method.
@@ -34,7 +35,7 @@ from scipy import stats
 from spatialscale.stats.nulls import liu_pvalue
 from spatialscale.stats.responses import ratio_response
 
-__all__ = ["DU_NP_METHODS", "DU_NULLS", "GPNull", "du_responses", "hsic_du", "hsic_du_gp_null", "ttest_du",
+__all__ = ["DU_NP_METHODS", "DU_NULLS", "GPNull", "du_effect", "du_responses", "hsic_du", "hsic_du_gp_null", "ttest_du",
            "binary_levels", "kernel_power_sums"]
 
 DU_NP_METHODS = ("hsic", "hsic-gp", "t-fisher", "t-tippett")
@@ -115,8 +116,8 @@ def kernel_power_sums(z: np.ndarray, used: np.ndarray, groups: tuple[tuple[int, 
     return np.broadcast_to(out, (used.shape[0], *out.shape[1:]))
 
 
-def hsic_du(y: np.ndarray, used: np.ndarray, z: np.ndarray,
-            groups: tuple[tuple[int, ...], ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def hsic_du(y: np.ndarray, used: np.ndarray, z: np.ndarray, groups: tuple[tuple[int, ...], ...] | None = None,
+            *, effect: bool = False) -> tuple[np.ndarray, ...]:
     """Linear HSIC test of every gene x covariate pair.
 
     Parameters
@@ -132,11 +133,14 @@ def hsic_du(y: np.ndarray, used: np.ndarray, z: np.ndarray,
         The columns each test takes jointly, with the linear kernel of those
         columns (the indicators of a categorical's levels); ``None``: one
         test per column.
+    effect
+        Also return :func:`du_effect` of every test.
 
     Returns
     -------
-    statistic, pvalue
-        ``(B, T)`` each: ``||Y' Z_c||_F^2 / (n_g - 1)^2`` and its Liu p-value.
+    statistic, pvalue[, effect]
+        ``(B, T)`` each: ``||Y' Z_c||_F^2 / (n_g - 1)^2``, its Liu p-value
+        (and the RV coefficient).
     """
     z = np.asarray(z, dtype=np.float64)
     n_used = used.sum(1).astype(np.float64)  # (B,)
@@ -146,7 +150,8 @@ def hsic_du(y: np.ndarray, used: np.ndarray, z: np.ndarray,
     if groups is not None:  # ||Y' Z_c||_F^2: the columns' energies add up
         t_scaled = np.stack([t_scaled[:, list(cols)].sum(1) for cols in groups], axis=1)
     lam_sums = kernel_power_sums(z, used, groups)  # (B, T, 4)
-    mu = np.linalg.eigvalsh(np.einsum("bnd,bne->bde", y, y))
+    gram = np.einsum("bnd,bne->bde", y, y)
+    mu = np.linalg.eigvalsh(gram)
     mu = np.where(np.isfinite(mu) & (mu > _EIG_FLOOR), mu, 0.0)
     r = np.arange(1, 5)
     mu_sums = (mu[..., None] ** r).sum(1)  # (B, 4)
@@ -154,7 +159,39 @@ def hsic_du(y: np.ndarray, used: np.ndarray, z: np.ndarray,
     t = n_used[:, None] * t_scaled
     p = liu_pvalue(t.reshape(-1), c.reshape(-1, 4)).reshape(t.shape)
     stat = t_scaled / np.maximum(n_used - 1.0, 1.0)[:, None] ** 2
+    if effect:
+        return stat, p, du_effect(t_scaled, gram, lam_sums[..., 1])
     return stat, p
+
+
+def du_effect(cross: np.ndarray, gram: np.ndarray, kernel_sq: np.ndarray) -> np.ndarray:
+    """RV coefficient of the isoform ratios and a covariate test: the effect size of linear-HSIC DU.
+
+    ``RV = ||Y' Z_c||_F^2 / sqrt(tr((Y'Y)^2) tr((Z_c' Z_c)^2))``, the cosine
+    between the Gram matrices ``Y Y'`` and ``Z_c Z_c'`` over the gene's
+    spots: in ``[0, 1]``, 1 when the ratios vary only along the covariate
+    (for a test of several columns, such as a categorical's level
+    indicators, the columns jointly).  Free of the ratios' and the
+    covariate's scales, so comparable between sections.
+
+    Parameters
+    ----------
+    cross
+        ``(B, T)`` ``||Y' Z_c||_F^2``.
+    gram
+        ``(B, d, d)`` ``Y'Y`` of each gene (``Y`` centred over its spots).
+    kernel_sq
+        ``(B, T)`` (or broadcastable) ``tr((Z_c' Z_c)^2)`` of each test.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B, T)``; NaN where the ratios or the covariate do not vary.
+    """
+    yy = np.einsum("bde,bde->b", gram, gram)  # tr((Y'Y)^2) = ||Y'Y||_F^2
+    scale = np.sqrt(np.clip(yy[:, None] * np.asarray(kernel_sq, dtype=np.float64), 0.0, None))
+    ok = np.isfinite(scale) & (scale > 0)
+    return np.where(ok, np.asarray(cross, dtype=np.float64) / np.where(ok, scale, 1.0), np.nan)
 
 
 @dataclass(frozen=True)
@@ -180,7 +217,8 @@ class GPNull:
     noise: np.ndarray
 
 
-def hsic_du_gp_null(y: np.ndarray, used: np.ndarray, null: GPNull) -> tuple[np.ndarray, np.ndarray]:
+def hsic_du_gp_null(y: np.ndarray, used: np.ndarray, null: GPNull, *, effect: bool = False
+                    ) -> tuple[np.ndarray, ...]:
     """hsic-gp with the null distribution of the residual covariate under its own GP.
 
     If covariate ``z`` follows its fitted GP ``N(0, a K + eps I)``, its
@@ -194,8 +232,9 @@ def hsic_du_gp_null(y: np.ndarray, used: np.ndarray, null: GPNull) -> tuple[np.n
 
     Returns
     -------
-    statistic, pvalue
-        ``(B, F)``; the statistic is :func:`hsic_du`'s.
+    statistic, pvalue[, effect]
+        ``(B, F)``; the statistic (and with ``effect`` the RV coefficient,
+        :func:`du_effect`) is :func:`hsic_du`'s.
     """
     z = np.asarray(null.z, dtype=np.float64)
     n_used = used.sum(1).astype(np.float64)
@@ -208,7 +247,10 @@ def hsic_du_gp_null(y: np.ndarray, used: np.ndarray, null: GPNull) -> tuple[np.n
     w = np.where(np.isfinite(w) & (w > _EIG_FLOOR * 1e-3), w, 0.0)
     c = np.stack([(w**r).sum(-1) for r in range(1, 5)], axis=-1)
     p = liu_pvalue(t.reshape(-1), c.reshape(-1, 4)).reshape(t.shape)
-    return t / np.maximum(n_used - 1.0, 1.0)[:, None] ** 2, p
+    stat = t / np.maximum(n_used - 1.0, 1.0)[:, None] ** 2
+    if effect:
+        return stat, p, du_effect(t, gram, kernel_power_sums(z, used)[..., 1])
+    return stat, p
 
 
 def binary_levels(z: np.ndarray, names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
