@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["resolve_device", "kernel_operator", "kernel_eigenpairs", "log_timing", "tune_allocator",
-           "DENSE_GPU_MAX_SPOTS", "TIMING_TOPIC"]
+           "autocorr_weights", "DENSE_GPU_MAX_SPOTS", "TIMING_TOPIC"]
 
 #: largest section whose dense centred kernel is put on a GPU
 DENSE_GPU_MAX_SPOTS = 40_000
@@ -118,6 +118,38 @@ def _load_diag_sq(store_path: str, token: str) -> float:
     u = scipy.sparse.linalg.spsolve(scipy.sparse.csc_matrix(m), np.ones(n))  # K 1
     diag = inverse_diagonal(m) - 2.0 * u / n + u.sum() / n**2  # diag(H K H)
     return float(np.sum(diag**2))
+
+
+def autocorr_weights(store_path: str, token: str, weighting: str) -> Any:
+    """The section's Moran / Geary weights from its stored spot graph, cached per process.
+
+    Parameters
+    ----------
+    store_path
+        Isoform store path (readable by this worker).
+    token
+        The store's content token; a rewritten store gets a new cache entry.
+    weighting
+        ``row`` or ``binary`` (:func:`spatialscale.stats.autocorr.spatial_weights`).
+
+    Returns
+    -------
+    spatialscale.stats.autocorr.SpatialWeights
+    """
+    with _lock:
+        return _load_autocorr_weights(str(store_path), token, weighting)
+
+
+@lru_cache(maxsize=4)
+def _load_autocorr_weights(store_path: str, token: str, weighting: str) -> Any:
+    from spatialscale.stats.autocorr import spatial_weights
+    from spatialscale.store import ADJACENCY_KEY, open_store
+
+    store = open_store(store_path)
+    if store.content_token != token:
+        raise RuntimeError(f"{store_path} changed during the run (token {store.content_token} != {token}); "
+                           "restart it.")
+    return spatial_weights(store._read_elem(f"obsp/{ADJACENCY_KEY}"), weighting)
 
 
 def kernel_eigenpairs(store_path: str, token: str, rank: int | None) -> tuple[np.ndarray, np.ndarray]:

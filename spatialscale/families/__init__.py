@@ -21,7 +21,7 @@ from typing import Any
 import xarray as xr
 
 from spatialscale.errors import InputError
-from spatialscale.families import du_glmm, du_kernel, fit, summary, sv_hsic, sv_llr
+from spatialscale.families import du_glmm, du_kernel, fit, summary, sv_autocorr, sv_hsic, sv_llr
 from spatialscale.families.base import Family, Option, Prepared, resolve_options
 from spatialscale.families.common import RunSpec, as_store, execute, run_spec
 from spatialscale.options import ExecutionOptions
@@ -31,7 +31,8 @@ __all__ = ["FAMILIES", "Family", "Option", "Prepared", "family_for", "methods_of
            "run_family", "run_store"]
 
 #: every test family, by name
-FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (sv_hsic, sv_llr, du_kernel, du_glmm, fit, summary)}
+FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (sv_hsic, sv_llr, sv_autocorr, du_kernel, du_glmm,
+                                                                        fit, summary)}
 
 
 def methods_of(command: str) -> tuple[str, ...]:
