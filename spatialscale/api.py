@@ -174,7 +174,8 @@ def sv_test(
         Geary's C of each gene's responses on the store's spot graph (as
         squidpy's ``spatial_autocorr``; multivariate for several isoforms),
         one-sided normal-approximation p-values
-        (:mod:`spatialscale.stats.autocorr`; no covariates, CAR stores).
+        (:mod:`spatialscale.stats.autocorr`; no covariates; a raster
+        store's graph joins its observed bins to their grid neighbours).
     null
         HSIC: ``liu`` (default, SPLISOSM's), ``welch``, ``perm``, or
         ``liu-perm``: Liu's approximation with the exact permutation mean

@@ -121,7 +121,7 @@ def _load_diag_sq(store_path: str, token: str) -> float:
 
 
 def autocorr_weights(store_path: str, token: str, weighting: str) -> Any:
-    """The section's Moran / Geary weights from its stored spot graph, cached per process.
+    """The section's Moran / Geary weights from its stored spot graph (a raster's: its bins' grid), cached per process.
 
     Parameters
     ----------
@@ -142,13 +142,17 @@ def autocorr_weights(store_path: str, token: str, weighting: str) -> Any:
 
 @lru_cache(maxsize=4)
 def _load_autocorr_weights(store_path: str, token: str, weighting: str) -> Any:
-    from spatialscale.stats.autocorr import spatial_weights
+    from spatialscale.stats.autocorr import grid_adjacency, grid_offsets, spatial_weights
     from spatialscale.store import ADJACENCY_KEY, open_store
 
     store = open_store(store_path)
     if store.content_token != token:
         raise RuntimeError(f"{store_path} changed during the run (token {store.content_token} != {token}); "
                            "restart it.")
+    if store.kernel_kind == "fft":  # a raster keeps no graph: its observed bins' grid neighbours
+        attrs = store.kernel_attrs
+        offsets = grid_offsets(tuple(attrs["spacing"]), int(attrs["neighbor_degree"]))
+        return spatial_weights(grid_adjacency(store.grid_index(), tuple(attrs["shape"]), offsets), weighting)
     return spatial_weights(store._read_elem(f"obsp/{ADJACENCY_KEY}"), weighting)
 
 

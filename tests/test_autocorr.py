@@ -80,22 +80,30 @@ def _grid(side: int) -> np.ndarray:
     return np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2).astype(float)
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """conftest's small section (400 spots, 24 genes of 2-6 isoforms, 10% spots without counts), ingested once."""
+    from conftest import make_adata
+
+    return spatialscale.ingest(make_adata(), tmp_path_factory.mktemp("autocorr-small") / "small.zarr")
+
+
 # ------------------------------------------------------------------ statistics on a store = the dense formula
 @pytest.mark.parametrize("weighting", ["row", "binary"])
 @pytest.mark.parametrize("method", ["moran", "geary"])
-def test_statistics_equal_the_dense_formula(small_store, method, weighting):
-    w = _dense_weights(_store_adjacency(small_store), weighting)
+def test_statistics_equal_the_dense_formula(store, method, weighting):
+    w = _dense_weights(_store_adjacency(store), weighting)
     for response in ("isoform-ratios", "isoform-counts", "gene-counts"):
-        ds = _run(small_store, method, response=response, weighting=weighting)
+        ds = _run(store, method, response=response, weighting=weighting)
         assert ds.attrs["method"] == method and ds.attrs["response"] == response
         assert ds.attrs["weighting"] == weighting and ds.attrs["null"] == "normal"
-        want = np.array([_dense_statistic(method, w, _dense_responses(small_store.gene_counts(g), response))
+        want = np.array([_dense_statistic(method, w, _dense_responses(store.gene_counts(g), response))
                          for g in ds["gene"].values])
         np.testing.assert_allclose(ds["sv_statistic"].values, want, rtol=1e-10)
         effect = want if method == "moran" else 1.0 - want
         np.testing.assert_allclose(ds["sv_effect"].values, effect, rtol=1e-10, atol=1e-13)
-        assert (ds["n_spots_used"].values == small_store.n_spots).all()
-        np.testing.assert_array_equal(ds["n_isoforms"].values, small_store.genes["n_isoforms"].to_numpy())
+        assert (ds["n_spots_used"].values == store.n_spots).all()
+        np.testing.assert_array_equal(ds["n_isoforms"].values, store.genes["n_isoforms"].to_numpy())
         p = ds["sv_pvalue"].values
         assert ((p > 0) & (p <= 1)).all()
         np.testing.assert_allclose(ds["sv_pvalue_adj"].values, stats.false_discovery_control(p), rtol=1e-12)
@@ -226,21 +234,21 @@ def test_power_on_simulated_sv_genes(sv_section, method):
 
 
 # ------------------------------------------------------------------ engine: batches, cluster, cohorts
-def test_results_identical_across_batch_sizes(small_store):
+def test_results_identical_across_batch_sizes(store):
     for method in ("moran", "geary"):
-        a = _run(small_store, method, batch_size=1)
-        b = _run(small_store, method, batch_size=7)
-        c = _run(small_store, method)
+        a = _run(store, method, batch_size=1)
+        b = _run(store, method, batch_size=7)
+        c = _run(store, method)
         for name in ("sv_statistic", "sv_pvalue", "sv_effect"):
             np.testing.assert_array_equal(a[name].values, b[name].values)
             np.testing.assert_array_equal(a[name].values, c[name].values)
 
 
-def test_runs_on_a_local_cluster(small_store, client, tmp_path):
-    ds = spatialscale.sv_test(small_store, method="geary", weighting="binary", client=client, batch_size=4,
+def test_runs_on_a_local_cluster(store, client, tmp_path):
+    ds = spatialscale.sv_test(store, method="geary", weighting="binary", client=client, batch_size=4,
                               out=tmp_path / "geary.zarr", progress=False)
     assert ds.attrs["execution"] == "distributed"
-    ref = _run(small_store, "geary", weighting="binary")
+    ref = _run(store, "geary", weighting="binary")
     np.testing.assert_array_equal(ds["sv_statistic"].values, ref["sv_statistic"].values)
     np.testing.assert_array_equal(ds["sv_pvalue"].values, ref["sv_pvalue"].values)
     again = spatialscale.open_results(tmp_path / "geary.zarr")
@@ -268,23 +276,51 @@ def test_cohort_sections_equal_their_own_runs(tmp_path):
 
 
 # ------------------------------------------------------------------ bad input, CLI
-def test_bad_input_is_refused_in_one_line(small_store, tmp_path):
+def test_bad_input_is_refused_in_one_line(store):
     for kw, match in (({"response": "ratios"}, "unknown response 'ratios'; choose one of isoform-ratios"),
                       ({"weighting": "dense"}, "unknown weighting 'dense'; choose one of row, binary"),
                       ({"null": "liu"}, r"option 'null' does not apply to method 'moran'"),
                       ({"covariates": "region"}, "sv moran takes no covariates"),
                       ({"nan_filling": "none"}, r"option 'nan_filling' does not apply to method 'moran'")):
         with pytest.raises(InputError, match=match) as err:
-            _run(small_store, "moran", **kw)
+            _run(store, "moran", **kw)
         assert "\n" not in str(err.value)
     with pytest.raises(InputError, match=r"option 'response' does not apply to method 'hsic-ir' \(it applies to "
                                          r"moran, geary\)"):
-        _run(small_store, "hsic-ir", response="gene-counts")
-    raster = spatialscale.ingest(simulate_raster((12, 14), 4, n_sv=1, seed=1), tmp_path / "r.zarr", kernel="fft",
+        _run(store, "hsic-ir", response="gene-counts")
+
+
+@pytest.mark.parametrize(("spacing", "degree"), [((1.0, 1.0), 1), ((1.0, 1.0), 2), ((1.0, 2.0), 3), ((2.0, 1.0), 2)])
+def test_grid_offsets_follow_the_raster_kernels_neighbour_rule(spacing, degree):
+    from spatialscale.raster import RasterParams, stencil
+    from spatialscale.stats.autocorr import grid_offsets
+
+    shape = (15, 17)  # large enough that the periodic stencil does not wrap onto itself
+    sy, sx = np.nonzero(stencil(RasterParams(shape, spacing, 0.99, degree)))
+    periodic = {(int(y if y <= shape[0] // 2 else y - shape[0]), int(x if x <= shape[1] // 2 else x - shape[1]))
+                for y, x in zip(sy, sx)}
+    assert {tuple(o) for o in grid_offsets(spacing, degree).tolist()} == periodic
+
+
+def test_raster_stores_use_the_grid_neighbours_of_their_observed_bins(tmp_path):
+    """A raster keeps no graph: its observed bins' rook neighbours (neighbor_degree 1), no wrap-around."""
+    from spatialscale.store import read_count_columns
+
+    raster = spatialscale.ingest(simulate_raster((12, 14), 6, n_sv=2, seed=1), tmp_path / "r.zarr", kernel="fft",
                                  min_counts=0)
-    with pytest.raises(InputError, match=r"sv geary does not run on fft .*kernel=car") as err:
-        _run(raster, "geary")
-    assert "\n" not in str(err.value)
+    xy = raster.coords()  # the observed bins, unit spacing
+    assert xy.shape[0] == raster.n_observed < raster.n_spots
+    d2 = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
+    adj = ((d2 > 0) & (d2 <= 1.0)).astype(float)
+    for method, weighting in (("moran", "row"), ("geary", "binary")):
+        ds = _run(raster, method, weighting=weighting)
+        w = _dense_weights(adj, weighting)
+        genes = raster.genes
+        want = [_dense_statistic(method, w, _dense_responses(
+            read_count_columns(raster.path, int(genes.loc[g, "start"]), int(genes.loc[g, "stop"]), grid=False),
+            "isoform-ratios")) for g in ds["gene"].values]
+        np.testing.assert_allclose(ds["sv_statistic"].values, want, rtol=1e-10)
+        assert (ds["n_spots_used"].values == raster.n_observed).all() and "no wrap-around" in ds.attrs["graph"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -292,17 +328,17 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_cli_runs_moran_and_names_bad_input_with_exit_code_2(small_store, tmp_path, capsys):
-    r = _cli("sv", str(small_store.path), "--method", "moran", "--weighting", "binary", "--response", "gene-counts",
+def test_cli_runs_moran_and_names_bad_input_with_exit_code_2(store, tmp_path, capsys):
+    r = _cli("sv", str(store.path), "--method", "moran", "--weighting", "binary", "--response", "gene-counts",
              "--out", str(tmp_path / "m.zarr"), "--scheduler", "threads", "--no-progress", "--top", "3")
     assert r.returncode == 0, r.stderr
-    assert f"{small_store.n_genes} genes tested (moran, normal null)" in r.stdout
+    assert f"{store.n_genes} genes tested (moran, normal null)" in r.stdout
     got = spatialscale.open_results(tmp_path / "m.zarr")
-    ref = _run(small_store, "moran", weighting="binary", response="gene-counts")
+    ref = _run(store, "moran", weighting="binary", response="gene-counts")
     np.testing.assert_array_equal(got["sv_pvalue"].values, ref["sv_pvalue"].values)
     for argv, words in ((["--method", "geary", "--covariates", "region"], "sv geary takes no covariates"),
                         (["--method", "moran", "--null", "liu"], "option 'null' does not apply to method 'moran'")):
-        code = main(["sv", str(small_store.path), *argv, "--out", str(tmp_path / "g.zarr"), "--scheduler", "threads"])
+        code = main(["sv", str(store.path), *argv, "--out", str(tmp_path / "g.zarr"), "--scheduler", "threads"])
         err = capsys.readouterr().err
         assert code == 2 and err.strip().count("\n") == 0 and err.startswith("spatialscale sv: error: ")
         assert words in err and "Traceback" not in err

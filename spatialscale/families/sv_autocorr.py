@@ -1,4 +1,10 @@
-"""Spatial variability by Moran's I and Geary's C (moran, geary) on the section's stored spot graph."""
+"""Spatial variability by Moran's I and Geary's C (moran, geary) on the section's spot graph.
+
+CAR stores use their stored graph (``obsp/spatialscale_adjacency``); raster
+(``kernel="fft"``) stores, which keep none, the grid neighbours of their
+observed bins (the raster kernel's ``neighbor_degree`` rule, without
+wrap-around), and only those bins enter the test.
+"""
 
 from __future__ import annotations
 
@@ -31,10 +37,13 @@ _DESCRIPTIONS = {
 
 
 def _autocorr_task(store_path: str, token: str, params: dict[str, Any], batch: Batch) -> dict[str, np.ndarray]:
-    """One Dask task: Moran's I or Geary's C of the genes of ``batch`` (runs on a worker)."""
+    """One Dask task: Moran's I or Geary's C of the genes of ``batch`` (runs on a worker).
+
+    A raster's counts are read for its observed bins only (the rows of its graph).
+    """
     weights = autocorr_weights(store_path, token, params["weighting"])
-    return autocorr_batch(batch_counts(store_path, batch), weights, method=params["method"],
-                          response=params["response"])
+    counts = batch_counts(store_path, batch, grid=not params["raster"])
+    return autocorr_batch(counts, weights, method=params["method"], response=params["response"])
 
 
 def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates: Any, device: str) -> Prepared:
@@ -43,12 +52,15 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
     for name, choices in (("response", RESPONSES), ("weighting", WEIGHTINGS)):
         if opts[name] not in choices:
             raise InputError(f"unknown {name} {opts[name]!r}; choose one of {', '.join(choices)}.")
-    if store.n_spots < 4:
-        raise InputError(f"sv {method} needs at least 4 spots ({store.path} has {store.n_spots}).")
-    n = store.n_spots
-    params = {"method": method, "response": opts["response"], "weighting": opts["weighting"]}
+    raster = store.kernel_kind == "fft"
+    n = store.n_observed if raster else store.n_spots
+    if n < 4:
+        raise InputError(f"sv {method} needs at least 4 spots ({store.path} has {n}).")
+    params = {"method": method, "response": opts["response"], "weighting": opts["weighting"], "raster": raster}
+    graph = (f"grid neighbours of the observed bins (neighbor_degree {store.kernel_attrs['neighbor_degree']}, no "
+             "wrap-around)" if raster else "obsp/spatialscale_adjacency")
     attrs = {"test": "spatial_variability", "method": method, "null": "normal", "response": opts["response"],
-             "weighting": opts["weighting"], "graph": "obsp/spatialscale_adjacency"}
+             "weighting": opts["weighting"], "graph": graph}
 
     def bytes_per_gene(p: int) -> float:
         d = 1 if opts["response"] == "gene-counts" else p
@@ -73,7 +85,7 @@ def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates:
     weights = autocorr_weights(str(store.path.resolve()), store.content_token, opts["weighting"])
     if weights.s0 <= 0:
         raise InputError(f"the spot graph of {store.path} has no edges between spots: sv {method} needs neighbours "
-                         "(re-ingest with more k_neighbors or another adjacency).")
+                         "(re-ingest with more k_neighbors or neighbor_degree, or another adjacency).")
     task = functools.partial(_autocorr_task, str(store.path.resolve()), store.content_token, params)
     return Prepared(kind="sv-autocorr", params=params, task=task, bytes_per_gene=bytes_per_gene,
                     label=f"sv {method}", assemble=assemble)
@@ -94,5 +106,5 @@ FAMILY = Family(
     prepare=_prepare,
     variables=("sv_statistic", "sv_pvalue", "sv_pvalue_adj", "sv_effect", "n_isoforms", "n_spots_used"),
     covariates="none",
-    kernels=("car",),
+    kernels=("car", "fft"),
 )

@@ -28,9 +28,9 @@ from scipy import stats
 
 from spatialscale.stats.responses import count_response, gene_count_response, ratio_response
 
-__all__ = ["AUTOCORR_METHODS", "RESPONSES", "WEIGHTINGS", "SpatialWeights", "spatial_weights", "autocorr_responses",
-           "autocorr_sums", "autocorr_statistic", "null_moments", "column_scale", "autocorr_pvalue",
-           "autocorr_batch"]
+__all__ = ["AUTOCORR_METHODS", "RESPONSES", "WEIGHTINGS", "SpatialWeights", "spatial_weights", "grid_offsets",
+           "grid_adjacency", "autocorr_responses", "autocorr_sums", "autocorr_statistic", "null_moments",
+           "column_scale", "autocorr_pvalue", "autocorr_batch"]
 
 AUTOCORR_METHODS = ("moran", "geary")
 #: which per-gene responses are tested: isoform ratios (mean-filled), isoform counts, gene counts
@@ -107,6 +107,75 @@ def spatial_weights(adjacency: scipy.sparse.spmatrix | np.ndarray, weighting: st
                           s2=float(np.sum((out_deg + in_deg) ** 2)))
 
 
+def grid_offsets(spacing: tuple[float, float] = (1.0, 1.0), neighbor_degree: int = 1) -> np.ndarray:
+    """Neighbour offsets ``(dy, dx)`` of a raster bin: the raster kernel's rule, on an unbounded grid.
+
+    A bin's neighbours are the bins at squared distance
+    ``dy^2 a^2 + dx^2 b^2`` (``spacing = (a, b)``) up to the
+    ``neighbor_degree``-th smallest nonzero distance (``1``: the 4 rook
+    neighbours of a square grid).  The ``k`` distances ``(j min(a, b))^2``,
+    ``j = 1..k``, bound that cutoff, so every neighbour lies within ``k``
+    bins on each axis.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(m, 2)`` integer offsets, symmetric (``-o`` is there with ``o``).
+    """
+    k = int(neighbor_degree)
+    if k < 1:
+        raise ValueError(f"neighbor_degree must be >= 1, got {neighbor_degree!r}.")
+    a, b = float(spacing[0]), float(spacing[1])
+    dy, dx = np.meshgrid(np.arange(-k, k + 1), np.arange(-k, k + 1), indexing="ij")
+    d2 = (dy * a) ** 2 + (dx * b) ** 2
+    cutoff = np.unique(d2)[k]  # index 0 is the bin itself
+    keep = (d2 > 0) & (d2 <= cutoff)
+    return np.stack([dy[keep], dx[keep]], axis=1).astype(np.int64)
+
+
+def grid_adjacency(positions: np.ndarray, shape: tuple[int, int], offsets: np.ndarray) -> scipy.sparse.csr_matrix:
+    """Binary graph of a raster's observed bins: two bins are neighbours when one is at an offset from the other.
+
+    No wrap-around at the grid's edges (unlike the periodic raster kernel),
+    and absent bins are simply not in the graph.
+
+    Parameters
+    ----------
+    positions
+        ``(m,)`` distinct flat grid positions ``row * nx + col`` of the observed bins, in their order.
+    shape
+        ``(ny, nx)`` of the grid.
+    offsets
+        ``(k, 2)`` symmetric neighbour offsets (:func:`grid_offsets`).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``(m, m)`` symmetric 0/1 adjacency, rows in ``positions``' order.
+    """
+    pos = np.asarray(positions, dtype=np.int64)
+    ny, nx = int(shape[0]), int(shape[1])
+    m = pos.size
+    row, col = np.divmod(pos, nx)
+    order = np.argsort(pos, kind="stable")
+    ranked = pos[order]
+    src, dst = [], []
+    for dy, dx in np.asarray(offsets, dtype=np.int64).reshape(-1, 2):
+        r, c = row + dy, col + dx
+        inside = (r >= 0) & (r < ny) & (c >= 0) & (c < nx)
+        target = r * nx + c
+        at = np.minimum(np.searchsorted(ranked, target), max(m - 1, 0))
+        hit = inside & (ranked[at] == target) if m else inside
+        src.append(np.flatnonzero(hit))
+        dst.append(order[at[hit]])
+    i = np.concatenate(src) if src else np.zeros(0, np.int64)
+    j = np.concatenate(dst) if dst else np.zeros(0, np.int64)
+    adj = scipy.sparse.csr_matrix((np.ones(i.size), (i, j)), shape=(m, m))
+    adj.sum_duplicates()
+    adj.data[:] = 1.0
+    return adj
+
+
 def autocorr_responses(counts: np.ndarray, response: str = "isoform-ratios") -> np.ndarray:
     """Column-centred responses ``(B, n, d)`` of a batch.
 
@@ -131,9 +200,8 @@ def autocorr_responses(counts: np.ndarray, response: str = "isoform-ratios") -> 
 def autocorr_sums(weights: SpatialWeights, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-gene quadratic forms of centred responses: ``tr(Y'WY)``, ``sum_i deg_i |y_i|^2`` and ``tr(Y'Y)``.
 
-    One sparse product ``W Y`` for the whole batch; each gene's sums are
-    taken over its own contiguous values, so they do not depend on the
-    batch's other genes.
+    One sparse product ``W Y_g`` per gene (``d`` columns at a time), so each
+    gene's sums are computed alike whatever the batch's other genes.
 
     Parameters
     ----------
@@ -147,16 +215,18 @@ def autocorr_sums(weights: SpatialWeights, y: np.ndarray) -> tuple[np.ndarray, n
     cross, spread, total : numpy.ndarray
         ``(B,)`` each.
     """
-    y = np.ascontiguousarray(y, dtype=np.float64)
-    b, n, d = y.shape
+    y = np.asarray(y, dtype=np.float64)
+    b, n, _ = y.shape
     if n != weights.n:
         raise ValueError(f"responses have {n} spots, the weights {weights.n}.")
-    stacked = np.ascontiguousarray(y.transpose(1, 0, 2).reshape(n, b * d))
-    wy = np.ascontiguousarray((weights.matrix @ stacked).reshape(n, b, d).transpose(1, 0, 2))
-    sq = y * y
-    cross = (y * wy).reshape(b, n * d).sum(axis=1)
-    spread = (sq * weights.degree[None, :, None]).reshape(b, n * d).sum(axis=1)
-    total = sq.reshape(b, n * d).sum(axis=1)
+    cross, spread, total = np.empty(b), np.empty(b), np.empty(b)
+    degree = weights.degree[:, None]
+    for g in range(b):
+        yg = np.ascontiguousarray(y[g])
+        sq = yg * yg
+        cross[g] = np.sum(yg * (weights.matrix @ yg))
+        spread[g] = np.sum(sq * degree)
+        total[g] = np.sum(sq)
     return cross, spread, total
 
 
@@ -247,12 +317,9 @@ def autocorr_batch(counts: np.ndarray, weights: SpatialWeights, *, method: str =
         raise ValueError(f"Unknown method {method!r}; choose from {AUTOCORR_METHODS}.")
     y = autocorr_responses(np.asarray(counts, dtype=np.float64), response)
     b, n, _ = y.shape
-    finite = np.isfinite(y).all(axis=(1, 2))
-    # a gene constant in space: centring leaves rounding noise, not a spatial pattern
-    span = (y.max(axis=1) - y.min(axis=1)).max(axis=1) if n else np.zeros(b)
-    level = np.abs(y).max(axis=(1, 2)) if n else np.zeros(b)
-    varies = finite & (span > 1e-12 * np.maximum(level, 1.0))
-    y = np.where(varies[:, None, None], y, 0.0)
+    varies = _varies(y)
+    if not varies.all():
+        y = np.where(varies[:, None, None], y, 0.0)
     cross, spread, total = autocorr_sums(weights, y)
     stat = autocorr_statistic(method, weights, cross, spread, total)
     mean, var = null_moments(method, weights)
@@ -262,3 +329,22 @@ def autocorr_batch(counts: np.ndarray, weights: SpatialWeights, *, method: str =
     return {"statistic": stat, "pvalue": np.where(ok, p, 1.0),
             "effect": stat if method == "moran" else 1.0 - stat,
             "n_spots_used": np.full(b, n, dtype=np.int64)}
+
+
+def _varies(y: np.ndarray) -> np.ndarray:
+    """``(B,)``: the gene's responses are finite and not constant in space.
+
+    Centring a constant column leaves rounding noise of the order of the
+    values' precision, not a spatial pattern: a column varies when its range
+    exceeds ``1e-12`` of its largest magnitude (at least ``1e-12``).
+    """
+    out = np.zeros(y.shape[0], dtype=bool)
+    for g in range(y.shape[0]):
+        yg = y[g]
+        if yg.size == 0:
+            continue
+        hi, lo = yg.max(axis=0), yg.min(axis=0)
+        if not (np.isfinite(hi).all() and np.isfinite(lo).all()):
+            continue  # NaN propagates through max / min, infinities show in them
+        out[g] = bool(np.any(hi - lo > 1e-12 * np.maximum(np.maximum(np.abs(hi), np.abs(lo)), 1.0)))
+    return out
