@@ -1332,3 +1332,81 @@ def run_adjusted_bench(spots: list[int], genes: int = 300, *, workers: int = 2, 
     print(f"\n{method}: sv_test adjusted for celltype + score (3 directions) vs unadjusted, median of {repeats}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return table
+
+
+#: the kernel ensemble ``spatialscale bench --test ensemble`` times: the store's kernel and two shorter-range ones
+ENSEMBLE_BENCH_KERNELS = ("store", "splisosm:rho=0.9", "sar:rho=0.2")
+
+
+def run_ensemble_bench(spots: list[int], genes: int = 300, *, repeats: int = 3, seed: int = 0,
+                       method: str = "hsic-ir", batch_memory: str = "256MB") -> pd.DataFrame:
+    """Time one kernel-ensemble ``sv_test`` of k = 3 kernels against k single-kernel runs of the same data.
+
+    Each section (``simulate_section``) is ingested once per kernel of
+    :data:`ENSEMBLE_BENCH_KERNELS` (not timed): the default store and stores
+    ingested with ``rho=0.9`` and with ``prior="sar", rho=0.2``.  Then, on the
+    default path (local threads), after one run of each that loads the
+    kernels, the k single runs (one per store) and the ensemble run on the
+    default store (``kernels=[...]``: counts read once) alternate ``repeats``
+    times, and the medians of wall and CPU seconds (this process: the local
+    threads run here, so CPU time is robust to other load on the machine) and
+    their ratios are printed.  The first ensemble
+    run (``ensemble_first_s``) builds the two extra kernels on the client
+    (``build_extra_kernels_s`` alone), as ingest built the single runs'
+    kernels (``ingest_k_stores_s``); later runs find them in the client's
+    cache.
+    """
+    from spatialscale.api import sv_test
+    from spatialscale.families.sv_hsic import parse_kernel_specs
+    from spatialscale.kernel import build_kernel
+    from spatialscale.simulate import simulate_section
+    from spatialscale.store import ingest
+
+    warnings.filterwarnings("ignore")
+    specs = parse_kernel_specs(list(ENSEMBLE_BENCH_KERNELS))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for n in spots:
+            adata = simulate_section(n, genes, n_sv=max(1, genes // 5), seed=seed)
+            t = time.perf_counter()
+            stores = [ingest(adata, Path(tmpdir) / f"ensemble_{n}_0.zarr")]
+            for j, spec in enumerate(specs[1:], start=1):
+                stores.append(ingest(adata, Path(tmpdir) / f"ensemble_{n}_{j}.zarr", prior=spec.prior,
+                                     **dict(spec.settings)))
+            t_ingest = time.perf_counter() - t
+            t = time.perf_counter()
+            coords = stores[0].coords()
+            for spec in specs[1:]:
+                build_kernel(coords, params=spec.params(stores[0]))
+            t_build = time.perf_counter() - t
+            kw = {"method": method, "batch_memory": batch_memory, "progress": False}
+            for store in stores:  # warm the kernel caches
+                sv_test(store, **kw)
+            t = time.perf_counter()  # the first ensemble run builds the extra kernels (cached for the next ones)
+            sv_test(stores[0], kernels=list(ENSEMBLE_BENCH_KERNELS), **kw)
+            t_first = time.perf_counter() - t
+            times: dict[str, list[float]] = {"singles": [], "ensemble": []}
+            cpu: dict[str, list[float]] = {"singles": [], "ensemble": []}
+            for _ in range(repeats):
+                t, c = time.perf_counter(), _cpu_seconds()
+                for store in stores:
+                    sv_test(store, **kw)
+                times["singles"].append(time.perf_counter() - t)
+                cpu["singles"].append(_cpu_seconds() - c)
+                t, c = time.perf_counter(), _cpu_seconds()
+                sv_test(stores[0], kernels=list(ENSEMBLE_BENCH_KERNELS), **kw)
+                times["ensemble"].append(time.perf_counter() - t)
+                cpu["ensemble"].append(_cpu_seconds() - c)
+            singles, ensemble = float(np.median(times["singles"])), float(np.median(times["ensemble"]))
+            cpu_singles, cpu_ensemble = float(np.median(cpu["singles"])), float(np.median(cpu["ensemble"]))
+            row = {"spots": n, "genes": genes, "k": len(specs), "ingest_k_stores_s": t_ingest,
+                   "build_extra_kernels_s": t_build, "ensemble_first_s": t_first, "k_singles_s": singles,
+                   "ensemble_s": ensemble, "ratio": ensemble / singles, "k_singles_cpu_s": cpu_singles,
+                   "ensemble_cpu_s": cpu_ensemble, "cpu_ratio": cpu_ensemble / cpu_singles}
+            rows.append(row)
+            print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    table = pd.DataFrame(rows)
+    print(f"\n{method}: one ensemble run of {', '.join(ENSEMBLE_BENCH_KERNELS)} vs {len(specs)} single runs "
+          f"(local threads, median of {repeats})")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return table
