@@ -412,3 +412,19 @@ def test_bad_compare_inputs_in_python(cohort, tmp_path):
         spatialscale.sv_test(cohort, compare="patient", block="donor", scheduler="threads")
     with pytest.raises(InputError, match="block 'condition' is the compare column itself"):
         spatialscale.sv_test(cohort, compare="condition", block="condition", scheduler="threads")
+
+
+def test_du_effect_of_the_gp_null_is_the_rv_coefficient_of_the_residuals():
+    from spatialscale.stats.du import GPNull, du_responses, hsic_du, hsic_du_gp_null
+
+    rng = np.random.default_rng(4)
+    counts = rng.poisson(3.0, (5, 40, 3)).astype(np.float64)
+    y, used = du_responses(counts, nan_filling="none")  # each gene its own spots
+    z = rng.normal(size=(40, 2))
+    vectors = np.linalg.qr(rng.normal(size=(40, 4)))[0]
+    null = GPNull(z=z, vectors=vectors, shrink=rng.uniform(0, 0.5, (2, 4)), noise=np.array([0.5, 1.0]))
+    stat, p, rv = hsic_du_gp_null(y, used, null, effect=True)
+    want = hsic_du(y, used, z, effect=True)
+    np.testing.assert_allclose(stat, want[0], rtol=1e-12)
+    np.testing.assert_allclose(rv, want[2], rtol=1e-10)
+    assert np.all((rv >= 0) & (rv <= 1))
