@@ -41,7 +41,8 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "du_pvalue_adj": (("gene", "covariate"), "Benjamini-Hochberg adjusted du_pvalue over genes, per covariate"),
     "du_effect": (("gene", "covariate"), "effect size of the kernel DU tests (hsic, hsic-gp): the RV coefficient "
                                          "||Y'Z_c||_F^2 / sqrt(tr((Y'Y)^2) tr((Z_c'Z_c)^2)) of the isoform ratios and "
-                                         "the covariate's columns, in [0, 1]"),
+                                         "the covariate's columns less its mean under independence, "
+                                         "tr(Y'Y) tr(Z_c'Z_c) / ((n-1) sqrt(...)) (about 0 without DU, at most 1)"),
     "intercept": (("gene", "contrast"),
                   "fitted intercept of logit k = log(p_k / p_last); NaN past the gene's isoforms"),
     "beta": (("gene", "covariate", "contrast"), "fitted covariate coefficients on the logits"),

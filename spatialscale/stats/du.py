@@ -160,19 +160,23 @@ def hsic_du(y: np.ndarray, used: np.ndarray, z: np.ndarray, groups: tuple[tuple[
     p = liu_pvalue(t.reshape(-1), c.reshape(-1, 4)).reshape(t.shape)
     stat = t_scaled / np.maximum(n_used - 1.0, 1.0)[:, None] ** 2
     if effect:
-        return stat, p, du_effect(t_scaled, gram, lam_sums[..., 1])
+        return stat, p, du_effect(t_scaled, gram, lam_sums, n_used)
     return stat, p
 
 
-def du_effect(cross: np.ndarray, gram: np.ndarray, kernel_sq: np.ndarray) -> np.ndarray:
-    """RV coefficient of the isoform ratios and a covariate test: the effect size of linear-HSIC DU.
+def du_effect(cross: np.ndarray, gram: np.ndarray, kernel_sums: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Effect size of linear-HSIC DU: the RV coefficient of the isoform ratios and a covariate, less its null mean.
 
-    ``RV = ||Y' Z_c||_F^2 / sqrt(tr((Y'Y)^2) tr((Z_c' Z_c)^2))``, the cosine
-    between the Gram matrices ``Y Y'`` and ``Z_c Z_c'`` over the gene's
-    spots: in ``[0, 1]``, 1 when the ratios vary only along the covariate
-    (for a test of several columns, such as a categorical's level
-    indicators, the columns jointly).  Free of the ratios' and the
-    covariate's scales, so comparable between sections.
+    ``RV = ||Y' Z_c||_F^2 / sqrt(tr((Y'Y)^2) tr((Z_c' Z_c)^2))`` is the
+    cosine between the Gram matrices ``Y Y'`` and ``Z_c Z_c'`` over the
+    gene's spots: in ``[0, 1]``, 1 when the ratios vary only along the
+    covariate (for a test of several columns, such as a categorical's level
+    indicators, the columns jointly).  Under independence
+    ``E ||Y' Z_c||_F^2 = tr(Y'Y) tr(Z_c'Z_c) / (n - 1)``, so RV has a floor
+    that depends on the section's size and the covariate's rank; it is
+    subtracted (as for the SV effect, :func:`spatialscale.stats.sv.sv_effect`),
+    which centres genes without DU at 0 in every section.  Free of the
+    ratios' and the covariate's scales, so comparable between sections.
 
     Parameters
     ----------
@@ -180,18 +184,23 @@ def du_effect(cross: np.ndarray, gram: np.ndarray, kernel_sq: np.ndarray) -> np.
         ``(B, T)`` ``||Y' Z_c||_F^2``.
     gram
         ``(B, d, d)`` ``Y'Y`` of each gene (``Y`` centred over its spots).
-    kernel_sq
-        ``(B, T)`` (or broadcastable) ``tr((Z_c' Z_c)^2)`` of each test.
+    kernel_sums
+        ``(B, T, >=2)`` (or broadcastable) ``tr(Z_c'Z_c)`` and ``tr((Z_c' Z_c)^2)`` of each test.
+    n
+        ``(B,)`` spots of each gene's tests.
 
     Returns
     -------
     numpy.ndarray
         ``(B, T)``; NaN where the ratios or the covariate do not vary.
     """
+    ks = np.asarray(kernel_sums, dtype=np.float64)
     yy = np.einsum("bde,bde->b", gram, gram)  # tr((Y'Y)^2) = ||Y'Y||_F^2
-    scale = np.sqrt(np.clip(yy[:, None] * np.asarray(kernel_sq, dtype=np.float64), 0.0, None))
+    scale = np.sqrt(np.clip(yy[:, None] * ks[..., 1], 0.0, None))
     ok = np.isfinite(scale) & (scale > 0)
-    return np.where(ok, np.asarray(cross, dtype=np.float64) / np.where(ok, scale, 1.0), np.nan)
+    trace_y = np.einsum("bdd->b", gram)
+    null_mean = trace_y[:, None] * ks[..., 0] / np.maximum(np.asarray(n, dtype=np.float64) - 1.0, 1.0)[:, None]
+    return np.where(ok, (np.asarray(cross, dtype=np.float64) - null_mean) / np.where(ok, scale, 1.0), np.nan)
 
 
 @dataclass(frozen=True)
@@ -249,7 +258,7 @@ def hsic_du_gp_null(y: np.ndarray, used: np.ndarray, null: GPNull, *, effect: bo
     p = liu_pvalue(t.reshape(-1), c.reshape(-1, 4)).reshape(t.shape)
     stat = t / np.maximum(n_used - 1.0, 1.0)[:, None] ** 2
     if effect:
-        return stat, p, du_effect(t, gram, kernel_power_sums(z, used)[..., 1])
+        return stat, p, du_effect(t, gram, kernel_power_sums(z, used), n_used)
     return stat, p
 
 
