@@ -226,7 +226,8 @@ def sv_test(
         ``kernel_pvalue``, ``kernel_effect`` over a ``kernel`` dimension and
         ``sv_kernel``; ``sv_statistic`` / ``sv_effect`` are the smallest
         p-value's kernel's.  Null ``liu`` / ``welch``, ``nan_filling="mean"``,
-        no covariates, CAR stores (docs/statistics.md).
+        CAR stores; with ``covariates`` every kernel's test is adjusted
+        (docs/statistics.md).
     covariates
         Adjust the test for covariates (obs column names, a list or
         ``"a,b"``, covariate sets such as ``"latent"``, an array or a

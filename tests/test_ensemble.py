@@ -86,6 +86,19 @@ def test_each_kernel_equals_a_single_run_on_a_store_ingested_with_it(stores):
         np.testing.assert_allclose(gc[name].values, whole[name].values, rtol=1e-12, err_msg=name)
 
 
+def test_an_adjusted_ensemble_equals_adjusted_single_runs(stores):
+    ens = _run(stores[0], kernels=ENSEMBLE, covariates="region")
+    assert len(ens.attrs["covariates"]) == 1 and ens.attrs["covariates"][0].startswith("region")
+    for j, store in enumerate(stores):
+        single = _run(store, covariates="region")
+        np.testing.assert_allclose(ens["kernel_pvalue"].values[:, j], single["sv_pvalue"].values, rtol=1e-8)
+        np.testing.assert_allclose(ens["kernel_statistic"].values[:, j], single["sv_statistic"].values, rtol=1e-8)
+        np.testing.assert_allclose(ens["kernel_effect"].values[:, j], single["sv_effect"].values, rtol=1e-8,
+                                   atol=1e-12)
+    plain = _run(stores[0], kernels=ENSEMBLE)
+    assert not np.allclose(plain["kernel_pvalue"].values, ens["kernel_pvalue"].values)
+
+
 def test_ensemble_on_a_cluster_ships_the_kernels_once_and_agrees(stores, client, tmp_path):
     threads = _run(stores[0], kernels=ENSEMBLE)
     out = tmp_path / "ens.zarr"
@@ -130,7 +143,7 @@ def test_unsupported_inputs_are_refused_before_anything_is_written(stores, tmp_p
              ({"kernels": ENSEMBLE, "null": "perm"}, "null='liu' or 'welch'"),
              ({"kernels": ENSEMBLE, "null": "liu-perm"}, "null='liu' or 'welch'"),
              ({"kernels": ENSEMBLE, "nan_filling": "none"}, "nan_filling='mean'"),
-             ({"kernels": ENSEMBLE, "covariates": "region"}, "does not take covariates"),
+             ({"kernels": ENSEMBLE, "covariates": "nothing"}, "nothing"),
              ({"kernels": ["store", "splisosm:rho=0.99"]}, "the store's own kernel"),
              ({"kernels": ["store", "splisosm:weights=distance"]}, "needs a radius")]
     for kw, match in cases:

@@ -421,11 +421,14 @@ def _prepare_ensemble(store: IsoformStore, method: str, opts: dict[str, Any], co
                          f"{params['null']!r}.")
     if params["nan_filling"] != "mean":
         raise InputError("a kernel ensemble needs nan_filling='mean' (every spot in every kernel's test).")
-    if covariates is not None:
-        raise InputError("a kernel ensemble does not take covariates yet; run the adjusted test on one kernel.")
     if store.kernel_kind == "fft":
         raise InputError("a kernel ensemble does not run on raster (fft) stores: the priors need a spot graph; use a "
                          "store ingested with kernel='car'.")
+    adjust, fingerprint_extra = None, None
+    if covariates is not None:
+        adjust, design = _covariate_adjustment(store, covariates, opts, params["null"])
+        attrs = {**attrs, "covariates": design.columns}
+        fingerprint_extra = design_fingerprint(design)
     members, build = _ensemble_members(store, specs)
     labels = [s.label for s in specs]
     resolved = [STORE_KERNEL if p is None else p.to_dict() for p in members]
@@ -437,7 +440,20 @@ def _prepare_ensemble(store: IsoformStore, method: str, opts: dict[str, Any], co
 
     def bytes_per_gene(p: int) -> float:
         d = response_width(method, p, params["transformation"])
-        return 8.0 * n * (p + 6 * d) + 24.0 * len(specs)
+        return 8.0 * n * (p + 6 * d + (d if adjust is not None else 0)) + 24.0 * len(specs)
+
+    def shared() -> dict[str, Any]:
+        """What the tasks need, built when some batch is left to run: the kernels (and the adjustment)."""
+        kernels = build()
+        if adjust is None:
+            return {"kernels": kernels, "sums": [None] * len(kernels), "basis": None}
+        from spatialscale.kernel import SparseCAROperator
+
+        own = adjust()  # the store kernel's projected sums, and the basis
+        basis = own["basis"]
+        sums = [own["sums"] if k is None else
+                projected_kernel_sums(SparseCAROperator(k["precision"]), k["power_sums"], basis) for k in kernels]
+        return {"kernels": kernels, "sums": sums, "basis": basis}
 
     def assemble(run: Any) -> xr.Dataset:
         keys = ("statistic", "pvalue", "effect", "best", "n_spots_used", "kernel_statistic", "kernel_pvalue",
@@ -457,8 +473,8 @@ def _prepare_ensemble(store: IsoformStore, method: str, opts: dict[str, Any], co
 
     task = functools.partial(_ensemble_task, str(store.path.resolve()), store.kernel_token, device, task_params)
     return Prepared(kind="sv", params=run_params, task=task, bytes_per_gene=bytes_per_gene,
-                    label=f"sv {method} x {len(specs)} kernels", assemble=assemble,
-                    shared=lambda: {"kernels": build()})
+                    label=f"sv {method} x {len(specs)} kernels", assemble=assemble, shared=shared,
+                    fingerprint_extra=fingerprint_extra)
 
 
 def _ensemble_task(store_path: str, token: str, device: str, params: dict[str, Any], batch: Batch,
@@ -467,17 +483,18 @@ def _ensemble_task(store_path: str, token: str, device: str, params: dict[str, A
 
     ``ensemble["kernels"]`` holds, per member, ``None`` (the store's own kernel, from the
     worker's cache) or the precision, power sums and token of a kernel built on the client
-    (its operator factorised once per worker process and cached by token).
+    (its operator factorised once per worker process and cached by token).  With covariates,
+    ``ensemble["basis"]`` is their orthonormal basis and ``ensemble["sums"]`` each projected
+    kernel's power sums (``None`` entries: the kernel's own).
     """
     from spatialscale.stats.ensemble import ensemble_batch
 
     kernels = []
-    for member in ensemble["kernels"]:
-        if member is None:
-            kernels.append(kernel_operator(store_path, token, device))
-        else:
-            kernels.append((_member_operator(member, device), member["power_sums"]))
-    return ensemble_batch(batch_counts(store_path, batch), kernels, **params)
+    for member, sums in zip(ensemble["kernels"], ensemble["sums"]):
+        op, own = (kernel_operator(store_path, token, device) if member is None
+                   else (_member_operator(member, device), member["power_sums"]))
+        kernels.append((op, own if sums is None else sums))
+    return ensemble_batch(batch_counts(store_path, batch), kernels, covariate_basis=ensemble["basis"], **params)
 
 
 #: operators of ensemble kernels built in this process, by (token, device); the least recently used dropped first

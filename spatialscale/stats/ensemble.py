@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from spatialscale.stats.adjust import residualise
 from spatialscale.stats.combine import cauchy_combine
 from spatialscale.stats.hsic import (
     KernelOperator,
@@ -53,13 +54,18 @@ class EnsembleResponses:
         Whether the columns of ``y`` sum to zero in every spot (ratios or clr
         coordinates of more than one isoform), so ``Q`` needs one solve per
         isoform less (:func:`spatialscale.stats.hsic.quadratic_statistic_simplex`).
+    n_adjusted
+        Covariate directions ``u`` projected out of ``y`` (0 without covariates):
+        the mixture's feature eigenvalues then have ``n - 1 - u`` degrees of freedom.
     """
 
-    def __init__(self, y: np.ndarray, finite: np.ndarray, feature_sums: np.ndarray, simplex: bool) -> None:
+    def __init__(self, y: np.ndarray, finite: np.ndarray, feature_sums: np.ndarray, simplex: bool,
+                 n_adjusted: int = 0) -> None:
         self.y = y
         self.finite = finite
         self.feature_sums = feature_sums
         self.simplex = simplex
+        self.n_adjusted = int(n_adjusted)
 
     @property
     def n_genes(self) -> int:
@@ -72,7 +78,8 @@ class EnsembleResponses:
         return int(self.y.shape[1])
 
 
-def ensemble_responses(counts: np.ndarray, method: str = "hsic-ir", transformation: str = "none") -> EnsembleResponses:
+def ensemble_responses(counts: np.ndarray, method: str = "hsic-ir", transformation: str = "none",
+                       covariate_basis: np.ndarray | None = None) -> EnsembleResponses:
     """Centred responses of a batch, formed once for every kernel of the ensemble.
 
     Spots where a gene has no counts take the covered spots' mean ratio
@@ -86,6 +93,11 @@ def ensemble_responses(counts: np.ndarray, method: str = "hsic-ir", transformati
         ``hsic-ir``, ``hsic-ic`` or ``hsic-gc``.
     transformation
         Ratio transformation of ``hsic-ir``.
+    covariate_basis
+        ``(n, u)`` orthonormal basis of the centred covariates
+        (:func:`spatialscale.stats.adjust.covariate_basis`): the responses are
+        projected off them (``M Y``), as in an adjusted single-kernel run; each
+        kernel's power sums must then be those of ``M K_c M``.
 
     Returns
     -------
@@ -97,8 +109,12 @@ def ensemble_responses(counts: np.ndarray, method: str = "hsic-ir", transformati
     if not finite.all():
         finite = np.isfinite(y).all(axis=(1, 2))
         y = np.where(finite[:, None, None], y, 0.0)
+    u = 0
+    if covariate_basis is not None:
+        y = residualise(y, covariate_basis)  # ratios' rows still sum to zero (M acts on each column)
+        u = int(covariate_basis.shape[1])
     simplex = method == "hsic-ir" and transformation in ("none", "clr") and y.shape[2] > 1
-    return EnsembleResponses(y, finite, feature_power_sums(y), simplex)
+    return EnsembleResponses(y, finite, feature_power_sums(y), simplex, u)
 
 
 def kernel_test(op: KernelOperator, kernel_sums: np.ndarray, responses: EnsembleResponses,
@@ -110,7 +126,7 @@ def kernel_test(op: KernelOperator, kernel_sums: np.ndarray, responses: Ensemble
     op
         The kernel's operator (products with the centred kernel ``K_c``).
     kernel_sums
-        ``(4,)`` power sums ``tr(K_c^r)``.
+        ``(4,)`` power sums ``tr(K_c^r)`` (adjusted responses: of ``M K_c M``).
     responses
         The batch's responses (:func:`ensemble_responses`).
     null
@@ -131,7 +147,7 @@ def kernel_test(op: KernelOperator, kernel_sums: np.ndarray, responses: Ensemble
     q = quadratic_statistic_simplex(op, y) if responses.simplex else quadratic_statistic(op, y)
     k = np.broadcast_to(np.asarray(kernel_sums, dtype=np.float64), (b, 4))
     n_eff = np.full(b, float(n))
-    c = mixture_cumulants(k, f, n_eff)
+    c = mixture_cumulants(k, f, n_eff - responses.n_adjusted)
     p = liu_pvalue(q, c) if null == "liu" else welch_pvalue(q, c)
     degenerate = (f[:, 1] <= 0) | (k[:, 1] <= 0)
     finite = responses.finite
@@ -165,7 +181,8 @@ def combine_kernels(pvalues: np.ndarray, statistics: np.ndarray, effects: np.nda
 
 
 def ensemble_batch(counts: np.ndarray, kernels: Sequence[tuple[KernelOperator, np.ndarray]], *,
-                   method: str = "hsic-ir", transformation: str = "none", null: str = "liu") -> dict[str, np.ndarray]:
+                   method: str = "hsic-ir", transformation: str = "none", null: str = "liu",
+                   covariate_basis: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The kernel-ensemble HSIC test of every gene of a batch.
 
     Parameters
@@ -178,6 +195,10 @@ def ensemble_batch(counts: np.ndarray, kernels: Sequence[tuple[KernelOperator, n
         As :func:`spatialscale.stats.sv.sv_batch` (mean filling).
     null
         ``liu`` or ``welch`` (each kernel's own mixture).
+    covariate_basis
+        Adjust for covariates (:func:`ensemble_responses`); the power sums in
+        ``kernels`` are then those of the projected kernels ``M K_c M``
+        (:func:`spatialscale.stats.adjust.projected_kernel_sums`).
 
     Returns
     -------
@@ -190,7 +211,7 @@ def ensemble_batch(counts: np.ndarray, kernels: Sequence[tuple[KernelOperator, n
     """
     if len(kernels) < 2:
         raise ValueError(f"a kernel ensemble needs at least 2 kernels, got {len(kernels)}.")
-    responses = ensemble_responses(counts, method, transformation)
+    responses = ensemble_responses(counts, method, transformation, covariate_basis)
     tests = [kernel_test(op, sums, responses, null) for op, sums in kernels]
     stat, p, eff = (np.stack([t[key] for t in tests], axis=1) for key in ("statistic", "pvalue", "effect"))
     out = combine_kernels(p, stat, eff)
