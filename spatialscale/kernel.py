@@ -335,6 +335,18 @@ def inverse_diagonal(m: scipy.sparse.spmatrix, *, method: str = "auto", max_band
     return _inverse_diagonal_banded(m, max_band=max_band)
 
 
+def centred_diag_sq(precision: scipy.sparse.spmatrix) -> float:
+    """``sum_i (H K H)_ii^2`` of the centred kernel ``K = precision^-1`` (for exact permutation moments).
+
+    ``diag(H K H) = diag(K) - 2 (K 1) / n + 1'K1 / n^2``: the inverse's
+    diagonal (:func:`inverse_diagonal`) and one solve.
+    """
+    n = precision.shape[0]
+    u = scipy.sparse.linalg.spsolve(scipy.sparse.csc_matrix(precision), np.ones(n))  # K 1
+    diag = inverse_diagonal(precision) - 2.0 * u / n + u.sum() / n**2
+    return float(np.sum(diag**2))
+
+
 def _inverse_diagonal_banded(m: scipy.sparse.spmatrix, *, max_band: int = 1500) -> np.ndarray:
     """``diag(m^-1)`` by the banded Takahashi recurrence.
 

@@ -102,9 +102,7 @@ def kernel_diag_sq(store_path: str, token: str) -> float:
 
 @lru_cache(maxsize=8)
 def _load_diag_sq(store_path: str, token: str) -> float:
-    import scipy.sparse.linalg
-
-    from spatialscale.kernel import inverse_diagonal
+    from spatialscale.kernel import centred_diag_sq
     from spatialscale.store import open_store
 
     store = open_store(store_path)
@@ -113,11 +111,7 @@ def _load_diag_sq(store_path: str, token: str) -> float:
     if store.kernel_kind == "fft":  # a circulant's diagonal is constant: tr(K_eff) / n
         k1 = float(store.kernel_attrs["power_sums"][0])
         return k1 * k1 / store.n_spots
-    m = store.precision()
-    n = m.shape[0]
-    u = scipy.sparse.linalg.spsolve(scipy.sparse.csc_matrix(m), np.ones(n))  # K 1
-    diag = inverse_diagonal(m) - 2.0 * u / n + u.sum() / n**2  # diag(H K H)
-    return float(np.sum(diag**2))
+    return centred_diag_sq(store.precision())
 
 
 def autocorr_weights(store_path: str, token: str, weighting: str) -> Any:

@@ -13,7 +13,7 @@ import spatialscale
 from spatialscale import InputError
 from spatialscale.cli import main
 from spatialscale.families.sv_hsic import KernelSpec, parse_kernel_spec, parse_kernel_specs
-from spatialscale.kernel import KernelParams, SparseCAROperator, build_kernel
+from spatialscale.kernel import KernelParams, SparseCAROperator, build_kernel, centred_diag_sq
 from spatialscale.stats.combine import cauchy_combine
 from spatialscale.stats.ensemble import combine_kernels, ensemble_batch
 
@@ -84,6 +84,12 @@ def test_each_kernel_equals_a_single_run_on_a_store_ingested_with_it(stores):
     whole = _run(stores[0], method="hsic-gc", null="welch", kernels=ENSEMBLE[:2], batch_size=100)
     for name in ("kernel_pvalue", "kernel_statistic", "sv_pvalue", "sv_statistic", "sv_effect"):
         np.testing.assert_allclose(gc[name].values, whole[name].values, rtol=1e-12, err_msg=name)
+    # the exact permutation moments (liu-perm): each kernel's p-value equals its single liu-perm run
+    lp = _run(stores[0], null="liu-perm", kernels=ENSEMBLE)
+    for j, store in enumerate(stores):
+        single = _run(store, null="liu-perm")
+        np.testing.assert_allclose(lp["kernel_pvalue"].values[:, j], single["sv_pvalue"].values, rtol=1e-8)
+    assert not np.allclose(lp["kernel_pvalue"].values, ens["kernel_pvalue"].values)
 
 
 def test_an_adjusted_ensemble_equals_adjusted_single_runs(stores):
@@ -132,6 +138,8 @@ def test_a_cohort_runs_the_ensemble_on_each_section(tmp_path):
         one = _run(tmp_path / "co" / "sections" / f"{sid}.zarr", kernels=kernels)
         got = ds["kernel_pvalue"].sel(section=sid, gene=one["gene"].values).values
         np.testing.assert_allclose(got, one["kernel_pvalue"].values, rtol=1e-10)
+    with pytest.raises(InputError, match="combine='pooled' sums one kernel's"):
+        _run(cohort, kernels=kernels, combine="pooled")
 
 
 # ---------------------------------------------------------------- refusals
@@ -140,8 +148,8 @@ def test_unsupported_inputs_are_refused_before_anything_is_written(stores, tmp_p
     cases = [({"kernels": ["store"]}, "at least 2 kernels"),
              ({"kernels": ["store", "car:rho=0.99"]}, r"kernel 'car:rho=0.99': prior='car' on this graph needs rho <"),
              ({"kernels": ["store", "bogus"]}, "unknown prior 'bogus'.*choose one of store, splisosm"),
-             ({"kernels": ENSEMBLE, "null": "perm"}, "null='liu' or 'welch'"),
-             ({"kernels": ENSEMBLE, "null": "liu-perm"}, "null='liu' or 'welch'"),
+             ({"kernels": ENSEMBLE, "null": "perm"}, "null='liu', 'welch' or 'liu-perm'"),
+             ({"kernels": ENSEMBLE, "null": "liu-perm", "covariates": "region"}, "not 'liu-perm'"),
              ({"kernels": ENSEMBLE, "nan_filling": "none"}, "nan_filling='mean'"),
              ({"kernels": ENSEMBLE, "covariates": "nothing"}, "nothing"),
              ({"kernels": ["store", "splisosm:rho=0.99"]}, "the store's own kernel"),
@@ -170,7 +178,7 @@ def _grid_kernels(params: dict[str, KernelParams]) -> dict[str, tuple]:
     out = {}
     for name, p in params.items():
         k = build_kernel(xy, params=p)
-        out[name] = (SparseCAROperator(k.precision), k.power_sums)
+        out[name] = (SparseCAROperator(k.precision), k.power_sums, centred_diag_sq(k.precision))
     return out
 
 
@@ -204,8 +212,8 @@ def grid_kernels():
     return _grid_kernels(KERNELS)
 
 
-def _reject(kernels: dict, names: list[str], counts: np.ndarray) -> tuple[float, np.ndarray]:
-    r = ensemble_batch(counts, [kernels[k] for k in names])
+def _reject(kernels: dict, names: list[str], counts: np.ndarray, null: str = "liu") -> tuple[float, np.ndarray]:
+    r = ensemble_batch(counts, [kernels[k] for k in names], null=null)
     return float((r["pvalue"] < 0.05).mean()), (r["kernel_pvalue"] < 0.05).mean(axis=0)
 
 
@@ -218,6 +226,10 @@ def test_ensemble_is_calibrated_under_the_null(grid_kernels):
     mixed, members = _reject(grid_kernels, MIXED, null)
     print(f"null, 1500 genes: {MIXED} combined {mixed:.3f}, members {np.round(members, 3)}")
     assert mixed <= 0.07  # valid; conservative where a member's Liu null is (short-range kernels)
+    # the exact permutation moments bring the short-range members (and so the ensemble) to the level
+    perm, members = _reject(grid_kernels, MIXED, null, null="liu-perm")
+    print(f"null, 1500 genes, liu-perm: {MIXED} combined {perm:.3f}, members {np.round(members, 3)}")
+    assert 0.03 <= perm <= 0.07 and np.all((members >= 0.03) & (members <= 0.07))
     # the Cauchy combination of identical tests is the test itself
     p = np.random.default_rng(0).random(50)
     np.testing.assert_allclose(combine_kernels(np.c_[p, p], np.c_[p, p], np.c_[p, p])["pvalue"], p, rtol=1e-10)
@@ -236,12 +248,15 @@ def test_ensemble_gains_power_where_the_default_scale_is_wrong(grid_kernels):
         single = float((ensemble_batch(counts, [grid_kernels["default"]] * 2)["kernel_pvalue"][:, 0] < 0.05).mean())
         mixed, _ = _reject(grid_kernels, MIXED, counts)
         calibrated, _ = _reject(grid_kernels, CALIBRATED, counts)
-        power[case] = (single, mixed, calibrated)
-    print("\n" + pd.DataFrame(power, index=["default kernel", "+".join(MIXED), "+".join(CALIBRATED)]).T.to_string())
-    single, mixed, _ = power["fine (sigma 0.7 spots)"]
+        perm, _ = _reject(grid_kernels, MIXED, counts, null="liu-perm")
+        power[case] = (single, mixed, calibrated, perm)
+    print("\n" + pd.DataFrame(power, index=["default kernel", "+".join(MIXED), "+".join(CALIBRATED),
+                                            "+".join(MIXED) + " liu-perm"]).T.to_string())
+    single, mixed, _, _ = power["fine (sigma 0.7 spots)"]
     assert mixed >= single + 0.04  # the shorter-range kernels find fine patterns the default smooths over
+    assert power["fine (sigma 0.7 spots)"][3] >= single + 0.1  # and more with the exact permutation moments
     for case in cases:
-        single, mixed, calibrated = power[case]
+        single, mixed, calibrated, _ = power[case]
         assert mixed >= single - 0.1 and calibrated >= single - 0.05, case  # and lose little elsewhere
 
 

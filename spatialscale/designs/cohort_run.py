@@ -181,6 +181,9 @@ def run_cohort(family: Family, cohort: Cohort | str | os.PathLike, *, method: st
     """
     if combine not in COMBINATIONS + ("pooled",):
         raise InputError(f"unknown combination {combine!r}; choose one of {', '.join(COMBINATIONS + ('pooled',))}.")
+    if combine == "pooled" and opts.get("kernels") is not None:
+        raise InputError("combine='pooled' sums one kernel's HSIC statistics; a kernel ensemble combines p-values "
+                         "(use cauchy, fisher or stouffer).")
     if combine == "pooled" and (family.name != "sv-hsic" or opts.get("null") not in ("liu", "liu-perm")):
         raise InputError("combine='pooled' (summed HSIC statistics, Liu's p-value) applies to the HSIC SV tests "
                          "with null='liu' or 'liu-perm'.")

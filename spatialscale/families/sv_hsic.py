@@ -417,7 +417,7 @@ def _prepare_ensemble(store: IsoformStore, method: str, opts: dict[str, Any], co
 
     specs = parse_kernel_specs(opts["kernels"])
     if params["null"] not in ENSEMBLE_NULLS:
-        raise InputError(f"a kernel ensemble takes null='liu' or 'welch' (each kernel's own mixture), not "
+        raise InputError(f"a kernel ensemble takes null='liu', 'welch' or 'liu-perm' (each kernel's own mixture), not "
                          f"{params['null']!r}.")
     if params["nan_filling"] != "mean":
         raise InputError("a kernel ensemble needs nan_filling='mean' (every spot in every kernel's test).")
@@ -445,6 +445,12 @@ def _prepare_ensemble(store: IsoformStore, method: str, opts: dict[str, Any], co
     def shared() -> dict[str, Any]:
         """What the tasks need, built when some batch is left to run: the kernels (and the adjustment)."""
         kernels = build()
+        if params["null"] == "liu-perm":  # each built kernel's sum_i (K_c)_ii^2, once (kept with the kernel)
+            from spatialscale.kernel import centred_diag_sq
+
+            for k in kernels:
+                if k is not None and "diag_sq" not in k:
+                    k["diag_sq"] = centred_diag_sq(k["precision"])
         if adjust is None:
             return {"kernels": kernels, "sums": [None] * len(kernels), "basis": None}
         from spatialscale.kernel import SparseCAROperator
@@ -489,11 +495,14 @@ def _ensemble_task(store_path: str, token: str, device: str, params: dict[str, A
     """
     from spatialscale.stats.ensemble import ensemble_batch
 
+    perm = params["null"] == "liu-perm"
     kernels = []
     for member, sums in zip(ensemble["kernels"], ensemble["sums"]):
         op, own = (kernel_operator(store_path, token, device) if member is None
                    else (_member_operator(member, device), member["power_sums"]))
         kernels.append((op, own if sums is None else sums))
+        if perm:  # the exact permutation moments need the kernel's sum_i (K_c)_ii^2
+            kernels[-1] += (kernel_diag_sq(store_path, token) if member is None else member["diag_sq"],)
     return ensemble_batch(batch_counts(store_path, batch), kernels, covariate_basis=ensemble["basis"], **params)
 
 

@@ -16,6 +16,7 @@ Dask, stores or workers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,14 +29,15 @@ from spatialscale.stats.hsic import (
     quadratic_statistic,
     quadratic_statistic_simplex,
 )
-from spatialscale.stats.nulls import liu_pvalue, welch_pvalue
+from spatialscale.stats.nulls import liu_pvalue, permutation_moments, rescale_to_mixture, welch_pvalue
 from spatialscale.stats.sv import sv_effect, sv_responses
 
 __all__ = ["ENSEMBLE_NULLS", "EnsembleResponses", "ensemble_responses", "kernel_test", "combine_kernels",
            "ensemble_batch"]
 
-#: nulls an ensemble member may use (the mixture approximations: one pair of power sums per kernel)
-ENSEMBLE_NULLS = ("liu", "welch")
+#: nulls an ensemble member may use: the mixture approximations (one set of power sums per kernel), and
+#: Liu's shape with the exact permutation mean and variance (also the kernel's ``sum_i (K_c)_ii^2``)
+ENSEMBLE_NULLS = ("liu", "welch", "liu-perm")
 
 
 class EnsembleResponses:
@@ -118,7 +120,7 @@ def ensemble_responses(counts: np.ndarray, method: str = "hsic-ir", transformati
 
 
 def kernel_test(op: KernelOperator, kernel_sums: np.ndarray, responses: EnsembleResponses,
-                null: str = "liu") -> dict[str, np.ndarray]:
+                null: str = "liu", kernel_diag_sq: float | None = None) -> dict[str, np.ndarray]:
     """One kernel's HSIC test of every gene of a batch.
 
     Parameters
@@ -130,7 +132,11 @@ def kernel_test(op: KernelOperator, kernel_sums: np.ndarray, responses: Ensemble
     responses
         The batch's responses (:func:`ensemble_responses`).
     null
-        ``liu`` or ``welch``.
+        ``liu``, ``welch`` or ``liu-perm`` (as :func:`spatialscale.stats.sv.sv_batch`'s:
+        the statistic rescaled to the mixture's exact permutation moments; needs
+        ``kernel_diag_sq``, and responses without covariate adjustment).
+    kernel_diag_sq
+        ``sum_i (K_c)_ii^2`` of the kernel (``liu-perm``).
 
     Returns
     -------
@@ -148,7 +154,14 @@ def kernel_test(op: KernelOperator, kernel_sums: np.ndarray, responses: Ensemble
     k = np.broadcast_to(np.asarray(kernel_sums, dtype=np.float64), (b, 4))
     n_eff = np.full(b, float(n))
     c = mixture_cumulants(k, f, n_eff - responses.n_adjusted)
-    p = liu_pvalue(q, c) if null == "liu" else welch_pvalue(q, c)
+    if null == "liu-perm":
+        if kernel_diag_sq is None or responses.n_adjusted:
+            raise ValueError("null='liu-perm' needs kernel_diag_sq and responses without covariate adjustment.")
+        row_sq = (np.einsum("bnd,bnd->bn", y, y) ** 2).sum(1)
+        mean, var = permutation_moments(k, kernel_diag_sq, f, row_sq, n_eff)
+        p = liu_pvalue(rescale_to_mixture(q, c, mean, var), c)
+    else:
+        p = liu_pvalue(q, c) if null == "liu" else welch_pvalue(q, c)
     degenerate = (f[:, 1] <= 0) | (k[:, 1] <= 0)
     finite = responses.finite
     usable = finite & ~degenerate
@@ -180,7 +193,7 @@ def combine_kernels(pvalues: np.ndarray, statistics: np.ndarray, effects: np.nda
             "effect": np.take_along_axis(np.asarray(effects, dtype=np.float64), pick, axis=-1)[:, 0]}
 
 
-def ensemble_batch(counts: np.ndarray, kernels: Sequence[tuple[KernelOperator, np.ndarray]], *,
+def ensemble_batch(counts: np.ndarray, kernels: Sequence[tuple[Any, ...]], *,
                    method: str = "hsic-ir", transformation: str = "none", null: str = "liu",
                    covariate_basis: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The kernel-ensemble HSIC test of every gene of a batch.
@@ -190,11 +203,12 @@ def ensemble_batch(counts: np.ndarray, kernels: Sequence[tuple[KernelOperator, n
     counts
         ``(B, n, p)`` isoform counts of ``B`` genes with ``p`` isoforms.
     kernels
-        ``(operator, power sums)`` of each kernel of the ensemble (at least two).
+        ``(operator, power sums)`` of each kernel of the ensemble (at least two);
+        with ``null="liu-perm"``, ``(operator, power sums, sum_i (K_c)_ii^2)``.
     method, transformation
         As :func:`spatialscale.stats.sv.sv_batch` (mean filling).
     null
-        ``liu`` or ``welch`` (each kernel's own mixture).
+        ``liu``, ``welch`` or ``liu-perm`` (each kernel's own mixture; :func:`kernel_test`).
     covariate_basis
         Adjust for covariates (:func:`ensemble_responses`); the power sums in
         ``kernels`` are then those of the projected kernels ``M K_c M``
@@ -212,7 +226,8 @@ def ensemble_batch(counts: np.ndarray, kernels: Sequence[tuple[KernelOperator, n
     if len(kernels) < 2:
         raise ValueError(f"a kernel ensemble needs at least 2 kernels, got {len(kernels)}.")
     responses = ensemble_responses(counts, method, transformation, covariate_basis)
-    tests = [kernel_test(op, sums, responses, null) for op, sums in kernels]
+    tests = [kernel_test(member[0], member[1], responses, null, member[2] if len(member) > 2 else None)
+             for member in kernels]
     stat, p, eff = (np.stack([t[key] for t in tests], axis=1) for key in ("statistic", "pvalue", "effect"))
     out = combine_kernels(p, stat, eff)
     return {"kernel_statistic": stat, "kernel_pvalue": p, "kernel_effect": eff, **out,
