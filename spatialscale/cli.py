@@ -413,11 +413,16 @@ def _report(command: str, args: argparse.Namespace, ds) -> None:
                   f"({int((ds[ds.attrs['group_by']] == g).sum())} sections)")
     elif command == "sv":
         n_sig = int((ds["sv_pvalue_adj"] < 0.05).sum())
-        print(f"{ds.sizes['gene']} genes tested ({ds.attrs['method']}, {ds.attrs['null']} null); "
+        how = [f"{ds.attrs['method']}, {ds.attrs['null']} null"]
+        if ds.attrs.get("covariates"):
+            how.append(f"adjusted for {', '.join(ds.attrs['covariates'])}")
+        if ds.attrs.get("kernels"):
+            how.append(f"{len(ds.attrs['kernels'])} kernels, {ds.attrs['kernel_combination']}")
+        print(f"{ds.sizes['gene']} genes tested ({'; '.join(how)}); "
               f"{n_sig} with BH-adjusted p < 0.05; results in {args.out}")
         if args.top:
-            print(ds[["sv_statistic", "sv_pvalue", "sv_pvalue_adj", "n_isoforms"]].to_dataframe()
-                  .nsmallest(args.top, "sv_pvalue").to_string())
+            cols = [c for c in ("sv_statistic", "sv_pvalue", "sv_pvalue_adj", "sv_effect", "n_isoforms") if c in ds]
+            print(ds[cols].to_dataframe().nsmallest(args.top, "sv_pvalue").to_string())
     elif command == "du":
         n_sig = int((ds["du_pvalue_adj"] < 0.05).sum())
         print(f"{ds.sizes['gene']} genes x {ds.sizes['covariate']} covariates tested ({ds.attrs['method']}); "
