@@ -214,9 +214,13 @@ def test_glmm_llr_takes_the_covariates_as_fixed_effects(tiny_store):
         spatialscale.sv_test(store, method="glmm-llr", covariates="celltype", null="perm", **RUN)
 
 
-def test_cohort_sections_are_adjusted_each_by_its_own_covariates(tmp_path):
+def test_cohort_sections_are_adjusted_each_by_its_own_covariates(tmp_path, capsys):
+    from spatialscale.cli import main
+
     for i in range(2):
-        typed_section(n=100, n_null=6, n_sv=2, seed=20 + i).write_h5ad(tmp_path / f"s{i}.h5ad")
+        a = typed_section(n=100, n_null=6, n_sv=2, seed=20 + i)
+        a.obs["lab"] = f"L{i}"  # constant within each section: nothing to adjust for in any of them
+        a.write_h5ad(tmp_path / f"s{i}.h5ad")
     (tmp_path / "m.csv").write_text("section,path\nA,s0.h5ad\nB,s1.h5ad\n")
     cohort = spatialscale.ingest_cohort(tmp_path / "m.csv", tmp_path / "co", **RUN)
     ds = spatialscale.sv_test(cohort, covariates="celltype", **RUN)
@@ -224,6 +228,12 @@ def test_cohort_sections_are_adjusted_each_by_its_own_covariates(tmp_path):
     for s in ("A", "B"):
         one = spatialscale.sv_test(cohort.store(s), covariates="celltype", **RUN)
         np.testing.assert_allclose(ds["sv_pvalue"].sel(section=s).values, one["sv_pvalue"].values, rtol=1e-6)
+    out = tmp_path / "never.zarr"
+    code = main(["sv", str(tmp_path / "co"), "--covariates", "lab", "--out", str(out), "--scheduler", "threads",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "section 'A': covariate 'lab' takes one value ('L0') on every spot" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_covariates_learnt_from_expression(tmp_path):
