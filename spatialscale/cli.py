@@ -80,6 +80,12 @@ def _add_ingest_options(p: argparse.ArgumentParser, *, anndata_input: bool = Fal
     p.add_argument("--eigenpairs", action=argparse.BooleanOptionalAction, default=default(False),
                    help="also compute the GLMM's kernel eigenpairs and keep them in the store (car kernel; up to "
                         "5,000 spots the exact power sums come from the same decomposition)")
+    p.add_argument("--format", default=default(None), choices=("anndata", "visium", "visium-hd", "xenium", "long-read"),
+                   help="what the input is (default: detected; an instrument output folder is read by its reader, "
+                        "docs/instruments.md)")
+    p.add_argument("--reader", action="append", type=_key_value, metavar="KEY=VALUE", default=default(None),
+                   help="an option of the instrument reader, e.g. bin_size=8 (Visium HD), counts=gene (Xenium), "
+                        "x_col=X (long-read); repeat for several")
 
 
 #: ingest options whose flag takes several values (given to ingest as a tuple)
@@ -98,6 +104,10 @@ def _ingest_kwargs(args: argparse.Namespace) -> dict:
     for name in ingest_option_names():
         if hasattr(args, name):
             value = getattr(args, name)
+            if name in ("format", "reader") and value is None:
+                continue  # not given: the input is read as detected (and option sets of earlier runs are unchanged)
+            if name == "reader":
+                value = dict(value)
             out[name] = tuple(value) if name in _TUPLE_FLAGS and value is not None else value
     return out
 
@@ -449,9 +459,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="say more: -v what runs where (plan, resume, results), -vv also Dask's own messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", help="AnnData (.h5ad or .zarr) -> isoform store",
-                       description="Ingest isoform counts from an AnnData into an isoform store (zarr).")
-    p.add_argument("input", help="AnnData .h5ad file or .zarr store")
+    p = sub.add_parser("ingest", help="AnnData (.h5ad or .zarr) or instrument output -> isoform store",
+                       description="Ingest isoform counts from an AnnData, or an instrument output folder (Visium, "
+                                   "Visium HD, Xenium, long-read; docs/instruments.md), into an isoform store (zarr).")
+    p.add_argument("input", help="AnnData .h5ad file or .zarr store, or an instrument output folder")
     p.add_argument("store", help="isoform store to create (directory)")
     _add_ingest_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing isoform store")

@@ -570,9 +570,12 @@ class _Library:
                                                 and Path(source).suffix.lower() in (".csv", ".tsv", ".tab", ".txt")):
             raise InputError("library_key applies to one AnnData holding several sections (an AnnData, .h5ad or "
                              ".zarr), not to a manifest, which lists its sections itself.")
-        source = resolve_table(source, options.get("table"))
+        source = resolve_table(source, options.get("table"), format=options.get("format"),
+                               reader=options.get("reader"))
         # every option with its value (defaults filled in): the same ingest from the CLI or Python has one token
-        names = set(inspect.signature(ingest).parameters) - {"source", "store_path", "overwrite", "progress", "table"}
+        # (an instrument reader's options shaped the AnnData read above, not the sections' ingest)
+        names = set(inspect.signature(ingest).parameters) - {"source", "store_path", "overwrite", "progress", "table",
+                                                              "format", "reader"}
         options = {name: _option(options, name) for name in sorted(names)}
         if isinstance(source, ad.AnnData):
             adata, path = source, ""

@@ -26,8 +26,16 @@ MIN_SPOTS = 10
 
 
 # --------------------------------------------------------------------------- sources
-def resolve_table(source: Any, table: str | None) -> Any:
+def resolve_table(source: Any, table: str | None, *, format: str | None = None,  # noqa: A002 - the option's name
+                  reader: dict[str, Any] | None = None) -> Any:
     """The AnnData table that ingest reads from ``source``.
+
+    An instrument output (a Visium / Visium HD / Xenium / long-read folder,
+    or a file of one; :func:`spatialscale.readers.detect_format`), or any
+    path with ``format`` given, is read by its reader
+    (:func:`spatialscale.readers.read_instrument`, with the keywords
+    ``reader``) into an in-memory AnnData; ``format="anndata"`` reads the
+    path as an AnnData without detection.
 
     A ``SpatialData`` object (anything with a ``tables`` mapping) gives
     ``source.tables[table]``; a SpatialData zarr store (a folder with a
@@ -44,6 +52,21 @@ def resolve_table(source: Any, table: str | None) -> Any:
     """
     import anndata as ad
 
+    if format is not None or reader:
+        if not isinstance(source, (str, Path)):
+            raise InputError("format= / reader= (--format / --reader) apply to a file or folder input, not to an "
+                             "object in memory.")
+    if isinstance(source, (str, Path)) and format != "anndata":
+        from spatialscale.readers import detect_format, read_instrument
+
+        if format is not None or detect_format(source) is not None:
+            if table is not None:
+                raise InputError(f"table={table!r} was given, but {source} is an instrument output, not a "
+                                 "SpatialData store.")
+            return read_instrument(source, format, reader)
+        if reader:
+            raise InputError(f"reader= (--reader) options were given, but {source} is an AnnData, not an "
+                             "instrument output.")
     in_memory = hasattr(source, "tables") and not isinstance(source, ad.AnnData)
     if in_memory:
         names = sorted(source.tables)

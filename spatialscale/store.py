@@ -121,6 +121,8 @@ def ingest(
     block_bytes: int = 256 << 20,
     overwrite: bool = False,
     progress: bool = False,
+    format: str | None = None,  # noqa: A002 - the option's name (--format)
+    reader: dict[str, Any] | None = None,
     _fingerprint: str | None = None,
 ) -> IsoformStore:
     """Ingest an AnnData of isoform counts into an isoform store.
@@ -205,6 +207,14 @@ def ingest(
         as it is; anything else there is an error.
     progress
         Show a progress bar over column blocks.
+    format
+        The instrument output a path ``source`` is: ``visium``, ``visium-hd``,
+        ``xenium`` or ``long-read`` (see ``docs/instruments.md``), or
+        ``anndata``. Left out, a folder (or a file of one) is recognised by the
+        files it holds, and an ``.h5ad`` / zarr is read as an AnnData.
+    reader
+        Keywords of the instrument reader (``--reader KEY=VALUE``), e.g.
+        ``{"bin_size": 8}`` for Visium HD (:mod:`spatialscale.readers`).
 
     Returns
     -------
@@ -230,7 +240,7 @@ def ingest(
     raster = check_raster_options(kernel=kernel, grid_keys=grid_keys, grid_spacing=grid_spacing,
                                   neighbor_degree=neighbor_degree, rho=rho, min_component_size=min_component_size,
                                   adj_key=adj_key, eigenpairs=eigenpairs, prior=prior, weights=weights)
-    source = resolve_table(source, table)
+    source = resolve_table(source, table, format=format, reader=reader)
     fingerprint = _fingerprint or input_fingerprint(source, settings)
     if not overwrite:
         reused = _reusable_store(store_path, fingerprint)
@@ -265,7 +275,9 @@ def ingest(
 
 
 #: ingest keywords that do not change what a store holds
-_NOT_CONTENT = ("block_bytes", "overwrite", "progress", "_fingerprint")
+_NOT_CONTENT = ("block_bytes", "overwrite", "progress", "_fingerprint",
+                # the reader's output (an AnnData) is hashed by content instead; AnnData inputs keep their fingerprint
+                "format", "reader")
 
 
 def ingest_settings(**options: Any) -> dict[str, Any]:
@@ -286,7 +298,8 @@ def ingest_fingerprint(source: Any, **options: Any) -> str:
     annotation or option gives another (see
     :func:`spatialscale.checksums.input_fingerprint`).
     """
-    return input_fingerprint(resolve_table(source, options.get("table")), ingest_settings(**options))
+    source = resolve_table(source, options.get("table"), format=options.get("format"), reader=options.get("reader"))
+    return input_fingerprint(source, ingest_settings(**options))
 
 
 def _reusable_store(store_path: Path, fingerprint: str) -> IsoformStore | None:

@@ -289,7 +289,8 @@ def is_anndata_input(source: Any) -> bool:
     """Whether ``source`` is something :func:`~spatialscale.store.ingest` reads rather than an isoform store.
 
     An ``AnnData`` or ``SpatialData`` object, or the path of an ``.h5ad``
-    file, an AnnData zarr or a SpatialData zarr that is not an isoform store.
+    file, an AnnData zarr or a SpatialData zarr that is not an isoform store,
+    or an instrument output folder (:func:`spatialscale.readers.detect_format`).
     """
     import anndata as ad
 
@@ -300,7 +301,11 @@ def is_anndata_input(source: Any) -> bool:
     path = Path(source)
     if path.is_file():
         return True
-    return path.is_dir() and not is_store(path) and any((path / key).is_dir() for key in ("obs", "tables"))
+    if path.is_dir() and not is_store(path) and any((path / key).is_dir() for key in ("obs", "tables")):
+        return True
+    from spatialscale.readers import detect_format
+
+    return path.is_dir() and not is_store(path) and detect_format(path) is not None  # an instrument output folder
 
 
 #: ingest keywords that are not ingest options of a run (the run's own overwrite / progress apply)
