@@ -349,3 +349,18 @@ def test_readers_sit_with_the_data_layer():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("spatialscale"):
                 assert node.module == "spatialscale.errors" or node.module.startswith("spatialscale.readers"), \
                     f"{path.name} imports {node.module}"
+
+
+def test_visium_hd_probe_bins_ingest_as_a_raster(tmp_path):
+    """HD bins keep array_row / array_col: a probe-level bin folder is tested with the raster (fft) kernel."""
+    rng = np.random.default_rng(5)
+    outs = tmp_path / "outs"
+    pos, _ = _write_hd_bin(outs / "binned_outputs" / "square_016um", rng, 12, 20, 16)
+    xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
+    probe = _patterned_counts(rng, xy, 3, 2)
+    ids = [f"ENSG{g:011d}|{GENES[g]}|{k:07x}" for g in range(3) for k in range(2)]
+    write_10x_h5(outs / "binned_outputs" / "square_016um" / "filtered_probe_bc_matrix.h5", probe, list(pos.barcode),
+                 {"id": ids, "name": [i.split("|")[1] for i in ids], "feature_type": ["Gene Expression"] * 6,
+                  "genome": ["GRCh38"] * 6})
+    sv = spatialscale.sv_test(outs, kernel="fft", reader={"bin_size": 16}, progress=False)
+    assert list(sv["gene"].values) == GENES[:3] and sv["sv_pvalue"].sel(gene="ACTB").item() < 1e-3
