@@ -36,7 +36,8 @@ def _add_ingest_options(p: argparse.ArgumentParser, *, anndata_input: bool = Fal
     p.add_argument("--layer", default=default("counts"), help="layer with isoform counts (default counts; X: adata.X)")
     p.add_argument("--gene-key", default=default("gene_symbol"), help="var column naming each isoform's gene")
     p.add_argument("--spatial-key", default=default("spatial"),
-                   help="obsm key of spot coordinates, or two obs columns as X,Y (default spatial)")
+                   help="obsm key of spot coordinates (n x 2, or n x 3 for 3-D), or obs columns as X,Y or X,Y,Z "
+                        "(default spatial)")
     p.add_argument("--adj-key", default=default(None),
                    help="obsp key of a user adjacency (instead of the kNN graph)")
     p.add_argument("--min-counts", type=float, default=default(10), help="min total count of a kept isoform (10)")

@@ -580,6 +580,9 @@ def _layout(store: IsoformStore, gene: str) -> dict[str, Any]:
     xy = store.coords()
     if xy is None:
         raise InputError(f"the store {store.path} has no spot coordinates (obsm/spatial) to draw.")
+    if xy.shape[1] != 2:
+        raise InputError(f"the store {store.path} has {xy.shape[1]}-D coordinates; plots draw one 2-D section: "
+                         "ingest the section's spots (one z) into a store of their own to draw them.")
     return {"kind": "points", "xy": xy, "counts": store.gene_counts(gene)}
 
 

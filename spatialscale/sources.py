@@ -23,6 +23,8 @@ __all__ = ["AnnDataSource", "MAX_COUNT", "MIN_SPOTS", "check_counts", "check_sec
 MAX_COUNT = float(2**53)
 #: fewest spots a section may have (the kNN graph needs k + 1; the tests' null moments need more)
 MIN_SPOTS = 10
+#: the numbers of coordinate columns a section may have: x, y, or x, y, z (serial sections, 3-D data)
+SPATIAL_DIMS = (2, 3)
 
 
 # --------------------------------------------------------------------------- sources
@@ -286,8 +288,9 @@ def _missing_layer(layer: str, available: list[str], where: str, has_x: bool) ->
     return f"layer {layer!r} not found in {where} (available: {available}).{hint}"
 
 
-def spot_coordinates(obs: pd.DataFrame, obsm: dict[str, np.ndarray], spatial_key: str | tuple[str, str]) -> np.ndarray:
-    """The validated ``(n, 2)`` spot coordinates named by ``spatial_key``.
+def spot_coordinates(obs: pd.DataFrame, obsm: dict[str, np.ndarray],
+                     spatial_key: str | tuple[str, ...]) -> np.ndarray:
+    """The validated ``(n, 2)`` or ``(n, 3)`` spot coordinates named by ``spatial_key``.
 
     Parameters
     ----------
@@ -296,7 +299,8 @@ def spot_coordinates(obs: pd.DataFrame, obsm: dict[str, np.ndarray], spatial_key
         :func:`coordinate_array`).
     spatial_key
         An ``obsm`` key (an array, or a DataFrame whose numeric columns are
-        x and y), or two ``obs`` column names (a pair, or ``"x,y"``).
+        x, y and optionally z), or two or three ``obs`` column names (a
+        tuple, or ``"x,y"`` / ``"x,y,z"``).
 
     Raises
     ------
@@ -318,16 +322,17 @@ def spot_coordinates(obs: pd.DataFrame, obsm: dict[str, np.ndarray], spatial_key
     return validate_coords(obs[list(cols)].to_numpy(), obs.index, f"obs[{list(cols)!r}]")
 
 
-def spatial_columns(spatial_key: Any) -> tuple[str, str] | None:
-    """The two ``obs`` columns a ``spatial_key`` names, or ``None`` for an ``obsm`` key."""
+def spatial_columns(spatial_key: Any) -> tuple[str, ...] | None:
+    """The two (x, y) or three (x, y, z) ``obs`` columns a ``spatial_key`` names, or ``None`` for an ``obsm`` key."""
     if isinstance(spatial_key, str):
         if "," not in spatial_key:
             return None
         spatial_key = [part.strip() for part in spatial_key.split(",")]
     keys = list(spatial_key)
-    if len(keys) != 2 or not all(isinstance(k, str) and k for k in keys):
-        raise InputError(f"spatial_key must be an obsm key or two obs column names, got {spatial_key!r}.")
-    return keys[0], keys[1]
+    if len(keys) not in SPATIAL_DIMS or not all(isinstance(k, str) and k for k in keys):
+        raise InputError(f"spatial_key must be an obsm key or two or three obs column names (x,y or x,y,z), "
+                         f"got {spatial_key!r}.")
+    return tuple(keys)
 
 
 def coordinate_array(value: Any) -> np.ndarray:
@@ -345,15 +350,22 @@ def small_enough(ds: Any, limit: int = 2 << 30) -> bool:
 
 # --------------------------------------------------------------------------- validation
 def validate_coords(coords: np.ndarray, obs_names: pd.Index, where: str) -> np.ndarray:
-    """Coordinates as float64 ``(n, 2)``, finite and distinct; ``where`` names them in errors."""
+    """Coordinates as float64 ``(n, 2)`` or ``(n, 3)``, finite and distinct; ``where`` names them in errors.
+
+    Three columns are x, y, z (serial sections, 3-D data): the spot graph and
+    the kernel are built on Euclidean distances in 3-D.
+    """
     try:
         coords = np.asarray(coords, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{where} is not numeric ({exc}).") from None
-    if coords.ndim != 2 or coords.shape[0] != len(obs_names) or coords.shape[1] != 2:
+    if coords.ndim != 2 or coords.shape[0] != len(obs_names) or coords.shape[1] not in SPATIAL_DIMS:
+        cols = coords.shape[1] if coords.ndim == 2 else 1
+        fix = (" (1-D positions: add a constant second column)" if cols < 2 else
+               " (keep only the x, y or x, y, z columns)" if cols > 3 and coords.shape[0] == len(obs_names) else "")
         raise InputError(
-            f"{where} has shape {coords.shape}; expected ({len(obs_names)}, 2): one row of x, y "
-            "coordinates per spot."
+            f"{where} has shape {coords.shape}; expected ({len(obs_names)}, 2) or ({len(obs_names)}, 3): one row of "
+            f"x, y (or x, y, z) coordinates per spot{fix}."
         )
     bad = ~np.isfinite(coords).all(axis=1)
     if bad.any():

@@ -97,7 +97,7 @@ def ingest(
     table: str | None = None,
     layer: str = "counts",
     gene_key: str = "gene_symbol",
-    spatial_key: str | tuple[str, str] = "spatial",
+    spatial_key: str | tuple[str, ...] = "spatial",
     adj_key: str | None = None,
     min_counts: float = 10,
     min_bin_pct: float = 0.0,
@@ -155,7 +155,13 @@ def ingest(
     spatial_key
         The spot coordinates: an ``obsm`` key (an array, or a DataFrame whose
         numeric columns are x and y), or two ``obs`` columns, as a pair
-        (``("x", "y")``) or ``"x,y"``.
+        (``("x", "y")``) or ``"x,y"``. Three columns (an ``obsm`` array of
+        ``n x 3``, or ``("x", "y", "z")`` / ``"x,y,z"``) are 3-D coordinates,
+        e.g. serial sections stacked along z: the kNN graph or distance band,
+        and so every ``prior``, is built on 3-D Euclidean distances (units
+        matter: z in the units of x and y). ``kernel="car"`` only; a section
+        given with a constant z gets exactly its 2-D results. One column or
+        more than three are errors.
     adj_key
         ``obsp`` key of a user adjacency to use instead of the kNN graph.
     min_counts, min_bin_pct
@@ -239,7 +245,8 @@ def ingest(
                                   scale_coords=scale_coords, row_scale=row_scale)
     raster = check_raster_options(kernel=kernel, grid_keys=grid_keys, grid_spacing=grid_spacing,
                                   neighbor_degree=neighbor_degree, rho=rho, min_component_size=min_component_size,
-                                  adj_key=adj_key, eigenpairs=eigenpairs, prior=prior, weights=weights)
+                                  adj_key=adj_key, eigenpairs=eigenpairs, prior=prior, weights=weights,
+                                  spatial_key=spatial_key)
     source = resolve_table(source, table, format=format, reader=reader)
     fingerprint = _fingerprint or input_fingerprint(source, settings)
     if not overwrite:
@@ -337,8 +344,13 @@ def check_ingest_options(*, min_counts: float = 10, min_bin_pct: float = 0.0, mi
 def check_raster_options(*, kernel: str = "car", grid_keys: Any = ("array_row", "array_col"),
                          grid_spacing: Any = (1.0, 1.0), neighbor_degree: int = 1, rho: float = 0.99,
                          min_component_size: int = 1, adj_key: str | None = None,
-                         eigenpairs: bool = False, prior: str = "splisosm", weights: str = "knn") -> dict | None:
-    """Validate the raster options: ``None`` for ``kernel="car"``, else the grid keys and kernel parameters."""
+                         eigenpairs: bool = False, prior: str = "splisosm", weights: str = "knn",
+                         spatial_key: Any = "spatial") -> dict | None:
+    """Validate the raster options: ``None`` for ``kernel="car"``, else the grid keys and kernel parameters.
+
+    A raster is a 2-D grid: ``kernel="fft"`` with three coordinate columns (``spatial_key=("x", "y", "z")``) or
+    three ``grid_keys`` is refused (3-D coordinates take ``kernel="car"``).
+    """
     if kernel not in ("car", "fft"):
         raise InputError(f"unknown kernel {kernel!r}; choose car or fft.")
     if kernel == "car":
@@ -353,6 +365,12 @@ def check_raster_options(*, kernel: str = "car", grid_keys: Any = ("array_row", 
         raise InputError("eigenpairs=True needs kernel='car': the GLMM does not run on a raster (fft) kernel.")
     if adj_key is not None or int(min_component_size) != 1:
         raise InputError("kernel='fft' builds its kernel from the grid: adj_key and min_component_size do not apply.")
+    three_d = not isinstance(spatial_key, str) and len(tuple(spatial_key)) == 3 or \
+        isinstance(spatial_key, str) and spatial_key.count(",") == 2 or \
+        not isinstance(grid_keys, str) and len(tuple(grid_keys)) == 3
+    if three_d:
+        raise InputError("kernel='fft' needs a 2-D raster (rows, columns of one section); 3-D coordinates "
+                         "(x, y, z) take kernel='car' (kNN graph or distance band in 3-D).")
     if isinstance(grid_keys, str) or len(tuple(grid_keys)) != 2:
         raise InputError(f"grid_keys must name two obs columns (row, column), got {grid_keys!r}.")
     try:

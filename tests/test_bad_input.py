@@ -60,7 +60,7 @@ def files(tmp_path_factory):
     bad("nan_xy", lambda a: a.obsm["spatial"].__setitem__((3, 0), np.nan))
     bad("dup_xy", lambda a: a.obsm["spatial"].__setitem__(4, a.obsm["spatial"][5]))
     bad("xy1", lambda a: a.obsm.__setitem__("spatial", a.obsm["spatial"][:, :1].copy()))
-    bad("xy3", lambda a: a.obsm.__setitem__("spatial", np.c_[a.obsm["spatial"], np.zeros(a.n_obs)]))
+    bad("xy4", lambda a: a.obsm.__setitem__("spatial", np.c_[a.obsm["spatial"], np.zeros((a.n_obs, 2))]))
     bad("negative", lambda a: a.layers.__setitem__("counts", _dense_with(a, -1.0)))
     bad("huge", lambda a: a.layers.__setitem__("counts", _dense_with(a, 1e20)))
     bad("dup_spots", lambda a: setattr(a, "obs_names", [a.obs_names[0], *a.obs_names[1:-1], a.obs_names[0]]))
@@ -117,7 +117,7 @@ CLI_CASES = [
     ("ingest-nan-coordinates", ["ingest", "{nan_xy}", "{out}"], "NaN or infinite coordinates"),
     ("ingest-duplicate-coordinates", ["ingest", "{dup_xy}", "{out}"], "sharing coordinates"),
     ("ingest-one-coordinate-column", ["ingest", "{xy1}", "{out}"], "expected (100, 2)"),
-    ("ingest-three-coordinate-columns", ["ingest", "{xy3}", "{out}"], "expected (100, 2)"),
+    ("ingest-four-coordinate-columns", ["ingest", "{xy4}", "{out}"], "expected (100, 2) or (100, 3)"),
     ("ingest-negative-counts", ["ingest", "{negative}", "{out}"], "negative counts"),
     ("ingest-counts-beyond-2^53", ["ingest", "{huge}", "{out}"], "above 2^53"),
     ("ingest-duplicate-spot-names", ["ingest", "{dup_spots}", "{out}"], "duplicate spot name"),
@@ -258,8 +258,8 @@ API_CASES = [
      "takes no GLMM settings"),
     ("ingest-anndata-coordinates-frame", lambda p, out: spatialscale.ingest(
         _variant(make_adata(n=50, n_genes=3), lambda a: a.obsm.__setitem__(
-            "spatial", pd.DataFrame(np.c_[a.obsm["spatial"], np.ones(a.n_obs)], index=a.obs_names))), out),
-     "expected (50, 2)"),
+            "spatial", pd.DataFrame(np.c_[a.obsm["spatial"], np.ones((a.n_obs, 2))], index=a.obs_names))), out),
+     "expected (50, 2) or (50, 3)"),
 ]
 
 
