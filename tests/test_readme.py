@@ -4,10 +4,12 @@ Every fenced ```bash and ```python block of README.md is extracted and run, in R
 temporary folder: nothing is made beforehand, so the README's own commands (``spatialscale simulate ...``)
 must write the inputs the later blocks use, and a block may use only what earlier blocks wrote to disk.
 
-- bash: each command line (continuations joined, ``# comments`` dropped) runs as a subprocess;
-  ``spatialscale ...`` becomes ``python -m spatialscale.cli ...`` (plus ``--no-progress`` where the
-  command accepts it). Lines matching ``SKIP`` are not run; each entry gives its reason and must still
-  match a README line, so the list cannot go stale. Any other program is an error, not a skip.
+- bash: each command line (continuations joined, ``# comments`` dropped) runs as the ``spatialscale``
+  console script does, ``spatialscale.cli.main(argv)`` (plus ``--no-progress`` where the command accepts
+  it), in this process with the folder as working directory, its output captured (a fresh interpreter per
+  command cost 1.6 s of imports each, a minute in all; the python blocks and tests/test_cli.py keep
+  running the command in fresh processes). Lines matching ``SKIP`` are not run; each entry gives its
+  reason and must still match a README line, so the list cannot go stale. Any other program is an error, not a skip.
 - python: each block is ``exec``-ed in a fresh interpreter and namespace (``__name__ == "__main__"``) by a
   script run with ``sys.executable``; the exec sits under the script's own ``if __name__ == "__main__":``,
   so Dask's worker processes can re-import the script harmlessly. Nothing is defined for a block: it
@@ -16,6 +18,8 @@ must write the inputs the later blocks use, and a block may use only what earlie
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -128,6 +132,25 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _run_cli(words: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``spatialscale WORDS...`` through the console script's entry point in ``cwd``; its exit code and output."""
+    from spatialscale.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    t0 = time.perf_counter()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(words)
+            except SystemExit as exc:  # argparse errors
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(words, code, out.getvalue(), err.getvalue()), time.perf_counter() - t0
+
+
 def _run(argv: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess | None, float]:
     t0 = time.perf_counter()
     try:
@@ -148,17 +171,15 @@ def test_readme_examples_run(tmp_path):
         if kind == "bash":
             words = code
             assert words[0] == "spatialscale", f"README.md:{line}: unexpected program in {code!r} (run or skip it)"
-            argv = [sys.executable, "-m", "spatialscale.cli", *words[1:]]
-            if words[1] in no_progress:
-                argv.append("--no-progress")
+            argv = [*words[1:]] + (["--no-progress"] if words[1] in no_progress else [])
             label = f"README.md:{line} $ {shlex.join(words)}"
+            r, seconds = _run_cli(argv, cwd)
         else:
             first = code.splitlines()[0]
             script = tmp_path / f"readme_block_{i}.py"  # beside the folder, not in it
             script.write_text(_RUNNER.format(block=code, name=f"README.md python block at line {line}"))
-            argv = [sys.executable, str(script)]
             label = f"README.md:{line} python block starting {first!r}"
-        r, seconds = _run(argv, cwd)
+            r, seconds = _run([sys.executable, str(script)], cwd)
         timings.append(f"{seconds:6.1f} s  {label}")
         if r is None:
             failures.append(f"{label}: timed out after {TIMEOUT} s")
