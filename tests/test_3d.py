@@ -51,18 +51,10 @@ def _band_dense(x: np.ndarray, radius: float, bandwidth: float, scale_coords: bo
 
 
 def _precision(w: np.ndarray, prior: str, rho: float, row_scale: bool) -> np.ndarray:
-    """Each prior's precision written out from its formula."""
-    eye, deg = np.eye(len(w)), w.sum(axis=1)
-    v = w / deg[:, None] if (row_scale or prior == "isar") else w
-    if prior == "splisosm":
-        return eye - rho * w / np.sqrt(np.outer(deg, deg))
-    if prior == "car":
-        return eye - rho * w
-    if prior == "icar":
-        return np.diag(deg) - rho * w
-    if prior in ("sar", "isar"):
-        return (eye - rho * v).T @ (eye - rho * v)
-    return np.linalg.inv((eye + rho * v) @ (eye + rho * v).T)
+    """Each prior's precision written out from its formula (the 2-D tests' dense construction)."""
+    from test_priors import _dense_precision
+
+    return _dense_precision(w, prior, rho, row_scale)
 
 
 def _unit_diagonal_cov(q: np.ndarray) -> np.ndarray:
