@@ -81,22 +81,26 @@ def _peak_mb_self() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _spatialscale(adata, client, method: str, null: str, tmp: Path, batch_memory: str) -> tuple[pd.DataFrame, float]:
+def _spatialscale(adata, client, method: str, null: str, tmp: Path,
+                  batch_memory: str) -> tuple[pd.DataFrame, float, dict[str, float]]:
+    """spatialscale's results and wall time (ingest + sv_test), and where the time went (ingest, test)."""
     from spatialscale.api import sv_test
     from spatialscale.store import ingest
 
     t = time.perf_counter()
     store = ingest(adata, tmp / "bench.zarr", overwrite=True)
+    t_ingest = time.perf_counter() - t
     ds = sv_test(store, method=method, null=null, client=client, batch_memory=batch_memory, progress=False)
     wall = time.perf_counter() - t
-    return pd.DataFrame({"statistic": ds["sv_statistic"].values, "pvalue": ds["sv_pvalue"].values},
-                        index=ds["gene"].values), wall
+    return (pd.DataFrame({"statistic": ds["sv_statistic"].values, "pvalue": ds["sv_pvalue"].values},
+                         index=ds["gene"].values), wall, {"ingest_s": t_ingest, "test_s": wall - t_ingest})
 
 
 def run_bench(spots: list[int], genes: list[int], *, method: str = "hsic-ir", null: str = "liu",
               workers: int = 2, seed: int = 0, batch_memory: str = "256MB", splisosm: bool = True) -> pd.DataFrame:
     """Time SplisosmNP (setup_data + test_spatial_variability) against spatialscale
-    (ingest + sv_test, kernel build included) on the same simulated AnnData.
+    (ingest + sv_test, kernel build included) on the same simulated AnnData;
+    ``ingest_s`` and ``test_s`` split spatialscale's time between the two.
 
     Above 5,000 spots spatialscale's null moments are ``selected`` (exact
     ``k_1, k_2``) where SplisosmNP's are a 60-probe Hutchinson estimate, so
@@ -127,9 +131,9 @@ def run_bench(spots: list[int], genes: list[int], *, method: str = "hsic-ir", nu
                     ref, t_ref = _splisosm(adata, method, null)
                 client.restart()  # fresh worker processes: the peak memory below is this run's
                 client.run(_import_library)
-                ours, t_ours = _spatialscale(adata, client, method, null, Path(tmpdir), batch_memory)
+                ours, t_ours, parts = _spatialscale(adata, client, method, null, Path(tmpdir), batch_memory)
                 peak = max(client.run(_worker_peak_mb).values())
-                row = {"spots": n, "genes": g, "spatialscale_s": t_ours, "worker_peak_MB": peak,
+                row = {"spots": n, "genes": g, "spatialscale_s": t_ours, **parts, "worker_peak_MB": peak,
                        "client_peak_MB": _peak_mb_self()}
                 if splisosm:
                     row.update({"splisosm_s": t_ref, "speedup": t_ref / t_ours, **compare(ref, ours)})
