@@ -11,7 +11,7 @@ Files read (Space Ranger's published layout):
 - ``spatial/scalefactors_json.json`` (``tissue_hires_scalef``, ``tissue_lowres_scalef``,
   ``spot_diameter_fullres``...), needed only to scale the coordinates.
 
-Visium HD keeps one folder per bin size, ``binned_outputs/square_XXXum/``, each laid out as above.
+Visium HD keeps one folder per bin size, ``binned_outputs/square_<size>um/``, each laid out as above.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ _BIN = re.compile(r"^square_(\d+)um$")
 
 
 def hd_bin_folder(folder: Path, bin_size: int | None) -> Path:
-    """The ``binned_outputs/square_XXXum`` folder of ``bin_size`` micrometres (default 16, or the only one)."""
+    """The ``binned_outputs/square_<size>um`` folder of ``bin_size`` micrometres (default 16, or the only one)."""
     bins = {int(m.group(1)): p for p in sorted((folder / "binned_outputs").iterdir())
             if p.is_dir() and (m := _BIN.match(p.name))}
     if not bins:
-        raise InputError(f"{folder}/binned_outputs has no square_XXXum folder (Visium HD bins).")
+        raise InputError(f"{folder}/binned_outputs has no square_<size>um folder (Visium HD bins).")
     sizes = ", ".join(str(b) for b in sorted(bins))
     if bin_size is None:
         if 16 in bins:
@@ -105,7 +105,7 @@ def read_visium(folder: str | Path, *, matrix: str = "auto", bin_size: int | Non
     Parameters
     ----------
     folder
-        Space Ranger's ``outs/`` (or a Visium HD ``binned_outputs/square_XXXum`` folder).
+        Space Ranger's ``outs/`` (or a Visium HD ``binned_outputs/square_<size>um`` folder).
     matrix
         ``auto`` (the probe matrix when there is one, else the gene matrix),
         ``probe`` or ``gene``. Filtered matrices are preferred over raw ones.

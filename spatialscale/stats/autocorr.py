@@ -219,14 +219,16 @@ def autocorr_sums(weights: SpatialWeights, y: np.ndarray) -> tuple[np.ndarray, n
     b, n, _ = y.shape
     if n != weights.n:
         raise ValueError(f"responses have {n} spots, the weights {weights.n}.")
-    cross, spread, total = np.empty(b), np.empty(b), np.empty(b)
-    degree = weights.degree[:, None]
-    for g in range(b):
-        yg = np.ascontiguousarray(y[g])
-        sq = yg * yg
-        cross[g] = np.sum(yg * (weights.matrix @ yg))
-        spread[g] = np.sum(sq * degree)
-        total[g] = np.sum(sq)
+    d = y.shape[2]
+    cols = np.ascontiguousarray(y.transpose(1, 0, 2).reshape(n, b * d))  # every gene's columns side by side
+    # one sparse product for the batch; each column's sums run along its own contiguous row, so they do not
+    # depend on which other genes share the batch
+    rows = np.ascontiguousarray(cols.T)  # (B d, n)
+    lagged = np.ascontiguousarray((weights.matrix @ cols).T)
+    sq = rows * rows
+    cross = np.sum(rows * lagged, axis=1).reshape(b, d).sum(axis=1)
+    spread = np.sum(sq * weights.degree[None, :], axis=1).reshape(b, d).sum(axis=1)
+    total = np.sum(sq, axis=1).reshape(b, d).sum(axis=1)
     return cross, spread, total
 
 
@@ -338,13 +340,10 @@ def _varies(y: np.ndarray) -> np.ndarray:
     values' precision, not a spatial pattern: a column varies when its range
     exceeds ``1e-12`` of its largest magnitude (at least ``1e-12``).
     """
-    out = np.zeros(y.shape[0], dtype=bool)
-    for g in range(y.shape[0]):
-        yg = y[g]
-        if yg.size == 0:
-            continue
-        hi, lo = yg.max(axis=0), yg.min(axis=0)
-        if not (np.isfinite(hi).all() and np.isfinite(lo).all()):
-            continue  # NaN propagates through max / min, infinities show in them
-        out[g] = bool(np.any(hi - lo > 1e-12 * np.maximum(np.maximum(np.abs(hi), np.abs(lo)), 1.0)))
-    return out
+    if y.shape[1] == 0 or y.shape[2] == 0:
+        return np.zeros(y.shape[0], dtype=bool)
+    hi, lo = y.max(axis=1), y.min(axis=1)  # (B, d); NaN propagates through max / min, infinities show in them
+    finite = np.isfinite(hi).all(axis=1) & np.isfinite(lo).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        spread = hi - lo > 1e-12 * np.maximum(np.maximum(np.abs(hi), np.abs(lo)), 1.0)
+    return finite & spread.any(axis=1)
