@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse
-import scipy.sparse.linalg
+
+from spatialscale.factor import FactorError, ldl_factor
 
 __all__ = ["inverse_diagonal_selected", "SelectedInversionError"]
 
@@ -141,19 +142,6 @@ def _takahashi():
     return _TAKAHASHI
 
 
-def _strictly_lower(l_factor: scipy.sparse.csc_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``indptr, indices, data`` of the strictly lower part of a CSC factor, explicit zeros kept."""
-    l_factor = scipy.sparse.csc_matrix(l_factor)
-    l_factor.sort_indices()
-    indptr, indices, data = l_factor.indptr, l_factor.indices, l_factor.data
-    cols = np.repeat(np.arange(l_factor.shape[1]), np.diff(indptr))
-    keep = indices > cols
-    counts = np.bincount(cols[keep], minlength=l_factor.shape[1])
-    new_ptr = np.zeros(l_factor.shape[1] + 1, dtype=np.int64)
-    np.cumsum(counts, out=new_ptr[1:])
-    return new_ptr, indices[keep].astype(np.int64), data[keep].astype(np.float64)
-
-
 def inverse_diagonal_selected(m: scipy.sparse.spmatrix) -> np.ndarray:
     """Exact ``diag(m^-1)`` of a sparse symmetric positive-definite matrix by selected inversion.
 
@@ -174,16 +162,12 @@ def inverse_diagonal_selected(m: scipy.sparse.spmatrix) -> np.ndarray:
         closed as a Cholesky fill (not expected for SPD input).
     """
     n = m.shape[0]
-    lu = scipy.sparse.linalg.splu(scipy.sparse.csc_matrix(m, dtype=np.float64), permc_spec="MMD_AT_PLUS_A",
-                                  diag_pivot_thresh=0.0, options={"SymmetricMode": True})
-    if not np.array_equal(lu.perm_r, lu.perm_c):
-        raise SelectedInversionError("the factorisation pivoted off the diagonal")
-    d = lu.U.diagonal().astype(np.float64)
-    if not np.all(d > 0):
-        raise SelectedInversionError("the matrix is not positive definite")
-    indptr, indices, lval = _strictly_lower(lu.L)
-    perm = np.asarray(lu.perm_c, dtype=np.int64)
-    del lu
+    try:
+        f = ldl_factor(m)
+    except FactorError as exc:
+        raise SelectedInversionError(str(exc)) from None
+    indptr, indices, lval, d, perm = f.indptr, f.indices, f.lval, f.d, f.perm
+    del f
     takahashi, close_pattern = _takahashi()
     indptr, indices, lval = close_pattern(indptr, indices, lval)
     width = int(np.diff(indptr).max()) if n else 0

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse
 
-__all__ = ["grid_coords", "spatial_pattern", "simulate_section", "simulate_stack", "simulate_raster", "null_section",
-           "truth",
+__all__ = ["grid_coords", "spatial_pattern", "simulate_section", "simulate_stack", "simulate_raster",
+           "simulate_transcriptome", "null_section", "truth",
            "smooth_fields", "simulate_mixture"]
 
 
@@ -262,6 +262,109 @@ def simulate_raster(
     adata.layers["counts"] = x
     adata.uns["simulation"] = {"shape": [ny, nx], "n_genes": int(n_genes), "n_sv": int(n_sv),
                                "tissue_frac": float(tissue_frac), "mean_depth": float(mean_depth),
+                               "effect": float(effect), "seed": int(seed)}
+    return adata
+
+
+def simulate_transcriptome(
+    n_spots: int = 10_000,
+    n_genes: int = 20_000,
+    *,
+    n_sv: int | None = None,
+    isoforms: tuple[int, int] = (2, 4),
+    geometry: str = "grid",
+    umis_per_spot: float = 2000.0,
+    gene_sd: float = 1.5,
+    effect: float = 1.0,
+    seed: int = 0,
+):
+    """Simulate a whole-transcriptome section sparsely: memory follows the counts, not ``spots x isoforms``.
+
+    For sections too large for :func:`simulate_section` (which draws every
+    gene densely), e.g. 10^5 spots x 20,000 genes.  Each isoform's counts are
+    independent Poisson draws with mean ``depth_g * pi_gk(spot)`` (the same
+    law as a Poisson gene total split multinomially between its isoforms),
+    drawn by scattering the isoform's Poisson total over the spots in
+    proportion to ``pi_gk``: the cost is the number of counts, not of spots.
+    Gene depths are log-normal (sd ``gene_sd`` on the log scale) and scaled
+    so that a spot holds ``umis_per_spot`` counts on average; SV genes'
+    isoform logits follow one of the smooth patterns of
+    :func:`simulate_section`.
+
+    Parameters
+    ----------
+    n_spots, n_genes
+        Section size.
+    n_sv
+        Spatially variable genes (default ``n_genes // 5``).
+    isoforms
+        Inclusive range of isoforms per gene.
+    geometry
+        ``grid``, ``hex`` or ``random``.
+    umis_per_spot
+        Mean total count of a spot over all genes (Visium spots hold some
+        10^3 - 10^4, 8-16 um Visium HD bins and long-read spots fewer).
+    gene_sd
+        Log-scale SD of the genes' expression levels.
+    effect
+        Strength of the spatial effect on the logits.
+    seed
+        Random seed.
+
+    Returns
+    -------
+    anndata.AnnData
+        CSR ``layers["counts"]`` (float32), ``obsm["spatial"]``, ``var``
+        with ``gene_symbol`` and ``is_sv``; ``uns["simulation"]``.
+    """
+    import anndata as ad
+
+    n_sv = n_genes // 5 if n_sv is None else int(n_sv)
+    if not 0 <= n_sv <= n_genes:
+        raise ValueError("n_sv must lie in [0, n_genes].")
+    rng = np.random.default_rng(seed)
+    xy = grid_coords(n_spots, geometry, seed)
+    n = len(xy)
+    p_of = rng.integers(isoforms[0], isoforms[1] + 1, n_genes)
+    is_sv = np.zeros(n_genes, bool)
+    is_sv[rng.permutation(n_genes)[:n_sv]] = True
+    level = rng.lognormal(0.0, gene_sd, n_genes)
+    depth = umis_per_spot * level / level.sum()  # mean count of gene g in a spot
+    kinds = np.array(["gradient", "blob", "stripes"])
+    rows, counts, ptr = [], [], [0]
+
+    def scatter(hits: np.ndarray) -> None:  # one isoform's counts: the spots its Poisson total fell in
+        spots, k = np.unique(hits, return_counts=True)
+        rows.append(spots.astype(np.int32))
+        counts.append(k.astype(np.float32))
+        ptr.append(ptr[-1] + spots.size)
+
+    for g in range(n_genes):
+        p = int(p_of[g])
+        base, b = rng.normal(0, 0.5, p), rng.normal(0, 1, p)
+        b -= b.mean()
+        if is_sv[g]:
+            pi = _softmax(base + effect * np.outer(spatial_pattern(xy, str(kinds[rng.integers(3)]), rng), b))
+            cum = np.cumsum(pi, axis=0)
+            for k in range(p):
+                u = rng.random(rng.poisson(depth[g] * cum[-1, k])) * cum[-1, k]
+                scatter(np.minimum(np.searchsorted(cum[:, k], u, side="right"), n - 1))
+        else:
+            pi = _softmax(base)
+            for k in range(p):
+                scatter(rng.integers(0, n, rng.poisson(depth[g] * pi[k] * n)))
+    x = scipy.sparse.csc_matrix((np.concatenate(counts), np.concatenate(rows), np.asarray(ptr, dtype=np.int64)),
+                                shape=(n, len(ptr) - 1)).tocsr()
+    names = [f"gene{g:05d}" for g in range(n_genes)]
+    var = pd.DataFrame({"gene_symbol": np.repeat(names, p_of), "is_sv": np.repeat(is_sv, p_of)},
+                       index=[f"{g}-iso{k}" for g, p in zip(names, p_of) for k in range(p)])
+    obs = pd.DataFrame(index=[f"spot{i:06d}" for i in range(n)])
+    adata = ad.AnnData(obs=obs, var=var)
+    adata.layers["counts"] = x
+    adata.obsm["spatial"] = xy
+    adata.uns["simulation"] = {"n_spots": int(n), "n_genes": int(n_genes), "n_sv": int(n_sv),
+                               "isoforms": [int(v) for v in isoforms], "geometry": geometry,
+                               "umis_per_spot": float(umis_per_spot), "gene_sd": float(gene_sd),
                                "effect": float(effect), "seed": int(seed)}
     return adata
 

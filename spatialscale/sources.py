@@ -342,8 +342,18 @@ def coordinate_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def small_enough(ds: Any, limit: int = 2 << 30) -> bool:
-    """Whether a backed sparse matrix is small enough to load whole."""
+def small_enough(ds: Any, limit: int | None = None) -> bool:
+    """Whether a backed sparse matrix is small enough to load whole (sparse, as CSC).
+
+    ``limit`` (bytes, at 16 per stored value) defaults to a third of the
+    memory available now, at least 2 GB: a 10^5 x 60,000 layer with 2 x 10^8
+    non-zero counts (3.2 GB) loads on a 24 GB machine.  A larger layer is
+    read in column blocks, each a scan of the rows (slow, but within memory).
+    """
+    if limit is None:
+        import psutil
+
+        limit = max(2 << 30, psutil.virtual_memory().available // 3)
     nnz = ds.group["data"].shape[0] if hasattr(ds, "group") else 0
     return nnz * 16 < limit
 
