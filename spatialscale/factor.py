@@ -104,6 +104,42 @@ class LDLFactor:
 
         return self._blocks(x, one)
 
+    def gene_quadratics(self, y: np.ndarray) -> np.ndarray:
+        """``Y_g' M^-1 Y_g`` of every gene of a batch: ``(B, n, d)`` -> ``(B, d, d)``.
+
+        Genes go through the sweep in blocks of about :data:`BLOCK_COLUMNS`
+        columns: each block is scattered into the factor's order, swept
+        forward once, and its per-gene Gram matrices are summed with the
+        weights ``1 / D`` (partial sums over blocks of spots), without
+        forming ``M^-1 Y``.
+        """
+        forward, _ = _sweeps()
+        scatter, gram = _gene_kernels()
+        y = np.asarray(y, dtype=np.float64)
+        b, n, d = y.shape
+        out = np.empty((b, d, d))
+        inv_d = 1.0 / self.d
+        step = max(1, BLOCK_COLUMNS // max(d, 1))
+        for s in range(0, b, step):
+            e = min(s + step, b)
+            z = scatter(y, self.perm, s, e)
+            forward(self.indptr, self.indices, self.lval, z)
+            out[s:e] = gram(z, inv_d, d)
+        return out
+
+    def ordered_quadratics(self, z: np.ndarray, d: int) -> np.ndarray:
+        """:meth:`gene_quadratics` of columns already in the factor's row order, ``(n, B d) -> (B, d, d)``.
+
+        ``z`` (C-contiguous float64, gene-major columns, row ``perm[i]``
+        holding spot ``i``) is overwritten by ``L^-1 z``.
+        """
+        forward, _ = _sweeps()
+        _, gram = _gene_kernels()
+        if z.dtype != np.float64 or not z.flags.c_contiguous or z.shape[0] != self.n or z.shape[1] % d:
+            raise ValueError(f"z must be a C-contiguous float64 (n, B * {d}) array with n = {self.n}")
+        forward(self.indptr, self.indices, self.lval, z)
+        return gram(z, 1.0 / self.d, d)
+
     def solve(self, x: np.ndarray) -> np.ndarray:
         """``M^-1 x`` for an ``(n,)`` or ``(n, m)`` block (rows in the matrix's order)."""
         forward, backward = _sweeps()
@@ -166,3 +202,42 @@ def _sweeps():
                     x[j, c] -= v * x[i, c]
 
     return forward, backward
+
+
+@functools.cache
+def _gene_kernels():
+    from numba import njit
+
+    @njit(cache=True, nogil=True)
+    def scatter(y, perm, s, e):  # pragma: no cover - compiled
+        # genes s:e of a (B, n, d) batch as (n, (e - s) d) columns, rows in the factor's order
+        n, d = y.shape[1], y.shape[2]
+        z = np.empty((n, (e - s) * d))
+        for g in range(s, e):
+            for i in range(n):
+                r = perm[i]
+                for k in range(d):
+                    z[r, (g - s) * d + k] = y[g, i, k]
+        return z
+
+    @njit(cache=True, nogil=True)
+    def gram(z, w, d):  # pragma: no cover - compiled
+        # per gene (d consecutive columns): sum_i w_i z_i z_i', in partial sums over blocks of 4096 rows
+        n, m = z.shape
+        b = m // d
+        out = np.zeros((b, d, d))
+        part = np.empty((b, d, d))
+        for s in range(0, n, 4096):
+            part[:] = 0.0
+            for i in range(s, min(s + 4096, n)):
+                wi = w[i]
+                for g in range(b):
+                    c = g * d
+                    for k in range(d):
+                        v = wi * z[i, c + k]
+                        for j in range(d):
+                            part[g, k, j] += v * z[i, c + j]
+            out += part
+        return out
+
+    return scatter, gram

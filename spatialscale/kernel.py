@@ -803,17 +803,27 @@ class SparseCAROperator:
     def quadratic_columns(self, yc: np.ndarray) -> np.ndarray:
         """``diag(Y' K_eff Y)`` for column-centred ``Y`` (``(n, m)`` -> ``(m,)``)."""
         if self._ldl is not None:
-            z = self._ldl.half_solve(yc)
-            return np.einsum("ij,ij->j", z, z)
+            yc = np.asarray(yc, dtype=np.float64)
+            return self._ldl.gene_quadratics(yc.T[:, :, None])[:, 0, 0]
         return np.einsum("ij,ij->j", yc, self.apply_centred(yc))
+
+    @property
+    def row_order(self) -> np.ndarray | None:
+        """The factor's row of each spot, for callers that lay out columns for :meth:`ordered_quadratics`
+        (``None`` without the compiled factor)."""
+        return None if self._ldl is None else self._ldl.perm
+
+    def ordered_quadratics(self, cols: np.ndarray, d: int) -> np.ndarray:
+        """``Y_g' K_eff Y_g`` from column-centred ``(n, B d)`` columns laid out in :attr:`row_order`
+        (overwritten)."""
+        return self._ldl.ordered_quadratics(cols, d)
 
     def gene_quadratics(self, y: np.ndarray) -> np.ndarray:
         """``Y_g' K_eff Y_g`` of every gene of a batch: ``(B, n, d)`` column-centred -> ``(B, d, d)``."""
+        if self._ldl is not None:
+            return self._ldl.gene_quadratics(y)
         b, n, d = y.shape
         stacked = np.ascontiguousarray(np.asarray(y, dtype=np.float64).transpose(1, 0, 2).reshape(n, b * d))
-        if self._ldl is not None:
-            z = self._ldl.half_solve(stacked).reshape(n, b, d)
-            return np.einsum("nbi,nbj->bij", z, z)
         u = self.apply_centred(stacked).reshape(n, b, d)
         return np.einsum("nbi,nbj->bij", stacked.reshape(n, b, d), u)
 

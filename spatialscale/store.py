@@ -1097,19 +1097,22 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def read_count_columns(store_path: str | os.PathLike, start: int, stop: int, *, grid: bool = True) -> np.ndarray:
+def read_count_columns(store_path: str | os.PathLike, start: int, stop: int, *, grid: bool = True,
+                       dtype: Any = np.float64) -> np.ndarray:
     """Counts of isoform columns ``start:stop``, ``(n_spots, m)`` float64, without opening the whole store.
 
     A raster store keeps the observed bins' non-zero counts (CSC); they are
     scattered into the full grid here, zeros elsewhere, or with ``grid=False``
     returned for the observed bins only (``(n_observed, m)``, the rows of
-    the store's ``obs``).
+    the store's ``obs``).  ``dtype=None`` keeps a dense store's stored type
+    (no conversion pass).
     """
     node = _counts_node(str(store_path))
     if node["kind"] == "dense":
         arr = node["array"]
         verify(store_path, ["layers/counts/zarr.json", *_chunk_keys("layers/counts", arr, start, stop, axis=1)])
-        return np.asarray(arr[:, start:stop], dtype=np.float64)
+        block = arr[:, start:stop]
+        return np.asarray(block) if dtype is None else np.asarray(block, dtype=dtype)
     data, rows, ptr = read_sparse_columns(store_path, start, stop)
     index = _grid_index(str(store_path))
     if grid:

@@ -51,3 +51,32 @@ def test_operator_same_with_and_without_compiled_sweeps(precision, monkeypatch):
     np.testing.assert_allclose(fast.gene_quadratics(y), slow.gene_quadratics(y), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(fast.apply(stacked), slow.apply(stacked), rtol=1e-9, atol=1e-10)
     assert fast.factor_work() == pytest.approx(slow.factor_work())
+
+
+def test_gene_quadratics_match_dense(precision, monkeypatch):
+    monkeypatch.setattr(factor, "BLOCK_COLUMNS", 10)  # genes in blocks of 3 (d = 3), the last one partial
+    inv = np.linalg.inv(precision.toarray())
+    y = np.random.default_rng(3).normal(size=(8, 400, 3))
+    got = factor.ldl_factor(precision).gene_quadratics(y)
+    want = np.einsum("bni,nm,bmj->bij", y, inv, y)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_dense_ratio_path_equals_generic_test(precision, monkeypatch):
+    """hsic-ir from the stored (n, B p) counts through the factor's ordering = sv_batch with SuperLU solves."""
+    from spatialscale.kernel import exact_power_sums
+    from spatialscale.stats.sv import sv_batch, sv_batch_dense_ratios
+
+    rng = np.random.default_rng(4)
+    counts = rng.poisson(2.0, size=(400, 6 * 3)).astype(np.int32)
+    counts[rng.random(400) < 0.3, :3] = 0  # a gene missing from 30% of spots
+    counts[:, 3:6] = 0
+    counts[7, 3] = 5  # a gene seen in one spot: no variation, p-value 1
+    sums = exact_power_sums(precision)
+    fast = sv_batch_dense_ratios(counts, 3, SparseCAROperator(precision), sums)
+    monkeypatch.setattr("spatialscale.stats._numba.compiled_available", lambda: False)
+    slow_op = SparseCAROperator(precision)
+    ref = sv_batch(counts.astype(float).reshape(400, 6, 3).transpose(1, 0, 2), slow_op, sums)
+    for key in ("statistic", "pvalue", "effect"):
+        np.testing.assert_allclose(fast[key], ref[key], rtol=1e-9, atol=1e-300, equal_nan=True)
+    assert fast["pvalue"][1] == 1.0 and np.all(fast["pvalue"][[0, 2, 3, 4, 5]] < 1.0)

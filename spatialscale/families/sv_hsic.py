@@ -24,7 +24,7 @@ from spatialscale.stats.adjust import covariate_basis, projected_kernel_sums
 from spatialscale.stats.multitest import bh_adjust
 from spatialscale.stats.nulls import NULLS
 from spatialscale.stats.responses import TRANSFORMS, response_width
-from spatialscale.stats.sv import NAN_FILLINGS, SV_METHODS, sv_batch, sv_batch_sparse_ratios
+from spatialscale.stats.sv import NAN_FILLINGS, SV_METHODS, sv_batch, sv_batch_dense_ratios, sv_batch_sparse_ratios
 from spatialscale.store import IsoformStore
 from spatialscale.worker import kernel_diag_sq, kernel_operator, resolve_device
 
@@ -48,6 +48,11 @@ def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], b
         data, rows, ptr = read_sparse_columns(store_path, batch.col_start, batch.col_stop)
         return sv_batch_sparse_ratios(data, rows, ptr, _grid_index(store_path), batch.n_genes, batch.n_isoforms,
                                       op, sums, null=params["null"])
+    if _dense_ratios(op, params, batch):
+        from spatialscale.store import read_count_columns
+
+        flat = read_count_columns(store_path, batch.col_start, batch.col_stop, dtype=None)
+        return sv_batch_dense_ratios(flat, batch.n_isoforms, op, sums, null=params["null"])
     counts = batch_counts(store_path, batch)
     if params["null"] == "liu-perm":
         params = {**params, "kernel_diag_sq": kernel_diag_sq(store_path, token)}
@@ -67,6 +72,11 @@ def _sparse_ratios(op: Any, params: dict[str, Any], batch: Batch) -> bool:
 
     return (isinstance(op, FFTKernelOperator) and batch.n_isoforms >= 2 and _sparse_options(params)
             and compiled_available())
+
+
+def _dense_ratios(op: Any, params: dict[str, Any], batch: Batch) -> bool:
+    """Whether a batch runs on the sparse kernel's fast path: the options, a compiled factor, >= 2 isoforms."""
+    return getattr(op, "row_order", None) is not None and batch.n_isoforms >= 2 and _sparse_options(params)
 
 
 def _prepare(store: IsoformStore, method: str, opts: dict[str, Any], covariates: Any, device: str) -> Prepared:

@@ -14,7 +14,8 @@ import functools
 
 import numpy as np
 
-__all__ = ["centred_ratios", "batch_gram", "sparse_centred_ratios", "compiled_available", "BLOCK"]
+__all__ = ["centred_ratios", "batch_gram", "sparse_centred_ratios", "dense_centred_ratios", "compiled_available",
+           "BLOCK"]
 
 #: spots per partial sum
 BLOCK = 4096
@@ -163,7 +164,64 @@ def _compiled():
                 for e in range(j):
                     gram[b, j, e] = gram[b, e, j]
 
-    return ratios, gram, sparse_simplex
+    @njit(cache=True, nogil=True)
+    def dense_simplex(c, p, order, cols, gram, covered, block):  # pragma: no cover - compiled
+        # c: (n, B p) counts, gene-major columns; cols: (n, B (p - 1)) written at rows order[i]
+        n = c.shape[0]
+        nb = c.shape[1] // p
+        d = p - 1
+        mean = np.zeros((nb, p))
+        part = np.zeros((nb, p))
+        r = np.empty(p)
+        # pass 1: each gene's mean ratio over its covered spots (partial sums over blocks of spots)
+        for i in range(n):
+            for b in range(nb):
+                t = 0.0
+                for k in range(p):
+                    t += c[i, b * p + k]
+                if t > 0.0:
+                    covered[b] += 1
+                    for k in range(p):
+                        part[b, k] += c[i, b * p + k] / t
+            if (i + 1) % block == 0:
+                mean += part
+                part[:, :] = 0.0
+        mean += part
+        for b in range(nb):
+            if covered[b] > 0:
+                for k in range(p):
+                    mean[b, k] /= covered[b]
+        # pass 2: centred ratios (zero where uncovered) into the output rows, and each gene's p x p Gram
+        gpart = np.zeros((nb, p, p))
+        for i in range(n):
+            row = order[i]
+            for b in range(nb):
+                t = 0.0
+                for k in range(p):
+                    t += c[i, b * p + k]
+                if t > 0.0:
+                    for k in range(p):
+                        r[k] = c[i, b * p + k] / t - mean[b, k]
+                    for k in range(d):
+                        cols[row, b * d + k] = r[k]
+                    for k in range(p):
+                        for e in range(k, p):
+                            gpart[b, k, e] += r[k] * r[e]
+                else:
+                    for k in range(d):
+                        cols[row, b * d + k] = 0.0
+            if (i + 1) % block == 0 or i == n - 1:
+                for b in range(nb):
+                    for k in range(p):
+                        for e in range(k, p):
+                            gram[b, k, e] += gpart[b, k, e]
+                            gpart[b, k, e] = 0.0
+        for b in range(nb):
+            for k in range(p):
+                for e in range(k):
+                    gram[b, k, e] = gram[b, e, k]
+
+    return ratios, gram, sparse_simplex, dense_simplex
 
 
 def centred_ratios(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -236,4 +294,45 @@ def sparse_centred_ratios(data: np.ndarray, rows: np.ndarray, indptr: np.ndarray
     _compiled()[2](np.ascontiguousarray(data, dtype=np.float64), np.ascontiguousarray(rows, dtype=np.int64),
                    np.ascontiguousarray(indptr, dtype=np.int64), np.ascontiguousarray(grid, dtype=np.int64),
                    int(p), cols, gram, covered, BLOCK)
+    return cols, gram, covered
+
+
+def dense_centred_ratios(counts: np.ndarray, p: int,
+                         row_order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centred isoform ratios of a batch from its ``(n, B p)`` counts, as the operator's rows want them.
+
+    The counts are read as stored (spots x gene-major isoform columns), in
+    two passes over the rows, and never transposed: the first ``p - 1``
+    centred ratio columns of each gene (zero where the gene has no counts)
+    are written to row ``row_order[i]`` of the output (a kernel factor's
+    ordering; identity if ``None``), with each gene's ``p x p`` Gram matrix.
+
+    Parameters
+    ----------
+    counts
+        ``(n, n_genes * p)`` non-negative counts (any numeric dtype).
+    p
+        Isoforms per gene (``>= 2``).
+    row_order
+        ``(n,)`` output row of each spot.
+
+    Returns
+    -------
+    cols : numpy.ndarray
+        ``(n, n_genes * (p - 1))`` float64.
+    gram : numpy.ndarray
+        ``(n_genes, p, p)``: ``Y_g' Y_g`` of all ``p`` centred ratios.
+    covered : numpy.ndarray
+        ``(n_genes,)`` spots with a positive gene total.
+    """
+    counts = np.ascontiguousarray(counts)
+    n, m = counts.shape
+    if p < 2 or m % p:
+        raise ValueError(f"{m} columns are not whole genes of {p} >= 2 isoforms.")
+    nb = m // p
+    order = np.arange(n, dtype=np.int64) if row_order is None else np.ascontiguousarray(row_order, dtype=np.int64)
+    cols = np.empty((n, nb * (p - 1)))
+    gram = np.zeros((nb, p, p))
+    covered = np.zeros(nb, dtype=np.int64)
+    _compiled()[3](counts, int(p), order, cols, gram, covered, BLOCK)
     return cols, gram, covered
