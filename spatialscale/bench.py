@@ -34,17 +34,25 @@ def compare(ref: pd.DataFrame, ours: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def _splisosm(adata, method: str, null: str) -> tuple[pd.DataFrame, float]:
+def _splisosm(adata, method: str, null: str) -> tuple[pd.DataFrame, float, float]:
+    """SplisosmNP's results, its setup_data time and its test time."""
     from splisosm import SplisosmNP
 
     t = time.perf_counter()
     model = SplisosmNP()
     model.setup_data(adata, layer="counts", group_iso_by="gene_symbol")
+    t_setup = time.perf_counter() - t
     res = model.test_spatial_variability(method=method, null_method=null, print_progress=False,
                                          return_results=True)
-    wall = time.perf_counter() - t
+    t_test = time.perf_counter() - t - t_setup
     names = [str(g) for g in model.gene_names]
-    return pd.DataFrame({"statistic": res["statistic"], "pvalue": res["pvalue"]}, index=names), wall
+    return pd.DataFrame({"statistic": res["statistic"], "pvalue": res["pvalue"]}, index=names), t_setup, t_test
+
+
+def _gene_subset(adata, k: int):
+    """The AnnData of the first ``k`` genes (all their isoforms)."""
+    genes = pd.unique(adata.var["gene_symbol"])[:k]
+    return adata[:, adata.var["gene_symbol"].isin(genes).to_numpy()].copy()
 
 
 def _worker_peak_mb() -> float:
@@ -81,42 +89,97 @@ def _peak_mb_self() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+@contextlib.contextmanager
+def _stopwatch(owner: Any, name: str, spent: dict[str, float], key: str):
+    """Add the time spent in ``owner.name`` to ``spent[key]`` while the block runs (the call is unchanged)."""
+    original = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
+
+    setattr(owner, name, timed)
+    try:
+        yield spent
+    finally:
+        setattr(owner, name, original)
+
+
 def _spatialscale(adata, client, method: str, null: str, tmp: Path,
                   batch_memory: str) -> tuple[pd.DataFrame, float, dict[str, float]]:
-    """spatialscale's results and wall time (ingest + sv_test), and where the time went (ingest, test)."""
+    """spatialscale's results and wall time (ingest + sv_test writing its results to a zarr store), and where
+    the time went: ingest (of which the kernel build), the tasks (wall, and the workers' summed read / kernel /
+    test seconds) and the final write of the results."""
+    import spatialscale.store as store_mod
     from spatialscale.api import sv_test
-    from spatialscale.store import ingest
+    from spatialscale.output import Output
 
+    spent: dict[str, float] = {}
+    since = time.time()
     t = time.perf_counter()
-    store = ingest(adata, tmp / "bench.zarr", overwrite=True)
+    with _stopwatch(store_mod, "build_kernel", spent, "kernel_s"):
+        store = store_mod.ingest(adata, tmp / "bench.zarr", overwrite=True, progress=False)
     t_ingest = time.perf_counter() - t
-    ds = sv_test(store, method=method, null=null, client=client, batch_memory=batch_memory, progress=False)
+    with _stopwatch(Output, "commit", spent, "write_s"):
+        ds = sv_test(store, method=method, null=null, client=client, batch_memory=batch_memory, progress=False,
+                     out=tmp / "bench-results.zarr", overwrite=True)
     wall = time.perf_counter() - t
+    tasks = _task_timings(client, since)
+    parts = {"ingest_s": t_ingest, "kernel_s": spent.get("kernel_s", 0.0), "test_s": wall - t_ingest,
+             "write_s": spent.get("write_s", 0.0),
+             **{f"task_{k}_s": tasks[k] for k in ("read", "kernel", "test") if k in tasks}}
     return (pd.DataFrame({"statistic": ds["sv_statistic"].values, "pvalue": ds["sv_pvalue"].values},
-                         index=ds["gene"].values), wall, {"ingest_s": t_ingest, "test_s": wall - t_ingest})
+                         index=ds["gene"].values), wall, parts)
+
+
+#: above this many gene x spots, a bench section is simulated sparsely (:func:`simulate_transcriptome`)
+TRANSCRIPTOME_GENES = 5000
+#: SPLISOSM runs every gene up to this many gene x spots, else a subset whose test time is extrapolated
+SPLISOSM_FULL_MAX = 2 * 10**8
 
 
 def run_bench(spots: list[int], genes: list[int], *, method: str = "hsic-ir", null: str = "liu",
-              workers: int = 2, seed: int = 0, batch_memory: str = "256MB", splisosm: bool = True) -> pd.DataFrame:
+              workers: int = 2, seed: int = 0, batch_memory: str = "256MB", splisosm: bool = True,
+              splisosm_genes: int | None = None, umis_per_spot: float = 2000.0) -> pd.DataFrame:
     """Time SplisosmNP (setup_data + test_spatial_variability) against spatialscale
-    (ingest + sv_test, kernel build included) on the same simulated AnnData;
-    ``ingest_s`` and ``test_s`` split spatialscale's time between the two.
+    (ingest + sv_test writing its results to a zarr store, kernel build included) on the same simulated
+    AnnData.
 
+    Sections of up to :data:`TRANSCRIPTOME_GENES` genes are drawn by
+    :func:`~spatialscale.simulate.simulate_section` (dense draws, 8 counts
+    per gene and spot); larger ones by
+    :func:`~spatialscale.simulate.simulate_transcriptome` (sparse, a whole
+    transcriptome of ``umis_per_spot`` counts per spot).
+
+    SPLISOSM runs every gene while ``spots x genes`` is at most
+    :data:`SPLISOSM_FULL_MAX`; above, it runs ``splisosm_genes`` genes
+    (default 1,000) and its time is extrapolated: ``setup + test * G / k``
+    (its setup builds the kernel once; its test is a loop over genes), and
+    the table marks ``splisosm_extrapolated``; the agreement columns then
+    compare those ``k`` genes.
+
+    Where spatialscale's time goes: ``ingest_s`` (of which ``kernel_s``, the
+    kernel build), ``test_s`` (sv_test's wall time, of which ``write_s``,
+    the final write of the results), and the workers' summed ``task_read_s``,
+    ``task_kernel_s`` (loading the shared kernel) and ``task_test_s``.
     Above 5,000 spots spatialscale's null moments are ``selected`` (exact
     ``k_1, k_2``) where SplisosmNP's are a 60-probe Hutchinson estimate, so
     their p-values differ by that estimate's noise (the agreement columns
-    show it). ``splisosm=False`` times spatialscale alone (sizes SPLISOSM
-    cannot reach).
+    show it). ``splisosm=False`` times spatialscale alone.
 
     The LocalCluster is started before timing (it is started once per
     session in practice); its start-up time is printed separately.  Workers
     are restarted before each size, so ``worker_peak_MB`` is that run's peak
-    resident memory of the busiest worker.
+    resident memory of the busiest worker; ``client_peak_MB`` is this
+    process's peak so far (it holds the simulated AnnData and SPLISOSM).
     """
     from distributed import Client
 
     from spatialscale.engine import local_cluster
-    from spatialscale.simulate import simulate_section
+    from spatialscale.simulate import simulate_section, simulate_transcriptome
 
     warnings.filterwarnings("ignore")
     rows = []
@@ -126,22 +189,40 @@ def run_bench(spots: list[int], genes: list[int], *, method: str = "hsic-ir", nu
         print(f"LocalCluster with {workers} workers started in {time.perf_counter() - t:.1f}s (not timed below)")
         for n in spots:
             for g in genes:
-                adata = simulate_section(n, g, n_sv=max(1, g // 5), seed=seed)
+                t = time.perf_counter()
+                if g > TRANSCRIPTOME_GENES:
+                    adata = simulate_transcriptome(n, g, umis_per_spot=umis_per_spot, seed=seed)
+                    how = f"simulate_transcriptome, {umis_per_spot:g} counts per spot"
+                else:
+                    adata = simulate_section(n, g, n_sv=max(1, g // 5), seed=seed)
+                    how = "simulate_section"
+                x = adata.layers["counts"]
+                print(f"{n} spots x {g} genes ({adata.n_vars} isoforms, {x.nnz / x.shape[0] / x.shape[1]:.1%} "
+                      f"non-zero) by {how} in {time.perf_counter() - t:.0f}s (not timed)", flush=True)
+                row: dict[str, Any] = {"spots": n, "genes": g}
                 if splisosm:
-                    ref, t_ref = _splisosm(adata, method, null)
+                    k = g if n * g <= SPLISOSM_FULL_MAX else min(g, splisosm_genes or 1000)
+                    if k < g and splisosm_genes is None:
+                        print(f"  SplisosmNP: {k} of {g} genes, its test time extrapolated", flush=True)
+                    ref, t_setup, t_test = _splisosm(adata if k == g else _gene_subset(adata, k), method, null)
+                    t_ref = t_setup + t_test * g / k
+                    row.update({"splisosm_s": t_ref, "splisosm_setup_s": t_setup, "splisosm_extrapolated": k < g})
                 client.restart()  # fresh worker processes: the peak memory below is this run's
                 client.run(_import_library)
                 ours, t_ours, parts = _spatialscale(adata, client, method, null, Path(tmpdir), batch_memory)
+                del adata
                 peak = max(client.run(_worker_peak_mb).values())
-                row = {"spots": n, "genes": g, "spatialscale_s": t_ours, **parts, "worker_peak_MB": peak,
-                       "client_peak_MB": _peak_mb_self()}
+                row.update({"spatialscale_s": t_ours, **parts, "worker_peak_MB": peak,
+                            "client_peak_MB": _peak_mb_self()})
                 if splisosm:
-                    row.update({"splisosm_s": t_ref, "speedup": t_ref / t_ours, **compare(ref, ours)})
+                    agreement = compare(ref, ours)
+                    agreement["genes_compared"] = agreement.pop("genes")
+                    row.update({"speedup": row["splisosm_s"] / t_ours, **agreement})
                 rows.append(row)
-                print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+                print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
     table = pd.DataFrame(rows)
     print(f"\n{method} / {null}: SPLISOSM 1.2.0 SplisosmNP (setup_data + test_spatial_variability) vs "
-          f"spatialscale (ingest + sv_test on {workers} workers)")
+          f"spatialscale (ingest + sv_test on {workers} workers, results written to zarr)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return table
 

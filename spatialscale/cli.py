@@ -558,6 +558,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="du: run SPLISOSM's hsic-gp on this many covariates and extrapolate its time "
                    "(default: all up to 2,000 spots, else 2; minutes per covariate at 10,000 spots)")
     p.add_argument("--batch-memory", default="256MB", help="spatialscale's per-task memory budget (256MB)")
+    p.add_argument("--splisosm-genes", type=int, default=None,
+                   help="sv: run SplisosmNP on this many genes and extrapolate its test time (default: every gene up "
+                   "to 2 x 10^8 genes x spots, else 1000)")
+    p.add_argument("--umis", type=float, default=2000.0,
+                   help="sv: counts per spot of sections of more than 5,000 genes, drawn sparsely as a whole "
+                   "transcriptome (2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cohort", action="store_true",
                    help="sv on a simulated cohort: one graph over all sections vs a loop of single-section runs on "
@@ -708,7 +714,7 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         run_bench(spots=args.spots, genes=args.genes, method=args.method, null=args.null,
                   workers=args.workers, seed=args.seed, batch_memory=args.batch_memory,
-                  splisosm=not args.no_splisosm)
+                  splisosm=not args.no_splisosm, splisosm_genes=args.splisosm_genes, umis_per_spot=args.umis)
         return 0
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces choices
 

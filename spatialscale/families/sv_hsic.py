@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from spatialscale.stats.nulls import NULLS
 from spatialscale.stats.responses import TRANSFORMS, response_width
 from spatialscale.stats.sv import NAN_FILLINGS, SV_METHODS, sv_batch, sv_batch_dense_ratios, sv_batch_sparse_ratios
 from spatialscale.store import IsoformStore
-from spatialscale.worker import kernel_diag_sq, kernel_operator, resolve_device
+from spatialscale.worker import kernel_diag_sq, kernel_operator, log_timing, resolve_device
 
 __all__ = ["FAMILY", "KernelSpec", "parse_kernel_spec", "parse_kernel_specs", "STORE_KERNEL"]
 
@@ -38,7 +39,9 @@ def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], b
     ``adjust`` (covariate-adjusted runs, computed once on the client): the
     covariates' orthonormal ``basis`` and the projected kernel's power ``sums``.
     """
+    t0 = time.perf_counter()
     op, sums = kernel_operator(store_path, token, device)
+    t1 = time.perf_counter()
     if adjust is not None:
         counts = batch_counts(store_path, batch)
         return sv_batch(counts, op, adjust["sums"], covariate_basis=adjust["basis"], **params)
@@ -52,11 +55,17 @@ def _sv_task(store_path: str, token: str, device: str, params: dict[str, Any], b
         from spatialscale.store import read_count_columns
 
         flat = read_count_columns(store_path, batch.col_start, batch.col_stop, dtype=None)
-        return sv_batch_dense_ratios(flat, batch.n_isoforms, op, sums, null=params["null"])
+        t2 = time.perf_counter()
+        out = sv_batch_dense_ratios(flat, batch.n_isoforms, op, sums, null=params["null"])
+        log_timing(task="sv", kernel=t1 - t0, read=t2 - t1, test=time.perf_counter() - t2, genes=batch.n_genes)
+        return out
     counts = batch_counts(store_path, batch)
+    t2 = time.perf_counter()
     if params["null"] == "liu-perm":
         params = {**params, "kernel_diag_sq": kernel_diag_sq(store_path, token)}
-    return sv_batch(counts, op, sums, **params)
+    out = sv_batch(counts, op, sums, **params)
+    log_timing(task="sv", kernel=t1 - t0, read=t2 - t1, test=time.perf_counter() - t2, genes=batch.n_genes)
+    return out
 
 
 def _sparse_options(params: dict[str, Any]) -> bool:
