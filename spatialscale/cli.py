@@ -576,9 +576,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "ingest":
         from pathlib import Path
 
+        from spatialscale.remote import exists, is_url
         from spatialscale.store import ingest
 
-        existed = Path(args.store).exists() and not args.overwrite  # then ingest reuses it or refuses
+        there = exists(args.store) if is_url(args.store) else Path(args.store).exists()
+        existed = there and not args.overwrite  # then ingest reuses it or refuses
         store = ingest(args.input, args.store, **_ingest_kwargs(args), overwrite=args.overwrite,
                        progress=not args.no_progress)
         print(f"{'reused' if existed else 'wrote'} {store!r}" + (" (same input and ingest options)" if existed else ""))
@@ -588,7 +590,7 @@ def _run(args: argparse.Namespace) -> int:
 
         cohort = ingest_cohort(args.manifest, args.out_dir, library_key=args.library_key, scheduler=args.scheduler,
                                workers=args.workers, progress=not args.no_progress, **_ingest_kwargs(args))
-        print(f"cohort of {len(cohort.section_ids)} section(s) in {cohort.path}: {', '.join(cohort.section_ids)}")
+        print(f"cohort of {len(cohort.section_ids)} section(s) in {cohort.location}: {', '.join(cohort.section_ids)}")
         return 0
     if args.command in COMMANDS:
         return _run_family_command(args)

@@ -1,0 +1,286 @@
+"""Object storage: stores, cohorts and results at s3:// URLs, against a real S3-compatible server on 127.0.0.1.
+
+The server is moto's (server mode, started here on a free loopback port); credentials and the endpoint
+reach spatialscale through the environment only (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_ENDPOINT_URL), as they would for any S3-compatible store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+import numpy as np
+import pytest
+import xarray as xr
+
+pytest.importorskip("s3fs")
+pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
+
+import spatialscale  # noqa: E402
+import spatialscale.families.sv_hsic as sv_module  # noqa: E402
+from spatialscale import InputError  # noqa: E402
+from spatialscale.cli import main  # noqa: E402
+
+BUCKET = "spatialscale-test"
+ROOT = f"s3://{BUCKET}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1, the environment pointing at it, and an empty bucket; yields a boto3 client."""
+    import boto3
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's request log
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        mp.delenv(name, raising=False)
+    mp.setenv("SPATIALSCALE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield client
+    finally:
+        mp.undo()
+        server.stop()
+
+
+def keys(client, prefix: str) -> list[str]:
+    """Every object key below ``prefix`` in the test bucket."""
+    out = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        out += [o["Key"] for o in page.get("Contents", [])]
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def section():
+    from spatialscale.simulate import simulate_section
+
+    return simulate_section(300, 20, n_sv=5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def local_store(section, tmp_path_factory):
+    return spatialscale.ingest(section, tmp_path_factory.mktemp("local") / "s.zarr")
+
+
+@pytest.fixture(scope="module")
+def remote_store(s3, section):
+    return spatialscale.ingest(section, f"{ROOT}/stores/s.zarr")
+
+
+@pytest.fixture(scope="module")
+def reference(local_store):
+    return spatialscale.sv_test(local_store, scheduler="threads", progress=False)
+
+
+def same(a: xr.Dataset, b: xr.Dataset, prefix: str = "sv") -> None:
+    assert list(a["gene"].values) == list(b["gene"].values)
+    for v in (f"{prefix}_statistic", f"{prefix}_pvalue", f"{prefix}_pvalue_adj"):
+        np.testing.assert_array_equal(a[v].values, b[v].values)
+
+
+def test_ingest_to_s3_has_the_local_content_token(s3, section, local_store, remote_store):
+    assert remote_store.url == f"{ROOT}/stores/s.zarr"
+    assert remote_store.content_token == local_store.content_token
+    assert spatialscale.open_store(f"{ROOT}/stores/s.zarr").content_token == local_store.content_token
+    assert "stores/s.zarr/zarr.json" in keys(s3, "stores/s.zarr/")
+    # nothing left beside it (no temporary prefix, no lock object)
+    assert {k.split("/")[1] for k in keys(s3, "stores/")} == {"s.zarr"}
+    # the same input again: reused, not uploaded again
+    before = s3.head_object(Bucket=BUCKET, Key="stores/s.zarr/zarr.json")["LastModified"]
+    again = spatialscale.ingest(section, f"{ROOT}/stores/s.zarr")
+    assert again.content_token == local_store.content_token
+    assert s3.head_object(Bucket=BUCKET, Key="stores/s.zarr/zarr.json")["LastModified"] == before
+
+
+def test_sv_from_s3_store_to_s3_output_equals_local(s3, remote_store, reference):
+    out = f"{ROOT}/results/sv.zarr"
+    ds = spatialscale.sv_test(f"{ROOT}/stores/s.zarr", out=out, scheduler="threads", progress=False)
+    same(ds, reference)
+    same(spatialscale.open_results(out), reference)
+    assert ds.attrs["store"] == f"{ROOT}/stores/s.zarr"
+    # the finished run again: nothing recomputed, the results read back from the object store
+    ds2 = spatialscale.sv_test(f"{ROOT}/stores/s.zarr", out=out, scheduler="threads", progress=False)
+    same(ds2, reference)
+    assert {k.split("/")[1] for k in keys(s3, "results/")} == {"sv.zarr"}
+
+
+def _fail_last(n_genes: int):
+    real = sv_module._sv_task
+
+    def flaky(*args):
+        if args[-1].gene_stop == n_genes:
+            raise RuntimeError("worker lost power")
+        return real(*args)
+
+    return flaky
+
+
+def _counting(calls: list[int]):
+    real = sv_module._sv_task
+    return lambda *a: calls.append(a[-1].gene_start) or real(*a)
+
+
+def test_interrupted_run_resumes_from_s3_with_an_empty_cache(s3, remote_store, reference, monkeypatch, tmp_path,
+                                                             caplog):
+    url, out = remote_store.url, f"{ROOT}/resume/sv.zarr"
+    monkeypatch.setattr(sv_module, "_sv_task", _fail_last(remote_store.n_genes))
+    with pytest.raises(RuntimeError, match="lost power"):
+        spatialscale.sv_test(url, out=out, batch_size=3, scheduler="threads", progress=False)
+    monkeypatch.undo()
+    recorded = sorted({k.split("/")[3] for k in keys(s3, "resume/sv.zarr/_batches/")})
+    assert recorded and not any("lock" in k for k in keys(s3, "resume/"))  # batches survive, the lock does not
+    # damage one recorded batch in the object store: it is named and recomputed
+    victim = recorded[0]
+    chunk = next(k for k in keys(s3, f"resume/sv.zarr/_batches/{victim}/statistic/") if not k.endswith("zarr.json"))
+    s3.put_object(Bucket=BUCKET, Key=chunk, Body=b"garbage")
+    # another machine: nothing cached locally
+    monkeypatch.setenv("SPATIALSCALE_CACHE", str(tmp_path / "empty-cache"))
+    calls: list[int] = []
+    monkeypatch.setattr(sv_module, "_sv_task", _counting(calls))
+    with caplog.at_level(logging.WARNING, logger="spatialscale"):
+        ds = spatialscale.sv_test(url, out=out, batch_size=3, scheduler="threads", progress=False)
+    same(ds, reference)
+    same(spatialscale.open_results(out), reference)
+    assert any(victim in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
+    n_batches = len(recorded) + len(calls) - 1  # the damaged one ran again
+    assert int(victim[1:9]) in calls and len(calls) < n_batches  # the other recorded batches were reused
+    assert (tmp_path / "empty-cache" / "stores" / remote_store.content_token / "zarr.json").is_file()
+    assert {k.split("/")[1] for k in keys(s3, "resume/")} == {"sv.zarr"}  # no staging, lock or temporary left
+
+
+def test_foreign_objects_are_refused_and_left_alone(s3, remote_store):
+    s3.put_object(Bucket=BUCKET, Key="foreign/notes.txt", Body=b"mine")
+    s3.put_object(Bucket=BUCKET, Key="file.zarr", Body=b"one object")
+    for out, match in ((f"{ROOT}/foreign", "not written by spatialscale"),
+                       (f"{ROOT}/file.zarr", "not a spatialscale results folder"),
+                       (remote_store.url, "overlaps the input"),
+                       (f"{ROOT}/stores", "overlaps the input")):
+        with pytest.raises(InputError, match=match):
+            spatialscale.sv_test(remote_store.url, out=out, scheduler="threads", progress=False)
+    assert s3.get_object(Bucket=BUCKET, Key="foreign/notes.txt")["Body"].read() == b"mine"
+    assert s3.get_object(Bucket=BUCKET, Key="file.zarr")["Body"].read() == b"one object"
+    assert keys(s3, "foreign") == ["foreign/notes.txt"]
+    # results written into a prefix that then gains a foreign object: never replaced
+    out = f"{ROOT}/mixed/sv.zarr"
+    spatialscale.sv_test(remote_store.url, out=out, scheduler="threads", progress=False)
+    s3.put_object(Bucket=BUCKET, Key="mixed/sv.zarr/notes.txt", Body=b"mine")
+    with pytest.raises(InputError, match="did not write"):
+        spatialscale.sv_test(remote_store.url, out=out, method="hsic-ic", overwrite=True, scheduler="threads",
+                             progress=False)
+    assert s3.get_object(Bucket=BUCKET, Key="mixed/sv.zarr/notes.txt")["Body"].read() == b"mine"
+    # an ingest onto something that is not a store: refused before anything is uploaded
+    with pytest.raises(InputError, match="not written by spatialscale"):
+        spatialscale.ingest(remote_store.path, f"{ROOT}/foreign", overwrite=True)
+    assert keys(s3, "foreign") == ["foreign/notes.txt"]
+
+
+def test_overwrite_replaces_results_only_when_the_new_ones_are_complete(s3, remote_store, reference, monkeypatch):
+    url, out = remote_store.url, f"{ROOT}/over/sv.zarr"
+    spatialscale.sv_test(url, out=out, scheduler="threads", progress=False)
+    with pytest.raises(InputError, match="other options"):
+        spatialscale.sv_test(url, out=out, method="hsic-ic", scheduler="threads", progress=False)
+    monkeypatch.setattr(sv_module, "_sv_task", _fail_last(remote_store.n_genes))
+    with pytest.raises(RuntimeError, match="lost power"):
+        spatialscale.sv_test(url, out=out, method="hsic-ic", overwrite=True, batch_size=5, scheduler="threads",
+                             progress=False)
+    monkeypatch.undo()
+    same(spatialscale.open_results(out), reference)  # the old results are untouched
+    assert any(".sv.zarr.partial-" in k for k in keys(s3, "over/"))  # the new batches wait beside them
+    ic = spatialscale.sv_test(url, out=out, method="hsic-ic", overwrite=True, batch_size=5, scheduler="threads",
+                              progress=False)
+    back = spatialscale.open_results(out)
+    assert back.attrs["method"] == "hsic-ic"
+    np.testing.assert_array_equal(back["sv_pvalue"].values, ic["sv_pvalue"].values)
+    assert {k.split("/")[1] for k in keys(s3, "over/")} == {"sv.zarr"}
+
+
+def test_a_held_lock_object_refuses_a_second_run(s3, remote_store):
+    from spatialscale.remote import RemoteLock
+
+    out = f"{ROOT}/locked/sv.zarr"
+    lock_key = "locked/.sv.zarr.spatialscale-lock"
+    other = RemoteLock(out)
+    body = other._content().replace(socket.gethostname().encode(), b"elsewhere")
+    s3.put_object(Bucket=BUCKET, Key=lock_key, Body=body)
+    with pytest.raises(InputError, match="being written by another spatialscale run"):
+        spatialscale.sv_test(remote_store.url, out=out, scheduler="threads", progress=False)
+    assert s3.get_object(Bucket=BUCKET, Key=lock_key)["Body"].read() == body  # left as it was
+    assert keys(s3, "locked/") == [lock_key]
+    # a lock not refreshed for longer than its time to live belongs to a run that is gone: taken over
+    head, info = body.split(b"\n", 1)
+    stale = head + b"\n" + json.dumps({**json.loads(info), "refreshed": 0}).encode() + b"\n"
+    s3.put_object(Bucket=BUCKET, Key=lock_key, Body=stale)
+    spatialscale.sv_test(remote_store.url, out=out, scheduler="threads", progress=False)
+    assert keys(s3, "locked/") == [k for k in keys(s3, "locked/") if k.startswith("locked/sv.zarr/")]
+    # an object of that name that is not spatialscale's lock is never used or removed
+    s3.put_object(Bucket=BUCKET, Key=lock_key, Body=b"someone else's")
+    with pytest.raises(InputError, match="not a spatialscale lock"):
+        spatialscale.sv_test(remote_store.url, out=out, method="hsic-ic", overwrite=True, scheduler="threads",
+                             progress=False)
+    assert s3.get_object(Bucket=BUCKET, Key=lock_key)["Body"].read() == b"someone else's"
+    s3.delete_object(Bucket=BUCKET, Key=lock_key)
+
+
+def test_cli_one_line_for_a_bad_url(s3, remote_store, tmp_path, capsys):
+    out = f"{ROOT}/cli/sv.zarr"
+    assert main(["sv", remote_store.url, "--out", out, "--scheduler", "threads", "--no-progress"]) == 0
+    capsys.readouterr()
+    for argv in (["sv", "s3://no-such-bucket-here/s.zarr", "--out", str(tmp_path / "o.zarr"), "--no-progress"],
+                 ["sv", remote_store.url, "--out", "s3://no-such-bucket-here/o.zarr", "--no-progress"],
+                 ["ingest", str(tmp_path / "missing.h5ad"), "s3://no-such-bucket-here/x.zarr"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "error:" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_cohort_at_s3_equals_the_local_cohort(s3, tmp_path):
+    import anndata as ad
+
+    from spatialscale.simulate import simulate_section
+
+    parts = [simulate_section(150, 12, n_sv=3, seed=s) for s in (1, 2)]
+    for i, a in enumerate(parts):
+        a.obs["library_id"] = f"s{i}"
+        a.obs_names = [f"s{i}-{n}" for n in a.obs_names]
+    adata = ad.concat(parts, merge="same")
+    adata.obs["library_id"] = adata.obs["library_id"].astype("category")
+    local = spatialscale.ingest_cohort(adata, tmp_path / "co", library_key="library_id", scheduler="threads",
+                                       progress=False)
+    cohort = spatialscale.ingest_cohort(adata, f"{ROOT}/co", library_key="library_id", scheduler="threads",
+                                        progress=False)
+    assert cohort.url == f"{ROOT}/co" and cohort.section_ids == local.section_ids
+    assert "co/cohort.json" in keys(s3, "co/")
+    for sid in cohort.section_ids:
+        assert cohort.store(sid).content_token == local.store(sid).content_token
+    expected = spatialscale.sv_test(local, scheduler="threads", progress=False)
+    ds = spatialscale.sv_test(f"{ROOT}/co", out=f"{ROOT}/co-sv.zarr", scheduler="threads", progress=False)
+    for v in ("sv_pvalue", "combined_pvalue"):
+        np.testing.assert_array_equal(ds[v].values, expected[v].values)
+    np.testing.assert_array_equal(spatialscale.open_results(f"{ROOT}/co-sv.zarr")["combined_pvalue"].values,
+                                  expected["combined_pvalue"].values)
+    assert any(k.startswith("co-sv.zarr/_sections/") for k in keys(s3, "co-sv.zarr/"))
+    # a re-run of the cohort ingest uploads nothing new
+    before = keys(s3, "co/")
+    stamp = s3.head_object(Bucket=BUCKET, Key="co/sections/s0.zarr/zarr.json")["LastModified"]
+    spatialscale.ingest_cohort(adata, f"{ROOT}/co", library_key="library_id", scheduler="threads", progress=False)
+    assert keys(s3, "co/") == before
+    assert s3.head_object(Bucket=BUCKET, Key="co/sections/s0.zarr/zarr.json")["LastModified"] == stamp
