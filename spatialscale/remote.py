@@ -237,8 +237,16 @@ def listing(url: str) -> list[str]:
 
 
 def children(url: str) -> list[str]:
-    """The names directly below ``url``."""
-    return sorted({rel.split("/", 1)[0] for rel in listing(url)})
+    """The names directly below ``url`` (one listing level, not every object below)."""
+    fs, path = filesystem(url)
+    with _errors(url, "list"):
+        try:
+            found = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+    head = path.rstrip("/") + "/"
+    return sorted({str(p).rstrip("/")[len(head):].split("/", 1)[0] for p in found
+                   if str(p).startswith(head) and len(str(p).rstrip("/")) > len(head)})
 
 
 def remove(url: str) -> None:
@@ -253,17 +261,19 @@ def remove(url: str) -> None:
 
 
 def check_location(url: str) -> None:
-    """The bucket (first component of the path) of ``url`` exists and is reachable."""
+    """``url`` names a path inside a bucket (object stores) that exists and is reachable."""
     fs, path = filesystem(url)
-    bucket = path.split("/", 1)[0]
-    if not bucket or "/" not in path:
-        if not path.strip("/"):
-            raise InputError(f"{url} names no object below its bucket; give a path such as s3://bucket/name.")
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        raise InputError(f"{url} names no path; give one such as s3://bucket/name.")
+    if getattr(fs, "root_marker", "/") != "":  # a filesystem with a root folder (memory://...): no buckets
         return
+    if len(parts) < 2:
+        raise InputError(f"{url} names a bucket, not a path inside it; give one such as {url.rstrip('/')}/name.")
     with _errors(url, "reach"):
-        if not fs.exists(bucket):
-            raise InputError(f"cannot write to {url}: bucket {bucket!r} does not exist (or these credentials cannot "
-                             "see it).")
+        if not fs.exists(parts[0]):
+            raise InputError(f"cannot write to {url}: bucket {parts[0]!r} does not exist (or these credentials "
+                             "cannot see it).")
 
 
 def _zarr_json(attrs: dict) -> bytes:
@@ -535,18 +545,24 @@ def ensure_replica(url: str, token: str, replica: Path) -> Path:
     key = (str(replica), token)
     if key in _ready and (replica / "zarr.json").is_file():
         return replica
-    try:
-        replica.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot make the replica cache {replica.parent} on {socket.gethostname()} "
-                         f"({exc.strerror or exc}); set SPATIALSCALE_CACHE to a writable folder that exists on every "
-                         "worker.") from None
-    with FileLock(replica, hint="wait for it to finish"):
-        if not _replica_holds(replica, token):
-            _download_replica(url, token, replica)
+    if not _replica_holds(replica, token):
+        try:
+            replica.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot make the replica cache {replica.parent} on {socket.gethostname()} "
+                             f"({exc.strerror or exc}); set SPATIALSCALE_CACHE to a writable folder that exists on "
+                             "every worker.") from None
+        with _fetch_lock(replica):
+            if not _replica_holds(replica, token):
+                _download_replica(url, token, replica)
     with _ready_lock:
         _ready.add(key)
     return replica
+
+
+def _fetch_lock(replica: Path) -> FileLock:
+    """The lock one download (or install) of a replica holds; runs reading the replica hold its own readers' lock."""
+    return FileLock(replica.with_name(f"{replica.name}.fetch"), hint="wait for it to finish")
 
 
 def _replica_holds(replica: Path, token: str) -> bool:
@@ -662,13 +678,14 @@ def ingest_url(source: Any, url: str, options: dict[str, Any]) -> RemoteStore:
                 _remove_stale_siblings(url, _is_store_url)
                 publish_store(local, url)
             replica = cache_dir() / "stores" / built.content_token
-            with contextlib.suppress(OSError):  # the local copy becomes this machine's replica (no download)
-                replica.parent.mkdir(parents=True, exist_ok=True)
-                with FileLock(replica):
-                    if not _replica_holds(replica, built.content_token):
-                        if replica.exists():
-                            _discard(replica)
-                        os.replace(local, replica)
+            with contextlib.suppress(OSError, InputError):  # the local copy becomes this machine's replica
+                if not _replica_holds(replica, built.content_token):
+                    replica.parent.mkdir(parents=True, exist_ok=True)
+                    with _fetch_lock(replica):
+                        if not _replica_holds(replica, built.content_token):
+                            if replica.exists():
+                                _discard(replica)
+                            os.replace(local, replica)
         finally:
             work.cleanup()
     return open_store_url(url)

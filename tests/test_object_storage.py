@@ -239,9 +239,15 @@ def test_a_held_lock_object_refuses_a_second_run(s3, remote_store):
     s3.delete_object(Bucket=BUCKET, Key=lock_key)
 
 
-def test_cli_one_line_for_a_bad_url(s3, remote_store, tmp_path, capsys):
+def test_cli_one_line_for_a_bad_url(s3, section, remote_store, reference, tmp_path, capsys):
     out = f"{ROOT}/cli/sv.zarr"
     assert main(["sv", remote_store.url, "--out", out, "--scheduler", "threads", "--no-progress"]) == 0
+    same(spatialscale.open_results(out), reference)
+    # an input at a URL: downloaded, then ingested (the same counts, hence the same results)
+    section.write_h5ad(tmp_path / "sample.h5ad")
+    s3.upload_file(str(tmp_path / "sample.h5ad"), BUCKET, "inputs/sample.h5ad")
+    assert main(["ingest", f"{ROOT}/inputs/sample.h5ad", f"{ROOT}/cli/s.zarr", "--no-progress"]) == 0
+    same(spatialscale.sv_test(f"{ROOT}/cli/s.zarr", scheduler="threads", progress=False), reference)
     capsys.readouterr()
     for argv in (["sv", "s3://no-such-bucket-here/s.zarr", "--out", str(tmp_path / "o.zarr"), "--no-progress"],
                  ["sv", remote_store.url, "--out", "s3://no-such-bucket-here/o.zarr", "--no-progress"],
@@ -284,3 +290,31 @@ def test_cohort_at_s3_equals_the_local_cohort(s3, tmp_path):
     spatialscale.ingest_cohort(adata, f"{ROOT}/co", library_key="library_id", scheduler="threads", progress=False)
     assert keys(s3, "co/") == before
     assert s3.head_object(Bucket=BUCKET, Key="co/sections/s0.zarr/zarr.json")["LastModified"] == stamp
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    """A two-worker LocalCluster started with the object store's environment (as remote workers would have it)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as c, Client(c, set_as_default=False) as client:
+        yield client
+
+
+def test_sv_and_du_from_s3_on_a_local_cluster(s3, cluster, remote_store, local_store, reference, tmp_path):
+    from spatialscale.remote import ensure_replica
+
+    url = remote_store.url
+    ds = spatialscale.sv_test(url, out=f"{ROOT}/cluster/sv.zarr", client=cluster, progress=False)
+    same(ds, reference)
+    same(spatialscale.open_results(f"{ROOT}/cluster/sv.zarr"), reference)
+    expected = spatialscale.du_test(local_store, "region", method="hsic", scheduler="threads", progress=False)
+    du = spatialscale.du_test(url, "region", method="hsic", out=f"{ROOT}/cluster/du.zarr", client=cluster,
+                              progress=False)
+    same(du, expected, "du")
+    same(spatialscale.open_results(f"{ROOT}/cluster/du.zarr"), expected, "du")
+    # a worker without the replica (another machine) fetches and verifies its own
+    target = tmp_path / "worker-cache" / remote_store.content_token
+    made = cluster.submit(ensure_replica, url, remote_store.content_token, target, pure=False).result()
+    assert made == target and spatialscale.open_store(target).content_token == remote_store.content_token

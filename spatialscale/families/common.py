@@ -454,6 +454,12 @@ def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
     if unknown:
         raise InputError(f"unknown ingest option(s) {', '.join(map(repr, unknown))}; choose from "
                          f"{', '.join(sorted(allowed))}.")
+    if is_url(source):  # an AnnData file at a URL: downloaded, then as a local input
+        from spatialscale.remote import _local_input
+
+        with _local_input(source) as local_source, input_store(local_source, options, ingest_to) as opened:
+            yield opened
+        return
     if ingest_to is not None:
         yield ingest(source, ingest_to, **options)
         return
