@@ -280,12 +280,13 @@ def _zarr_json(attrs: dict) -> bytes:
     return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}).encode()
 
 
-def upload(local: Path, url: str, *, provisional: bytes | None = None) -> None:
+def upload(local: Path, url: str, *, provisional: bytes | None = None, root: bool = True) -> None:
     """Upload a local folder to ``url``; its root ``zarr.json`` goes last (``provisional`` first, if given).
 
     Until the last object arrives the prefix carries ``provisional`` (an
     incomplete mark, so that a killed upload is still recognisably
-    spatialscale's) or no root ``zarr.json`` at all.
+    spatialscale's) or no root ``zarr.json`` at all.  ``root=False`` leaves
+    the root ``zarr.json`` out (the caller puts it last).
     """
     fs, path = filesystem(url)
     files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
@@ -295,15 +296,15 @@ def upload(local: Path, url: str, *, provisional: bytes | None = None) -> None:
             fs.pipe_file(f"{path}/zarr.json", provisional)
         if rest:
             fs.put([str(local / f) for f in rest], [f"{path}/{f}" for f in rest])
-        if "zarr.json" in files:
+        if root and "zarr.json" in files:
             fs.put_file(str(local / "zarr.json"), f"{path}/zarr.json")
 
 
-def download(url: str, local: Path) -> bool:
-    """Download every object below ``url`` into the new folder ``local``; ``False`` if there is none."""
+def download(url: str, local: Path, *, skip: Sequence[str] = ()) -> bool:
+    """Download every object below ``url`` (but those under the folders ``skip``) into ``local``; ``False`` if none."""
     fs, path = filesystem(url)
     with _errors(url, "read"):
-        files = _list(fs, path)
+        files = [f for f in _list(fs, path) if f.split("/", 1)[0] not in skip]
         if not files:
             return False
         local.mkdir(parents=True, exist_ok=True)
@@ -612,9 +613,18 @@ def _download_replica(url: str, token: str, replica: Path) -> None:
 
 
 def publish_store(local: Path, url: str) -> None:
-    """Upload the complete local store ``local`` to ``url``, replacing an isoform store there (checked by caller)."""
-    tmp = sibling(url, f".{_name(url)}.tmp-{uuid.uuid4().hex[:8]}")
+    """Upload the complete local store ``local`` to ``url``, replacing an isoform store there (checked by caller).
+
+    Into an empty target the store is uploaded in place (its incomplete mark
+    first, the real one last: an interrupted upload is an incomplete store,
+    which the next ingest replaces); over an existing store, beside it and
+    then swapped in (:func:`replace_tree`).
+    """
     incomplete = _zarr_json({"spatialscale": {"complete": False, "format": _store_format()}})
+    if not exists(url):
+        upload(local, url, provisional=incomplete)
+        return
+    tmp = sibling(url, f".{_name(url)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         upload(local, tmp, provisional=incomplete)
         replace_tree(tmp, url, incomplete)
@@ -698,6 +708,8 @@ def _refuse_store_target(url: str, overwrite: bool, *, probe_only: bool = False)
     if is_object(url) or not _is_store_url(url):
         raise InputError(f"{url} exists and was not written by spatialscale (it is no isoform store); spatialscale "
                          "never replaces what it did not write: choose another path.")
+    if group_attributes(url)["spatialscale"].get("complete") is False:
+        return  # an ingest that was interrupted while uploading: replaced without overwrite
     if not overwrite and not probe_only:
         raise InputError(f"{url} holds an isoform store of another input or other ingest options; pass "
                          "overwrite=True (--overwrite) to replace it, or choose another path.")
@@ -737,6 +749,7 @@ class RemotePartialStore(PartialStore):
         self.fp = fp
         self.run_id = run_id
         self.owner = (owner or root).rstrip("/")  # type: ignore[assignment]
+        self._names: set[str] | None = None  # the recorded batches, listed once (one request, not one per batch)
 
     def _url(self, name: str) -> str:
         return f"{self.root}/{BATCHES}/{name}"
@@ -754,6 +767,10 @@ class RemotePartialStore(PartialStore):
 
     def load(self, batch: Any) -> dict[str, np.ndarray] | None:
         """The batch's verified result, or ``None``; a damaged record is named, removed and recomputed."""
+        if self._names is None:
+            self._names = set(children(f"{self.root}/{BATCHES}"))
+        if batch.name not in self._names:
+            return None
         url = self._url(batch.name)
         result, problem = self._fetch(url, batch.name)
         if problem is None:
@@ -762,6 +779,7 @@ class RemotePartialStore(PartialStore):
             log.warning("batch %s in %s is damaged (%s); recomputing it.", batch.name, self.root, problem)
             with contextlib.suppress(InputError):
                 remove(url)
+            self._names.discard(batch.name)
         return None
 
     def adopt(self, other: str | os.PathLike) -> int:
@@ -790,7 +808,6 @@ class RemotePartialStore(PartialStore):
 
     def write(self, batch: Any, result: dict[str, np.ndarray]) -> None:
         """Record a batch: written locally with its checksums, uploaded with its ``zarr.json`` last."""
-        self.check_owner()
         with tempfile.TemporaryDirectory(prefix="spatialscale-batch-") as d:
             local = Path(d) / batch.name
             write_batch_group(local, result, self.fp)
@@ -801,6 +818,8 @@ class RemotePartialStore(PartialStore):
                 with contextlib.suppress(FileNotFoundError):  # an earlier, damaged record
                     fs.rm_file(f"{path}/zarr.json")
             upload(local, url)
+        if self._names is not None:
+            self._names.add(batch.name)
 
 
 def _is_ours_url(url: str) -> bool:
@@ -842,10 +861,8 @@ def open_results_url(url: str, *, verify: bool = True) -> Any:
     url = url.rstrip("/")
     with tempfile.TemporaryDirectory(prefix="spatialscale-results-") as d:
         local = Path(d) / _name(url)
-        if not download(url, local):
+        if not download(url, local, skip=(BATCHES, SECTIONS)):  # recorded batches are not part of the Dataset
             raise InputError(f"no results at {url}.")
-        for skip in (BATCHES, SECTIONS):  # recorded batches are not part of the Dataset
-            shutil.rmtree(local / skip, ignore_errors=True)
         try:
             return open_results(local, verify=verify)
         except InputError as exc:
@@ -924,11 +941,8 @@ class RemoteOutput:
             from spatialscale.output import _set_attrs
 
             _set_attrs(local, **{CHECKSUMS_ATTR: json.dumps(dataset_checksums(_read_dataset(local)))})
-            try:
+            try:  # first beside the output: a failing upload (quota, permissions) leaves it as it was
                 upload(local, tmp, provisional=self._placeholder())
-                for name in self.keep:  # recorded batches that stay with the results
-                    if self.staging is not None and exists(f"{self.staging}/{name}"):
-                        copy_tree(f"{self.staging}/{name}", f"{tmp}/{name}")
             except BaseException as exc:
                 with contextlib.suppress(Exception):
                     remove(tmp)
@@ -937,13 +951,44 @@ class RemoteOutput:
                     raise InputError(f"{str(exc).rstrip('.')}; finished batches are kept in {where}/{BATCHES} and "
                                      "re-running the same command resumes from them.") from None
                 raise
-        if exists(out) and not _is_ours_url(out):  # changed under us since the claim: never replaced
-            remove(tmp)
-            raise InputError(_refusal_url(out))
-        replace_tree(tmp, out, self._placeholder())
+            if exists(out) and not _is_ours_url(out):  # changed under us since the claim: never replaced
+                remove(tmp)
+                raise InputError(_refusal_url(out))
+            self._swap(local)
+        remove(tmp)
         log.info("results written to %s", out)
         if self.staging is not None and self.staging != out:
             remove(self.staging)
+
+    def _swap(self, local: Path) -> None:
+        """Replace ``out`` by the results in ``local`` (also complete beside it), the root ``zarr.json`` last.
+
+        ``out`` first gets the placeholder mark (spatialscale's unfinished
+        results: never reused, only resumed or replaced), then loses its other
+        objects (not the recorded batches of this run, when it is the staging
+        prefix and they stay with the results); the Dataset is uploaded, the
+        recorded batches that stay (``keep``) copied in from a sibling
+        staging prefix, and the root ``zarr.json`` put last.  Until then the
+        staged batches are kept, so an interrupted swap is resumed by re-running.
+        """
+        out = self.out
+        fs, dpath = filesystem(out)
+        here = self.staging == out
+        with _errors(out, "replace"):
+            old = _list(fs, dpath)
+            if old:
+                fs.pipe_file(f"{dpath}/zarr.json", self._placeholder())
+                rest = [f"{dpath}/{f}" for f in old
+                        if f != "zarr.json" and not (here and f.split("/", 1)[0] in self.keep)]
+                if rest:
+                    fs.rm(rest)
+        upload(local, out, root=False)
+        if not here and self.staging is not None:
+            for name in self.keep:  # recorded batches that stay with the results (to extend them later)
+                if exists(f"{self.staging}/{name}"):
+                    copy_tree(f"{self.staging}/{name}", f"{out}/{name}")
+        with _errors(out, "write"):
+            fs.put_file(str(local / "zarr.json"), f"{dpath}/zarr.json")
 
     def release(self) -> None:
         """Release the lock."""

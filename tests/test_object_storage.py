@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -166,6 +167,58 @@ def test_interrupted_run_resumes_from_s3_with_an_empty_cache(s3, remote_store, r
     assert {k.split("/")[1] for k in keys(s3, "resume/")} == {"sv.zarr"}  # no staging, lock or temporary left
 
 
+_KILLED_RUN = """
+import sys, time
+import spatialscale
+import spatialscale.families.sv_hsic as m
+
+real = m._sv_task
+
+
+def slow(*a):
+    if a[-1].gene_stop == int(sys.argv[3]):
+        print("last batch started", flush=True)
+        time.sleep(300)
+    return real(*a)
+
+
+m._sv_task = slow
+spatialscale.sv_test(sys.argv[1], out=sys.argv[2], batch_size=3, scheduler="threads", progress=False)
+"""
+
+
+def test_a_killed_run_resumes_from_s3(s3, remote_store, reference, monkeypatch, tmp_path, caplog):
+    import subprocess
+    import sys
+
+    out = f"{ROOT}/killed/sv.zarr"
+    run = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, remote_store.url, out, str(remote_store.n_genes)],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline().strip() == "last batch started"
+        seen, deadline = None, time.time() + 30
+        while time.time() < deadline:  # until the other batches are all recorded
+            now = keys(s3, "killed/sv.zarr/_batches/")
+            if now == seen:
+                break
+            seen = now
+            time.sleep(0.5)
+    finally:
+        run.kill()  # SIGKILL: no cleanup at all, its lock object stays behind
+        run.wait()
+    recorded = sorted({k.split("/")[3] for k in keys(s3, "killed/sv.zarr/_batches/")})
+    assert recorded and "killed/.sv.zarr.spatialscale-lock" in keys(s3, "killed/")
+    monkeypatch.setenv("SPATIALSCALE_CACHE", str(tmp_path / "empty-cache"))
+    calls: list[int] = []
+    monkeypatch.setattr(sv_module, "_sv_task", _counting(calls))
+    with caplog.at_level(logging.WARNING, logger="spatialscale"):
+        ds = spatialscale.sv_test(remote_store.url, out=out, batch_size=3, scheduler="threads", progress=False)
+    same(ds, reference)
+    assert any("taking over the lock" in r.getMessage() for r in caplog.records)  # its process is gone
+    assert calls and {int(name[1:9]) for name in recorded}.isdisjoint(calls)  # every recorded batch reused
+    assert {k.split("/")[1] for k in keys(s3, "killed/")} == {"sv.zarr"}
+
+
 def test_foreign_objects_are_refused_and_left_alone(s3, remote_store):
     s3.put_object(Bucket=BUCKET, Key="foreign/notes.txt", Body=b"mine")
     s3.put_object(Bucket=BUCKET, Key="file.zarr", Body=b"one object")
@@ -258,7 +311,7 @@ def test_cli_one_line_for_a_bad_url(s3, section, remote_store, reference, tmp_pa
     assert not (tmp_path / "o.zarr").exists()
 
 
-def test_cohort_at_s3_equals_the_local_cohort(s3, tmp_path):
+def test_cohort_at_s3_equals_the_local_cohort(s3, tmp_path, capsys):
     import anndata as ad
 
     from spatialscale.simulate import simulate_section
@@ -269,25 +322,29 @@ def test_cohort_at_s3_equals_the_local_cohort(s3, tmp_path):
         a.obs_names = [f"s{i}-{n}" for n in a.obs_names]
     adata = ad.concat(parts, merge="same")
     adata.obs["library_id"] = adata.obs["library_id"].astype("category")
-    local = spatialscale.ingest_cohort(adata, tmp_path / "co", library_key="library_id", scheduler="threads",
-                                       progress=False)
-    cohort = spatialscale.ingest_cohort(adata, f"{ROOT}/co", library_key="library_id", scheduler="threads",
-                                        progress=False)
+    adata.write_h5ad(tmp_path / "multi.h5ad")
+    local = spatialscale.ingest_cohort(tmp_path / "multi.h5ad", tmp_path / "co", library_key="library_id",
+                                       scheduler="threads", progress=False)
+    ingest = ["cohort", "ingest", str(tmp_path / "multi.h5ad"), f"{ROOT}/co", "--library-key", "library_id",
+              "--scheduler", "threads", "--no-progress"]
+    assert main(ingest) == 0
+    assert f"{ROOT}/co" in capsys.readouterr().out
+    cohort = spatialscale.open_cohort(f"{ROOT}/co")
     assert cohort.url == f"{ROOT}/co" and cohort.section_ids == local.section_ids
-    assert "co/cohort.json" in keys(s3, "co/")
     for sid in cohort.section_ids:
         assert cohort.store(sid).content_token == local.store(sid).content_token
     expected = spatialscale.sv_test(local, scheduler="threads", progress=False)
-    ds = spatialscale.sv_test(f"{ROOT}/co", out=f"{ROOT}/co-sv.zarr", scheduler="threads", progress=False)
-    for v in ("sv_pvalue", "combined_pvalue"):
+    # the CLI on the cohort at its URL, results to the object store: the local cohort's numbers
+    assert main(["sv", f"{ROOT}/co", "--out", f"{ROOT}/co-sv.zarr", "--scheduler", "threads", "--no-progress"]) == 0
+    ds = spatialscale.open_results(f"{ROOT}/co-sv.zarr")
+    for v in ("sv_statistic", "sv_pvalue", "combined_pvalue", "combined_pvalue_adj"):
         np.testing.assert_array_equal(ds[v].values, expected[v].values)
-    np.testing.assert_array_equal(spatialscale.open_results(f"{ROOT}/co-sv.zarr")["combined_pvalue"].values,
-                                  expected["combined_pvalue"].values)
-    assert any(k.startswith("co-sv.zarr/_sections/") for k in keys(s3, "co-sv.zarr/"))
+    assert ds.attrs["cohort"] == f"{ROOT}/co"
+    assert any(k.startswith("co-sv.zarr/_sections/") for k in keys(s3, "co-sv.zarr/"))  # kept to extend later
     # a re-run of the cohort ingest uploads nothing new
     before = keys(s3, "co/")
     stamp = s3.head_object(Bucket=BUCKET, Key="co/sections/s0.zarr/zarr.json")["LastModified"]
-    spatialscale.ingest_cohort(adata, f"{ROOT}/co", library_key="library_id", scheduler="threads", progress=False)
+    assert main(ingest) == 0
     assert keys(s3, "co/") == before
     assert s3.head_object(Bucket=BUCKET, Key="co/sections/s0.zarr/zarr.json")["LastModified"] == stamp
 
