@@ -367,7 +367,11 @@ class RemoteLock:
         self.target = target.rstrip("/")
         self.url = sibling(self.target, f".{_name(self.target)}{LOCK_SUFFIX}")
         self.hint = hint
-        self.ttl = float(os.environ.get("SPATIALSCALE_LOCK_TTL", LOCK_TTL_S))
+        try:
+            self.ttl = float(os.environ.get("SPATIALSCALE_LOCK_TTL") or LOCK_TTL_S)
+        except ValueError:
+            raise InputError(f"SPATIALSCALE_LOCK_TTL must be a number of seconds (got "
+                             f"{os.environ.get('SPATIALSCALE_LOCK_TTL')!r}).") from None
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -375,3 +375,25 @@ def test_sv_and_du_from_s3_on_a_local_cluster(s3, cluster, remote_store, local_s
     target = tmp_path / "worker-cache" / remote_store.content_token
     made = cluster.submit(ensure_replica, url, remote_store.content_token, target, pure=False).result()
     assert made == target and spatialscale.open_store(target).content_token == remote_store.content_token
+
+
+def test_remote_batch_records_verify_adopt_and_refuse_stale_runs(s3):
+    from spatialscale.engine import Batch
+    from spatialscale.output import StaleRunError
+    from spatialscale.remote import RemotePartialStore, _zarr_json, write_bytes
+
+    root = f"{ROOT}/unit/a.zarr"
+    write_bytes(f"{root}/zarr.json", _zarr_json({"spatialscale_partial": True, "fingerprint": "fp", "run_id": "r1"}))
+    record = RemotePartialStore(root, "fp", "r1")
+    first, second = Batch(0, 2, 0, 4, 2), Batch(2, 4, 4, 8, 2)
+    record.write(first, {"x": np.arange(2.0), "n": np.array([3, 4])})
+    np.testing.assert_array_equal(RemotePartialStore(root, "fp").read(first)["x"], [0.0, 1.0])
+    assert RemotePartialStore(root, "another fingerprint").load(first) is None  # other options: not reused
+    copy = RemotePartialStore(f"{ROOT}/unit/b.zarr", "fp")
+    assert copy.adopt(root) == 1 and copy.load(first) is not None
+    assert RemotePartialStore(f"{ROOT}/unit/c.zarr", "other").adopt(root) == 0
+    # another run took the output over: this run's late batch is refused, nothing is written
+    write_bytes(f"{root}/zarr.json", _zarr_json({"spatialscale_partial": True, "fingerprint": "fp", "run_id": "r2"}))
+    with pytest.raises(StaleRunError):
+        record.write(second, {"x": np.arange(2.0), "n": np.array([3, 4])})
+    assert {k.split("/")[3] for k in keys(s3, "unit/a.zarr/_batches/")} == {first.name}
