@@ -84,6 +84,8 @@ log = logging.getLogger("spatialscale")
 
 #: protocols that are the local filesystem (not object storage)
 LOCAL_PROTOCOLS = ("file", "local")
+#: attribute of the placeholder root of results being swapped in (spatialscale's, unfinished: never reused)
+SWAPPING = "spatialscale_swapping"
 #: seconds after its last refresh that a lock object of a run on another machine counts as abandoned
 LOCK_TTL_S = 600.0
 
@@ -831,6 +833,8 @@ def _is_ours_url(url: str) -> bool:
     if is_object(url):
         return False
     attrs = group_attributes(url)
+    if attrs.get(RESULTS_MARK) and attrs.get(SWAPPING):  # a swap of ours that was interrupted: all of it is ours
+        return True
     return bool(attrs.get(RESULTS_MARK) or attrs.get(PARTIAL_MARK)) and not _stray_url(url)
 
 
@@ -863,6 +867,9 @@ def _refusal_url(out: str) -> str:
 def open_results_url(url: str, *, verify: bool = True) -> Any:
     """:func:`spatialscale.open_results` of results at a URL (downloaded, then verified)."""
     url = url.rstrip("/")
+    if group_attributes(url).get(SWAPPING):
+        raise InputError(f"{url} holds no spatialscale results (an unfinished run: re-run the same command to "
+                         "finish it).")
     with tempfile.TemporaryDirectory(prefix="spatialscale-results-") as d:
         local = Path(d) / _name(url)
         if not download(url, local, skip=(BATCHES, SECTIONS)):  # recorded batches are not part of the Dataset
@@ -923,7 +930,7 @@ class RemoteOutput:
     def _placeholder(self) -> bytes:
         # recognisably spatialscale's results of this run, without checksums: never reused, only resumed / replaced
         return _zarr_json({RESULTS_MARK: True, "fingerprint": self.fp, "results_format": RESULTS_FORMAT,
-                           "spatialscale_swapping": True})
+                           SWAPPING: True})
 
     def commit(self, ds: Any) -> None:
         """Write the final Dataset beside ``out`` (uploaded complete), then swap it in and remove the staging."""
@@ -972,8 +979,9 @@ class RemoteOutput:
         objects (not the recorded batches of this run, when it is the staging
         prefix and they stay with the results); the Dataset is uploaded, the
         recorded batches that stay (``keep``) copied in from a sibling
-        staging prefix, and the root ``zarr.json`` put last.  Until then the
-        staged batches are kept, so an interrupted swap is resumed by re-running.
+        staging prefix, and the root ``zarr.json`` put last; only then are the
+        output's own recorded batches removed.  Until then every staged batch
+        is kept, so an interrupted swap is finished by re-running.
         """
         out = self.out
         fs, dpath = filesystem(out)
@@ -983,7 +991,7 @@ class RemoteOutput:
             if old:
                 fs.pipe_file(f"{dpath}/zarr.json", self._placeholder())
                 rest = [f"{dpath}/{f}" for f in old
-                        if f != "zarr.json" and not (here and f.split("/", 1)[0] in self.keep)]
+                        if f != "zarr.json" and not (here and f.split("/", 1)[0] in (BATCHES, *self.keep))]
                 if rest:
                     fs.rm(rest)
         upload(local, out, root=False)
@@ -993,6 +1001,8 @@ class RemoteOutput:
                     copy_tree(f"{self.staging}/{name}", f"{out}/{name}")
         with _errors(out, "write"):
             fs.put_file(str(local / "zarr.json"), f"{dpath}/zarr.json")
+        if here and BATCHES not in self.keep:
+            remove(f"{out}/{BATCHES}")
 
     def release(self) -> None:
         """Release the lock."""
@@ -1031,7 +1041,7 @@ def _claim_locked_url(out: str, fp: str, overwrite: bool, lock: RemoteLock, base
     attrs = group_attributes(out)
     same = attrs.get("fingerprint") == fp
     if same and not overwrite:
-        if attrs.get(RESULTS_MARK) and not attrs.get("spatialscale_swapping"):
+        if attrs.get(RESULTS_MARK) and not attrs.get(SWAPPING):
             ds = _verified_results_url(out)
             if ds is not None:
                 log.info("%s already holds verified results of these options; nothing to compute", out)
@@ -1049,6 +1059,10 @@ def _claim_locked_url(out: str, fp: str, overwrite: bool, lock: RemoteLock, base
     if not same:
         claim.previous = out
     staging = sibling(out, f".{_name(out)}.partial-{fp}")
+    if same and attrs.get(SWAPPING) and not exists(staging) and exists(f"{out}/{BATCHES}"):
+        # this run's swap was interrupted where the output was its staging: its batches are still there
+        claim.staging, claim.resume = out, True
+        return claim
     if exists(staging):
         if not (_is_ours_url(staging) and group_attributes(staging).get("fingerprint") == fp):
             raise InputError(_refusal_url(staging))

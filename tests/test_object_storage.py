@@ -397,3 +397,35 @@ def test_remote_batch_records_verify_adopt_and_refuse_stale_runs(s3):
     with pytest.raises(StaleRunError):
         record.write(second, {"x": np.arange(2.0), "n": np.array([3, 4])})
     assert {k.split("/")[3] for k in keys(s3, "unit/a.zarr/_batches/")} == {first.name}
+
+
+def test_an_interrupted_swap_is_finished_by_rerunning(s3, remote_store, reference, monkeypatch):
+    import spatialscale.remote as remote
+
+    url, out = remote_store.url, f"{ROOT}/swap/sv.zarr"
+    real = remote.upload
+
+    def cut(local, target, **kw):  # the connection drops when the new results go into the output
+        if kw.get("root", True) is False:
+            raise OSError("connection reset by peer")
+        return real(local, target, **kw)
+
+    for method, overwrite in (("hsic-ir", False), ("hsic-ic", True)):  # the output is its staging, then a sibling
+        monkeypatch.setattr(remote, "upload", cut)
+        with pytest.raises(OSError, match="connection reset"):
+            spatialscale.sv_test(url, out=out, method=method, overwrite=overwrite, scheduler="threads",
+                                 progress=False)
+        monkeypatch.undo()
+        with pytest.raises(InputError, match="unfinished run"):
+            spatialscale.open_results(out)  # the placeholder: spatialscale's, never taken for results
+        calls: list[int] = []
+        monkeypatch.setattr(sv_module, "_sv_task", _counting(calls))
+        ds = spatialscale.sv_test(url, out=out, method=method, overwrite=overwrite, scheduler="threads",
+                                  progress=False)
+        monkeypatch.undo()
+        assert calls == []  # every batch was still recorded
+        assert spatialscale.open_results(out).attrs["method"] == method
+        if method == "hsic-ir":
+            same(ds, reference)
+        assert {k.split("/")[1] for k in keys(s3, "swap/")} == {"sv.zarr"}
+        assert not any("/_batches/" in k for k in keys(s3, "swap/"))
