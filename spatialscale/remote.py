@@ -557,8 +557,9 @@ def ensure_replica(url: str, token: str, replica: Path) -> Path:
             replica.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot make the replica cache {replica.parent} on {socket.gethostname()} "
-                             f"({exc.strerror or exc}); set SPATIALSCALE_CACHE to a writable folder that exists on "
-                             "every worker.") from None
+                             f"({exc.strerror or exc}); workers use the client's cache path: set "
+                             "SPATIALSCALE_CACHE on the client to a folder every worker can create (e.g. "
+                             "/tmp/spatialscale-cache).") from None
         with _fetch_lock(replica):
             if not _replica_holds(replica, token):
                 _download_replica(url, token, replica)
