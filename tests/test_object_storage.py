@@ -311,42 +311,48 @@ def test_cli_one_line_for_a_bad_url(s3, section, remote_store, reference, tmp_pa
     assert not (tmp_path / "o.zarr").exists()
 
 
-def test_cohort_at_s3_equals_the_local_cohort(s3, tmp_path, capsys):
-    import anndata as ad
+def test_cohort_at_s3_equals_the_local_cohort_and_grows(s3, tmp_path, monkeypatch, capsys):
+    import pandas as pd
 
     from spatialscale.simulate import simulate_section
 
-    parts = [simulate_section(150, 12, n_sv=3, seed=s) for s in (1, 2)]
-    for i, a in enumerate(parts):
-        a.obs["library_id"] = f"s{i}"
-        a.obs_names = [f"s{i}-{n}" for n in a.obs_names]
-    adata = ad.concat(parts, merge="same")
-    adata.obs["library_id"] = adata.obs["library_id"].astype("category")
-    adata.write_h5ad(tmp_path / "multi.h5ad")
-    local = spatialscale.ingest_cohort(tmp_path / "multi.h5ad", tmp_path / "co", library_key="library_id",
-                                       scheduler="threads", progress=False)
-    ingest = ["cohort", "ingest", str(tmp_path / "multi.h5ad"), f"{ROOT}/co", "--library-key", "library_id",
-              "--scheduler", "threads", "--no-progress"]
-    assert main(ingest) == 0
-    assert f"{ROOT}/co" in capsys.readouterr().out
+    for i in range(3):
+        simulate_section(150, 12, n_sv=3, seed=i + 1).write_h5ad(tmp_path / f"s{i}.h5ad")
+
+    def manifest(k: int) -> str:
+        path = tmp_path / f"manifest{k}.csv"
+        pd.DataFrame({"section": [f"s{i}" for i in range(k)], "path": [f"s{i}.h5ad" for i in range(k)],
+                      "condition": ["a", "b", "a"][:k]}).to_csv(path, index=False)
+        return str(path)
+
+    def cli_ingest(k: int) -> None:
+        assert main(["cohort", "ingest", manifest(k), f"{ROOT}/co", "--scheduler", "threads", "--no-progress"]) == 0
+        assert f"{ROOT}/co" in capsys.readouterr().out
+
+    cli_ingest(2)
+    assert main(["sv", f"{ROOT}/co", "--out", f"{ROOT}/co-sv.zarr", "--scheduler", "threads", "--no-progress"]) == 0
+    assert any(k.startswith("co-sv.zarr/_sections/s1/") for k in keys(s3, "co-sv.zarr/"))  # kept to extend later
+    # a third section: only it is ingested and uploaded, and only its batches are computed
+    stamp = s3.head_object(Bucket=BUCKET, Key="co/sections/s0.zarr/zarr.json")["LastModified"]
+    cli_ingest(3)
+    assert s3.head_object(Bucket=BUCKET, Key="co/sections/s0.zarr/zarr.json")["LastModified"] == stamp
     cohort = spatialscale.open_cohort(f"{ROOT}/co")
-    assert cohort.url == f"{ROOT}/co" and cohort.section_ids == local.section_ids
+    local = spatialscale.ingest_cohort(manifest(3), tmp_path / "co", scheduler="threads", progress=False)
+    assert cohort.url == f"{ROOT}/co" and cohort.section_ids == local.section_ids == ["s0", "s1", "s2"]
     for sid in cohort.section_ids:
         assert cohort.store(sid).content_token == local.store(sid).content_token
+    calls: list[str] = []
+    real = sv_module._sv_task
+    monkeypatch.setattr(sv_module, "_sv_task", lambda *a: calls.append(a[0]) or real(*a))
+    ds = spatialscale.sv_test(f"{ROOT}/co", out=f"{ROOT}/co-sv.zarr", scheduler="threads", progress=False)
+    monkeypatch.undo()
+    assert calls and set(calls) == {str(cohort.store("s2").path)}
     expected = spatialscale.sv_test(local, scheduler="threads", progress=False)
-    # the CLI on the cohort at its URL, results to the object store: the local cohort's numbers
-    assert main(["sv", f"{ROOT}/co", "--out", f"{ROOT}/co-sv.zarr", "--scheduler", "threads", "--no-progress"]) == 0
-    ds = spatialscale.open_results(f"{ROOT}/co-sv.zarr")
+    back = spatialscale.open_results(f"{ROOT}/co-sv.zarr")
     for v in ("sv_statistic", "sv_pvalue", "combined_pvalue", "combined_pvalue_adj"):
         np.testing.assert_array_equal(ds[v].values, expected[v].values)
-    assert ds.attrs["cohort"] == f"{ROOT}/co"
-    assert any(k.startswith("co-sv.zarr/_sections/") for k in keys(s3, "co-sv.zarr/"))  # kept to extend later
-    # a re-run of the cohort ingest uploads nothing new
-    before = keys(s3, "co/")
-    stamp = s3.head_object(Bucket=BUCKET, Key="co/sections/s0.zarr/zarr.json")["LastModified"]
-    assert main(ingest) == 0
-    assert keys(s3, "co/") == before
-    assert s3.head_object(Bucket=BUCKET, Key="co/sections/s0.zarr/zarr.json")["LastModified"] == stamp
+        np.testing.assert_array_equal(back[v].values, expected[v].values)
+    assert back.attrs["cohort"] == f"{ROOT}/co"
 
 
 @pytest.fixture(scope="module")
