@@ -820,9 +820,9 @@ class RemotePartialStore(PartialStore):
             write_batch_group(local, result, self.fp)
             self.check_owner()
             url = self._url(batch.name)
-            fs, path = filesystem(url)
-            with _errors(url, "write"):
-                with contextlib.suppress(FileNotFoundError):  # an earlier, damaged record
+            if self._names is None or batch.name in self._names:  # an earlier record: no longer marked done
+                fs, path = filesystem(url)
+                with _errors(url, "write"), contextlib.suppress(FileNotFoundError):
                     fs.rm_file(f"{path}/zarr.json")
             upload(local, url)
         if self._names is not None:
