@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import functools
 import hashlib
 import json
 import logging
@@ -76,7 +78,8 @@ from spatialscale.output import (
 )
 from spatialscale.store import IsoformStore
 
-__all__ = ["is_url", "filesystem", "join", "cache_dir", "RemoteStore", "open_store_url", "ensure_replica",
+__all__ = ["is_url", "filesystem", "join", "cache_dir", "RemoteStore", "open_store_url", "ensure_replica", "rebind",
+           "ReplicaPathError",
            "ingest_url", "RemotePartialStore", "RemoteOutput", "RemoteLock", "claim_remote_output",
            "open_results_url", "is_cohort_url", "open_cohort_url", "ingest_cohort_url", "LOCK_TTL_S"]
 
@@ -530,6 +533,20 @@ def open_store_url(url: str) -> RemoteStore:
     return RemoteStore(path=local.path, meta=local.meta, content_token=local.content_token, url=url)
 
 
+class ReplicaPathError(InputError):
+    """The folder of a replica cannot be made on this machine."""
+
+
+def rebind(obj: Any, old: str, new: str) -> Any:
+    """``obj`` (a task: nested :func:`functools.partial`) with every argument equal to ``old`` replaced by ``new``."""
+    if isinstance(obj, functools.partial):
+        return functools.partial(rebind(obj.func, old, new), *(rebind(a, old, new) for a in obj.args),
+                                 **{k: rebind(v, old, new) for k, v in obj.keywords.items()})
+    if isinstance(obj, str) and obj == old:
+        return new
+    return obj
+
+
 _ready: set[tuple[str, str]] = set()
 _ready_lock = threading.Lock()
 
@@ -555,11 +572,11 @@ def ensure_replica(url: str, token: str, replica: Path) -> Path:
     if not _replica_holds(replica, token):
         try:
             replica.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(replica.parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "permission denied")
         except OSError as exc:
-            raise InputError(f"cannot make the replica cache {replica.parent} on {socket.gethostname()} "
-                             f"({exc.strerror or exc}); workers use the client's cache path: set "
-                             "SPATIALSCALE_CACHE on the client to a folder every worker can create (e.g. "
-                             "/tmp/spatialscale-cache).") from None
+            raise ReplicaPathError(f"cannot make the replica cache {replica.parent} on {socket.gethostname()} "
+                                   f"({exc.strerror or exc}); set SPATIALSCALE_CACHE to a writable folder.") from None
         with _fetch_lock(replica):
             if not _replica_holds(replica, token):
                 _download_replica(url, token, replica)

@@ -383,6 +383,25 @@ def test_sv_and_du_from_s3_on_a_local_cluster(s3, cluster, remote_store, local_s
     assert made == target and spatialscale.open_store(target).content_token == remote_store.content_token
 
 
+def test_a_worker_that_cannot_use_the_clients_cache_path_reads_its_own(s3, remote_store, tmp_path, monkeypatch):
+    import functools
+
+    from spatialscale.engine import Batch
+    from spatialscale.families.common import _replicated
+
+    (tmp_path / "not-a-folder").write_text("")
+    client_path = str(tmp_path / "not-a-folder" / "stores" / remote_store.content_token)  # cannot be made here
+    monkeypatch.setenv("SPATIALSCALE_CACHE", str(tmp_path / "worker-cache"))
+
+    def task(path: str, batch: Batch) -> dict:
+        return {"path": path, "token": spatialscale.open_store(path).content_token}
+
+    got = _replicated(functools.partial(task, client_path), remote_store.url, client_path,
+                      remote_store.content_token, Batch(0, 1, 0, 2, 2))
+    assert got == {"path": str(tmp_path / "worker-cache" / "stores" / remote_store.content_token),
+                   "token": remote_store.content_token}
+
+
 def test_remote_batch_records_verify_adopt_and_refuse_stale_runs(s3):
     from spatialscale.engine import Batch
     from spatialscale.output import StaleRunError

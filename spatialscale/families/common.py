@@ -115,10 +115,19 @@ def _pinned(task: Any, store_path: str, token: str, batch: Batch, *extra: Any) -
 
 
 def _replicated(task: Any, url: str, store_path: str, token: str, batch: Batch, *extra: Any) -> dict[str, np.ndarray]:
-    """Run ``task`` once this machine holds a verified replica of the store at ``url`` (at ``store_path``)."""
-    from spatialscale.remote import ensure_replica
+    """Run ``task`` once this machine holds a verified replica of the store at ``url``.
 
-    ensure_replica(url, token, Path(store_path))
+    The replica goes where the client keeps its own (``store_path``, the path
+    the task reads); a machine where that folder cannot be made (another home
+    folder) keeps it in its own cache, and the task reads it there.
+    """
+    from spatialscale.remote import ReplicaPathError, cache_dir, ensure_replica, rebind
+
+    try:
+        ensure_replica(url, token, Path(store_path))
+    except ReplicaPathError:
+        local = ensure_replica(url, token, cache_dir() / "stores" / token)
+        task = rebind(task, store_path, str(local))
     return task(batch, *extra)
 
 
