@@ -304,11 +304,13 @@ def test_cli_one_line_for_a_bad_url(s3, section, remote_store, reference, tmp_pa
     capsys.readouterr()
     for argv in (["sv", "s3://no-such-bucket-here/s.zarr", "--out", str(tmp_path / "o.zarr"), "--no-progress"],
                  ["sv", remote_store.url, "--out", "s3://no-such-bucket-here/o.zarr", "--no-progress"],
-                 ["ingest", str(tmp_path / "missing.h5ad"), "s3://no-such-bucket-here/x.zarr"]):
+                 ["ingest", str(tmp_path / "missing.h5ad"), "s3://no-such-bucket-here/x.zarr"],
+                 ["sv", f"{ROOT}/inputs/sample.h5ad", "--out", str(tmp_path / "o.zarr"), "--anndata-out",
+                  str(tmp_path / "copy.h5ad")]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "error:" in err and "Traceback" not in err, err
-    assert not (tmp_path / "o.zarr").exists()
+    assert not (tmp_path / "o.zarr").exists() and not (tmp_path / "copy.h5ad").exists()
 
 
 def test_cohort_at_s3_equals_the_local_cohort_and_grows(s3, tmp_path, monkeypatch, capsys):
