@@ -601,8 +601,11 @@ def _run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from spatialscale.errors import InputError
+        from spatialscale.remote import is_url
         from spatialscale.simulate import write_example
 
+        if is_url(args.out):
+            raise InputError(f"simulate writes local files; {args.out} is a URL (give a local path).")
         out = Path(args.out)
         for path in [out] + ([out.with_suffix(".reference.h5ad")] if args.kind == "mixture" else []):
             if path.exists():

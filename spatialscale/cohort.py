@@ -63,6 +63,11 @@ def read_manifest(manifest: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     if isinstance(manifest, pd.DataFrame):
         table, base = manifest.copy(), Path.cwd()
     else:
+        from spatialscale.remote import is_url
+
+        if is_url(manifest):
+            raise InputError(f"the manifest {manifest} is a URL; a manifest and its sections' inputs are local files "
+                             "(the cohort folder may be a URL).")
         path = Path(manifest)
         if not path.is_file():
             raise InputError(f"manifest {path} does not exist.")
