@@ -362,10 +362,12 @@ class RemoteLock:
     back and refuses when another run's lock is there; the holder refreshes
     it every ``ttl / 4`` seconds.  A lock of a process that is gone on this
     machine, or not refreshed for ``ttl`` seconds (``SPATIALSCALE_LOCK_TTL``,
-    default 600), is taken over.  Two runs starting within the same moment
-    may both believe they hold it (no conditional writes): the lock prevents
-    the usual mistakes, and the checksums and ownership checks of what is
-    written protect against the rest.
+    default 600), is taken over.  The object is created exclusively where
+    the store supports it (S3's ``If-None-Match``); elsewhere, and when an
+    abandoned lock is taken over, two runs starting within the same moment
+    may both believe they hold it: the lock prevents the usual mistakes, and
+    the checksums and ownership checks of what is written protect against
+    the rest.
     """
 
     def __init__(self, target: str, *, hint: str = "wait for it to finish") -> None:
@@ -421,9 +423,11 @@ class RemoteLock:
                                  f"{self.hint} (a lock not refreshed for {self.ttl:g} s is taken over; if that run "
                                  f"is gone, remove {self.url}).")
             log.warning("taking over the lock of %s left by a run that is gone (%s)", self.target, info["holder"])
-        mine = self._content()
-        write_bytes(self.url, mine)
-        time.sleep(0.05)
+            if read_bytes(self.url) == current:  # still that abandoned lock (not one just taken by another run)
+                remove(self.url)
+        if not self._create(self._content()):
+            raise InputError(f"{self.target} is being written by another spatialscale run (it took the lock just "
+                             f"now); {self.hint}.")
         now = read_bytes(self.url)
         info = self._parse(now or b"")
         if info is None or info.get("token") != self.token:
@@ -432,6 +436,22 @@ class RemoteLock:
         self._thread = threading.Thread(target=self._refresh, daemon=True, name="spatialscale-lock")
         self._thread.start()
         return self
+
+    def _create(self, data: bytes) -> bool:
+        """Write the lock object only if there is none (``False`` if another run's appeared meanwhile).
+
+        An exclusive create (S3's ``If-None-Match``) where the filesystem has
+        one; elsewhere a plain write, checked by reading it back.
+        """
+        fs, path = filesystem(self.url)
+        with _errors(self.url, "write"):
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            except (TypeError, NotImplementedError):  # no exclusive writes here
+                fs.pipe_file(path, data)
+        return True
 
     def _refresh(self) -> None:
         while not self._stop.wait(max(self.ttl / 4, 0.5)):

@@ -290,6 +290,13 @@ def test_a_held_lock_object_refuses_a_second_run(s3, remote_store):
                              progress=False)
     assert s3.get_object(Bucket=BUCKET, Key=lock_key)["Body"].read() == b"someone else's"
     s3.delete_object(Bucket=BUCKET, Key=lock_key)
+    # two runs in this process: the second is refused; the lock object is created exclusively (If-None-Match)
+    first = RemoteLock(out).acquire()
+    with pytest.raises(InputError, match="being written by another spatialscale run"):
+        RemoteLock(out).acquire()
+    assert RemoteLock(out)._create(b"pid 1 on elsewhere") is False  # a lock that appeared meanwhile is kept
+    first.release()
+    assert keys(s3, "locked/") == [k for k in keys(s3, "locked/") if k.startswith("locked/sv.zarr/")]
 
 
 def test_cli_one_line_for_a_bad_url(s3, section, remote_store, reference, tmp_path, capsys):
