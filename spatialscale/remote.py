@@ -11,21 +11,24 @@ works on local folders; a URL is turned into one of them here:
   is reused only for the same content token, never for the same URL.  Tasks
   carry the URL with the replica's path, so a worker on another machine
   fetches its own replica (once per machine: a file lock keeps two worker
-  processes from downloading it twice).
-- **Stores, cohorts and results written to a URL** are built locally with
-  the usual code and *published*: everything is validated first, uploaded
-  to a hidden temporary sibling (its root ``zarr.json`` first as an
-  incomplete mark, so that a killed upload is recognisable and cleaned up,
-  and last as the real one), and only then swapped into place; object
-  stores have no rename, so the swap marks the old copy as incomplete
-  (still recognisably spatialscale's), removes it, copies the new one in
-  (root ``zarr.json`` last) and removes the temporary.
+  processes from downloading it twice; a machine that cannot make the
+  client's path keeps the replica in its own cache).
+- **Stores and cohorts written to a URL** are built locally with the usual
+  code and *published*: everything is validated first; the upload puts the
+  root ``zarr.json`` first as an incomplete mark (a killed upload stays
+  recognisably spatialscale's) and last as the real one.  Over an existing
+  store the new one goes to a hidden temporary sibling first and is then
+  swapped in: object stores have no rename, so the swap marks the old copy
+  as incomplete, removes it, copies the new one in (root ``zarr.json``
+  last) and removes the temporary.
 - **Results at a URL**: each finished batch is uploaded as soon as it is
   recorded (:class:`RemotePartialStore`), checksums included, so an
   interrupted run's batches survive in the object store and a re-run from
-  any machine verifies and reuses them; the final Dataset replaces older
-  results only at the end (:class:`RemoteOutput`).  A run holds a lock
-  object beside the output (:class:`RemoteLock`), refreshed while it runs.
+  any machine verifies and reuses them; the final Dataset is uploaded
+  complete beside the output and replaces older results only then
+  (:class:`RemoteOutput`), the staged batches kept until the swap is over.
+  A run holds a lock object beside the output (:class:`RemoteLock`),
+  refreshed while it runs.
 
 Credentials and endpoints come from the usual fsspec / environment
 mechanisms (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
