@@ -382,9 +382,11 @@ def test_sv_and_du_from_s3_on_a_local_cluster(s3, cluster, remote_store, local_s
     same(ds, reference)
     same(spatialscale.open_results(f"{ROOT}/cluster/sv.zarr"), reference)
     expected = spatialscale.du_test(local_store, "region", method="hsic", scheduler="threads", progress=False)
-    du = spatialscale.du_test(url, "region", method="hsic", out=f"{ROOT}/cluster/du.zarr", client=cluster,
-                              progress=False)
-    same(du, expected, "du")
+    same(spatialscale.du_test(url, "region", method="hsic", scheduler="threads", progress=False), expected, "du")
+    # the CLI's du on the cluster (its scheduler's address), results to the object store
+    address = cluster.scheduler_info()["address"]
+    assert main(["du", url, "--covariates", "region", "--method", "hsic", "--out", f"{ROOT}/cluster/du.zarr",
+                 "--scheduler", address, "--no-progress"]) == 0
     same(spatialscale.open_results(f"{ROOT}/cluster/du.zarr"), expected, "du")
     # a worker without the replica (another machine) fetches and verifies its own
     target = tmp_path / "worker-cache" / remote_store.content_token
