@@ -762,6 +762,16 @@ def _refuse_store_target(url: str, overwrite: bool, *, probe_only: bool = False)
                          "overwrite=True (--overwrite) to replace it, or choose another path.")
 
 
+def is_anndata_url(url: str) -> bool:
+    """Whether ``url`` is an AnnData input (an ``.h5ad`` object or an AnnData zarr), not a store or a cohort."""
+    url = url.rstrip("/")
+    if url.lower().endswith(".h5ad"):
+        return True
+    attrs = read_json(f"{url}/zarr.json")
+    return (attrs is not None and not isinstance((attrs.get("attributes") or {}).get("spatialscale"), dict)
+            and read_json(f"{url}/obs/zarr.json") is not None)
+
+
 @contextlib.contextmanager
 def _local_input(source: Any) -> Iterator[Any]:
     """An ingest input: itself, or an input at a URL (``.h5ad`` file or AnnData zarr) downloaded first."""

@@ -329,8 +329,10 @@ def is_anndata_input(source: Any) -> bool:
         return True
     if not isinstance(source, str | os.PathLike):
         return False
-    if is_url(source):  # an AnnData file at a URL (downloaded when ingested); else a store or cohort there
-        return str(source).rstrip("/").lower().endswith(".h5ad")
+    if is_url(source):  # an AnnData at a URL (downloaded when ingested); else a store or cohort there
+        from spatialscale.remote import is_anndata_url
+
+        return is_anndata_url(str(source))
     path = Path(source)
     if path.is_file():
         return True
