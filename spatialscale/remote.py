@@ -81,7 +81,8 @@ from spatialscale.output import (
 )
 from spatialscale.store import IsoformStore
 
-__all__ = ["is_url", "filesystem", "join", "cache_dir", "RemoteStore", "open_store_url", "ensure_replica", "rebind",
+__all__ = ["is_url", "filesystem", "join", "cache_dir", "clear_replicas", "RemoteStore", "open_store_url",
+           "ensure_replica", "rebind",
            "ReplicaPathError",
            "ingest_url", "RemotePartialStore", "RemoteOutput", "RemoteLock", "claim_remote_output",
            "open_results_url", "is_cohort_url", "open_cohort_url", "ingest_cohort_url", "LOCK_TTL_S"]
@@ -606,6 +607,29 @@ def ensure_replica(url: str, token: str, replica: Path) -> Path:
     with _ready_lock:
         _ready.add(key)
     return replica
+
+
+def clear_replicas() -> list[Path]:
+    """Remove the replicas in this machine's cache that no run is reading; returns what was removed.
+
+    Only folders of ``<cache>/stores`` that are complete replicas (their store
+    mark's content token is their name) are removed, each under its readers'
+    lock taken exclusively, so a replica a run reads is kept.
+    """
+    removed = []
+    folder = cache_dir() / "stores"
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_dir() or not _replica_holds(path, path.name):
+            continue
+        try:
+            with FileLock(path, hint=""), _fetch_lock(path):
+                _discard(path)
+        except InputError:
+            continue  # a run is reading it (or fetching it): kept
+        removed.append(path)
+    return removed
 
 
 def _fetch_lock(replica: Path) -> FileLock:

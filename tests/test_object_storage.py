@@ -394,6 +394,21 @@ def test_sv_and_du_from_s3_on_a_local_cluster(s3, cluster, remote_store, local_s
     assert made == target and spatialscale.open_store(target).content_token == remote_store.content_token
 
 
+def test_clear_replicas_keeps_those_being_read(s3, remote_store, tmp_path, monkeypatch):
+    from conftest import lock_held_elsewhere
+
+    from spatialscale.remote import clear_replicas
+
+    monkeypatch.setenv("SPATIALSCALE_CACHE", str(tmp_path / "cache"))
+    replica = spatialscale.open_store(remote_store.url).path
+    (tmp_path / "cache" / "stores" / "notes").mkdir()  # not a replica: never removed
+    with lock_held_elsewhere(replica, shared=True):  # a run reading it
+        assert clear_replicas() == []
+    assert clear_replicas() == [replica] and not replica.exists()
+    assert (tmp_path / "cache" / "stores" / "notes").is_dir()
+    assert spatialscale.open_store(remote_store.url).path == replica  # fetched again when needed
+
+
 def test_a_worker_that_cannot_use_the_clients_cache_path_reads_its_own(s3, remote_store, tmp_path, monkeypatch):
     import functools
 
