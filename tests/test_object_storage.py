@@ -395,14 +395,13 @@ def test_sv_and_du_from_s3_on_a_local_cluster(s3, cluster, remote_store, local_s
 
 
 def test_clear_replicas_keeps_those_being_read(s3, remote_store, tmp_path, monkeypatch):
-    from conftest import lock_held_elsewhere
-
+    from spatialscale.output import FileLock
     from spatialscale.remote import clear_replicas
 
     monkeypatch.setenv("SPATIALSCALE_CACHE", str(tmp_path / "cache"))
     replica = spatialscale.open_store(remote_store.url).path
     (tmp_path / "cache" / "stores" / "notes").mkdir()  # not a replica: never removed
-    with lock_held_elsewhere(replica, shared=True):  # a run reading it
+    with FileLock(replica, shared=True):  # a run reading it (flock: another open file, as another process)
         assert clear_replicas() == []
     assert clear_replicas() == [replica] and not replica.exists()
     assert (tmp_path / "cache" / "stores" / "notes").is_dir()
