@@ -139,34 +139,6 @@ def _counting(calls: list[int]):
     return lambda *a: calls.append(a[-1].gene_start) or real(*a)
 
 
-def test_interrupted_run_resumes_from_s3_with_an_empty_cache(s3, remote_store, reference, monkeypatch, tmp_path,
-                                                             caplog):
-    url, out = remote_store.url, f"{ROOT}/resume/sv.zarr"
-    monkeypatch.setattr(sv_module, "_sv_task", _fail_last(remote_store.n_genes))
-    with pytest.raises(RuntimeError, match="lost power"):
-        spatialscale.sv_test(url, out=out, batch_size=3, scheduler="threads", progress=False)
-    monkeypatch.undo()
-    recorded = sorted({k.split("/")[3] for k in keys(s3, "resume/sv.zarr/_batches/")})
-    assert recorded and not any("lock" in k for k in keys(s3, "resume/"))  # batches survive, the lock does not
-    # damage one recorded batch in the object store: it is named and recomputed
-    victim = recorded[0]
-    chunk = next(k for k in keys(s3, f"resume/sv.zarr/_batches/{victim}/statistic/") if not k.endswith("zarr.json"))
-    s3.put_object(Bucket=BUCKET, Key=chunk, Body=b"garbage")
-    # another machine: nothing cached locally
-    monkeypatch.setenv("SPATIALSCALE_CACHE", str(tmp_path / "empty-cache"))
-    calls: list[int] = []
-    monkeypatch.setattr(sv_module, "_sv_task", _counting(calls))
-    with caplog.at_level(logging.WARNING, logger="spatialscale"):
-        ds = spatialscale.sv_test(url, out=out, batch_size=3, scheduler="threads", progress=False)
-    same(ds, reference)
-    same(spatialscale.open_results(out), reference)
-    assert any(victim in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
-    n_batches = len(recorded) + len(calls) - 1  # the damaged one ran again
-    assert int(victim[1:9]) in calls and len(calls) < n_batches  # the other recorded batches were reused
-    assert (tmp_path / "empty-cache" / "stores" / remote_store.content_token / "zarr.json").is_file()
-    assert {k.split("/")[1] for k in keys(s3, "resume/")} == {"sv.zarr"}  # no staging, lock or temporary left
-
-
 _KILLED_RUN = """
 import sys, time
 import spatialscale
@@ -187,7 +159,7 @@ spatialscale.sv_test(sys.argv[1], out=sys.argv[2], batch_size=3, scheduler="thre
 """
 
 
-def test_a_killed_run_resumes_from_s3(s3, remote_store, reference, monkeypatch, tmp_path, caplog):
+def test_a_killed_run_resumes_from_s3_with_an_empty_cache(s3, remote_store, reference, monkeypatch, tmp_path, caplog):
     import subprocess
     import sys
 
@@ -207,16 +179,26 @@ def test_a_killed_run_resumes_from_s3(s3, remote_store, reference, monkeypatch, 
         run.kill()  # SIGKILL: no cleanup at all, its lock object stays behind
         run.wait()
     recorded = sorted({k.split("/")[3] for k in keys(s3, "killed/sv.zarr/_batches/")})
-    assert recorded and "killed/.sv.zarr.spatialscale-lock" in keys(s3, "killed/")
+    assert len(recorded) > 1 and "killed/.sv.zarr.spatialscale-lock" in keys(s3, "killed/")
+    # damage one recorded batch in the object store: it is named and recomputed
+    victim = recorded[0]
+    chunk = next(k for k in keys(s3, f"killed/sv.zarr/_batches/{victim}/statistic/") if not k.endswith("zarr.json"))
+    s3.put_object(Bucket=BUCKET, Key=chunk, Body=b"garbage")
+    # the rerun on another machine: nothing cached locally
     monkeypatch.setenv("SPATIALSCALE_CACHE", str(tmp_path / "empty-cache"))
     calls: list[int] = []
     monkeypatch.setattr(sv_module, "_sv_task", _counting(calls))
     with caplog.at_level(logging.WARNING, logger="spatialscale"):
         ds = spatialscale.sv_test(remote_store.url, out=out, batch_size=3, scheduler="threads", progress=False)
     same(ds, reference)
-    assert any("taking over the lock" in r.getMessage() for r in caplog.records)  # its process is gone
-    assert calls and {int(name[1:9]) for name in recorded}.isdisjoint(calls)  # every recorded batch reused
-    assert {k.split("/")[1] for k in keys(s3, "killed/")} == {"sv.zarr"}
+    same(spatialscale.open_results(out), reference)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("taking over the lock" in m for m in messages)  # its process is gone
+    assert any(victim in m and "recomputing" in m for m in messages)
+    assert int(victim[1:9]) in calls  # the damaged batch ran again, every other recorded one was reused
+    assert {int(name[1:9]) for name in recorded[1:]}.isdisjoint(calls)
+    assert (tmp_path / "empty-cache" / "stores" / remote_store.content_token / "zarr.json").is_file()
+    assert {k.split("/")[1] for k in keys(s3, "killed/")} == {"sv.zarr"}  # no staging, lock or temporary left
 
 
 def test_foreign_objects_are_refused_and_left_alone(s3, remote_store):
