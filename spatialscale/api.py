@@ -51,9 +51,12 @@ _EXECUTION_DOC = """client, scheduler, workers
     batch_size
         Cap on genes per batch.
     out
-        Results zarr path; batches are recorded (with checksums) as they
-        finish, so an interrupted run resumes.  ``None`` keeps results in
-        memory only.  Only results spatialscale wrote are ever replaced.
+        Results zarr path, or a URL (``s3://bucket/sv.zarr`` or any fsspec
+        URL; ``docs/object-storage.md``); batches are recorded (with
+        checksums) as they finish, so an interrupted run resumes.  ``None``
+        keeps results in memory only.  Only results spatialscale wrote are
+        ever replaced.  ``store`` may be a URL too (read through a verified
+        local replica).
     overwrite
         Replace results of other options at ``out`` (at the end of the run).
     progress

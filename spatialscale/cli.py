@@ -181,7 +181,8 @@ def _add_family_command(sub: argparse._SubParsersAction, command: str) -> None:
                        + "; ".join(f"{f.name}: {f.description}" for f in families) + ".")
     p.add_argument("store", help="isoform store (from `spatialscale ingest`)"
                    + (", a cohort folder (from `spatialscale cohort ingest`)" if command in ("sv", "du") else "")
-                   + " or an AnnData .h5ad / .zarr (ingested first, see the ingest flags)")
+                   + " or an AnnData .h5ad / .zarr (ingested first, see the ingest flags); a path or an s3:// "
+                   "(fsspec) URL, as is --out (docs/object-storage.md)")
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--anndata-out", default=None, metavar="PATH",
                    help="also write a copy of the input AnnData (STORE's source when STORE is an isoform store) with "
@@ -464,7 +465,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Ingest isoform counts from an AnnData, or an instrument output folder (Visium, "
                                    "Visium HD, Xenium, long-read; docs/instruments.md), into an isoform store (zarr).")
     p.add_argument("input", help="AnnData .h5ad file or .zarr store, or an instrument output folder")
-    p.add_argument("store", help="isoform store to create (directory)")
+    p.add_argument("store", help="isoform store to create (directory, or an s3:// / fsspec URL)")
     _add_ingest_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing isoform store")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -481,7 +482,7 @@ def _parser() -> argparse.ArgumentParser:
                           "that obs column is a section, and obs columns constant within every section become "
                           "section metadata.")
     p.add_argument("manifest", help="CSV / TSV manifest (or, with --library-key, one multi-section AnnData)")
-    p.add_argument("out_dir", help="cohort folder (created, or completed)")
+    p.add_argument("out_dir", help="cohort folder (created, or completed; a path or an s3:// / fsspec URL)")
     p.add_argument("--library-key", default=None, metavar="COLUMN",
                    help="obs column naming each spot's section in one multi-section AnnData (squidpy's "
                         "library_key, e.g. library_id)")
@@ -582,9 +583,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "ingest":
         from pathlib import Path
 
+        from spatialscale.remote import exists, is_url
         from spatialscale.store import ingest
 
-        existed = Path(args.store).exists() and not args.overwrite  # then ingest reuses it or refuses
+        there = exists(args.store) if is_url(args.store) else Path(args.store).exists()
+        existed = there and not args.overwrite  # then ingest reuses it or refuses
         store = ingest(args.input, args.store, **_ingest_kwargs(args), overwrite=args.overwrite,
                        progress=not args.no_progress)
         print(f"{'reused' if existed else 'wrote'} {store!r}" + (" (same input and ingest options)" if existed else ""))
@@ -594,7 +597,7 @@ def _run(args: argparse.Namespace) -> int:
 
         cohort = ingest_cohort(args.manifest, args.out_dir, library_key=args.library_key, scheduler=args.scheduler,
                                workers=args.workers, progress=not args.no_progress, **_ingest_kwargs(args))
-        print(f"cohort of {len(cohort.section_ids)} section(s) in {cohort.path}: {', '.join(cohort.section_ids)}")
+        print(f"cohort of {len(cohort.section_ids)} section(s) in {cohort.location}: {', '.join(cohort.section_ids)}")
         return 0
     if args.command in COMMANDS:
         return _run_family_command(args)
@@ -604,8 +607,11 @@ def _run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from spatialscale.errors import InputError
+        from spatialscale.remote import is_url
         from spatialscale.simulate import write_example
 
+        if is_url(args.out):
+            raise InputError(f"simulate writes local files; {args.out} is a URL (give a local path).")
         out = Path(args.out)
         for path in [out] + ([out.with_suffix(".reference.h5ad")] if args.kind == "mixture" else []):
             if path.exists():

@@ -63,6 +63,11 @@ def read_manifest(manifest: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     if isinstance(manifest, pd.DataFrame):
         table, base = manifest.copy(), Path.cwd()
     else:
+        from spatialscale.remote import is_url
+
+        if is_url(manifest):
+            raise InputError(f"the manifest {manifest} is a URL; a manifest and its sections' inputs are local files "
+                             "(the cohort folder may be a URL).")
         path = Path(manifest)
         if not path.is_file():
             raise InputError(f"manifest {path} does not exist.")
@@ -96,11 +101,22 @@ def read_manifest(manifest: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
 
 @dataclass
 class Cohort:
-    """An opened cohort folder: its sections (with metadata) and their isoform stores."""
+    """An opened cohort folder: its sections (with metadata) and their isoform stores.
+
+    A cohort at a URL (:attr:`url`) has a local :attr:`path` holding a copy of
+    its ``cohort.json``; its sections are stores at URLs, read through
+    verified local replicas.
+    """
 
     path: Path
     sections: pd.DataFrame
     _opened: dict = field(default_factory=dict, repr=False, compare=False)
+    url: str | None = None
+
+    @property
+    def location(self) -> str:
+        """Where the cohort is: its URL, or its folder."""
+        return self.url or str(self.path)
 
     @property
     def section_ids(self) -> list[str]:
@@ -109,7 +125,9 @@ class Cohort:
     def store(self, section: str) -> IsoformStore:
         """The isoform store of one section (opened once, again if it was rewritten since)."""
         if section not in self.sections.index:
-            raise InputError(f"cohort {self.path} has no section {section!r} (sections: {self.section_ids}).")
+            raise InputError(f"cohort {self.location} has no section {section!r} (sections: {self.section_ids}).")
+        if self.url is not None:
+            return self._remote_store(section)
         path = self.path / "sections" / f"{section}.zarr"
         try:
             stamp = (path / "zarr.json").stat().st_mtime_ns
@@ -125,12 +143,34 @@ class Cohort:
             cached = self._opened[section] = (stamp, store)
         return cached[1]
 
+    def _remote_store(self, section: str) -> IsoformStore:
+        """A section of a cohort at a URL (its replica opened once per content token)."""
+        from spatialscale.remote import open_store_url, store_token
+
+        url = f"{self.url}/sections/{section}.zarr"
+        token = store_token(url)
+        cached = self._opened.get(section)
+        if cached is None or cached[0] != token:
+            store = open_store_url(url)
+            recorded = self.sections.loc[section].get("content_token") if "content_token" in self.sections else None
+            if isinstance(recorded, str) and recorded != store.content_token:
+                raise InputError(f"section {section!r} of cohort {self.url}: its store was replaced since the cohort "
+                                 "was ingested (other content); re-run `spatialscale cohort ingest` to record it.")
+            cached = self._opened[section] = (token, store)
+        return cached[1]
+
     def __repr__(self) -> str:
-        return f"Cohort({str(self.path)!r}, sections={self.section_ids})"
+        return f"Cohort({self.location!r}, sections={self.section_ids})"
 
 
 def open_cohort(path: str | os.PathLike) -> Cohort:
-    """Open a cohort folder written by :func:`ingest_cohort`."""
+    """Open a cohort folder written by :func:`ingest_cohort` (a local folder or a URL)."""
+    from spatialscale.remote import is_url
+
+    if is_url(path):
+        from spatialscale.remote import open_cohort_url
+
+        return open_cohort_url(str(path))
     path = Path(os.path.abspath(path))
     meta = _read_meta(path)
     if meta is None:
@@ -242,7 +282,9 @@ def ingest_cohort(
         object or store with ``table``), as squidpy keeps them.
     out_dir
         The cohort folder (created; an existing one is completed, never
-        emptied).
+        emptied), or a URL (``s3://bucket/cohort``): the sections are ingested
+        locally (on this machine's threads or a LocalCluster; those already
+        there are fetched first) and published (docs/object-storage.md).
     library_key
         The ``obs`` column naming each spot's section (squidpy's
         ``library_key``, e.g. ``"library_id"``).  Its values become the
@@ -298,6 +340,13 @@ def ingest_cohort(
         library = _Library.open(manifest, library_key, options)
         inputs = {sid: library.path for sid in library.sections} if library.path else {}
     run = ExecutionOptions(client=client, scheduler=scheduler, workers=workers, progress=progress).validated()
+    from spatialscale.remote import is_url
+
+    if is_url(out_dir):  # ingested into a local folder (the sections already there fetched), then published
+        from spatialscale.remote import ingest_cohort_url
+
+        return ingest_cohort_url(manifest, str(out_dir), ingest_cohort, library_key=library_key, client=client,
+                                 scheduler=scheduler, workers=workers, progress=progress, **options)
     out = Path(os.path.abspath(out_dir))
     if out.exists() and _read_meta(out) is None and any(out.iterdir()):
         raise InputError(f"{out} exists and is not a cohort folder; choose another OUT_DIR (spatialscale never "
@@ -766,6 +815,10 @@ def is_cohort(obj: Any) -> bool:
     if isinstance(obj, Cohort):
         return True
     if isinstance(obj, str | os.PathLike):
+        from spatialscale.remote import is_cohort_url, is_url
+
+        if is_url(obj):
+            return is_cohort_url(str(obj))
         return _read_meta(Path(obj)) is not None
     return False
 

@@ -202,7 +202,8 @@ class ExecutionOptions:
     batch_size
         Cap on genes per batch (results do not depend on it).
     out
-        Results zarr (made absolute on the client); ``None`` keeps results in
+        Results zarr (made absolute on the client), or a URL (``s3://...``,
+        any fsspec URL; docs/object-storage.md); ``None`` keeps results in
         memory.
     overwrite
         Replace results that spatialscale wrote at ``out`` (never anything else).
@@ -250,7 +251,12 @@ class ExecutionOptions:
         if self.device == "cuda" and local and not cuda_available():
             raise InputError("device 'cuda' was requested but this machine has no CUDA device "
                              "(torch.cuda.is_available() is False); use --device cpu or auto.")
-        out = None if self.out is None else Path(os.path.abspath(os.fspath(self.out)))
+        from spatialscale.remote import is_url
+
+        if self.out is None or is_url(self.out):  # a URL (s3://...) stays as it is: spatialscale.remote
+            out = None if self.out is None else str(self.out).rstrip("/")
+        else:
+            out = Path(os.path.abspath(os.fspath(self.out)))
         return replace(self, scheduler=scheduler, workers=workers, batch_size=batch_size, batch_memory=memory,
                        out=out, overwrite=bool(self.overwrite), progress=bool(self.progress))
 

@@ -45,7 +45,7 @@ from spatialscale.errors import InputError
 __all__ = ["group_attributes", "remove_empty_folders",
            "RESULTS_MARK", "PARTIAL_MARK", "PartialStore", "FileLock", "Output", "claim_output",
            "array_checksum", "dataset_checksums", "open_results", "StaleRunError", "ResultsDamagedError",
-           "FileLock", "TemporaryFolder"]
+           "FileLock", "TemporaryFolder", "write_batch_group"]
 
 log = logging.getLogger("spatialscale")
 
@@ -246,21 +246,17 @@ class PartialStore:
         if owner != self.run_id:
             raise StaleRunError(f"{self.owner} is now owned by another run; this run's batch was discarded.")
 
+    def section(self, key: str, fp: str) -> PartialStore:
+        """The record of one section of a cohort run (``_sections/<key>``), owned with this record."""
+        return PartialStore(self.root / SECTIONS / key, fp, self.run_id, owner=self.owner)
+
     def write(self, batch: Any, result: dict[str, np.ndarray]) -> None:
         """Record a batch: arrays and checksums in a temporary group, renamed into place."""
-        import zarr
-
         self.check_owner()
         final = self._path(batch)
         tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
-            g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            sums = {}
-            for k, v in result.items():
-                v = np.asarray(v)
-                g.create_array(k, shape=v.shape, dtype=v.dtype, chunks=v.shape or None)[...] = v
-                sums[k] = array_checksum(v)
-            g.attrs.update({"done": True, "fingerprint": self.fp, "checksums": sums, "batch": final.name})
+            write_batch_group(tmp, result, self.fp, final.name)
             self.check_owner()
             if final.exists():
                 shutil.rmtree(final)
@@ -268,6 +264,19 @@ class PartialStore:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_batch_group(path: Path, result: dict[str, np.ndarray], fp: str, name: str | None = None) -> None:
+    """Write a batch's arrays as a new zarr group at ``path``, with their checksums and the batch's name."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    sums = {}
+    for k, v in result.items():
+        v = np.asarray(v)
+        g.create_array(k, shape=v.shape, dtype=v.dtype, chunks=v.shape or None)[...] = v
+        sums[k] = array_checksum(v)
+    g.attrs.update({"done": True, "fingerprint": fp, "checksums": sums, "batch": name or Path(path).name})
 
 
 # --------------------------------------------------------------------------- lock
@@ -601,7 +610,7 @@ def open_results(path: str | os.PathLike, *, verify: bool = True) -> Any:
     Parameters
     ----------
     path
-        A results zarr written with ``out=`` (``--out``).
+        A results zarr written with ``out=`` (``--out``), or its URL (downloaded and verified).
     verify
         Check every variable, coordinate and attribute against the checksums
         written with the results (``False``: skip, e.g. to look at damaged
@@ -613,6 +622,12 @@ def open_results(path: str | os.PathLike, *, verify: bool = True) -> Any:
         ``path`` is not spatialscale's results, or (:class:`ResultsDamagedError`)
         they are unreadable or do not match their checksums.
     """
+    from spatialscale.remote import is_url
+
+    if is_url(path):
+        from spatialscale.remote import open_results_url
+
+        return open_results_url(str(path), verify=verify)
     path = Path(os.path.abspath(path))
     attrs = group_attributes(path)
     if not attrs.get(RESULTS_MARK):
@@ -676,7 +691,8 @@ def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path]
     Parameters
     ----------
     out
-        Results path (made absolute).
+        Results path (made absolute), or a URL (``s3://...``: the same rules, see
+        :func:`spatialscale.remote.claim_remote_output`).
     fp
         Fingerprint of the run's options.
     overwrite
@@ -711,8 +727,17 @@ def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path]
         something spatialscale did not write, results of other options
         without ``overwrite``, or locked by another run.
     """
+    from spatialscale.remote import is_url
+
+    if is_url(out):
+        from spatialscale.remote import claim_remote_output
+
+        return claim_remote_output(str(out), fp, overwrite=overwrite, protect=protect, base=base, keep=keep,
+                                   content=content)
     out = Path(os.path.abspath(out))
     for p in protect:
+        if is_url(p):
+            continue
         p = Path(os.path.abspath(p))
         if _within(p, out) or _within(out, p):
             raise InputError(f"--out {out} overlaps the input {p}; write results elsewhere.")

@@ -469,6 +469,12 @@ def check_anndata_target(source: str | os.PathLike, dest: str | os.PathLike, *, 
     tuple of Path
         The absolute source and destination.
     """
+    from spatialscale.remote import is_url
+
+    for what, value in (("the AnnData to annotate", source), ("the annotated copy", dest)):
+        if is_url(value):
+            raise InputError(f"{what} {value} is a URL; annotated copies (--anndata-out) are local AnnData files: "
+                             "give local paths.")
     src, out = Path(os.path.abspath(source)), Path(os.path.abspath(dest))
     if not src.exists():
         raise InputError(f"the AnnData {src} to annotate does not exist.")

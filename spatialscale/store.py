@@ -134,7 +134,8 @@ def ingest(
         or a ``SpatialData`` object or store (with ``table``). On-disk inputs
         are read in column blocks of at most ``block_bytes``.
     store_path
-        Where to write the store (a directory).
+        Where to write the store (a directory), or a URL (``s3://bucket/name.zarr`` or any fsspec URL): the
+        store is built locally, then uploaded and swapped into place (see ``docs/object-storage.md``).
     table
         The table of a SpatialData input (e.g. ``square_016um``); may be left
         out when it has one table. Its bins' ``obs`` keep their integer
@@ -236,7 +237,15 @@ def ingest(
     # the options as given (the arguments only: the first statement, before any other local name exists)
     settings = ingest_settings(**{k: v for k, v in locals().items() if k not in ("source", "store_path")})
     from spatialscale.output import FileLock, remove_empty_folders
+    from spatialscale.remote import _local_input, ingest_url, is_url
 
+    if is_url(store_path):  # built locally, then published (spatialscale.remote)
+        given = {k: v for k, v in locals().items() if k in settings or k in _NOT_CONTENT}
+        return ingest_url(source, str(store_path), given)
+    if is_url(source):  # an input at a URL: downloaded first
+        with _local_input(source) as local_source:
+            given = {k: v for k, v in locals().items() if k in settings or k in _NOT_CONTENT}
+            return ingest(local_source, store_path, **given)
     store_path = Path(os.path.abspath(store_path))
     params = check_ingest_options(min_counts=min_counts, min_bin_pct=min_bin_pct,
                                   min_component_size=min_component_size, k_neighbors=k_neighbors, rho=rho,
@@ -408,9 +417,12 @@ def _grid_bins(obs: pd.DataFrame, raster: dict) -> tuple[np.ndarray, tuple[int, 
 
 
 def is_store(path: str | os.PathLike) -> bool:
-    """A folder spatialscale's ingest wrote (its ``spatialscale`` marker), complete or not."""
+    """A folder (or URL) spatialscale's ingest wrote (its ``spatialscale`` marker), complete or not."""
     from spatialscale.output import group_attributes
+    from spatialscale.remote import _is_store_url, is_url
 
+    if is_url(path):
+        return _is_store_url(str(path))
     path = Path(path)
     return path.is_dir() and isinstance(group_attributes(path).get("spatialscale"), dict)
 
@@ -1016,7 +1028,10 @@ class IsoformStore:
 
 
 def open_store(path: str | os.PathLike) -> IsoformStore:
-    """Open an isoform store written by :func:`ingest` (its path made absolute).
+    """Open an isoform store written by :func:`ingest` (its path made absolute, or a URL).
+
+    A store at a URL (``s3://...``) is read through a local replica, downloaded
+    once per content token and verified (:func:`spatialscale.remote.open_store_url`).
 
     The store's format is checked, and its checksums against its content
     token (once per process while the store is unchanged); the files
@@ -1029,6 +1044,12 @@ def open_store(path: str | os.PathLike) -> IsoformStore:
         store format, or its checksums do not match
         (:class:`~spatialscale.checksums.StoreDamagedError`).
     """
+    from spatialscale.remote import is_url
+
+    if is_url(path):  # read through a verified local replica
+        from spatialscale.remote import open_store_url
+
+        return open_store_url(str(path))
     path = Path(os.path.abspath(path))
     try:
         store = _open_store(path)

@@ -208,7 +208,7 @@ def run_cohort(family: Family, cohort: Cohort | str | os.PathLike, *, method: st
     ids = cohort.section_ids
     weights = np.sqrt([specs[s].store.n_spots for s in ids], dtype=np.float64)
     # what the run computes apart from which sections it covers: results of the same base may be extended
-    base = fingerprint(kind="cohort", cohort=str(cohort.path), family=family.name, method=method, options=opts,
+    base = fingerprint(kind="cohort", cohort=cohort.location, family=family.name, method=method, options=opts,
                        covariates=_covariates_token(covariates), with_summary=with_summary, combine=combine,
                        group_by=group_by,
                        # only when asked for, so that results of runs without them keep their fingerprints
@@ -269,7 +269,7 @@ def run_cohort(family: Family, cohort: Cohort | str | os.PathLike, *, method: st
         for col in meta.columns:
             out = out.assign_coords({f"section_{col}" if col in out.variables else col:
                                      ("section", meta.loc[ids, col].to_numpy())})
-        out.attrs.update({**keep, "cohort": str(cohort.path), "combine": combine,
+        out.attrs.update({**keep, "cohort": cohort.location, "combine": combine,
                           "n_sections": len(ids)})
         if group_by is not None:
             out.attrs["group_by"] = group_by
@@ -280,7 +280,8 @@ def run_cohort(family: Family, cohort: Cohort | str | os.PathLike, *, method: st
                               "compare_block": block if block is not None else "none"})
         return out
 
-    return execute(specs, execution, finalize=finalize, protect=[cohort.path], label=f"cohort {prefix} {method}",
+    protect = [cohort.path, *([cohort.url] if cohort.url else [])]
+    return execute(specs, execution, finalize=finalize, protect=protect, label=f"cohort {prefix} {method}",
                    fp=fp, base=base)
 
 

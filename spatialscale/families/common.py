@@ -31,7 +31,8 @@ from spatialscale.engine import (
 from spatialscale.errors import InputError
 from spatialscale.families.base import MIN_BATCHES, MIN_BATCHES_GLMM  # noqa: F401 - re-exported
 from spatialscale.options import ExecutionOptions
-from spatialscale.output import SECTIONS, FileLock, PartialStore, TemporaryFolder, claim_output
+from spatialscale.output import SECTIONS, FileLock, TemporaryFolder, claim_output
+from spatialscale.remote import is_url, join
 from spatialscale.store import IsoformStore, ingest, is_store, open_store, read_count_columns
 
 #: tasks submitted at a time when several runs (a cohort's sections) share one graph
@@ -63,8 +64,10 @@ def provenance(store: IsoformStore) -> dict[str, Any]:
     kernel = store.kernel_attrs
     # a store of the ingest cache is temporary: the results name the input it was ingested from instead
     temporary = INGEST_CACHE.holds(store.path)
+    url = getattr(store, "url", None)  # a store at a URL: named by its URL, not this machine's replica
     return {
-        "n_spots": store.n_spots, "n_genes": store.n_genes, "store": "" if temporary else str(store.path),
+        "n_spots": store.n_spots, "n_genes": store.n_genes,
+        "store": url or ("" if temporary else str(store.path)),
         "input": str(store.meta.get("source", "")),
         "gene_key": str(store.meta.get("gene_key", "gene_symbol")),
         "spatialscale_version": __version__, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -96,6 +99,9 @@ def run_spec(store: IsoformStore, prep: Any, with_summary: bool = False) -> RunS
         params = {**params, "with_summary": True}
     # every read of the store inside the task must find the content the client planned on
     task = functools.partial(_pinned, task, store_path, store.content_token)
+    url = getattr(store, "url", None)
+    if url:  # a store at a URL: each worker first makes its own verified replica (at the client's replica path)
+        task = functools.partial(_replicated, task, url, store_path, store.content_token)
     # the store's content token (counts, spots, isoforms, kernel, ingest options), never its path: results
     # are reused only for the same data
     fp = fingerprint(kind=prep.kind, content=store.content_token, extra=prep.fingerprint_extra, **params)
@@ -106,6 +112,23 @@ def _pinned(task: Any, store_path: str, token: str, batch: Batch, *extra: Any) -
     """Run ``task`` with the store pinned to ``token`` (a store re-ingested under the run stops it)."""
     with pinned(store_path, token):
         return task(batch, *extra)
+
+
+def _replicated(task: Any, url: str, store_path: str, token: str, batch: Batch, *extra: Any) -> dict[str, np.ndarray]:
+    """Run ``task`` once this machine holds a verified replica of the store at ``url``.
+
+    The replica goes where the client keeps its own (``store_path``, the path
+    the task reads); a machine where that folder cannot be made (another home
+    folder) keeps it in its own cache, and the task reads it there.
+    """
+    from spatialscale.remote import ReplicaPathError, cache_dir, ensure_replica, rebind
+
+    try:
+        ensure_replica(url, token, Path(store_path))
+    except ReplicaPathError:
+        local = ensure_replica(url, token, cache_dir() / "stores" / token)
+        task = rebind(task, store_path, str(local))
+    return task(batch, *extra)
 
 
 def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
@@ -133,6 +156,8 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
     with contextlib.ExitStack() as held:
         # readers' locks: no ingest replaces a store (or cohort) while this run reads it
         for path in dict.fromkeys([*protect, *(v.store.path for v in specs.values())]):
+            if is_url(path):
+                continue
             held.enter_context(FileLock(Path(path), shared=True, hint="wait for it to finish"))
         return _execute(specs, options, finalize=finalize, protect=protect, label=label, fp=fp, base=base,
                         single=single)
@@ -140,19 +165,23 @@ def execute(specs: dict[str, RunSpec], options: ExecutionOptions, *,
 
 def check_unchanged(specs: dict[str, RunSpec]) -> None:
     """Every store still holds the content the run was planned on (else nothing final is written)."""
+    from spatialscale.remote import store_token
+
     for key, spec in specs.items():
-        now = open_store(spec.store.path).content_token
+        url = getattr(spec.store, "url", None)
+        now = store_token(url) if url else open_store(spec.store.path).content_token
         if now != spec.store.content_token:
             where = f"section {key!r}: " if key else ""
-            raise StoreChangedError(f"{where}isoform store {spec.store.path} changed while this run was reading it "
-                                    "(re-ingested); no results were written; run it again.")
+            raise StoreChangedError(f"{where}isoform store {url or spec.store.path} changed while this run was "
+                                    "reading it (re-ingested); no results were written; run it again.")
 
 
 def _execute(specs: dict[str, RunSpec], options: ExecutionOptions, *, finalize: Callable, protect: list, label: str,
              fp: str, base: str | None, single: bool) -> xr.Dataset:
     claim = None
     if options.out is not None:
-        claim = claim_output(options.out, fp, overwrite=options.overwrite, protect=protect, base=base,
+        urls = [u for v in specs.values() if (u := getattr(v.store, "url", None))]
+        claim = claim_output(options.out, fp, overwrite=options.overwrite, protect=[*protect, *urls], base=base,
                              keep=() if single else (SECTIONS,), content=content_of(specs))
         if claim.existing is not None:
             claim.release()
@@ -160,8 +189,10 @@ def _execute(specs: dict[str, RunSpec], options: ExecutionOptions, *, finalize: 
     try:
         with execution(options.client, scheduler=options.scheduler, workers=options.workers,
                        device=options.device) as runner:
-            needed = {f"store {k}".strip(): str(v.store.path.resolve()) for k, v in specs.items()}
-            if claim is not None:
+            # stores at URLs and outputs at URLs are fetched / written by every worker itself
+            needed = {f"store {k}".strip(): str(v.store.path.resolve()) for k, v in specs.items()
+                      if not getattr(v.store, "url", None)}
+            if claim is not None and not is_url(claim.out):
                 needed["output folder"] = str(claim.out.parent)
             check_worker_paths(runner, needed)
             check_worker_device(runner, options.device)
@@ -177,9 +208,9 @@ def _execute(specs: dict[str, RunSpec], options: ExecutionOptions, *, finalize: 
                 batches = run_plan(spec, budget, options.batch_size, len(specs))
                 partial = root
                 if root is not None and not single:
-                    partial = PartialStore(root.root / SECTIONS / key, spec.fp, root.run_id, owner=root.root)
+                    partial = root.section(key, spec.fp)
                     if claim.previous is not None:  # results of other sections: reuse this section's batches
-                        partial.adopt(claim.previous / SECTIONS / key)
+                        partial.adopt(join(claim.previous, SECTIONS, key))
                 recorded = [load_recorded(Work(spec.task, b, partial)) for b in batches]
                 shared = spec.prep.shared
                 if callable(shared):  # computed only when some of the run's batches are left to run
@@ -298,6 +329,10 @@ def is_anndata_input(source: Any) -> bool:
         return True
     if not isinstance(source, str | os.PathLike):
         return False
+    if is_url(source):  # an AnnData at a URL (downloaded when ingested); else a store or cohort there
+        from spatialscale.remote import is_anndata_url
+
+        return is_anndata_url(str(source))
     path = Path(source)
     if path.is_file():
         return True
@@ -430,6 +465,12 @@ def input_store(source: Any, ingest_options: dict[str, Any] | None = None,
     if unknown:
         raise InputError(f"unknown ingest option(s) {', '.join(map(repr, unknown))}; choose from "
                          f"{', '.join(sorted(allowed))}.")
+    if is_url(source):  # an AnnData file at a URL: downloaded, then as a local input
+        from spatialscale.remote import _local_input
+
+        with _local_input(source) as local_source, input_store(local_source, options, ingest_to) as opened:
+            yield opened
+        return
     if ingest_to is not None:
         yield ingest(source, ingest_to, **options)
         return

@@ -481,6 +481,9 @@ def fit_model(sections: list[str], stores: list[IsoformStore], model: str, optio
         log.info("%s: reusing covariate set %r (same content, options and seed)", model, key)
         return _dataset(key, [st.covariate_set(key) for st in stores], sections, stores, gene_list, reused=True)
     for st, e in zip(stores, existing):
+        if getattr(st, "url", None):  # read through replicas: nothing is written into a store at a URL
+            raise InputError(f"covariate set {key!r}: {st.url} is a store at a URL (read through local replicas); "
+                             "write covariate sets into a local store (ingest it to a local path) instead.")
         if e is not None and not execution.overwrite:
             raise InputError(f"{st.path} already holds covariate set {key!r} from other data or options; pass "
                              "overwrite=True (--overwrite) to replace it, or another key_added.")
