@@ -17,6 +17,7 @@ the engine) are imported on first use.
 import importlib
 from typing import Any
 
+from spatialscale import remote as _remote  # noqa: F401 - registers the URL handlers (spatialscale.locations)
 from spatialscale._version import __version__
 from spatialscale.api import (
     deconvolve,

@@ -63,7 +63,7 @@ def read_manifest(manifest: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     if isinstance(manifest, pd.DataFrame):
         table, base = manifest.copy(), Path.cwd()
     else:
-        from spatialscale.remote import is_url
+        from spatialscale.locations import is_url
 
         if is_url(manifest):
             raise InputError(f"the manifest {manifest} is a URL; a manifest and its sections' inputs are local files "
@@ -145,13 +145,13 @@ class Cohort:
 
     def _remote_store(self, section: str) -> IsoformStore:
         """A section of a cohort at a URL (its replica opened once per content token)."""
-        from spatialscale.remote import open_store_url, store_token
+        from spatialscale.locations import url_handler
 
         url = f"{self.url}/sections/{section}.zarr"
-        token = store_token(url)
+        token = url_handler("store_token")(url)
         cached = self._opened.get(section)
         if cached is None or cached[0] != token:
-            store = open_store_url(url)
+            store = url_handler("open_store")(url)
             recorded = self.sections.loc[section].get("content_token") if "content_token" in self.sections else None
             if isinstance(recorded, str) and recorded != store.content_token:
                 raise InputError(f"section {section!r} of cohort {self.url}: its store was replaced since the cohort "
@@ -165,12 +165,10 @@ class Cohort:
 
 def open_cohort(path: str | os.PathLike) -> Cohort:
     """Open a cohort folder written by :func:`ingest_cohort` (a local folder or a URL)."""
-    from spatialscale.remote import is_url
+    from spatialscale.locations import is_url, url_handler
 
     if is_url(path):
-        from spatialscale.remote import open_cohort_url
-
-        return open_cohort_url(str(path))
+        return url_handler("open_cohort")(str(path))
     path = Path(os.path.abspath(path))
     meta = _read_meta(path)
     if meta is None:
@@ -340,13 +338,12 @@ def ingest_cohort(
         library = _Library.open(manifest, library_key, options)
         inputs = {sid: library.path for sid in library.sections} if library.path else {}
     run = ExecutionOptions(client=client, scheduler=scheduler, workers=workers, progress=progress).validated()
-    from spatialscale.remote import is_url
+    from spatialscale.locations import is_url, url_handler
 
     if is_url(out_dir):  # ingested into a local folder (the sections already there fetched), then published
-        from spatialscale.remote import ingest_cohort_url
-
-        return ingest_cohort_url(manifest, str(out_dir), ingest_cohort, library_key=library_key, client=client,
-                                 scheduler=scheduler, workers=workers, progress=progress, **options)
+        return url_handler("ingest_cohort")(manifest, str(out_dir), ingest_cohort, library_key=library_key,
+                                            client=client, scheduler=scheduler, workers=workers, progress=progress,
+                                            **options)
     out = Path(os.path.abspath(out_dir))
     if out.exists() and _read_meta(out) is None and any(out.iterdir()):
         raise InputError(f"{out} exists and is not a cohort folder; choose another OUT_DIR (spatialscale never "
@@ -815,10 +812,10 @@ def is_cohort(obj: Any) -> bool:
     if isinstance(obj, Cohort):
         return True
     if isinstance(obj, str | os.PathLike):
-        from spatialscale.remote import is_cohort_url, is_url
+        from spatialscale.locations import is_url, url_handler
 
         if is_url(obj):
-            return is_cohort_url(str(obj))
+            return url_handler("is_cohort")(str(obj))
         return _read_meta(Path(obj)) is not None
     return False
 

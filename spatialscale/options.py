@@ -251,7 +251,7 @@ class ExecutionOptions:
         if self.device == "cuda" and local and not cuda_available():
             raise InputError("device 'cuda' was requested but this machine has no CUDA device "
                              "(torch.cuda.is_available() is False); use --device cpu or auto.")
-        from spatialscale.remote import is_url
+        from spatialscale.locations import is_url
 
         if self.out is None or is_url(self.out):  # a URL (s3://...) stays as it is: spatialscale.remote
             out = None if self.out is None else str(self.out).rstrip("/")

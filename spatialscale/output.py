@@ -622,12 +622,10 @@ def open_results(path: str | os.PathLike, *, verify: bool = True) -> Any:
         ``path`` is not spatialscale's results, or (:class:`ResultsDamagedError`)
         they are unreadable or do not match their checksums.
     """
-    from spatialscale.remote import is_url
+    from spatialscale.locations import is_url, url_handler
 
     if is_url(path):
-        from spatialscale.remote import open_results_url
-
-        return open_results_url(str(path), verify=verify)
+        return url_handler("open_results")(str(path), verify=verify)
     path = Path(os.path.abspath(path))
     attrs = group_attributes(path)
     if not attrs.get(RESULTS_MARK):
@@ -727,12 +725,10 @@ def claim_output(out: Path, fp: str, *, overwrite: bool, protect: Sequence[Path]
         something spatialscale did not write, results of other options
         without ``overwrite``, or locked by another run.
     """
-    from spatialscale.remote import is_url
+    from spatialscale.locations import is_url, url_handler
 
     if is_url(out):
-        from spatialscale.remote import claim_remote_output
-
-        return claim_remote_output(str(out), fp, overwrite=overwrite, protect=protect, base=base, keep=keep,
+        return url_handler("claim_output")(str(out), fp, overwrite=overwrite, protect=protect, base=base, keep=keep,
                                    content=content)
     out = Path(os.path.abspath(out))
     for p in protect:

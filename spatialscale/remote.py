@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from spatialscale.errors import InputError
+from spatialscale.locations import is_url, register_url_handler
 from spatialscale.output import (
     BATCHES,
     CHECKSUMS_ATTR,
@@ -90,7 +91,6 @@ __all__ = ["is_url", "filesystem", "join", "cache_dir", "clear_replicas", "Remot
 log = logging.getLogger("spatialscale")
 
 #: protocols that are the local filesystem (not object storage)
-LOCAL_PROTOCOLS = ("file", "local")
 #: attribute of the placeholder root of results being swapped in (spatialscale's, unfinished: never reused)
 SWAPPING = "spatialscale_swapping"
 #: seconds after its last refresh that a lock object of a run on another machine counts as abandoned
@@ -98,17 +98,6 @@ LOCK_TTL_S = 600.0
 
 
 # --------------------------------------------------------------------------- URLs and filesystems
-def is_url(value: Any) -> bool:
-    """Whether ``value`` is a URL of a non-local fsspec filesystem (``s3://...``, ``gs://...``, ``memory://...``)."""
-    if not isinstance(value, str) or "://" not in value:
-        return False
-    try:
-        from fsspec.utils import get_protocol
-    except ImportError:
-        return True  # refused with a message by filesystem()
-    return get_protocol(value) not in LOCAL_PROTOCOLS
-
-
 def join(base: str | os.PathLike, *parts: str) -> Any:
     """``base`` / ``parts``: a URL joined with ``/``, or a local :class:`~pathlib.Path`."""
     if is_url(base):
@@ -1258,3 +1247,11 @@ def _publish_cohort(local: Path, url: str, remote_sections: dict[str, str]) -> N
     with _errors(url, "write"):
         fs.put_file(str(local / COHORT_FILE), f"{path}/{COHORT_FILE}")
 
+
+
+# the data layers' entry points hand URLs to these (spatialscale.locations)
+for _entry, _handler in {"ingest": ingest_url, "local_input": _local_input, "is_store": _is_store_url,
+                         "open_store": open_store_url, "store_token": store_token, "open_results": open_results_url,
+                         "claim_output": claim_remote_output, "open_cohort": open_cohort_url,
+                         "ingest_cohort": ingest_cohort_url, "is_cohort": is_cohort_url}.items():
+    register_url_handler(_entry, _handler)

@@ -469,7 +469,7 @@ def check_anndata_target(source: str | os.PathLike, dest: str | os.PathLike, *, 
     tuple of Path
         The absolute source and destination.
     """
-    from spatialscale.remote import is_url
+    from spatialscale.locations import is_url
 
     for what, value in (("the AnnData to annotate", source), ("the annotated copy", dest)):
         if is_url(value):

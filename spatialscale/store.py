@@ -236,14 +236,14 @@ def ingest(
     """
     # the options as given (the arguments only: the first statement, before any other local name exists)
     settings = ingest_settings(**{k: v for k, v in locals().items() if k not in ("source", "store_path")})
+    from spatialscale.locations import is_url, url_handler
     from spatialscale.output import FileLock, remove_empty_folders
-    from spatialscale.remote import _local_input, ingest_url, is_url
 
     if is_url(store_path):  # built locally, then published (spatialscale.remote)
         given = {k: v for k, v in locals().items() if k in settings or k in _NOT_CONTENT}
-        return ingest_url(source, str(store_path), given)
+        return url_handler("ingest")(source, str(store_path), given)
     if is_url(source):  # an input at a URL: downloaded first
-        with _local_input(source) as local_source:
+        with url_handler("local_input")(source) as local_source:
             given = {k: v for k, v in locals().items() if k in settings or k in _NOT_CONTENT}
             return ingest(local_source, store_path, **given)
     store_path = Path(os.path.abspath(store_path))
@@ -418,11 +418,11 @@ def _grid_bins(obs: pd.DataFrame, raster: dict) -> tuple[np.ndarray, tuple[int, 
 
 def is_store(path: str | os.PathLike) -> bool:
     """A folder (or URL) spatialscale's ingest wrote (its ``spatialscale`` marker), complete or not."""
+    from spatialscale.locations import is_url, url_handler
     from spatialscale.output import group_attributes
-    from spatialscale.remote import _is_store_url, is_url
 
     if is_url(path):
-        return _is_store_url(str(path))
+        return url_handler("is_store")(str(path))
     path = Path(path)
     return path.is_dir() and isinstance(group_attributes(path).get("spatialscale"), dict)
 
@@ -1044,12 +1044,10 @@ def open_store(path: str | os.PathLike) -> IsoformStore:
         store format, or its checksums do not match
         (:class:`~spatialscale.checksums.StoreDamagedError`).
     """
-    from spatialscale.remote import is_url
+    from spatialscale.locations import is_url, url_handler
 
-    if is_url(path):  # read through a verified local replica
-        from spatialscale.remote import open_store_url
-
-        return open_store_url(str(path))
+    if is_url(path):  # read through a verified local replica (spatialscale.remote)
+        return url_handler("open_store")(str(path))
     path = Path(os.path.abspath(path))
     try:
         store = _open_store(path)

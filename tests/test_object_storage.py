@@ -168,12 +168,13 @@ def test_a_killed_run_resumes_from_s3_with_an_empty_cache(s3, remote_store, refe
                            stdout=subprocess.PIPE, text=True)
     try:
         assert run.stdout.readline().strip() == "last batch started"
-        seen, deadline = None, time.time() + 30
-        while time.time() < deadline:  # until the other batches are all recorded
+        seen, since, deadline = None, time.time(), time.time() + 60
+        while time.time() < deadline:  # until the other batches are all recorded (no new object for 3 s)
             now = keys(s3, "killed/sv.zarr/_batches/")
-            if now == seen:
+            if now != seen:
+                seen, since = now, time.time()
+            elif time.time() - since > 3.0:
                 break
-            seen = now
             time.sleep(0.5)
     finally:
         run.kill()  # SIGKILL: no cleanup at all, its lock object stays behind
