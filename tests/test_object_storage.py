@@ -460,3 +460,22 @@ def test_an_interrupted_swap_is_finished_by_rerunning(s3, remote_store, referenc
     same(spatialscale.open_results(out), reference)
     assert {k.split("/")[1] for k in keys(s3, "swap/")} == {"sv.zarr"}
     assert not any("/_batches/" in k for k in keys(s3, "swap/"))
+
+
+@pytest.mark.parametrize("call", ["moran", "du-t-fisher", "summary"])
+def test_other_families_from_s3_equal_local(s3, remote_store, local_store, call):
+    """Every family runs through the same URL plumbing: Moran's I, a DU t-test and the feature summary from the
+    store at s3 to results at s3 equal their local runs exactly."""
+    run = {"moran": lambda store, **kw: spatialscale.sv_test(store, method="moran", **kw),
+           "du-t-fisher": lambda store, **kw: spatialscale.du_test(store, covariates="region", method="t-fisher",
+                                                                   **kw),
+           "summary": lambda store, **kw: spatialscale.feature_summary(store, **kw)}[call]
+    local = run(local_store, scheduler="threads", progress=False)
+    out = f"{ROOT}/families/{call}.zarr"
+    remote = run(f"{ROOT}/stores/s.zarr", out=out, scheduler="threads", progress=False)
+    again = spatialscale.open_results(out)
+    floats = [v for v in local.data_vars if local[v].dtype.kind == "f"]
+    assert floats
+    for v in floats:
+        np.testing.assert_array_equal(remote[v].values, local[v].values)
+        np.testing.assert_array_equal(again[v].values, local[v].values)
